@@ -1,0 +1,200 @@
+//! `#[handler]`: check the signature of an `async fn`, keep the function as written (so it
+//! can be called directly in unit tests), and register a type-erased invoker for it.
+
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{FnArg, ItemFn, LitStr, PathArguments, ReturnType, Type};
+
+const SHAPE: &str = "a handler looks like `async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()>`";
+
+enum Extra {
+    Context,
+    State(Type),
+}
+
+pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream> {
+    let mut queue: Option<LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("queue") {
+            if queue.is_some() {
+                return Err(meta.error("`queue` is given twice"));
+            }
+            queue = Some(meta.value()?.parse()?);
+            Ok(())
+        } else {
+            Err(meta.error(
+                "unknown #[handler] argument; the only one is `queue = \"...\"`, which names \
+                 this service's subscriber queue for an event handler",
+            ))
+        }
+    });
+    syn::parse::Parser::parse2(parser, args)?;
+    if let Some(q) = &queue {
+        crate::names::check_queue(&q.value()).map_err(|m| syn::Error::new(q.span(), m))?;
+    }
+
+    let func: ItemFn = syn::parse2(input).map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            format!("#[handler] goes on an `async fn`; {SHAPE}"),
+        )
+    })?;
+    let sig = &func.sig;
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new_spanned(
+            sig.fn_token,
+            format!("#[handler] functions must be `async fn`: the listener awaits them; {SHAPE}"),
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(
+            &sig.generics,
+            "a handler cannot be generic: it is registered for one concrete message type",
+        ));
+    }
+    if let Some(v) = &sig.variadic {
+        return Err(syn::Error::new_spanned(v, "a handler cannot be variadic"));
+    }
+
+    let mut inputs = sig.inputs.iter();
+    let first = inputs.next().ok_or_else(|| {
+        syn::Error::new_spanned(
+            &sig.ident,
+            format!("a handler takes the message it handles as its first argument; {SHAPE}"),
+        )
+    })?;
+    let msg_ty = match first {
+        FnArg::Receiver(r) => {
+            return Err(syn::Error::new_spanned(
+                r,
+                "a handler is a free function, not a method; pass shared state as `State<T>`",
+            ))
+        }
+        FnArg::Typed(pt) => match &*pt.ty {
+            Type::Reference(r) => {
+                return Err(syn::Error::new_spanned(
+                    r,
+                    "take the message by value, not by reference: `cmd: CreateOrder`",
+                ))
+            }
+            ty => ty.clone(),
+        },
+    };
+
+    let mut extras = Vec::new();
+    let mut seen_ctx = false;
+    for arg in inputs {
+        let FnArg::Typed(pt) = arg else {
+            return Err(syn::Error::new_spanned(arg, "unexpected `self`"));
+        };
+        match classify(&pt.ty) {
+            Some(Extra::Context) if seen_ctx => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    "`&Context` is taken twice; one is enough",
+                ))
+            }
+            Some(Extra::Context) => {
+                seen_ctx = true;
+                extras.push(Extra::Context);
+            }
+            Some(state) => extras.push(state),
+            None => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    format!(
+                        "a handler takes one message, then only `&Context` and `State<T>` \
+                         arguments; {SHAPE}"
+                    ),
+                ))
+            }
+        }
+    }
+
+    let fn_name = &sig.ident;
+    let fn_name_str = fn_name.to_string();
+    let invoker = format_ident!("__sourceflow_invoke_{}", fn_name);
+    let mut lets = Vec::new();
+    let mut call_args = vec![quote!(__message)];
+    let mut states = Vec::new();
+    for (i, extra) in extras.iter().enumerate() {
+        match extra {
+            Extra::Context => call_args.push(quote!(__ctx)),
+            Extra::State(inner) => {
+                let var = format_ident!("__state{}", i);
+                lets.push(quote_spanned! {inner.span()=>
+                    let #var = ::sourceflow::__private::state::<#inner>(__ctx)?;
+                });
+                states.push(quote!(::sourceflow::__private::StateRequirement::of::<#inner>()));
+                call_args.push(quote!(#var));
+            }
+        }
+    }
+    let ret_span = match &sig.output {
+        ReturnType::Default => sig.paren_token.span.join(),
+        ReturnType::Type(_, ty) => ty.span(),
+    };
+    let into_result = quote_spanned! {ret_span=>
+        ::sourceflow::__private::IntoHandlerResult::into_handler_result(__out)
+    };
+    let queue_tokens = match &queue {
+        Some(q) => quote!(::core::option::Option::Some(#q)),
+        None => quote!(::core::option::Option::None),
+    };
+    let msg_check = quote_spanned! {msg_ty.span()=>
+        ::sourceflow::__private::HandlerRoute::new::<#msg_ty>
+    };
+
+    Ok(quote! {
+        #func
+
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        fn #invoker<'a>(
+            __ctx: &'a ::sourceflow::Context,
+        ) -> ::sourceflow::__private::BoxFuture<'a, ::core::result::Result<(), ::sourceflow::__private::InvokeError>> {
+            ::std::boxed::Box::pin(async move {
+                let __message: #msg_ty = __ctx.__decode()?;
+                #(#lets)*
+                let __out = #fn_name(#(#call_args),*).await;
+                #into_result
+            })
+        }
+
+        ::sourceflow::__private::inventory::submit! {
+            #msg_check(
+                #fn_name_str,
+                ::core::module_path!(),
+                ::core::file!(),
+                ::core::line!(),
+                #queue_tokens,
+                &[#(#states),*],
+                #invoker,
+            )
+        }
+    })
+}
+
+fn classify(ty: &Type) -> Option<Extra> {
+    match ty {
+        Type::Reference(r) if r.mutability.is_none() => match &*r.elem {
+            Type::Path(p) if p.path.segments.last()?.ident == "Context" => Some(Extra::Context),
+            _ => None,
+        },
+        Type::Path(p) => {
+            let last = p.path.segments.last()?;
+            if last.ident != "State" {
+                return None;
+            }
+            match &last.arguments {
+                PathArguments::AngleBracketed(a) if a.args.len() == 1 => match a.args.first()? {
+                    syn::GenericArgument::Type(t) => Some(Extra::State(t.clone())),
+                    _ => None,
+                },
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}

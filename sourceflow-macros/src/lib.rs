@@ -1,0 +1,60 @@
+//! Procedural macros for [sourceflow](https://docs.rs/sourceflow).
+//!
+//! Use them through the `sourceflow` crate, which re-exports them:
+//! `use sourceflow::{command, event, handler};`. This crate only parses and generates
+//! code; every rule it enforces is reported as a `syn::Error` at the offending token.
+
+mod handler;
+mod message;
+mod names;
+
+use proc_macro::TokenStream;
+
+/// Declares a command: a message sent to exactly one SQS queue and handled by one handler.
+///
+/// ```ignore
+/// #[command(queue = "orders.fifo", name = "orders.CreateOrder.v1")]
+/// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// pub struct CreateOrder {
+///     #[entity_id]
+///     pub order_id: u64,
+///     #[sensitive]
+///     pub card_number: String,
+/// }
+/// ```
+///
+/// * `queue` (required): the SQS queue name. A `.fifo` suffix makes it a FIFO queue, which
+///   requires one `#[entity_id]` field (its value becomes the `MessageGroupId`).
+/// * `name` (optional): the stable wire name; defaults to the type's name.
+#[proc_macro_attribute]
+pub fn command(args: TokenStream, input: TokenStream) -> TokenStream {
+    message::expand(message::Kind::Command, args.into(), input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Declares an event: a message published to an SNS topic and delivered once to every
+/// service that handles it.
+///
+/// * `topic` (required): the SNS topic name. A `.fifo` suffix makes it a FIFO topic, which
+///   requires one `#[entity_id]` field.
+/// * `name` (optional): the stable wire name; defaults to the type's name.
+#[proc_macro_attribute]
+pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
+    message::expand(message::Kind::Event, args.into(), input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Registers an `async fn` as the handler of the command or event it takes first.
+///
+/// Further arguments, in any order: `&Context` and any number of `State<T>`.
+/// The return type is `()` or `Result<(), E>` for any `E` convertible into a boxed error.
+/// For an event handler, `#[handler(queue = "...")]` overrides the name of this service's
+/// subscriber queue.
+#[proc_macro_attribute]
+pub fn handler(args: TokenStream, input: TokenStream) -> TokenStream {
+    handler::expand(args.into(), input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}

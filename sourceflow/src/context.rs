@@ -1,0 +1,170 @@
+//! What a handler is given: the incoming message's metadata, `send`/`raise` for follow-up
+//! messages, and shared state.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::dispatch::{Dispatcher, Pending};
+use crate::envelope::{self, Envelope, SendMeta};
+use crate::error::{InvokeError, Result};
+use crate::message::{Command, Event, Message};
+
+/// Shared state handed to handlers that take a `State<T>` argument.
+///
+/// Register the value with [`Builder::state`](crate::Builder::state); every handler
+/// invocation gets a clone, so put cheaply clonable things here (a pool, an `Arc`).
+///
+/// ```ignore
+/// #[handler]
+/// async fn create_order(cmd: CreateOrder, State(db): State<Db>) -> sourceflow::Result<()> { .. }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct State<T>(pub T);
+
+/// The context of one handler invocation.
+///
+/// Messages sent with [`send`](Context::send) or raised with [`raise`](Context::raise) are
+/// held back and dispatched only after the handler returns `Ok`; if it fails, none go out.
+/// They carry this message's correlation id, and its message id as their causation id.
+pub struct Context {
+    dispatcher: Arc<Dispatcher>,
+    envelope: Envelope,
+    receive_count: u32,
+    queue: Arc<str>,
+    outbox: Mutex<Vec<Pending>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("message_id", &self.envelope.id)
+            .field("wire_name", &self.envelope.wire_name)
+            .field("correlation_id", &self.correlation_id())
+            .field("receive_count", &self.receive_count)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+impl Context {
+    pub(crate) fn new(
+        dispatcher: Arc<Dispatcher>,
+        envelope: Envelope,
+        receive_count: u32,
+        queue: Arc<str>,
+    ) -> Self {
+        Context {
+            dispatcher,
+            envelope,
+            receive_count,
+            queue,
+            outbox: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The envelope's message id: stable across redeliveries and retried sends.
+    pub fn message_id(&self) -> &str {
+        &self.envelope.id
+    }
+
+    /// The conversation this message belongs to.
+    pub fn correlation_id(&self) -> &str {
+        self.envelope
+            .correlation_id
+            .as_deref()
+            .unwrap_or(&self.envelope.id)
+    }
+
+    /// The message whose handler sent this one, if any.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.envelope.causation_id.as_deref()
+    }
+
+    /// The entity id (FIFO group id), if the message type has one.
+    pub fn entity_id(&self) -> Option<&str> {
+        self.envelope.entity_id.as_deref()
+    }
+
+    /// How many times this message has been received, this time included (1 on the first
+    /// delivery).
+    pub fn receive_count(&self) -> u32 {
+        self.receive_count
+    }
+
+    /// The wire name of the message.
+    pub fn wire_name(&self) -> &str {
+        &self.envelope.wire_name
+    }
+
+    /// The queue it was received from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The sender's sequence number.
+    pub fn sequence(&self) -> u64 {
+        self.envelope.seq
+    }
+
+    /// When it was sent, in milliseconds since the Unix epoch.
+    pub fn sent_at_millis(&self) -> u64 {
+        self.envelope.ts
+    }
+
+    /// The name of the service running this handler.
+    pub fn service(&self) -> &str {
+        self.dispatcher.service()
+    }
+
+    /// Shared state of type `T`, if the runtime was given one.
+    pub fn state<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.dispatcher.state::<T>()
+    }
+
+    /// Sends a command once this handler has returned `Ok`.
+    pub async fn send<C: Command>(&self, command: C) -> Result<()> {
+        self.hold(&command)
+    }
+
+    /// Publishes an event once this handler has returned `Ok`.
+    pub async fn raise<E: Event>(&self, event: E) -> Result<()> {
+        self.hold(&event)
+    }
+
+    fn hold<M: Message>(&self, msg: &M) -> Result<()> {
+        let mut outbox = self.outbox.lock();
+        // Ids derived from this message's id and the position make a re-run of the handler
+        // (after a failed flush or a crash) produce the same ids, so FIFO deduplication and
+        // idempotent receivers recognise the repeats.
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{}/{}", self.envelope.id, outbox.len()).as_bytes(),
+        )
+        .to_string();
+        let out = envelope::encode(
+            msg,
+            SendMeta {
+                correlation_id: Some(self.correlation_id().to_string()),
+                causation_id: Some(self.envelope.id.clone()),
+                message_id: Some(id),
+                ..SendMeta::default()
+            },
+        )?;
+        let pending = self.dispatcher.pending::<M>(out)?;
+        outbox.push(pending);
+        Ok(())
+    }
+
+    pub(crate) fn take_outbox(&self) -> Vec<Pending> {
+        std::mem::take(&mut *self.outbox.lock())
+    }
+
+    #[doc(hidden)]
+    pub fn __decode<M: Message>(&self) -> Result<M, InvokeError> {
+        serde_json::from_str(self.envelope.payload.get()).map_err(|e| InvokeError::Decode {
+            wire_name: self.envelope.wire_name.clone(),
+            reason: e.to_string(),
+        })
+    }
+}

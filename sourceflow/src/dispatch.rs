@@ -1,0 +1,123 @@
+//! Turning typed messages into transport calls: destination lookup, early size checks, and
+//! batching of what a handler produced.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::envelope::OutgoingMessage;
+use crate::error::{Error, Result};
+use crate::message::{Message, MessageKind};
+use crate::naming::Naming;
+use crate::transport::{Transport, SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
+
+/// Most messages the SQS and SNS batch APIs take in one call.
+pub const MAX_BATCH: usize = 10;
+
+/// A message waiting to be dispatched.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    kind: MessageKind,
+    destination: Arc<str>,
+    message: OutgoingMessage,
+}
+
+/// Everything needed to dispatch: the transport, resolved destinations, shared state.
+pub(crate) struct Dispatcher {
+    transport: Arc<dyn Transport>,
+    service: String,
+    naming: Naming,
+    destinations: HashMap<&'static str, Arc<str>>,
+    states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        service: String,
+        naming: Naming,
+        destinations: HashMap<&'static str, Arc<str>>,
+        states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    ) -> Self {
+        Dispatcher {
+            transport,
+            service,
+            naming,
+            destinations,
+            states,
+        }
+    }
+
+    pub(crate) fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+
+    pub(crate) fn state<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.states.get(&TypeId::of::<T>())?.downcast_ref::<T>()
+    }
+
+    /// Resolves the destination of `M` and checks the size limit before anything is sent.
+    pub(crate) fn pending<M: Message>(&self, message: OutgoingMessage) -> Result<Pending> {
+        let destination = match self.destinations.get(M::NAME) {
+            Some(d) => d.clone(),
+            None => Arc::from(self.naming.resource(M::DESTINATION)),
+        };
+        let limit = match M::KIND {
+            MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
+            MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
+        };
+        let size = message.size();
+        if size > limit {
+            return Err(Error::MessageTooLarge {
+                wire_name: M::NAME.to_string(),
+                destination: destination.to_string(),
+                size,
+                limit,
+            });
+        }
+        Ok(Pending {
+            kind: M::KIND,
+            destination,
+            message,
+        })
+    }
+
+    /// Sends one message now.
+    pub(crate) async fn dispatch(&self, p: Pending) -> Result<()> {
+        self.call(p.kind, &p.destination, vec![p.message]).await
+    }
+
+    /// Sends what a handler produced, in order, batching consecutive messages to the same
+    /// destination (at most [`MAX_BATCH`] per call).
+    pub(crate) async fn flush(&self, pending: Vec<Pending>) -> Result<()> {
+        let mut batch: Vec<OutgoingMessage> = Vec::new();
+        let mut current: Option<(MessageKind, Arc<str>)> = None;
+        for p in pending {
+            let same = current
+                .as_ref()
+                .is_some_and(|(k, d)| *k == p.kind && *d == p.destination);
+            if !same || batch.len() == MAX_BATCH {
+                if let Some((k, d)) = current.take() {
+                    self.call(k, &d, std::mem::take(&mut batch)).await?;
+                }
+                current = Some((p.kind, p.destination.clone()));
+            }
+            batch.push(p.message);
+        }
+        if let Some((k, d)) = current {
+            self.call(k, &d, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn call(&self, kind: MessageKind, dest: &str, batch: Vec<OutgoingMessage>) -> Result<()> {
+        match kind {
+            MessageKind::Command => self.transport.send(dest, batch).await,
+            MessageKind::Event => self.transport.publish(dest, batch).await,
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The wire format shared by every transport.
+//!
+//! A message body is a JSON envelope:
+//!
+//! ```json
+//! {"v":1,"type":"orders.CreateOrder.v1","id":"5f0c…","entity_id":"42",
+//!  "correlation_id":"5f0c…","causation_id":null,"seq":7,"ts":1763870000000,
+//!  "payload":{"order_id":42,"customer_id":7}}
+//! ```
+//!
+//! and it travels with message attributes (all `String`): [`attr::TYPE`] (wire name),
+//! [`attr::ENTITY_ID`], [`attr::SEQUENCE`], [`attr::CONTENT_TYPE`] and, when tracing is on,
+//! `traceparent`. On FIFO destinations the `MessageGroupId` is the entity id and the
+//! `MessageDeduplicationId` is the message id, so a retried send is deduplicated while two
+//! distinct commands with equal content are not.
+//!
+//! `v` is the envelope version. A reader rejects versions it does not know instead of
+//! guessing, so the format can evolve: a new version is read by new consumers first, then
+//! written by producers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+use crate::message::{check_group_id, Message};
+
+/// The envelope version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Names of the message attributes sourceflow sets.
+pub mod attr {
+    /// The wire name of the payload's type.
+    pub const TYPE: &str = "sourceflow.type";
+    /// The entity id (FIFO group id), when the type has one.
+    pub const ENTITY_ID: &str = "sourceflow.entity_id";
+    /// The sender's sequence number.
+    pub const SEQUENCE: &str = "sourceflow.seq";
+    /// How the body is encoded (`application/json`).
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// Set on messages moved to a dead-letter queue by sourceflow: why.
+    pub const DLQ_REASON: &str = "sourceflow.dlq_reason";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The content type of an envelope body.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(1);
+
+/// A message ready for a transport: body, attributes and FIFO ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// The JSON envelope.
+    pub body: String,
+    /// Message attributes, names and string values.
+    pub attributes: Vec<(String, String)>,
+    /// The FIFO message group id (the entity id), for FIFO destinations.
+    pub group_id: Option<String>,
+    /// The FIFO deduplication id (the message id), for FIFO destinations.
+    pub dedup_id: Option<String>,
+    /// Delivery delay, for standard queues.
+    pub delay: Option<std::time::Duration>,
+    /// The wire name, for error messages.
+    pub wire_name: &'static str,
+    /// The envelope's message id.
+    pub message_id: String,
+}
+
+impl OutgoingMessage {
+    /// Size as SQS and SNS count it: body plus attribute names, types and values.
+    pub fn size(&self) -> usize {
+        self.body.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + "String".len())
+                .sum::<usize>()
+    }
+}
+
+/// Metadata of a message being sent.
+#[derive(Debug, Clone, Default)]
+pub struct SendMeta {
+    /// The conversation this message belongs to; defaults to its own message id.
+    pub correlation_id: Option<String>,
+    /// The message whose handler sent this one.
+    pub causation_id: Option<String>,
+    /// Delivery delay (standard queues only).
+    pub delay: Option<std::time::Duration>,
+    /// Pin the message id (e.g. to make a retried send deduplicate).
+    pub message_id: Option<String>,
+    /// W3C traceparent to propagate.
+    pub traceparent: Option<String>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, M> {
+    v: u32,
+    #[serde(rename = "type")]
+    wire_name: &'a str,
+    id: &'a str,
+    entity_id: Option<&'a str>,
+    correlation_id: &'a str,
+    causation_id: Option<&'a str>,
+    seq: u64,
+    ts: u64,
+    payload: &'a M,
+}
+
+/// Serializes `msg` into an [`OutgoingMessage`] for a destination that is FIFO or not.
+pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
+    let id = meta
+        .message_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let entity_id = msg.entity_id();
+    if M::FIFO {
+        if let Some(e) = &entity_id {
+            check_group_id(e).map_err(|reason| Error::InvalidEntityId {
+                wire_name: M::NAME,
+                reason,
+            })?;
+        }
+        if meta.delay.is_some() {
+            return Err(Error::Unsupported(format!(
+                "{} goes to the FIFO {} `{}`, which does not support per-message delays",
+                M::NAME,
+                if M::KIND == crate::MessageKind::Command {
+                    "queue"
+                } else {
+                    "topic"
+                },
+                M::DESTINATION
+            )));
+        }
+    }
+    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let body = serde_json::to_string(&EnvelopeOut {
+        v: VERSION,
+        wire_name: M::NAME,
+        id: &id,
+        entity_id: entity_id.as_deref(),
+        correlation_id: meta.correlation_id.as_deref().unwrap_or(&id),
+        causation_id: meta.causation_id.as_deref(),
+        seq,
+        ts,
+        payload: msg,
+    })
+    .map_err(|source| Error::Serialize {
+        wire_name: M::NAME,
+        source,
+    })?;
+    let mut attributes = Vec::with_capacity(5);
+    attributes.push((attr::TYPE.to_string(), M::NAME.to_string()));
+    attributes.push((
+        attr::CONTENT_TYPE.to_string(),
+        CONTENT_TYPE_JSON.to_string(),
+    ));
+    attributes.push((attr::SEQUENCE.to_string(), seq.to_string()));
+    if let Some(e) = &entity_id {
+        attributes.push((attr::ENTITY_ID.to_string(), e.clone()));
+    }
+    if let Some(tp) = meta.traceparent {
+        attributes.push((attr::TRACEPARENT.to_string(), tp));
+    }
+    Ok(OutgoingMessage {
+        body,
+        attributes,
+        group_id: if M::FIFO { entity_id } else { None },
+        dedup_id: if M::FIFO { Some(id.clone()) } else { None },
+        delay: meta.delay,
+        wire_name: M::NAME,
+        message_id: id,
+    })
+}
+
+/// A decoded envelope; the payload stays raw JSON until a handler decodes it.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    /// Envelope version.
+    pub v: u32,
+    /// Wire name.
+    #[serde(rename = "type")]
+    pub wire_name: String,
+    /// Message id (stable across redeliveries and retried sends).
+    pub id: String,
+    /// Entity id, if the type has one.
+    #[serde(default)]
+    pub entity_id: Option<String>,
+    /// Correlation id: the conversation this message belongs to.
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    /// Causation id: the message whose handler produced this one.
+    #[serde(default)]
+    pub causation_id: Option<String>,
+    /// Sender's sequence number.
+    #[serde(default)]
+    pub seq: u64,
+    /// Sent at, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub ts: u64,
+    /// The message itself, as JSON.
+    pub payload: Box<RawValue>,
+}
+
+/// Why a received body is not a usable envelope. Such a message can never succeed and is
+/// moved to the dead-letter queue with this as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The `sourceflow.type` attribute is absent.
+    #[error("missing message attribute `{}`", attr::TYPE)]
+    MissingType,
+    /// The body is not a JSON envelope.
+    #[error("body is not a sourceflow JSON envelope: {0}")]
+    Malformed(String),
+    /// The envelope version is newer than this build understands.
+    #[error("envelope version {0} is not supported (this build reads version {VERSION})")]
+    Version(u32),
+    /// Attribute and body disagree on the type.
+    #[error("attribute says `{attribute}` but the body says `{body}`")]
+    TypeMismatch {
+        /// From the attribute.
+        attribute: String,
+        /// From the body.
+        body: String,
+    },
+}
+
+/// Decodes a received body and checks it against its attributes.
+pub fn decode(
+    body: &str,
+    attributes: &[(String, String)],
+) -> std::result::Result<Envelope, DecodeError> {
+    let declared = attributes
+        .iter()
+        .find(|(k, _)| k == attr::TYPE)
+        .map(|(_, v)| v.as_str())
+        .ok_or(DecodeError::MissingType)?;
+    let env: Envelope =
+        serde_json::from_str(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if env.v != VERSION {
+        return Err(DecodeError::Version(env.v));
+    }
+    if env.wire_name != declared {
+        return Err(DecodeError::TypeMismatch {
+            attribute: declared.to_string(),
+            body: env.wire_name,
+        });
+    }
+    Ok(env)
+}
+
+/// Looks up an attribute by name.
+pub fn attribute<'a>(attributes: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    attributes
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_bodies() {
+        let attrs = vec![(attr::TYPE.to_string(), "X".to_string())];
+        assert_eq!(decode("{}", &[]).unwrap_err(), DecodeError::MissingType);
+        assert!(matches!(
+            decode("not json", &attrs).unwrap_err(),
+            DecodeError::Malformed(_)
+        ));
+        let v2 = r#"{"v":2,"type":"X","id":"1","payload":{}}"#;
+        assert_eq!(decode(v2, &attrs).unwrap_err(), DecodeError::Version(2));
+        let other = r#"{"v":1,"type":"Y","id":"1","payload":{}}"#;
+        assert!(matches!(
+            decode(other, &attrs).unwrap_err(),
+            DecodeError::TypeMismatch { .. }
+        ));
+        let ok = r#"{"v":1,"type":"X","id":"1","payload":{"a":1}}"#;
+        let env = decode(ok, &attrs).unwrap();
+        assert_eq!(env.payload.get(), r#"{"a":1}"#);
+    }
+}

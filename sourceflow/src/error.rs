@@ -1,0 +1,133 @@
+//! Errors returned by sourceflow, and the failure a handler reports.
+
+use std::fmt;
+
+/// A boxed error from user code or a dependency.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with sourceflow's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in sourceflow.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The routes linked into this binary cannot run together; every problem is listed.
+    #[error("sourceflow cannot start, the routes in this binary are inconsistent:\n{0}")]
+    Topology(TopologyProblems),
+
+    /// Configuration from the environment or the builder is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A message is larger than its destination accepts.
+    #[error(
+        "{wire_name} message is {size} bytes, but {destination} accepts at most {limit} bytes"
+    )]
+    MessageTooLarge {
+        /// Wire name of the message type.
+        wire_name: String,
+        /// Queue or topic the message was going to.
+        destination: String,
+        /// Encoded size in bytes (body plus attributes).
+        size: usize,
+        /// The destination's limit in bytes.
+        limit: usize,
+    },
+
+    /// A message could not be serialized.
+    #[error("cannot serialize {wire_name}: {source}")]
+    Serialize {
+        /// Wire name of the message type.
+        wire_name: &'static str,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+
+    /// An entity id breaks the FIFO `MessageGroupId` rules.
+    #[error("invalid entity id on {wire_name}: {reason}")]
+    InvalidEntityId {
+        /// Wire name of the message type.
+        wire_name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A message was sent with an option its destination does not support.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// The queue does not exist (it was not provisioned).
+    #[error("queue `{0}` does not exist")]
+    QueueDoesNotExist(String),
+
+    /// The topic does not exist (it was not provisioned).
+    #[error("topic `{0}` does not exist")]
+    TopicDoesNotExist(String),
+
+    /// A receipt handle is stale: the message was received again, deleted, or returned.
+    #[error("receipt handle for a message on `{0}` is no longer valid")]
+    InvalidReceipt(String),
+
+    /// The runtime has shut down; nothing more can be sent through this handle.
+    #[error("the sourceflow runtime has shut down")]
+    ShutDown,
+
+    /// A call to the transport failed.
+    #[error("{operation} on {transport} failed: {source}")]
+    Transport {
+        /// Transport name (`memory`, `aws`).
+        transport: &'static str,
+        /// What was being done (`SendMessageBatch`, `Publish`, ...).
+        operation: String,
+        /// The underlying error.
+        source: BoxError,
+    },
+
+    /// A user-level failure, e.g. returned from a handler with `?`.
+    #[error(transparent)]
+    Other(BoxError),
+}
+
+impl Error {
+    /// Wraps any error, for handlers that return `sourceflow::Result`.
+    pub fn other(err: impl Into<BoxError>) -> Self {
+        Error::Other(err.into())
+    }
+}
+
+/// The list of problems found when checking the routes at startup.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TopologyProblems(pub Vec<String>);
+
+impl fmt::Display for TopologyProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why an invocation of a handler did not succeed. The listener decides from this whether
+/// the message is retried (a handler failure) or moved aside at once (it can never succeed).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The payload does not deserialize into the handler's message type: retrying cannot help.
+    #[error("payload does not decode as {wire_name}: {reason}")]
+    Decode {
+        /// Wire name the message claimed.
+        wire_name: String,
+        /// The serde error.
+        reason: String,
+    },
+    /// The handler asked for `State<T>` that the runtime was not given.
+    #[error("no state of type {0} was given to the runtime")]
+    MissingState(&'static str),
+    /// The handler returned an error.
+    #[error("{0}")]
+    Failed(BoxError),
+}

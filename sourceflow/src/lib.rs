@@ -1,0 +1,122 @@
+//! # sourceflow
+//!
+//! Distributed command and event processing on AWS SQS and SNS, routed at compile time.
+//!
+//! Annotate message types with [`command`] or [`event`], write handlers as plain
+//! `async fn`s marked [`handler`], and call [`run`]. The routes register themselves at
+//! compile time; `run` checks them, provisions queues, topics, subscriptions and
+//! dead-letter queues, and runs a listener per queue.
+//!
+//! ```
+//! use sourceflow::{command, event, handler, Context};
+//!
+//! #[command(queue = "orders.fifo")]
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! pub struct CreateOrder {
+//!     #[entity_id]
+//!     pub order_id: u64,
+//!     #[sensitive]
+//!     pub card_number: String,
+//! }
+//!
+//! #[event(topic = "order-events")]
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! pub struct OrderCreated {
+//!     #[entity_id]
+//!     pub order_id: u64,
+//! }
+//!
+//! #[handler]
+//! async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()> {
+//!     ctx.raise(OrderCreated { order_id: cmd.order_id }).await
+//! }
+//!
+//! #[handler]
+//! async fn project_order(evt: OrderCreated) -> sourceflow::Result<()> {
+//!     println!("order {} created", evt.order_id);
+//!     Ok(())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> sourceflow::Result<()> {
+//! // `sourceflow::run().await` serves until SIGINT/SIGTERM; a test or a web server
+//! // uses the handle instead:
+//! let app = sourceflow::builder().service("orders").start().await?;
+//! app.send(CreateOrder { order_id: 1, card_number: "4111111111111111".into() }).await?;
+//! # tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+//! app.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The `Debug` output of `CreateOrder` masks `card_number` (see [`sensitive`]).
+
+#![warn(missing_docs)]
+
+mod context;
+mod dispatch;
+pub mod envelope;
+mod error;
+mod listener;
+mod message;
+pub mod naming;
+pub mod registry;
+mod retry;
+mod runtime;
+pub mod sensitive;
+pub mod transport;
+
+pub use context::{Context, State};
+pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
+pub use listener::DrainReport;
+pub use message::{Command, EntityId, Event, Message, MessageKind};
+pub use retry::RetryPolicy;
+pub use runtime::{
+    builder, run, Builder, Handle, SendOptions, DEFAULT_CONCURRENCY, DEFAULT_MAX_RECEIVE_COUNT,
+    DEFAULT_RECEIVE_WAIT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_VISIBILITY_TIMEOUT,
+};
+pub use sourceflow_macros::{command, event, handler};
+pub use transport::memory::MemoryTransport;
+
+/// Support for the generated code. Not a public API: it may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{BoxFuture, HandlerRoute, MessageRoute, StateRequirement};
+    pub use inventory;
+
+    use crate::error::BoxError;
+    pub use crate::error::InvokeError;
+    use crate::{Context, State};
+
+    /// Fetches `State<T>` for a handler argument.
+    pub fn state<T: Clone + Send + Sync + 'static>(ctx: &Context) -> Result<State<T>, InvokeError> {
+        ctx.state::<T>()
+            .cloned()
+            .map(State)
+            .ok_or(InvokeError::MissingState(std::any::type_name::<T>()))
+    }
+
+    /// What a handler may return: `()` or `Result<(), E>` with `E` convertible into a
+    /// boxed error (including `sourceflow::Error` and `anyhow::Error`).
+    #[diagnostic::on_unimplemented(
+        message = "a #[handler] must return `()` or `Result<(), E>`, not `{Self}`",
+        label = "unsupported return type",
+        note = "return `sourceflow::Result<()>`, or `Result<(), E>` where `E` converts into `Box<dyn std::error::Error + Send + Sync>`"
+    )]
+    pub trait IntoHandlerResult {
+        /// Converts the handler's output.
+        fn into_handler_result(self) -> Result<(), InvokeError>;
+    }
+
+    impl IntoHandlerResult for () {
+        fn into_handler_result(self) -> Result<(), InvokeError> {
+            Ok(())
+        }
+    }
+
+    impl<E: Into<BoxError>> IntoHandlerResult for Result<(), E> {
+        fn into_handler_result(self) -> Result<(), InvokeError> {
+            self.map_err(|e| InvokeError::Failed(e.into()))
+        }
+    }
+}

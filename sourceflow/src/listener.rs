@@ -1,0 +1,380 @@
+//! The listener loop: where a received message goes.
+//!
+//! One listener per queue the service consumes. It keeps at most `concurrency` handler runs
+//! in flight and asks the transport for no more messages than it can start, so nothing waits
+//! in memory while invisible on the broker. On a FIFO queue the messages of one group are
+//! handled one after the other, groups in parallel.
+//!
+//! For each message: decode the envelope (undecodable: dead-letter queue, with the reason),
+//! find this service's handlers for its type (none: dead-letter queue), run them, dispatch
+//! what they sent or raised, then delete the message. A failure returns the message with
+//! backoff (its visibility), and the attempt that reaches the receive limit moves it to the
+//! dead-letter queue with the last error as the reason.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::Context;
+use crate::dispatch::{Dispatcher, MAX_BATCH};
+use crate::envelope;
+use crate::error::InvokeError;
+use crate::registry::HandlerRoute;
+use crate::retry::RetryPolicy;
+use crate::transport::ReceivedMessage;
+
+/// What a listener did while shutting down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Messages whose handling finished after shutdown began.
+    pub finished: usize,
+    /// Messages handed back to the queue (visibility set to zero) unhandled.
+    pub returned: usize,
+}
+
+impl std::ops::AddAssign for DrainReport {
+    fn add_assign(&mut self, o: Self) {
+        self.finished += o.finished;
+        self.returned += o.returned;
+    }
+}
+
+pub(crate) struct Listener {
+    pub dispatcher: Arc<Dispatcher>,
+    pub queue: Arc<str>,
+    pub fifo: bool,
+    pub handlers: HashMap<&'static str, Vec<&'static HandlerRoute>>,
+    pub known: Arc<HashSet<&'static str>>,
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    pub max_receive_count: u32,
+    pub visibility_timeout: Duration,
+    pub receive_wait: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+enum Outcome {
+    /// Deleted, or moved to the dead-letter queue.
+    Done,
+    /// The handler failed; the error says why.
+    Failed(String),
+}
+
+impl Listener {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) -> DrainReport {
+        let sem = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let owned: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let mut tasks: JoinSet<usize> = JoinSet::new();
+        let transport = self.dispatcher.transport().clone();
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            while tasks.try_join_next().is_some() {}
+            let want = (sem.available_permits() + 1).min(MAX_BATCH);
+            let received = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                r = transport.receive(&self.queue, want, self.receive_wait) => r,
+            };
+            let messages = match received {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(queue = %self.queue, error = %e, "receive failed; retrying in 1 s");
+                    drop(permit);
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            };
+            if messages.is_empty() {
+                continue;
+            }
+            let units = if self.fifo {
+                group_in_order(messages)
+            } else {
+                messages.into_iter().map(|m| vec![m]).collect()
+            };
+            let mut permit = Some(permit);
+            for unit in units {
+                let p: OwnedSemaphorePermit = match permit.take() {
+                    Some(p) => p,
+                    None => match sem.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                {
+                    let mut o = owned.lock();
+                    for m in &unit {
+                        o.insert(m.receipt.clone());
+                    }
+                }
+                let this = self.clone();
+                let stop = stop.clone();
+                let owned = owned.clone();
+                tasks.spawn(async move {
+                    let n = this.process_unit(unit, &stop, &owned).await;
+                    drop(p);
+                    n
+                });
+            }
+        }
+
+        // Shutdown: let in-flight work finish within the deadline, then hand back the rest.
+        let mut report = DrainReport::default();
+        let deadline = tokio::time::sleep(self.shutdown_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = tasks.join_next() => match r {
+                    Some(r) => report.finished += r.unwrap_or(0),
+                    None => break,
+                },
+                _ = &mut deadline => {
+                    tracing::warn!(queue = %self.queue, unfinished = tasks.len(), "shutdown deadline passed; abandoning unfinished handlers");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        let leftover: Vec<String> = owned.lock().drain().collect();
+        for receipt in leftover {
+            match transport
+                .change_visibility(&self.queue, &receipt, Duration::ZERO)
+                .await
+            {
+                Ok(()) => report.returned += 1,
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "could not return a message; it reappears after its visibility timeout")
+                }
+            }
+        }
+        report
+    }
+
+    /// Handles one unit: a single message, or one FIFO group's messages in order. Returns
+    /// how many were finished (deleted or dead-lettered).
+    async fn process_unit(
+        &self,
+        unit: Vec<ReceivedMessage>,
+        stop: &CancellationToken,
+        owned: &Mutex<HashSet<String>>,
+    ) -> usize {
+        let transport = self.dispatcher.transport();
+        let mut done = 0;
+        let mut local_attempts = 0u32;
+        let mut idx = 0;
+        while idx < unit.len() {
+            if idx > 0 && stop.is_cancelled() {
+                // Shutting down: what has not started goes back, in order.
+                self.give_back(&unit[idx..], Duration::ZERO, owned).await;
+                return done;
+            }
+            let msg = &unit[idx];
+            match self.process(msg).await {
+                Outcome::Done => {
+                    owned.lock().remove(&msg.receipt);
+                    done += 1;
+                    idx += 1;
+                    local_attempts = 0;
+                }
+                Outcome::Failed(error) => {
+                    let attempts = msg.receive_count + local_attempts;
+                    if attempts >= self.max_receive_count {
+                        let reason = format!(
+                            "handler failed {attempts} times (receive limit {}); last error: {error}",
+                            self.max_receive_count
+                        );
+                        self.dead_letter(msg, &reason).await;
+                        owned.lock().remove(&msg.receipt);
+                        done += 1;
+                        idx += 1;
+                        local_attempts = 0;
+                        continue;
+                    }
+                    let backoff = self.retry.delay(attempts);
+                    tracing::warn!(
+                        queue = %self.queue,
+                        broker_id = %msg.broker_id,
+                        attempt = attempts,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        error = %error,
+                        "handler failed; the message will be retried"
+                    );
+                    if idx + 1 == unit.len() {
+                        // Nothing queued behind it here: hand it back with the backoff.
+                        if let Err(e) = transport
+                            .change_visibility(&self.queue, &msg.receipt, backoff)
+                            .await
+                        {
+                            tracing::warn!(queue = %self.queue, error = %e, "could not delay the retry; it comes back after its visibility timeout");
+                        }
+                        owned.lock().remove(&msg.receipt);
+                        return done;
+                    }
+                    // FIFO with later messages of the group in hand: retry here, keeping them
+                    // invisible, so they neither overtake it nor burn receive counts.
+                    let hold = backoff + self.visibility_timeout;
+                    for m in &unit[idx..] {
+                        let _ = transport
+                            .change_visibility(&self.queue, &m.receipt, hold)
+                            .await;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            self.give_back(&unit[idx..], Duration::ZERO, owned).await;
+                            return done;
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    local_attempts += 1;
+                }
+            }
+        }
+        done
+    }
+
+    async fn give_back(
+        &self,
+        msgs: &[ReceivedMessage],
+        after: Duration,
+        owned: &Mutex<HashSet<String>>,
+    ) {
+        let transport = self.dispatcher.transport();
+        for m in msgs {
+            if let Err(e) = transport
+                .change_visibility(&self.queue, &m.receipt, after)
+                .await
+            {
+                tracing::warn!(queue = %self.queue, error = %e, "could not return a message; it reappears after its visibility timeout");
+            }
+            owned.lock().remove(&m.receipt);
+        }
+    }
+
+    async fn dead_letter(&self, msg: &ReceivedMessage, reason: &str) {
+        tracing::error!(
+            queue = %self.queue,
+            broker_id = %msg.broker_id,
+            reason,
+            "moving message to the dead-letter queue"
+        );
+        if let Err(e) = self
+            .dispatcher
+            .transport()
+            .dead_letter(&self.queue, msg, reason)
+            .await
+        {
+            tracing::error!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not move the message to the dead-letter queue; it stays and will be redelivered");
+        }
+    }
+
+    async fn process(&self, msg: &ReceivedMessage) -> Outcome {
+        let env = match envelope::decode(&msg.body, &msg.attributes) {
+            Ok(e) => e,
+            Err(e) => {
+                self.dead_letter(msg, &format!("undecodable message: {e}"))
+                    .await;
+                return Outcome::Done;
+            }
+        };
+        let Some(handlers) = self.handlers.get(env.wire_name.as_str()) else {
+            let reason = if self.known.contains(env.wire_name.as_str()) {
+                format!(
+                    "service `{}` has no handler for `{}` on queue `{}`",
+                    self.dispatcher.service(),
+                    env.wire_name,
+                    self.queue
+                )
+            } else {
+                format!(
+                    "unknown message type `{}`: no type with this wire name is linked into service `{}`",
+                    env.wire_name,
+                    self.dispatcher.service()
+                )
+            };
+            self.dead_letter(msg, &reason).await;
+            return Outcome::Done;
+        };
+        let ctx = Context::new(
+            self.dispatcher.clone(),
+            env,
+            msg.receive_count,
+            self.queue.clone(),
+        );
+        for h in handlers {
+            let run = AssertUnwindSafe((h.invoke)(&ctx)).catch_unwind().await;
+            let err = match run {
+                Ok(Ok(())) => continue,
+                Ok(Err(InvokeError::Decode { wire_name, reason })) => {
+                    self.dead_letter(
+                        msg,
+                        &format!("payload does not decode as `{wire_name}`: {reason}"),
+                    )
+                    .await;
+                    return Outcome::Done;
+                }
+                Ok(Err(e)) => format!("{}: {e}", h.qualified_name()),
+                Err(panic) => format!("{} panicked: {}", h.qualified_name(), panic_message(&panic)),
+            };
+            return Outcome::Failed(err);
+        }
+        let outbox = ctx.take_outbox();
+        if !outbox.is_empty() {
+            if let Err(e) = self.dispatcher.flush(outbox).await {
+                return Outcome::Failed(format!("dispatching the handler's messages failed: {e}"));
+            }
+        }
+        if let Err(e) = self
+            .dispatcher
+            .transport()
+            .delete(&self.queue, vec![msg.receipt.clone()])
+            .await
+        {
+            tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "handled, but the delete failed; the message will be delivered again");
+        }
+        Outcome::Done
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Splits a FIFO batch into per-group runs, keeping the order within each group.
+fn group_in_order(messages: Vec<ReceivedMessage>) -> Vec<Vec<ReceivedMessage>> {
+    let mut order: Vec<Vec<ReceivedMessage>> = Vec::new();
+    let mut index: HashMap<Option<String>, usize> = HashMap::new();
+    for m in messages {
+        match index.get(&m.group_id) {
+            Some(&i) => order[i].push(m),
+            None => {
+                index.insert(m.group_id.clone(), order.len());
+                order.push(vec![m]);
+            }
+        }
+    }
+    order
+}

@@ -1,0 +1,723 @@
+//! Starting a service: configuration, the startup checks, provisioning, listeners, and the
+//! [`Handle`] for code outside handlers.
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::Dispatcher;
+use crate::envelope::{self, SendMeta};
+use crate::error::{Error, Result, TopologyProblems};
+use crate::listener::{DrainReport, Listener};
+use crate::message::{Command, Event, Message, MessageKind};
+use crate::naming::{check_queue_name, sanitize_service, Naming};
+use crate::registry::{self, HandlerRoute, MessageRoute};
+use crate::retry::RetryPolicy;
+use crate::transport::memory::MemoryTransport;
+use crate::transport::{
+    DeadLetterSpec, QueueSpec, SubscriptionSpec, TopicSpec, Topology, Transport,
+};
+
+/// Default number of handler runs in flight per listener.
+pub const DEFAULT_CONCURRENCY: usize = 10;
+/// Default receives before a message goes to the dead-letter queue.
+pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 5;
+/// Default visibility timeout of provisioned queues.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time in-flight handlers get to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default long-poll wait of a receive.
+pub const DEFAULT_RECEIVE_WAIT: Duration = Duration::from_secs(20);
+
+type HandlerFilter = Box<dyn Fn(&HandlerRoute) -> bool + Send + Sync>;
+
+/// Configures and starts a sourceflow service. Anything not set here is read from the
+/// environment (see the README's configuration table), then defaulted.
+///
+/// ```no_run
+/// # async fn demo() -> sourceflow::Result<()> {
+/// #[derive(Clone)]
+/// struct Db;
+/// sourceflow::builder()
+///     .service("orders")
+///     .state(Db)
+///     .concurrency(20)
+///     .run()
+///     .await
+/// # }
+/// ```
+#[must_use]
+pub struct Builder {
+    service: Option<String>,
+    transport: Option<Arc<dyn Transport>>,
+    prefix: Option<String>,
+    concurrency: Option<usize>,
+    max_receive_count: Option<u32>,
+    visibility_timeout: Option<Duration>,
+    shutdown_timeout: Option<Duration>,
+    receive_wait: Option<Duration>,
+    retry: Option<RetryPolicy>,
+    states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    filter: Option<HandlerFilter>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            service: None,
+            transport: None,
+            prefix: None,
+            concurrency: None,
+            max_receive_count: None,
+            visibility_timeout: None,
+            shutdown_timeout: None,
+            receive_wait: None,
+            retry: None,
+            states: HashMap::new(),
+            filter: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("service", &self.service)
+            .field("prefix", &self.prefix)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A new [`Builder`].
+pub fn builder() -> Builder {
+    Builder::default()
+}
+
+/// Runs a service configured from the environment until SIGINT or SIGTERM, then drains.
+///
+/// ```no_run
+/// #[tokio::main]
+/// async fn main() -> sourceflow::Result<()> {
+///     sourceflow::run().await
+/// }
+/// ```
+pub async fn run() -> Result<()> {
+    builder().run().await
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
+    match env_var(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Config(format!("{name}={v:?} is not a valid value"))),
+    }
+}
+
+impl Builder {
+    /// The service name (default: `SOURCEFLOW_SERVICE`, else the binary's name). Instances
+    /// with one name compete for messages; each name gets every event once.
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.service = Some(name.into());
+        self
+    }
+
+    /// The transport (default: `SOURCEFLOW_TRANSPORT`, else the embedded memory transport).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// The transport, already shared.
+    pub fn transport_arc(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Resource name prefix for an environment: `dev` turns `orders.fifo` into
+    /// `dev-orders.fifo` (default: `SOURCEFLOW_PREFIX`, else none).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// Handler runs in flight per listener (default: `SOURCEFLOW_CONCURRENCY`, else 10).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = Some(n);
+        self
+    }
+
+    /// Receives after which a message moves to the dead-letter queue (default:
+    /// `SOURCEFLOW_MAX_RECEIVE_COUNT`, else 5).
+    pub fn max_receive_count(mut self, n: u32) -> Self {
+        self.max_receive_count = Some(n);
+        self
+    }
+
+    /// Visibility timeout of provisioned queues (default:
+    /// `SOURCEFLOW_VISIBILITY_TIMEOUT_SECS`, else 30 s).
+    pub fn visibility_timeout(mut self, d: Duration) -> Self {
+        self.visibility_timeout = Some(d);
+        self
+    }
+
+    /// Time in-flight handlers get to finish on shutdown (default:
+    /// `SOURCEFLOW_SHUTDOWN_TIMEOUT_SECS`, else 30 s).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = Some(d);
+        self
+    }
+
+    /// Long-poll wait of each receive (default 20 s).
+    pub fn receive_wait(mut self, d: Duration) -> Self {
+        self.receive_wait = Some(d);
+        self
+    }
+
+    /// Backoff between attempts of a failing handler (default: 1 s doubling to 5 min;
+    /// `SOURCEFLOW_RETRY_BASE_MS`, `SOURCEFLOW_RETRY_MAX_MS`).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Shared state for handlers that take `State<T>`; one value per type.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(TypeId::of::<T>(), Box::new(value));
+        self
+    }
+
+    /// Runs only the handlers for which `keep` is true (default: every handler linked into
+    /// the binary). Useful to run several services from one binary, and in tests.
+    pub fn handlers(
+        mut self,
+        keep: impl Fn(&HandlerRoute) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filter = Some(Box::new(keep));
+        self
+    }
+
+    /// Runs only the handlers defined in modules whose path starts with `prefix`.
+    pub fn handlers_in(self, prefix: &'static str) -> Self {
+        self.handlers(move |h| {
+            h.module_path == prefix
+                || h.module_path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        })
+    }
+
+    fn resolve(self) -> Result<Resolved> {
+        let service = match self.service.or_else(|| env_var("SOURCEFLOW_SERVICE")) {
+            Some(s) => {
+                if sanitize_service(&s) != s {
+                    return Err(Error::Config(format!(
+                        "service name `{s}` may only contain ASCII letters, digits, `-` and `_`"
+                    )));
+                }
+                s
+            }
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .map(|s| sanitize_service(&s))
+                .unwrap_or_else(|| "sourceflow".to_string()),
+        };
+        let transport: Arc<dyn Transport> = match self.transport {
+            Some(t) => t,
+            None => match env_var("SOURCEFLOW_TRANSPORT").as_deref() {
+                None | Some("memory") => Arc::new(MemoryTransport::new()),
+                Some(other) => {
+                    return Err(Error::Config(format!(
+                        "SOURCEFLOW_TRANSPORT={other:?} is not a transport this build has; use `memory`"
+                    )))
+                }
+            },
+        };
+        let prefix = self
+            .prefix
+            .or_else(|| env_var("SOURCEFLOW_PREFIX"))
+            .unwrap_or_default();
+        if prefix
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(Error::Config(format!(
+                "prefix `{prefix}` may only contain ASCII letters, digits, `-` and `_`"
+            )));
+        }
+        let concurrency = match self.concurrency {
+            Some(n) => n,
+            None => env_parse("SOURCEFLOW_CONCURRENCY")?.unwrap_or(DEFAULT_CONCURRENCY),
+        };
+        if concurrency == 0 {
+            return Err(Error::Config("concurrency must be at least 1".into()));
+        }
+        let max_receive_count = match self.max_receive_count {
+            Some(n) => n,
+            None => env_parse("SOURCEFLOW_MAX_RECEIVE_COUNT")?.unwrap_or(DEFAULT_MAX_RECEIVE_COUNT),
+        };
+        if !(1..=1000).contains(&max_receive_count) {
+            return Err(Error::Config(
+                "max receive count must be between 1 and 1000 (the SQS range)".into(),
+            ));
+        }
+        let visibility_timeout = match self.visibility_timeout {
+            Some(d) => d,
+            None => env_parse::<u64>("SOURCEFLOW_VISIBILITY_TIMEOUT_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_VISIBILITY_TIMEOUT),
+        };
+        let shutdown_timeout = match self.shutdown_timeout {
+            Some(d) => d,
+            None => env_parse::<u64>("SOURCEFLOW_SHUTDOWN_TIMEOUT_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+        };
+        let retry = match self.retry {
+            Some(r) => r,
+            None => {
+                let d = RetryPolicy::default();
+                RetryPolicy {
+                    base: env_parse::<u64>("SOURCEFLOW_RETRY_BASE_MS")?
+                        .map(Duration::from_millis)
+                        .unwrap_or(d.base),
+                    max: env_parse::<u64>("SOURCEFLOW_RETRY_MAX_MS")?
+                        .map(Duration::from_millis)
+                        .unwrap_or(d.max),
+                }
+            }
+        };
+        let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
+            .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
+            .collect();
+        Ok(Resolved {
+            service,
+            transport,
+            naming: Naming::new(prefix),
+            concurrency,
+            max_receive_count,
+            visibility_timeout,
+            shutdown_timeout,
+            receive_wait: self.receive_wait.unwrap_or(DEFAULT_RECEIVE_WAIT),
+            retry,
+            states: self.states,
+            handlers,
+        })
+    }
+
+    /// Checks the routes, provisions the topology and starts the listeners. Returns once
+    /// everything listens.
+    pub async fn start(self) -> Result<Handle> {
+        let r = self.resolve()?;
+        let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
+        let plan = plan(&r, &messages)?;
+        r.transport.provision(&plan.topology).await?;
+        tracing::info!(
+            service = %r.service,
+            transport = r.transport.name(),
+            queues = plan.topology.queues.len(),
+            topics = plan.topology.topics.len(),
+            subscriptions = plan.topology.subscriptions.len(),
+            handlers = r.handlers.len(),
+            "sourceflow provisioned"
+        );
+        let dispatcher = Arc::new(Dispatcher::new(
+            r.transport.clone(),
+            r.service.clone(),
+            r.naming.clone(),
+            plan.destinations,
+            r.states,
+        ));
+        let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for lp in plan.listeners {
+            let names: Vec<_> = lp.handlers.values().flatten().map(|h| h.name).collect();
+            tracing::info!(service = %r.service, queue = %lp.queue, fifo = lp.fifo, handlers = ?names, "listening");
+            let listener = Arc::new(Listener {
+                dispatcher: dispatcher.clone(),
+                queue: lp.queue,
+                fifo: lp.fifo,
+                handlers: lp.handlers,
+                known: known.clone(),
+                concurrency: r.concurrency,
+                retry: r.retry,
+                max_receive_count: r.max_receive_count,
+                visibility_timeout: r.visibility_timeout,
+                receive_wait: r.receive_wait,
+                shutdown_timeout: r.shutdown_timeout,
+            });
+            tasks.push(tokio::spawn(listener.run(stop.clone())));
+        }
+        Ok(Handle {
+            inner: Arc::new(HandleInner {
+                dispatcher,
+                topology: plan.topology,
+                naming: r.naming,
+                stop,
+                listeners: Mutex::new(tasks),
+            }),
+        })
+    }
+
+    /// Starts, runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<()> {
+        let handle = self.start().await?;
+        shutdown_signal().await;
+        tracing::info!(service = %handle.service(), "shutdown signal received; draining");
+        handle.shutdown().await?;
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+struct Resolved {
+    service: String,
+    transport: Arc<dyn Transport>,
+    naming: Naming,
+    concurrency: usize,
+    max_receive_count: u32,
+    visibility_timeout: Duration,
+    shutdown_timeout: Duration,
+    receive_wait: Duration,
+    retry: RetryPolicy,
+    states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    handlers: Vec<&'static HandlerRoute>,
+}
+
+struct ListenerPlan {
+    queue: Arc<str>,
+    fifo: bool,
+    handlers: HashMap<&'static str, Vec<&'static HandlerRoute>>,
+}
+
+struct Plan {
+    topology: Topology,
+    listeners: Vec<ListenerPlan>,
+    destinations: HashMap<&'static str, Arc<str>>,
+}
+
+/// Works out the topology and listeners, and runs every check that needs all routes.
+fn plan(r: &Resolved, messages: &[&'static MessageRoute]) -> Result<Plan> {
+    let mut problems = Vec::new();
+    registry::check_messages(messages, &mut problems);
+    let states: HashSet<TypeId> = r.states.keys().copied().collect();
+    registry::check_handlers(&r.handlers, &states, &mut problems);
+
+    let naming = &r.naming;
+    let mut destinations = HashMap::new();
+    // Queues and topics of every message known to the binary: a service may send any.
+    let mut queues: BTreeMap<String, bool> = BTreeMap::new();
+    let mut topics: BTreeMap<String, bool> = BTreeMap::new();
+    for m in messages {
+        let full = naming.resource(m.destination);
+        destinations.insert(m.name, Arc::from(full.as_str()));
+        match m.kind {
+            MessageKind::Command => {
+                queues.insert(full, m.fifo);
+            }
+            MessageKind::Event => {
+                topics.insert(full, m.fifo);
+            }
+        }
+    }
+
+    // Listeners: command queues, and one subscriber queue per (service, topic).
+    let mut listeners: BTreeMap<String, (bool, HashMap<&'static str, Vec<&'static HandlerRoute>>)> =
+        BTreeMap::new();
+    let mut subscriptions: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for h in &r.handlers {
+        let queue = match h.kind {
+            MessageKind::Command => naming.resource(h.destination),
+            MessageKind::Event => {
+                let q = match h.queue {
+                    Some(q) => naming.resource(q),
+                    None => naming.subscriber(&r.service, h.destination),
+                };
+                let types = subscriptions
+                    .entry((naming.resource(h.destination), q.clone()))
+                    .or_default();
+                if !types.iter().any(|t| t == h.message) {
+                    types.push(h.message.to_string());
+                }
+                q
+            }
+        };
+        let fifo = queue.ends_with(".fifo");
+        queues.entry(queue.clone()).or_insert(fifo);
+        listeners
+            .entry(queue)
+            .or_insert_with(|| (fifo, HashMap::new()))
+            .1
+            .entry(h.message)
+            .or_default()
+            .push(h);
+    }
+
+    // A command queue this service consumes must not carry commands it cannot handle.
+    for m in messages.iter().filter(|m| m.kind == MessageKind::Command) {
+        let q = naming.resource(m.destination);
+        if let Some((_, hs)) = listeners.get(&q) {
+            if !hs.contains_key(m.name) {
+                let handled: Vec<_> = hs.keys().copied().collect();
+                problems.push(format!(
+                    "service `{}` consumes queue `{q}` (for {}), which also carries command `{}` ({}) that it has no handler for; such messages would be dead-lettered: add a handler, or give `{}` its own queue",
+                    r.service,
+                    handled.join(", "),
+                    m.name,
+                    m.rust_path(),
+                    m.type_name
+                ));
+            }
+        }
+    }
+
+    for q in queues.keys() {
+        if let Err(e) = check_queue_name(q) {
+            problems.push(e);
+        }
+    }
+    for t in topics.keys() {
+        if t.len() > crate::naming::SNS_NAME_MAX {
+            problems.push(format!(
+                "topic name `{t}` is longer than {} characters",
+                crate::naming::SNS_NAME_MAX
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        problems.dedup();
+        return Err(Error::Topology(TopologyProblems(problems)));
+    }
+
+    let mut topology = Topology::default();
+    for (name, fifo) in &queues {
+        let dlq = Naming::dead_letter(name);
+        topology.queues.push(QueueSpec {
+            name: dlq.clone(),
+            fifo: *fifo,
+            visibility_timeout: r.visibility_timeout,
+            dead_letter: None,
+        });
+        topology.queues.push(QueueSpec {
+            name: name.clone(),
+            fifo: *fifo,
+            visibility_timeout: r.visibility_timeout,
+            dead_letter: Some(DeadLetterSpec {
+                queue: dlq,
+                max_receive_count: r.max_receive_count,
+            }),
+        });
+    }
+    for (name, fifo) in &topics {
+        topology.topics.push(TopicSpec {
+            name: name.clone(),
+            fifo: *fifo,
+        });
+    }
+    for ((topic, queue), mut types) in subscriptions {
+        types.sort();
+        topology.subscriptions.push(SubscriptionSpec {
+            topic,
+            queue,
+            message_types: types,
+        });
+    }
+    let listeners = listeners
+        .into_iter()
+        .map(|(queue, (fifo, handlers))| ListenerPlan {
+            queue: Arc::from(queue.as_str()),
+            fifo,
+            handlers,
+        })
+        .collect();
+    Ok(Plan {
+        topology,
+        listeners,
+        destinations,
+    })
+}
+
+/// Options for [`Handle::send_with`] and [`Handle::raise_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    meta: SendMeta,
+}
+
+impl SendOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts the message into an existing conversation.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.meta.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Pins the message id; a retried send with the same id is deduplicated on FIFO queues.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.meta.message_id = Some(id.into());
+        self
+    }
+
+    /// Delays delivery (standard queues only; at most 15 minutes on SQS).
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.meta.delay = Some(d);
+        self
+    }
+}
+
+struct HandleInner {
+    dispatcher: Arc<Dispatcher>,
+    topology: Topology,
+    naming: Naming,
+    stop: CancellationToken,
+    listeners: Mutex<Vec<JoinHandle<DrainReport>>>,
+}
+
+/// A running service, for code outside handlers (an HTTP endpoint, a test): send commands,
+/// raise events, inspect the topology, shut down. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("service", &self.service())
+            .field("transport", &self.inner.dispatcher.transport().name())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Sends a command now; returns its message id.
+    pub async fn send<C: Command>(&self, command: C) -> Result<String> {
+        self.send_with(command, SendOptions::default()).await
+    }
+
+    /// Sends a command with options; returns its message id.
+    pub async fn send_with<C: Command>(&self, command: C, options: SendOptions) -> Result<String> {
+        self.dispatch(&command, options).await
+    }
+
+    /// Publishes an event now; returns its message id.
+    pub async fn raise<E: Event>(&self, event: E) -> Result<String> {
+        self.raise_with(event, SendOptions::default()).await
+    }
+
+    /// Publishes an event with options; returns its message id.
+    pub async fn raise_with<E: Event>(&self, event: E, options: SendOptions) -> Result<String> {
+        self.dispatch(&event, options).await
+    }
+
+    async fn dispatch<M: Message>(&self, msg: &M, options: SendOptions) -> Result<String> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::ShutDown);
+        }
+        let out = envelope::encode(msg, options.meta)?;
+        let id = out.message_id.clone();
+        let pending = self.inner.dispatcher.pending::<M>(out)?;
+        self.inner.dispatcher.dispatch(pending).await?;
+        Ok(id)
+    }
+
+    /// This service's name.
+    pub fn service(&self) -> &str {
+        self.inner.dispatcher.service()
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.inner.dispatcher.transport().clone()
+    }
+
+    /// What was provisioned at startup.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Resource naming (prefix) of this service.
+    pub fn naming(&self) -> &Naming {
+        &self.inner.naming
+    }
+
+    /// The full name of the queue a command type is sent to.
+    pub fn queue_of<C: Command>(&self) -> String {
+        self.inner.naming.resource(C::DESTINATION)
+    }
+
+    /// The full name of the topic an event type is published to.
+    pub fn topic_of<E: Event>(&self) -> String {
+        self.inner.naming.resource(E::DESTINATION)
+    }
+
+    /// The full name of the queue through which this service receives `E`.
+    pub fn subscriber_queue_of<E: Event>(&self) -> String {
+        self.inner.naming.subscriber(self.service(), E::DESTINATION)
+    }
+
+    /// Stops receiving, lets in-flight handlers finish within the shutdown timeout, and
+    /// returns unfinished messages to their queues. A second call returns an empty report.
+    pub async fn shutdown(&self) -> Result<DrainReport> {
+        self.inner.stop.cancel();
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.listeners.lock());
+        let mut report = DrainReport::default();
+        for t in tasks {
+            match t.await {
+                Ok(r) => report += r,
+                Err(e) => tracing::error!(error = %e, "a listener task failed"),
+            }
+        }
+        tracing::info!(
+            service = %self.service(),
+            finished = report.finished,
+            returned = report.returned,
+            "sourceflow stopped"
+        );
+        Ok(report)
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.stop.is_cancelled()
+    }
+}

@@ -1,0 +1,130 @@
+//! Transports move serialized envelopes between services.
+//!
+//! [`Transport`] is the narrow seam between the runtime (routing, listeners, retries) and a
+//! message broker. It speaks SQS/SNS concepts on purpose: queues with visibility timeouts,
+//! receipts and dead-letter queues, and topics that fan out to subscribed queues. The
+//! embedded [`memory`] transport models exactly those semantics so that a program behaves
+//! the same on a laptop as on AWS.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::envelope::OutgoingMessage;
+use crate::error::Result;
+
+/// Largest message an SQS queue accepts (body plus attributes), in bytes.
+pub const SQS_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest message an SNS topic accepts (body plus attributes), in bytes.
+pub const SNS_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// How long a FIFO queue remembers a deduplication id.
+pub const FIFO_DEDUP_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// A queue to provision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Full name, prefix included.
+    pub name: String,
+    /// FIFO queue (name ends in `.fifo`).
+    pub fifo: bool,
+    /// How long a received message stays invisible.
+    pub visibility_timeout: Duration,
+    /// Its dead-letter queue and the receive count after which messages move there.
+    /// `None` for a dead-letter queue itself.
+    pub dead_letter: Option<DeadLetterSpec>,
+}
+
+/// Where a queue's messages go after too many receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterSpec {
+    /// The dead-letter queue's full name.
+    pub queue: String,
+    /// Receives after which a message is moved (SQS `maxReceiveCount`).
+    pub max_receive_count: u32,
+}
+
+/// A topic to provision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Full name, prefix included.
+    pub name: String,
+    /// FIFO topic (name ends in `.fifo`).
+    pub fifo: bool,
+}
+
+/// A subscription of a queue to a topic, with raw message delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionSpec {
+    /// Topic full name.
+    pub topic: String,
+    /// Queue full name.
+    pub queue: String,
+    /// Wire names delivered through this subscription (an SNS filter policy on the
+    /// `sourceflow.type` attribute); empty for all.
+    pub message_types: Vec<String>,
+}
+
+/// Everything a service needs to exist before it sends or listens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// Queues, dead-letter queues included (listed before the queues that use them).
+    pub queues: Vec<QueueSpec>,
+    /// Topics.
+    pub topics: Vec<TopicSpec>,
+    /// Subscriptions of this service's queues to topics.
+    pub subscriptions: Vec<SubscriptionSpec>,
+}
+
+/// A message as received from a queue.
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    /// The broker's id for this message (SQS `MessageId`), for logs.
+    pub broker_id: String,
+    /// The receipt handle, valid until the message is deleted, returned or received again.
+    pub receipt: String,
+    /// The body (a JSON envelope, unless something else wrote to the queue).
+    pub body: String,
+    /// Message attributes.
+    pub attributes: Vec<(String, String)>,
+    /// How many times the message has been received, this time included.
+    pub receive_count: u32,
+    /// FIFO message group id.
+    pub group_id: Option<String>,
+}
+
+/// A message broker with SQS/SNS semantics.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Short name for logs and errors (`memory`, `aws`).
+    fn name(&self) -> &'static str;
+
+    /// Creates what is missing of `topology`; must be idempotent.
+    async fn provision(&self, topology: &Topology) -> Result<()>;
+
+    /// Sends messages to a queue. Either all are accepted or an error says which were not.
+    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()>;
+
+    /// Publishes messages to a topic.
+    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()>;
+
+    /// Receives up to `max` messages, waiting up to `wait` for the first one.
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>>;
+
+    /// Deletes received messages by receipt.
+    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<()>;
+
+    /// Makes a received message invisible for `timeout` from now (zero: visible at once).
+    async fn change_visibility(&self, queue: &str, receipt: &str, timeout: Duration) -> Result<()>;
+
+    /// Moves a received message to the queue's dead-letter queue with `reason` attached as
+    /// the [`attr::DLQ_REASON`](crate::envelope::attr::DLQ_REASON) attribute.
+    async fn dead_letter(&self, queue: &str, message: &ReceivedMessage, reason: &str)
+        -> Result<()>;
+}

@@ -1,0 +1,1 @@
+//! Behaviour suite (being written).

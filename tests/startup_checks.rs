@@ -1,0 +1,1 @@
+//! Startup checks (being written).
