@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +46,9 @@ impl std::ops::AddAssign for DrainReport {
     }
 }
 
+/// The longest a message can be kept invisible from its receive (SQS: 12 hours).
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
 pub(crate) struct Listener {
     pub dispatcher: Arc<Dispatcher>,
     pub queue: Arc<str>,
@@ -68,13 +71,32 @@ enum Outcome {
 }
 
 impl Listener {
+    /// Runs `ceil(concurrency / 10)` pollers sharing one concurrency limit, until `stop`.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) -> DrainReport {
         let sem = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let pollers = self.concurrency.div_ceil(MAX_BATCH).max(1);
+        let mut set = JoinSet::new();
+        for _ in 0..pollers {
+            set.spawn(self.clone().poll(sem.clone(), stop.clone()));
+        }
+        let mut report = DrainReport::default();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(r) => report += r,
+                Err(e) => tracing::error!(queue = %self.queue, error = %e, "a poller failed"),
+            }
+        }
+        report
+    }
+
+    async fn poll(self: Arc<Self>, sem: Arc<Semaphore>, stop: CancellationToken) -> DrainReport {
         let owned: Arc<Mutex<HashSet<String>>> = Arc::default();
         let mut tasks: JoinSet<usize> = JoinSet::new();
         let transport = self.dispatcher.transport().clone();
         loop {
-            let permit = tokio::select! {
+            // Ask only for as many messages as can start now: wait for one free slot, then
+            // take whatever else is free, up to a batch.
+            let first = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 p = sem.clone().acquire_owned() => match p {
@@ -82,18 +104,24 @@ impl Listener {
                     Err(_) => break,
                 },
             };
+            let mut permits = vec![first];
+            while permits.len() < MAX_BATCH {
+                match sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             while tasks.try_join_next().is_some() {}
-            let want = (sem.available_permits() + 1).min(MAX_BATCH);
             let received = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                r = transport.receive(&self.queue, want, self.receive_wait) => r,
+                r = transport.receive(&self.queue, permits.len(), self.receive_wait) => r,
             };
             let messages = match received {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "receive failed; retrying in 1 s");
-                    drop(permit);
+                    drop(permits);
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -109,15 +137,9 @@ impl Listener {
             } else {
                 messages.into_iter().map(|m| vec![m]).collect()
             };
-            let mut permit = Some(permit);
             for unit in units {
-                let p: OwnedSemaphorePermit = match permit.take() {
-                    Some(p) => p,
-                    None => match sem.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                };
+                // Units never outnumber messages, and messages never outnumber permits.
+                let Some(p) = permits.pop() else { break };
                 {
                     let mut o = owned.lock();
                     for m in &unit {
@@ -136,6 +158,8 @@ impl Listener {
         }
 
         // Shutdown: let in-flight work finish within the deadline, then hand back the rest.
+        // (Work that finished before the stop is not part of the drain.)
+        while tasks.try_join_next().is_some() {}
         let mut report = DrainReport::default();
         let deadline = tokio::time::sleep(self.shutdown_timeout);
         tokio::pin!(deadline);
@@ -187,7 +211,7 @@ impl Listener {
                 return done;
             }
             let msg = &unit[idx];
-            match self.process(msg).await {
+            match self.process_with_heartbeat(msg, &unit[idx..]).await {
                 Outcome::Done => {
                     owned.lock().remove(&msg.receipt);
                     done += 1;
@@ -248,6 +272,37 @@ impl Listener {
             }
         }
         done
+    }
+
+    /// Runs `process`, extending the visibility of `held` (this message and the ones queued
+    /// behind it) every half visibility timeout, so a long handler keeps its message. The
+    /// extensions stop after [`MAX_VISIBILITY`] in total, as SQS allows no more.
+    async fn process_with_heartbeat(
+        &self,
+        msg: &ReceivedMessage,
+        held: &[ReceivedMessage],
+    ) -> Outcome {
+        let work = self.process(msg);
+        tokio::pin!(work);
+        let period = (self.visibility_timeout / 2).max(Duration::from_millis(100));
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = tokio::time::sleep(period) => {
+                    if started.elapsed() + self.visibility_timeout > MAX_VISIBILITY {
+                        tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, "handler has run for 12 hours; no further visibility extension");
+                        continue;
+                    }
+                    for m in held {
+                        if let Err(e) = self.dispatcher.transport().change_visibility(&self.queue, &m.receipt, self.visibility_timeout).await {
+                            tracing::warn!(queue = %self.queue, broker_id = %m.broker_id, error = %e, "visibility heartbeat failed");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn give_back(

@@ -1,1 +1,23 @@
-//! Behaviour suite (being written).
+//! The behaviour suite: written once, run against every transport.
+//!
+//! ```text
+//! cargo test -p sourceflow --test behaviour                                  # embedded transport
+//! SOURCEFLOW_TEST_TRANSPORT=aws cargo test -p sourceflow --test behaviour    # AWS API (emulator or real)
+//! ```
+//!
+//! Every test declares its own message types and queues in its own module and runs only that
+//! module's handlers (`Builder::handlers_in`), under a name prefix of its own, so tests do
+//! not see each other's messages.
+
+mod harness;
+
+mod context;
+mod dead_letter;
+mod dedup;
+mod fan_out;
+mod ordering;
+mod outbox;
+mod poison;
+mod retry;
+mod shutdown;
+mod size_and_delay;

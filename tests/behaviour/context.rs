@@ -1,0 +1,121 @@
+//! The handler context carries the incoming message's metadata, and follow-up messages
+//! carry the conversation on.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sourceflow::{command, event, handler, Context, SendOptions, State};
+
+use crate::harness::{eventually, Harness};
+
+#[command(queue = "ctx-orders.fifo", name = "tests.PlaceOrder.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PlaceOrder {
+    #[entity_id]
+    order_id: u64,
+}
+
+#[event(topic = "ctx-order-events", name = "tests.OrderPlaced.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderPlaced {
+    #[entity_id]
+    order_id: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Seen {
+    message_id: String,
+    correlation_id: String,
+    causation_id: Option<String>,
+    entity_id: Option<String>,
+    receive_count: u32,
+    wire_name: String,
+    service: String,
+}
+
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<Seen>>>);
+
+impl Log {
+    fn push(&self, ctx: &Context) {
+        self.0.lock().expect("log lock").push(Seen {
+            message_id: ctx.message_id().to_string(),
+            correlation_id: ctx.correlation_id().to_string(),
+            causation_id: ctx.causation_id().map(str::to_string),
+            entity_id: ctx.entity_id().map(str::to_string),
+            receive_count: ctx.receive_count(),
+            wire_name: ctx.wire_name().to_string(),
+            service: ctx.service().to_string(),
+        });
+    }
+    fn all(&self) -> Vec<Seen> {
+        self.0.lock().expect("log lock").clone()
+    }
+}
+
+#[handler]
+async fn place(cmd: PlaceOrder, ctx: &Context, State(log): State<Log>) -> sourceflow::Result<()> {
+    log.push(ctx);
+    ctx.raise(OrderPlaced {
+        order_id: cmd.order_id,
+    })
+    .await
+}
+
+#[handler]
+async fn placed(
+    _evt: OrderPlaced,
+    ctx: &Context,
+    State(log): State<Log>,
+) -> sourceflow::Result<()> {
+    log.push(ctx);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_and_correlation_flow_through_handlers() {
+    let h = Harness::new().await;
+    let log = Log::default();
+    let app = h
+        .service("ctx", module_path!())
+        .state(log.clone())
+        .start()
+        .await
+        .expect("start");
+    let conversation = "web-request-123";
+    let cmd_id = app
+        .send_with(
+            PlaceOrder { order_id: 77 },
+            SendOptions::new().correlation_id(conversation),
+        )
+        .await
+        .expect("send");
+    eventually("command and event handled", || async {
+        log.all().len() >= 2
+    })
+    .await;
+    let seen = log.all();
+    let cmd = seen
+        .iter()
+        .find(|s| s.wire_name == "tests.PlaceOrder.v1")
+        .expect("command");
+    let evt = seen
+        .iter()
+        .find(|s| s.wire_name == "tests.OrderPlaced.v1")
+        .expect("event");
+    assert_eq!(cmd.message_id, cmd_id);
+    assert_eq!(cmd.correlation_id, conversation);
+    assert_eq!(cmd.causation_id, None);
+    assert_eq!(cmd.entity_id.as_deref(), Some("77"));
+    assert_eq!(cmd.receive_count, 1);
+    assert_eq!(cmd.service, "ctx");
+    assert_eq!(evt.correlation_id, conversation, "correlation carried on");
+    assert_eq!(
+        evt.causation_id.as_deref(),
+        Some(cmd_id.as_str()),
+        "caused by the command"
+    );
+    assert_ne!(evt.message_id, cmd_id);
+    assert_eq!(evt.entity_id.as_deref(), Some("77"));
+    app.shutdown().await.expect("shutdown");
+}

@@ -1,0 +1,159 @@
+//! A transport-neutral harness: which transport to test, fresh name prefixes, and helpers
+//! that observe queues through the [`Transport`] trait only.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sourceflow::envelope::{attr, OutgoingMessage};
+use sourceflow::transport::{ReceivedMessage, Transport};
+use sourceflow::{Builder, MemoryTransport, RetryPolicy};
+
+/// How long any expectation may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Which transport the suite runs against (`SOURCEFLOW_TEST_TRANSPORT`, default `memory`).
+pub fn transport_kind() -> String {
+    std::env::var("SOURCEFLOW_TEST_TRANSPORT").unwrap_or_else(|_| "memory".to_string())
+}
+
+/// One test's world: a transport and a name prefix of its own.
+pub struct Harness {
+    pub transport: Arc<dyn Transport>,
+    pub prefix: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Harness {
+    /// A fresh world for one test.
+    pub async fn new() -> Harness {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "sourceflow=warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("t{}-{n}", std::process::id() % 100_000);
+        let transport: Arc<dyn Transport> = match transport_kind().as_str() {
+            "memory" => Arc::new(MemoryTransport::new()),
+            #[cfg(feature = "aws")]
+            "aws" => {
+                check_loopback();
+                Arc::new(
+                    sourceflow::transport::aws::AwsTransport::from_env()
+                        .await
+                        .expect("AWS transport from the environment"),
+                )
+            }
+            other => panic!("SOURCEFLOW_TEST_TRANSPORT={other} is not a transport this build has"),
+        };
+        Harness { transport, prefix }
+    }
+
+    /// Sends a raw body with raw attributes, as a foreign producer would.
+    pub async fn send_raw(
+        &self,
+        queue: &str,
+        body: &str,
+        attributes: &[(&str, &str)],
+        group: Option<&str>,
+    ) {
+        let id = uuid::Uuid::new_v4().to_string();
+        let m = OutgoingMessage {
+            body: body.to_string(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            group_id: group.map(str::to_string),
+            dedup_id: group.map(|_| id.clone()),
+            delay: None,
+            wire_name: "raw",
+            message_id: id,
+        };
+        self.transport.send(queue, vec![m]).await.expect("raw send");
+    }
+
+    /// Receives and deletes until `expected` messages were read from `queue` or patience
+    /// runs out; returns what was read.
+    pub async fn drain(&self, queue: &str, expected: usize) -> Vec<ReceivedMessage> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while out.len() < expected && tokio::time::Instant::now() < deadline {
+            let got = self
+                .transport
+                .receive(queue, 10, Duration::from_secs(1))
+                .await
+                .expect("receive");
+            if !got.is_empty() {
+                let receipts = got.iter().map(|m| m.receipt.clone()).collect();
+                self.transport
+                    .delete(queue, receipts)
+                    .await
+                    .expect("delete");
+            }
+            out.extend(got);
+        }
+        out
+    }
+
+    /// Asserts that `queue` yields nothing for `wait`.
+    pub async fn assert_empty(&self, queue: &str, wait: Duration) {
+        let got = self
+            .transport
+            .receive(queue, 10, wait)
+            .await
+            .expect("receive");
+        assert!(
+            got.is_empty(),
+            "expected `{queue}` to be empty, got {:?}",
+            got.iter().map(|m| &m.body).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The dead-letter reason attribute of a message, if any.
+pub fn dlq_reason(m: &ReceivedMessage) -> Option<&str> {
+    sourceflow::envelope::attribute(&m.attributes, attr::DLQ_REASON)
+}
+
+/// Waits until `check` is true, polling; panics with `what` after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A test that talks to an AWS API must only ever reach loopback, unless told it runs
+/// against real AWS on purpose.
+#[cfg(feature = "aws")]
+fn check_loopback() {
+    if std::env::var("SOURCEFLOW_TEST_REAL_AWS").as_deref() == Ok("1") {
+        return;
+    }
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    assert!(
+        endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost"),
+        "AWS_ENDPOINT_URL={endpoint:?} is not loopback; start the emulator with tests/support/emulator.sh or set SOURCEFLOW_TEST_REAL_AWS=1"
+    );
+    assert_eq!(
+        std::env::var("AWS_EC2_METADATA_DISABLED").as_deref(),
+        Ok("true"),
+        "set AWS_EC2_METADATA_DISABLED=true so the SDK never queries instance metadata"
+    );
+}

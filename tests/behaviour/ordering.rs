@@ -1,0 +1,147 @@
+//! FIFO: ordered within a group, parallel across groups; the concurrency limit holds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sourceflow::{command, handler, State};
+
+use crate::harness::{eventually, Harness};
+
+#[command(queue = "ordering.fifo")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Step {
+    #[entity_id]
+    group: u32,
+    seq: u32,
+}
+
+#[command(queue = "ordering-standard")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Slow {
+    n: u32,
+}
+
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<HashMap<u32, Vec<u32>>>>,
+    running: Arc<AtomicUsize>,
+    max_running: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Recorder {
+    fn enter(&self) {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.total.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[handler]
+async fn step(cmd: Step, State(r): State<Recorder>) -> sourceflow::Result<()> {
+    r.enter();
+    // Give other groups a chance to interleave.
+    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..500))).await;
+    r.seen
+        .lock()
+        .expect("recorder lock")
+        .entry(cmd.group)
+        .or_default()
+        .push(cmd.seq);
+    r.leave();
+    Ok(())
+}
+
+#[handler]
+async fn slow(_cmd: Slow, State(r): State<Recorder>) -> sourceflow::Result<()> {
+    r.enter();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.leave();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_keeps_order_per_group_under_concurrency() {
+    const GROUPS: u32 = 50;
+    const PER_GROUP: u32 = 20;
+    let h = Harness::new().await;
+    let rec = Recorder::default();
+    let app = h
+        .service("ordering", module_path!())
+        .state(rec.clone())
+        .concurrency(10)
+        .start()
+        .await
+        .expect("start");
+
+    // Each group is sent in order by its own task; groups are sent concurrently.
+    let mut senders = Vec::new();
+    for group in 0..GROUPS {
+        let app = app.clone();
+        senders.push(tokio::spawn(async move {
+            for seq in 0..PER_GROUP {
+                app.send(Step { group, seq }).await.expect("send");
+            }
+        }));
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let total = (GROUPS * PER_GROUP) as usize;
+    eventually("all 1,000 steps handled", || async {
+        rec.total.load(Ordering::SeqCst) >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        rec.total.load(Ordering::SeqCst),
+        total,
+        "no step handled twice"
+    );
+
+    let seen = rec.seen.lock().expect("recorder lock").clone();
+    assert_eq!(seen.len(), GROUPS as usize);
+    let expected: Vec<u32> = (0..PER_GROUP).collect();
+    for (group, seqs) in &seen {
+        assert_eq!(seqs, &expected, "group {group} out of order");
+    }
+    let max = rec.max_running.load(Ordering::SeqCst);
+    assert!(
+        max > 1,
+        "groups must be handled in parallel (max in flight {max})"
+    );
+    assert!(max <= 10, "concurrency limit exceeded: {max} in flight");
+    app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_queue_runs_up_to_the_concurrency_limit() {
+    let h = Harness::new().await;
+    let rec = Recorder::default();
+    let app = h
+        .service("ordering-std", module_path!())
+        .state(rec.clone())
+        .concurrency(4)
+        .start()
+        .await
+        .expect("start");
+    for n in 0..40 {
+        app.send(Slow { n }).await.expect("send");
+    }
+    eventually("all 40 handled", || async {
+        rec.total.load(Ordering::SeqCst) == 40
+    })
+    .await;
+    let max = rec.max_running.load(Ordering::SeqCst);
+    assert_eq!(
+        max, 4,
+        "expected exactly the limit of 4 in flight at the peak, saw {max}"
+    );
+    app.shutdown().await.expect("shutdown");
+}

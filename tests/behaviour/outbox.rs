@@ -1,0 +1,74 @@
+//! What a handler sends or raises goes out only after it returns `Ok`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sourceflow::{command, event, handler, Context, State};
+
+use crate::harness::{eventually, Harness};
+
+#[command(queue = "outbox-commands")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Reserve {
+    sku: u32,
+}
+
+#[event(topic = "outbox-events")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Reserved {
+    sku: u32,
+}
+
+#[derive(Clone, Default)]
+struct Counts {
+    attempts: Arc<AtomicU32>,
+    events: Arc<AtomicU32>,
+}
+
+#[handler]
+async fn reserve(cmd: Reserve, ctx: &Context, State(c): State<Counts>) -> sourceflow::Result<()> {
+    c.attempts.fetch_add(1, Ordering::SeqCst);
+    ctx.raise(Reserved { sku: cmd.sku }).await?;
+    ctx.raise(Reserved {
+        sku: cmd.sku + 1000,
+    })
+    .await?;
+    if ctx.receive_count() == 1 {
+        // Fails after raising: the events must not be published.
+        return Err(sourceflow::Error::other("stock service timed out"));
+    }
+    Ok(())
+}
+
+#[handler]
+async fn on_reserved(_evt: Reserved, State(c): State<Counts>) -> sourceflow::Result<()> {
+    c.events.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handler_sends_nothing_and_the_retry_sends_once() {
+    let h = Harness::new().await;
+    let counts = Counts::default();
+    let app = h
+        .service("outbox", module_path!())
+        .state(counts.clone())
+        .start()
+        .await
+        .expect("start");
+    app.send(Reserve { sku: 7 }).await.expect("send");
+    eventually("the retry's two events", || async {
+        counts.events.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counts.attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counts.events.load(Ordering::SeqCst),
+        2,
+        "only the successful attempt's events were published"
+    );
+    app.shutdown().await.expect("shutdown");
+}
