@@ -54,6 +54,21 @@ impl Harness {
         Harness { transport, prefix }
     }
 
+    /// A service of this world running only the handlers of `module`.
+    pub fn service(&self, name: &str, module: &'static str) -> Builder {
+        sourceflow::builder()
+            .service(name)
+            .prefix(self.prefix.clone())
+            .transport_arc(self.transport.clone())
+            .handlers_in(module)
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(20),
+                Duration::from_millis(200),
+            ))
+            .receive_wait(Duration::from_secs(1))
+            .shutdown_timeout(Duration::from_secs(10))
+    }
+
     /// Sends a raw body with raw attributes, as a foreign producer would.
     pub async fn send_raw(
         &self,
