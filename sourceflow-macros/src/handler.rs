@@ -10,7 +10,7 @@ const SHAPE: &str = "a handler looks like `async fn create_order(cmd: CreateOrde
 
 enum Extra {
     Context,
-    State(Type),
+    State(Box<Type>),
 }
 
 pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream> {
@@ -189,7 +189,7 @@ fn classify(ty: &Type) -> Option<Extra> {
             }
             match &last.arguments {
                 PathArguments::AngleBracketed(a) if a.args.len() == 1 => match a.args.first()? {
-                    syn::GenericArgument::Type(t) => Some(Extra::State(t.clone())),
+                    syn::GenericArgument::Type(t) => Some(Extra::State(Box::new(t.clone()))),
                     _ => None,
                 },
                 _ => None,

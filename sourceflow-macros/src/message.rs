@@ -357,7 +357,7 @@ fn remove_derive(attrs: &mut Vec<Attribute>, name: &str) -> bool {
                 let before = paths.len();
                 let kept: Punctuated<Path, Token![,]> = paths
                     .into_iter()
-                    .filter(|p| !p.segments.last().is_some_and(|s| s.ident == name))
+                    .filter(|p| p.segments.last().is_none_or(|s| s.ident != name))
                     .collect();
                 if kept.len() != before {
                     found = true;

@@ -52,6 +52,7 @@ type HandlerFilter = Box<dyn Fn(&HandlerRoute) -> bool + Send + Sync>;
 /// # }
 /// ```
 #[must_use]
+#[derive(Default)]
 pub struct Builder {
     service: Option<String>,
     transport: Option<Arc<dyn Transport>>,
@@ -64,24 +65,6 @@ pub struct Builder {
     retry: Option<RetryPolicy>,
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     filter: Option<HandlerFilter>,
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            service: None,
-            transport: None,
-            prefix: None,
-            concurrency: None,
-            max_receive_count: None,
-            visibility_timeout: None,
-            shutdown_timeout: None,
-            receive_wait: None,
-            retry: None,
-            states: HashMap::new(),
-            filter: None,
-        }
-    }
 }
 
 impl std::fmt::Debug for Builder {
