@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README says: unit tests, doctests, the compile-fail suite,
+# the behaviour suite on the embedded transport, then the behaviour suite and the
+# AWS-specific tests against a local AWS API emulator that this script installs, starts on
+# 127.0.0.1 and stops again. Needs nothing but Rust and Python 3.11 (both on the machine).
+#
+#   tests/run.sh              # everything
+#   SKIP_AWS=1 tests/run.sh   # embedded transport only (no emulator)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== unit, doc, compile-fail and embedded-transport behaviour tests"
+cargo test --workspace
+
+if [ "${SKIP_AWS:-0}" = "1" ]; then
+    echo "== SKIP_AWS=1: not running the AWS suite"
+    exit 0
+fi
+
+if [ ! -x tests/support/emulator.sh ]; then
+    echo "== tests/support/emulator.sh not present: AWS suite not available in this build"
+    exit 0
+fi
+
+echo "== starting the AWS API emulator on 127.0.0.1"
+emulator_env=$(tests/support/emulator.sh start)
+eval "$emulator_env"
+trap 'tests/support/emulator.sh stop >/dev/null 2>&1 || true' EXIT
+
+echo "== behaviour suite and AWS tests against the emulator"
+SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
+    cargo test -p sourceflow --test behaviour --test aws
