@@ -15,6 +15,7 @@ mod context;
 mod dead_letter;
 mod dedup;
 mod fan_out;
+mod heartbeat;
 mod ordering;
 mod outbox;
 mod poison;
