@@ -57,6 +57,7 @@ mod context;
 mod dispatch;
 pub mod envelope;
 mod error;
+pub mod idempotency;
 mod listener;
 mod message;
 pub mod naming;

@@ -1,0 +1,305 @@
+//! Idempotent processing: a handler's effect happens once per message, however often SQS
+//! or SNS deliver it and however often a producer re-sends it.
+//!
+//! Before its handlers run, a message is **claimed** in an [`IdempotencyStore`] under the
+//! key `{service}:{wire name}:{message id}` (the envelope's message id, stable across SQS
+//! redeliveries, producer re-sends and duplicate SNS deliveries; the service is part of the
+//! key because every service handles an event once). The claim is an atomic
+//! insert-if-absent that records `IN_PROGRESS` with a lease; never check-then-mark.
+//!
+//! * the claim is won: handlers run; the lease is renewed with the visibility heartbeat;
+//!   on success the record becomes `COMPLETED` (with an expiry, and with the messages the
+//!   handler sent or raised), then those messages are dispatched, then marked dispatched;
+//!   on failure the claim is released so the retry can run;
+//! * the key is `IN_PROGRESS` under another worker's live lease: the message is retried
+//!   later (not dropped, not run twice);
+//! * the lease has expired (the worker crashed): the claim is taken over;
+//! * the key is `COMPLETED`: the message is acknowledged and counted as a duplicate; if the
+//!   original worker died between completing and dispatching, the stored messages are
+//!   dispatched first (with their original ids, so nothing is lost and receivers dedupe);
+//! * the same id arrives with a different payload: an error, and the message goes to the
+//!   dead-letter queue with the reason.
+//!
+//! The default expiry of a completed record is 24 hours: duplicates from SQS redelivery,
+//! SNS retries and producer retries arrive within minutes, and a day also covers a retried
+//! deployment or a manual re-send the same day, while keeping stores small. Set it per
+//! service with `Builder::idempotency_ttl` and per type with `Builder::idempotency_ttl_for`.
+
+mod memory;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+pub use memory::MemoryIdempotencyStore;
+
+/// Default time a completed record is kept.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The result of trying to claim a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker owns the key until its lease runs out; the token proves it.
+    Acquired {
+        /// Proof of ownership for `renew`, `complete` and `release`.
+        token: String,
+    },
+    /// Another worker is processing the message under a live lease.
+    InProgress {
+        /// Time left on that lease.
+        lease_left: Duration,
+    },
+    /// The message was processed before.
+    Completed {
+        /// Messages the handler produced that may not have been dispatched yet (JSON, as
+        /// given to [`IdempotencyStore::complete`]); `None` once dispatched.
+        undispatched: Option<String>,
+    },
+    /// The key exists with a different payload hash.
+    Mismatch,
+}
+
+/// Where claims live. Implementations must make [`claim`](Self::claim) atomic: two
+/// concurrent claims of one key never both return [`Claim::Acquired`] while a lease is live.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Short name for logs (`memory`, `sqlite`, `postgres`, `dynamodb`).
+    fn name(&self) -> &'static str;
+
+    /// Inserts `key` as in progress with a lease, unless it exists; takes over an in-progress
+    /// record whose lease has expired.
+    async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim>;
+
+    /// Extends a live claim's lease; false if the claim is no longer this token's.
+    async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool>;
+
+    /// Marks the claim completed, to expire after `ttl`, storing the undispatched outbox
+    /// (`None` when the handler produced nothing). False if the claim was lost.
+    async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+        outbox: Option<&str>,
+    ) -> Result<bool>;
+
+    /// Records that the completed key's outbox went out.
+    async fn mark_dispatched(&self, key: &str) -> Result<()>;
+
+    /// Deletes a claim after a failed attempt, so that the retry can run.
+    async fn release(&self, key: &str, token: &str) -> Result<()>;
+
+    /// Deletes up to `batch` expired completed records; returns how many.
+    async fn purge_expired(&self, batch: usize) -> Result<usize>;
+
+    /// Number of records currently stored.
+    async fn size(&self) -> Result<u64>;
+}
+
+/// Counters of idempotency checks, for metrics.
+#[derive(Debug, Default)]
+pub struct IdempotencyStats {
+    checks: AtomicU64,
+    duplicates: AtomicU64,
+    unique: AtomicU64,
+    deferred: AtomicU64,
+    mismatches: AtomicU64,
+}
+
+/// A point-in-time copy of [`IdempotencyStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdempotencyStatsSnapshot {
+    /// Claims attempted.
+    pub checks: u64,
+    /// Messages acknowledged because they were completed before.
+    pub duplicates: u64,
+    /// Claims won.
+    pub unique: u64,
+    /// Messages retried later because another worker held the claim.
+    pub deferred: u64,
+    /// Messages rejected because the id came with a different payload.
+    pub mismatches: u64,
+}
+
+impl IdempotencyStats {
+    pub(crate) fn record(&self, claim: &Claim) {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        let c = match claim {
+            Claim::Acquired { .. } => &self.unique,
+            Claim::InProgress { .. } => &self.deferred,
+            Claim::Completed { .. } => &self.duplicates,
+            Claim::Mismatch => &self.mismatches,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current counts.
+    pub fn snapshot(&self) -> IdempotencyStatsSnapshot {
+        IdempotencyStatsSnapshot {
+            checks: self.checks.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            unique: self.unique.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
+            mismatches: self.mismatches.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The idempotency key of a message in a service.
+pub fn key(service: &str, wire_name: &str, message_id: &str) -> String {
+    format!("{service}:{wire_name}:{message_id}")
+}
+
+/// SHA-256 of a payload, hex-encoded: stored with the claim to detect a reused id.
+pub fn payload_hash(payload: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(payload.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A new random claim token.
+pub(crate) fn new_token() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A conformance suite every store must pass; stores call it from their tests.
+#[doc(hidden)]
+pub mod conformance {
+    use super::*;
+
+    /// Runs every semantic check against `store` (keys are made unique with `prefix`).
+    pub async fn run(store: &dyn IdempotencyStore, prefix: &str) {
+        let k = |s: &str| format!("{prefix}:{s}");
+        let lease = Duration::from_secs(30);
+
+        // First claim wins; a second sees it in progress.
+        let Claim::Acquired { token } = store.claim(&k("a"), "h1", lease).await.expect("claim")
+        else {
+            panic!("first claim must be acquired");
+        };
+        match store.claim(&k("a"), "h1", lease).await.expect("claim") {
+            Claim::InProgress { lease_left } => assert!(lease_left <= lease),
+            other => panic!("expected InProgress, got {other:?}"),
+        }
+        assert!(store.renew(&k("a"), &token, lease).await.expect("renew"));
+        assert!(!store
+            .renew(&k("a"), "not-the-token", lease)
+            .await
+            .expect("renew"));
+        // Another token cannot complete it.
+        assert!(!store
+            .complete(&k("a"), "not-the-token", DEFAULT_TTL, None)
+            .await
+            .expect("complete"));
+        assert!(store
+            .complete(&k("a"), &token, DEFAULT_TTL, Some("[1]"))
+            .await
+            .expect("complete"));
+        assert_eq!(
+            store.claim(&k("a"), "h1", lease).await.expect("claim"),
+            Claim::Completed {
+                undispatched: Some("[1]".into())
+            }
+        );
+        store.mark_dispatched(&k("a")).await.expect("dispatched");
+        assert_eq!(
+            store.claim(&k("a"), "h1", lease).await.expect("claim"),
+            Claim::Completed { undispatched: None }
+        );
+        assert_eq!(
+            store
+                .claim(&k("a"), "other-hash", lease)
+                .await
+                .expect("claim"),
+            Claim::Mismatch
+        );
+
+        // Release lets the retry claim again.
+        let Claim::Acquired { token } = store.claim(&k("b"), "h", lease).await.expect("claim")
+        else {
+            panic!("claim b");
+        };
+        store.release(&k("b"), &token).await.expect("release");
+        assert!(matches!(
+            store.claim(&k("b"), "h", lease).await.expect("claim"),
+            Claim::Acquired { .. }
+        ));
+
+        // An expired lease is taken over, and the old token is worthless.
+        let Claim::Acquired { token: old } = store
+            .claim(&k("c"), "h", Duration::from_millis(50))
+            .await
+            .expect("claim")
+        else {
+            panic!("claim c");
+        };
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let Claim::Acquired { token: new } = store.claim(&k("c"), "h", lease).await.expect("claim")
+        else {
+            panic!("expired lease must be taken over");
+        };
+        assert_ne!(old, new);
+        assert!(!store
+            .complete(&k("c"), &old, DEFAULT_TTL, None)
+            .await
+            .expect("complete"));
+        assert!(store
+            .complete(&k("c"), &new, DEFAULT_TTL, None)
+            .await
+            .expect("complete"));
+
+        // Expired completed records are purged; live ones stay.
+        let Claim::Acquired { token } = store.claim(&k("d"), "h", lease).await.expect("claim")
+        else {
+            panic!("claim d");
+        };
+        assert!(store
+            .complete(&k("d"), &token, Duration::from_millis(10), None)
+            .await
+            .expect("complete"));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let before = store.size().await.expect("size");
+        let purged = store.purge_expired(1000).await.expect("purge");
+        assert!(purged >= 1, "the expired record is purged");
+        assert_eq!(store.size().await.expect("size"), before - purged as u64);
+        assert!(matches!(
+            store.claim(&k("d"), "h", lease).await.expect("claim"),
+            Claim::Acquired { .. }
+        ));
+        assert_eq!(
+            store.claim(&k("a"), "h1", lease).await.expect("claim"),
+            Claim::Completed { undispatched: None },
+            "a live completed record survives the purge"
+        );
+    }
+
+    /// Many concurrent claims of one key: exactly one wins.
+    pub async fn race(store: std::sync::Arc<dyn IdempotencyStore>, key: &str) {
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let store = store.clone();
+            let key = key.to_string();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .claim(&key, "h", Duration::from_secs(30))
+                    .await
+                    .expect("claim")
+            }));
+        }
+        let mut won = 0;
+        for t in tasks {
+            if matches!(t.await.expect("task"), Claim::Acquired { .. }) {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "exactly one concurrent claim wins");
+    }
+}
