@@ -121,3 +121,69 @@ impl Dispatcher {
         }
     }
 }
+
+/// A [`Pending`] message as stored with a completed idempotency record, so that a worker
+/// that dies after completing but before dispatching loses nothing.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredPending {
+    event: bool,
+    destination: String,
+    body: String,
+    attributes: Vec<(String, String)>,
+    group_id: Option<String>,
+    dedup_id: Option<String>,
+    delay_ms: Option<u64>,
+    wire_name: String,
+    message_id: String,
+}
+
+/// Serializes an outbox for the idempotency store.
+pub(crate) fn encode_outbox(pending: &[Pending]) -> String {
+    let stored: Vec<StoredPending> = pending
+        .iter()
+        .map(|p| StoredPending {
+            event: p.kind == MessageKind::Event,
+            destination: p.destination.to_string(),
+            body: p.message.body.clone(),
+            attributes: p.message.attributes.clone(),
+            group_id: p.message.group_id.clone(),
+            dedup_id: p.message.dedup_id.clone(),
+            delay_ms: p.message.delay.map(|d| d.as_millis() as u64),
+            wire_name: p.message.wire_name.to_string(),
+            message_id: p.message.message_id.clone(),
+        })
+        .collect();
+    // Serializing plain strings and numbers cannot fail.
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".to_string())
+}
+
+/// Restores an outbox stored by [`encode_outbox`].
+pub(crate) fn decode_outbox(json: &str) -> Result<Vec<Pending>> {
+    let stored: Vec<StoredPending> = serde_json::from_str(json)
+        .map_err(|e| Error::Other(format!("stored outbox is unreadable: {e}").into()))?;
+    Ok(stored
+        .into_iter()
+        .map(|s| {
+            let wire_name = crate::registry::message_routes()
+                .find(|r| r.name == s.wire_name)
+                .map_or("unknown", |r| r.name);
+            Pending {
+                kind: if s.event {
+                    MessageKind::Event
+                } else {
+                    MessageKind::Command
+                },
+                destination: Arc::from(s.destination.as_str()),
+                message: OutgoingMessage {
+                    body: s.body,
+                    attributes: s.attributes,
+                    group_id: s.group_id,
+                    dedup_id: s.dedup_id,
+                    delay: s.delay_ms.map(std::time::Duration::from_millis),
+                    wire_name,
+                    message_id: s.message_id,
+                },
+            }
+        })
+        .collect())
+}

@@ -23,9 +23,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
-use crate::dispatch::{Dispatcher, MAX_BATCH};
+use crate::dispatch::{self, Dispatcher, MAX_BATCH};
 use crate::envelope;
 use crate::error::InvokeError;
+use crate::idempotency::{self, Claim};
 use crate::registry::HandlerRoute;
 use crate::retry::RetryPolicy;
 use crate::transport::ReceivedMessage;
@@ -61,6 +62,7 @@ pub(crate) struct Listener {
     pub visibility_timeout: Duration,
     pub receive_wait: Duration,
     pub shutdown_timeout: Duration,
+    pub idempotency: Option<Arc<idempotency::Settings>>,
 }
 
 enum Outcome {
@@ -68,6 +70,8 @@ enum Outcome {
     Done,
     /// The handler failed; the error says why.
     Failed(String),
+    /// Another worker holds the message's idempotency claim: look again after this long.
+    Deferred(Duration),
 }
 
 impl Listener {
@@ -218,6 +222,11 @@ impl Listener {
                     idx += 1;
                     local_attempts = 0;
                 }
+                Outcome::Deferred(after) => {
+                    // The rest of a FIFO unit goes back too, so it cannot overtake.
+                    self.give_back(&unit[idx..], after, owned).await;
+                    return done;
+                }
                 Outcome::Failed(error) => {
                     let attempts = msg.receive_count + local_attempts;
                     if attempts >= self.max_receive_count {
@@ -282,7 +291,8 @@ impl Listener {
         msg: &ReceivedMessage,
         held: &[ReceivedMessage],
     ) -> Outcome {
-        let work = self.process(msg);
+        let claim: Mutex<Option<(String, String)>> = Mutex::new(None);
+        let work = self.process(msg, &claim);
         tokio::pin!(work);
         let period = (self.visibility_timeout / 2).max(Duration::from_millis(100));
         let started = tokio::time::Instant::now();
@@ -294,6 +304,14 @@ impl Listener {
                     if started.elapsed() + self.visibility_timeout > MAX_VISIBILITY {
                         tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, "handler has run for 12 hours; no further visibility extension");
                         continue;
+                    }
+                    let held_claim = claim.lock().clone();
+                    if let (Some((key, token)), Some(idem)) = (held_claim, &self.idempotency) {
+                        match idem.store.renew(&key, &token, self.visibility_timeout).await {
+                            Ok(true) => {}
+                            Ok(false) => tracing::warn!(queue = %self.queue, key = %key, "idempotency claim lost while the handler runs (its lease expired)"),
+                            Err(e) => tracing::warn!(queue = %self.queue, key = %key, error = %e, "idempotency lease renewal failed"),
+                        }
                     }
                     for m in held {
                         if let Err(e) = self.dispatcher.transport().change_visibility(&self.queue, &m.receipt, self.visibility_timeout).await {
@@ -340,7 +358,11 @@ impl Listener {
         }
     }
 
-    async fn process(&self, msg: &ReceivedMessage) -> Outcome {
+    async fn process(
+        &self,
+        msg: &ReceivedMessage,
+        claim_slot: &Mutex<Option<(String, String)>>,
+    ) -> Outcome {
         let env = match envelope::decode(&msg.body, &msg.attributes) {
             Ok(e) => e,
             Err(e) => {
@@ -367,6 +389,68 @@ impl Listener {
             self.dead_letter(msg, &reason).await;
             return Outcome::Done;
         };
+
+        // Claim the message before running anything.
+        let mut claim: Option<(String, String)> = None;
+        if let Some(idem) = &self.idempotency {
+            let key = idempotency::key(self.dispatcher.service(), &env.wire_name, &env.id);
+            let hash = idempotency::payload_hash(env.payload.get());
+            let outcome = match idem.store.claim(&key, &hash, self.visibility_timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return Outcome::Failed(format!(
+                        "idempotency store `{}` unavailable: {e}",
+                        idem.store.name()
+                    ))
+                }
+            };
+            idem.stats.record(&outcome);
+            match outcome {
+                Claim::Acquired { token } => {
+                    *claim_slot.lock() = Some((key.clone(), token.clone()));
+                    claim = Some((key, token));
+                }
+                Claim::InProgress { lease_left } => {
+                    tracing::info!(queue = %self.queue, message_id = %env.id, key = %key, "duplicate of a message in progress elsewhere; retrying it later");
+                    // Look again soon (the original usually finishes quickly), at the
+                    // latest when its lease runs out.
+                    return Outcome::Deferred(
+                        self.retry.delay(1).min(lease_left) + Duration::from_millis(10),
+                    );
+                }
+                Claim::Completed { undispatched } => {
+                    if let Some(json) = undispatched {
+                        // The first worker completed but may not have dispatched: do it now,
+                        // with the original ids, so nothing it produced is lost.
+                        let flushed = match dispatch::decode_outbox(&json) {
+                            Ok(outbox) => self.dispatcher.flush(outbox).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = flushed {
+                            return Outcome::Failed(format!(
+                                "dispatching the stored messages of a completed duplicate failed: {e}"
+                            ));
+                        }
+                        if let Err(e) = idem.store.mark_dispatched(&key).await {
+                            tracing::warn!(key = %key, error = %e, "could not mark the outbox dispatched; it may be dispatched again (same ids)");
+                        }
+                    }
+                    tracing::debug!(queue = %self.queue, message_id = %env.id, key = %key, "duplicate of a completed message acknowledged");
+                    self.delete(msg).await;
+                    return Outcome::Done;
+                }
+                Claim::Mismatch => {
+                    let reason = format!(
+                        "message id `{}` was already processed with a different payload (idempotency key `{key}`): refusing to treat it as a duplicate or to run it again",
+                        env.id
+                    );
+                    self.dead_letter(msg, &reason).await;
+                    return Outcome::Done;
+                }
+            }
+        }
+
+        let wire_name = env.wire_name.clone();
         let ctx = Context::new(
             self.dispatcher.clone(),
             env,
@@ -378,6 +462,7 @@ impl Listener {
             let err = match run {
                 Ok(Ok(())) => continue,
                 Ok(Err(InvokeError::Decode { wire_name, reason })) => {
+                    self.release(&claim).await;
                     self.dead_letter(
                         msg,
                         &format!("payload does not decode as `{wire_name}`: {reason}"),
@@ -388,14 +473,48 @@ impl Listener {
                 Ok(Err(e)) => format!("{}: {e}", h.qualified_name()),
                 Err(panic) => format!("{} panicked: {}", h.qualified_name(), panic_message(&panic)),
             };
+            self.release(&claim).await;
             return Outcome::Failed(err);
         }
         let outbox = ctx.take_outbox();
+        if let (Some((key, token)), Some(idem)) = (&claim, &self.idempotency) {
+            let stored = (!outbox.is_empty()).then(|| dispatch::encode_outbox(&outbox));
+            match idem
+                .store
+                .complete(key, token, idem.ttl_for(&wire_name), stored.as_deref())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Our lease ran out and another worker took the message over; it will
+                    // complete it and dispatch the same messages (same ids).
+                    tracing::warn!(queue = %self.queue, key = %key, "idempotency claim was taken over before completion; leaving the message to the new owner");
+                    return Outcome::Done;
+                }
+                Err(e) => {
+                    self.release(&claim).await;
+                    return Outcome::Failed(format!(
+                        "idempotency store `{}` could not record completion: {e}",
+                        idem.store.name()
+                    ));
+                }
+            }
+        }
         if !outbox.is_empty() {
             if let Err(e) = self.dispatcher.flush(outbox).await {
                 return Outcome::Failed(format!("dispatching the handler's messages failed: {e}"));
             }
+            if let (Some((key, _)), Some(idem)) = (&claim, &self.idempotency) {
+                if let Err(e) = idem.store.mark_dispatched(key).await {
+                    tracing::warn!(key = %key, error = %e, "could not mark the outbox dispatched; a duplicate would dispatch it again (same ids)");
+                }
+            }
         }
+        self.delete(msg).await;
+        Outcome::Done
+    }
+
+    async fn delete(&self, msg: &ReceivedMessage) {
         if let Err(e) = self
             .dispatcher
             .transport()
@@ -404,7 +523,14 @@ impl Listener {
         {
             tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "handled, but the delete failed; the message will be delivered again");
         }
-        Outcome::Done
+    }
+
+    async fn release(&self, claim: &Option<(String, String)>) {
+        if let (Some((key, token)), Some(idem)) = (claim, &self.idempotency) {
+            if let Err(e) = idem.store.release(key, token).await {
+                tracing::warn!(key = %key, error = %e, "could not release the idempotency claim; the retry waits for its lease to expire");
+            }
+        }
     }
 }
 

@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::Dispatcher;
 use crate::envelope::{self, SendMeta};
 use crate::error::{Error, Result, TopologyProblems};
+use crate::idempotency::{
+    self, IdempotencyStatsSnapshot, IdempotencyStore, MemoryIdempotencyStore,
+};
 use crate::listener::{DrainReport, Listener};
 use crate::message::{Command, Event, Message, MessageKind};
 use crate::naming::{check_queue_name, sanitize_service, Naming};
@@ -65,6 +68,14 @@ pub struct Builder {
     retry: Option<RetryPolicy>,
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     filter: Option<HandlerFilter>,
+    idempotency: Option<IdempotencyChoice>,
+    idempotency_ttl: Option<Duration>,
+    idempotency_ttl_by_type: HashMap<&'static str, Duration>,
+}
+
+enum IdempotencyChoice {
+    Off,
+    Store(Arc<dyn IdempotencyStore>),
 }
 
 impl std::fmt::Debug for Builder {
@@ -182,6 +193,39 @@ impl Builder {
         self
     }
 
+    /// The idempotency store (default: `SOURCEFLOW_IDEMPOTENCY`, else the in-memory store).
+    /// See [`idempotency`](crate::idempotency).
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Store(Arc::new(store)));
+        self
+    }
+
+    /// The idempotency store, already shared (e.g. by several services in one process).
+    pub fn idempotency_arc(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Store(store));
+        self
+    }
+
+    /// Turns idempotent processing off (`SOURCEFLOW_IDEMPOTENCY=off`): every delivery runs
+    /// the handlers.
+    pub fn without_idempotency(mut self) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Off);
+        self
+    }
+
+    /// How long completed records are kept (default 24 h;
+    /// `SOURCEFLOW_IDEMPOTENCY_TTL_SECS`).
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = Some(ttl);
+        self
+    }
+
+    /// How long completed records of message type `M` are kept.
+    pub fn idempotency_ttl_for<M: Message>(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl_by_type.insert(M::NAME, ttl);
+        self
+    }
+
     /// Runs only the handlers for which `keep` is true (default: every handler linked into
     /// the binary). Useful to run several services from one binary, and in tests.
     pub fn handlers(
@@ -283,6 +327,35 @@ impl Builder {
                 }
             }
         };
+        let idempotency = match self.idempotency {
+            Some(IdempotencyChoice::Off) => None,
+            Some(IdempotencyChoice::Store(s)) => Some(s),
+            None => match env_var("SOURCEFLOW_IDEMPOTENCY").as_deref() {
+                None | Some("memory") => {
+                    Some(Arc::new(MemoryIdempotencyStore::new()) as Arc<dyn IdempotencyStore>)
+                }
+                Some("off") => None,
+                Some(other) => {
+                    return Err(Error::Config(format!(
+                        "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory` or `off`"
+                    )))
+                }
+            },
+        };
+        let idempotency_ttl = match self.idempotency_ttl {
+            Some(d) => d,
+            None => env_parse::<u64>("SOURCEFLOW_IDEMPOTENCY_TTL_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(idempotency::DEFAULT_TTL),
+        };
+        let idempotency = idempotency.map(|store| {
+            Arc::new(idempotency::Settings {
+                store,
+                stats: Arc::default(),
+                ttl: idempotency_ttl,
+                ttl_by_type: self.idempotency_ttl_by_type,
+            })
+        });
         let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
             .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
             .collect();
@@ -298,6 +371,7 @@ impl Builder {
             retry,
             states: self.states,
             handlers,
+            idempotency,
         })
     }
 
@@ -342,6 +416,7 @@ impl Builder {
                 visibility_timeout: r.visibility_timeout,
                 receive_wait: r.receive_wait,
                 shutdown_timeout: r.shutdown_timeout,
+                idempotency: r.idempotency.clone(),
             });
             tasks.push(tokio::spawn(listener.run(stop.clone())));
         }
@@ -352,6 +427,7 @@ impl Builder {
                 naming: r.naming,
                 stop,
                 listeners: Mutex::new(tasks),
+                idempotency: r.idempotency,
             }),
         })
     }
@@ -400,6 +476,7 @@ struct Resolved {
     retry: RetryPolicy,
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     handlers: Vec<&'static HandlerRoute>,
+    idempotency: Option<Arc<idempotency::Settings>>,
 }
 
 struct ListenerPlan {
@@ -593,6 +670,7 @@ struct HandleInner {
     naming: Naming,
     stop: CancellationToken,
     listeners: Mutex<Vec<JoinHandle<DrainReport>>>,
+    idempotency: Option<Arc<idempotency::Settings>>,
 }
 
 /// A running service, for code outside handlers (an HTTP endpoint, a test): send commands,
@@ -697,6 +775,17 @@ impl Handle {
             "sourceflow stopped"
         );
         Ok(report)
+    }
+
+    /// Idempotency counters (checks, duplicates, unique, deferred, mismatches), if
+    /// idempotent processing is on.
+    pub fn idempotency_stats(&self) -> Option<IdempotencyStatsSnapshot> {
+        self.inner.idempotency.as_ref().map(|i| i.stats.snapshot())
+    }
+
+    /// The idempotency store in use, if any.
+    pub fn idempotency_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
+        self.inner.idempotency.as_ref().map(|i| i.store.clone())
     }
 
     /// True once shutdown has begun.

@@ -16,6 +16,7 @@ mod dead_letter;
 mod dedup;
 mod fan_out;
 mod heartbeat;
+mod idempotency;
 mod ordering;
 mod outbox;
 mod poison;

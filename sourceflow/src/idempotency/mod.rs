@@ -303,3 +303,17 @@ pub mod conformance {
         assert_eq!(won, 1, "exactly one concurrent claim wins");
     }
 }
+
+/// How a service uses its store: the store, counters and expiries.
+pub(crate) struct Settings {
+    pub store: std::sync::Arc<dyn IdempotencyStore>,
+    pub stats: std::sync::Arc<IdempotencyStats>,
+    pub ttl: Duration,
+    pub ttl_by_type: std::collections::HashMap<&'static str, Duration>,
+}
+
+impl Settings {
+    pub(crate) fn ttl_for(&self, wire_name: &str) -> Duration {
+        self.ttl_by_type.get(wire_name).copied().unwrap_or(self.ttl)
+    }
+}
