@@ -33,6 +33,9 @@ pub struct Context {
     receive_count: u32,
     queue: Arc<str>,
     outbox: Mutex<Vec<Pending>>,
+    /// The incoming `traceparent`/`tracestate`, passed on when no OpenTelemetry context
+    /// is active.
+    trace: Option<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for Context {
@@ -53,6 +56,7 @@ impl Context {
         envelope: Envelope,
         receive_count: u32,
         queue: Arc<str>,
+        trace: Option<(String, Option<String>)>,
     ) -> Self {
         Context {
             dispatcher,
@@ -60,6 +64,7 @@ impl Context {
             receive_count,
             queue,
             outbox: Mutex::new(Vec::new()),
+            trace,
         }
     }
 
@@ -142,12 +147,21 @@ impl Context {
             format!("{}/{}", self.envelope.id, outbox.len()).as_bytes(),
         )
         .to_string();
+        let (traceparent, tracestate) = match crate::telemetry::current_trace_context() {
+            Some((tp, ts)) => (Some(tp), ts),
+            None => match &self.trace {
+                Some((tp, ts)) => (Some(tp.clone()), ts.clone()),
+                None => (None, None),
+            },
+        };
         let out = envelope::encode(
             msg,
             SendMeta {
                 correlation_id: Some(self.correlation_id().to_string()),
                 causation_id: Some(self.envelope.id.clone()),
                 message_id: Some(id),
+                traceparent,
+                tracestate,
                 ..SendMeta::default()
             },
         )?;

@@ -9,7 +9,9 @@ use crate::envelope::OutgoingMessage;
 use crate::error::{Error, Result};
 use crate::message::{Message, MessageKind};
 use crate::naming::Naming;
+use crate::telemetry::{self, Metrics};
 use crate::transport::{Transport, SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
+use tracing::Instrument;
 
 /// Most messages the SQS and SNS batch APIs take in one call.
 pub const MAX_BATCH: usize = 10;
@@ -29,6 +31,7 @@ pub(crate) struct Dispatcher {
     naming: Naming,
     destinations: HashMap<&'static str, Arc<str>>,
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -38,6 +41,7 @@ impl Dispatcher {
         naming: Naming,
         destinations: HashMap<&'static str, Arc<str>>,
         states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Dispatcher {
             transport,
@@ -45,7 +49,12 @@ impl Dispatcher {
             naming,
             destinations,
             states,
+            metrics,
         }
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub(crate) fn transport(&self) -> &Arc<dyn Transport> {
@@ -115,10 +124,31 @@ impl Dispatcher {
     }
 
     async fn call(&self, kind: MessageKind, dest: &str, batch: Vec<OutgoingMessage>) -> Result<()> {
-        match kind {
-            MessageKind::Command => self.transport.send(dest, batch).await,
-            MessageKind::Event => self.transport.publish(dest, batch).await,
+        let span = tracing::info_span!(
+            "sourceflow.dispatch",
+            otel.kind = "producer",
+            messaging.system = telemetry::messaging_system(self.transport.name(), kind),
+            messaging.destination.name = dest,
+            messaging.operation.type = match kind {
+                MessageKind::Command => "send",
+                MessageKind::Event => "publish",
+            },
+            messaging.batch.message_count = batch.len(),
+            sourceflow.service = %self.service,
+        );
+        let wire_names: Vec<&'static str> = batch.iter().map(|m| m.wire_name).collect();
+        let started = std::time::Instant::now();
+        let result = async {
+            match kind {
+                MessageKind::Command => self.transport.send(dest, batch).await,
+                MessageKind::Event => self.transport.publish(dest, batch).await,
+            }
         }
+        .instrument(span)
+        .await;
+        self.metrics
+            .dispatched(kind, dest, &wire_names, started.elapsed(), result.is_ok());
+        result
     }
 }
 

@@ -44,6 +44,10 @@ pub mod attr {
     pub const DLQ_REASON: &str = "sourceflow.dlq_reason";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state.
+    pub const TRACESTATE: &str = "tracestate";
+    /// The correlation id (also in the envelope), for tools that only see attributes.
+    pub const CORRELATION_ID: &str = "sourceflow.correlation_id";
 }
 
 /// The content type of an envelope body.
@@ -95,6 +99,8 @@ pub struct SendMeta {
     pub message_id: Option<String>,
     /// W3C traceparent to propagate.
     pub traceparent: Option<String>,
+    /// W3C tracestate to propagate.
+    pub tracestate: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -142,12 +148,13 @@ pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let correlation_id = meta.correlation_id.as_deref().unwrap_or(&id);
     let body = serde_json::to_string(&EnvelopeOut {
         v: VERSION,
         wire_name: M::NAME,
         id: &id,
         entity_id: entity_id.as_deref(),
-        correlation_id: meta.correlation_id.as_deref().unwrap_or(&id),
+        correlation_id,
         causation_id: meta.causation_id.as_deref(),
         seq,
         ts,
@@ -157,7 +164,7 @@ pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
         wire_name: M::NAME,
         source,
     })?;
-    let mut attributes = Vec::with_capacity(5);
+    let mut attributes = Vec::with_capacity(7);
     attributes.push((attr::TYPE.to_string(), M::NAME.to_string()));
     attributes.push((
         attr::CONTENT_TYPE.to_string(),
@@ -167,8 +174,12 @@ pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
     if let Some(e) = &entity_id {
         attributes.push((attr::ENTITY_ID.to_string(), e.clone()));
     }
+    attributes.push((attr::CORRELATION_ID.to_string(), correlation_id.to_string()));
     if let Some(tp) = meta.traceparent {
         attributes.push((attr::TRACEPARENT.to_string(), tp));
+    }
+    if let Some(ts) = meta.tracestate {
+        attributes.push((attr::TRACESTATE.to_string(), ts));
     }
     Ok(OutgoingMessage {
         body,

@@ -57,6 +57,7 @@ mod context;
 mod dispatch;
 pub mod envelope;
 mod error;
+pub mod health;
 pub mod idempotency;
 mod listener;
 mod message;
@@ -65,6 +66,7 @@ pub mod registry;
 mod retry;
 mod runtime;
 pub mod sensitive;
+pub mod telemetry;
 pub mod transport;
 
 pub use context::{Context, State};

@@ -25,11 +25,16 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Context;
 use crate::dispatch::{self, Dispatcher, MAX_BATCH};
 use crate::envelope;
+use crate::envelope::attr;
 use crate::error::InvokeError;
 use crate::idempotency::{self, Claim};
+use crate::message::MessageKind;
 use crate::registry::HandlerRoute;
 use crate::retry::RetryPolicy;
+use crate::telemetry;
 use crate::transport::ReceivedMessage;
+use opentelemetry::KeyValue;
+use tracing::Instrument;
 
 /// What a listener did while shutting down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,11 +68,12 @@ pub(crate) struct Listener {
     pub receive_wait: Duration,
     pub shutdown_timeout: Duration,
     pub idempotency: Option<Arc<idempotency::Settings>>,
+    pub liveness: Arc<crate::health::Liveness>,
 }
 
 enum Outcome {
     /// Deleted, or moved to the dead-letter queue.
-    Done,
+    Done(&'static str),
     /// The handler failed; the error says why.
     Failed(String),
     /// Another worker holds the message's idempotency claim: look again after this long.
@@ -122,7 +128,10 @@ impl Listener {
                 r = transport.receive(&self.queue, permits.len(), self.receive_wait) => r,
             };
             let messages = match received {
-                Ok(m) => m,
+                Ok(m) => {
+                    self.liveness.polled();
+                    m
+                }
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "receive failed; retrying in 1 s");
                     drop(permits);
@@ -136,6 +145,13 @@ impl Listener {
             if messages.is_empty() {
                 continue;
             }
+            self.dispatcher.metrics().received.add(
+                messages.len() as u64,
+                &[KeyValue::new(
+                    "messaging.destination.name",
+                    self.queue.to_string(),
+                )],
+            );
             let units = if self.fifo {
                 group_in_order(messages)
             } else {
@@ -216,7 +232,7 @@ impl Listener {
             }
             let msg = &unit[idx];
             match self.process_with_heartbeat(msg, &unit[idx..]).await {
-                Outcome::Done => {
+                Outcome::Done(_) => {
                     owned.lock().remove(&msg.receipt);
                     done += 1;
                     idx += 1;
@@ -234,7 +250,7 @@ impl Listener {
                             "handler failed {attempts} times (receive limit {}); last error: {error}",
                             self.max_receive_count
                         );
-                        self.dead_letter(msg, &reason).await;
+                        self.dead_letter(msg, "failures", &reason).await;
                         owned.lock().remove(&msg.receipt);
                         done += 1;
                         idx += 1;
@@ -341,36 +357,118 @@ impl Listener {
         }
     }
 
-    async fn dead_letter(&self, msg: &ReceivedMessage, reason: &str) {
+    async fn dead_letter(&self, msg: &ReceivedMessage, kind: &'static str, reason: &str) {
         tracing::error!(
             queue = %self.queue,
             broker_id = %msg.broker_id,
             reason,
             "moving message to the dead-letter queue"
         );
-        if let Err(e) = self
+        let result = self
             .dispatcher
             .transport()
             .dead_letter(&self.queue, msg, reason)
-            .await
-        {
+            .await;
+        if result.is_ok() {
+            self.dispatcher.metrics().dead_lettered.add(
+                1,
+                &[
+                    KeyValue::new("messaging.destination.name", self.queue.to_string()),
+                    KeyValue::new("sourceflow.reason", kind),
+                ],
+            );
+        }
+        if let Err(e) = result {
             tracing::error!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not move the message to the dead-letter queue; it stays and will be redelivered");
         }
     }
 
+    /// Processes one message inside a `sourceflow.process` span that continues the sender's
+    /// trace, and records its metrics.
     async fn process(
         &self,
         msg: &ReceivedMessage,
         claim_slot: &Mutex<Option<(String, String)>>,
     ) -> Outcome {
+        let span = tracing::info_span!(
+            "sourceflow.process",
+            otel.kind = "consumer",
+            messaging.system = telemetry::messaging_system(self.dispatcher.transport().name(), MessageKind::Command),
+            messaging.destination.name = %self.queue,
+            messaging.operation.type = "process",
+            messaging.message.id = tracing::field::Empty,
+            messaging.message.conversation_id = tracing::field::Empty,
+            sourceflow.wire_name = tracing::field::Empty,
+            sourceflow.entity_id = tracing::field::Empty,
+            sourceflow.receive_count = msg.receive_count,
+            sourceflow.service = %self.dispatcher.service(),
+        );
+        if let Some(tp) = envelope::attribute(&msg.attributes, attr::TRACEPARENT) {
+            telemetry::continue_trace(
+                &span,
+                tp,
+                envelope::attribute(&msg.attributes, attr::TRACESTATE),
+            );
+        }
+        let started = std::time::Instant::now();
+        let mut wire: &'static str = "unknown";
+        let outcome = self
+            .process_inner(msg, claim_slot, &span, &mut wire)
+            .instrument(span.clone())
+            .await;
+        let metrics = self.dispatcher.metrics();
+        let attrs = [
+            KeyValue::new("messaging.destination.name", self.queue.to_string()),
+            KeyValue::new("sourceflow.wire_name", wire),
+        ];
+        let label = match &outcome {
+            Outcome::Done(label) => *label,
+            Outcome::Failed(_) => {
+                metrics.processing_error.add(1, &attrs);
+                "retry"
+            }
+            Outcome::Deferred(_) => "deferred",
+        };
+        if label == "duplicate" {
+            metrics.duplicate.add(1, &attrs);
+        }
+        metrics
+            .processing_duration
+            .record(started.elapsed().as_secs_f64(), &attrs);
+        let [dest, wire] = attrs;
+        metrics
+            .processed
+            .add(1, &[dest, wire, KeyValue::new("sourceflow.outcome", label)]);
+        outcome
+    }
+
+    async fn process_inner(
+        &self,
+        msg: &ReceivedMessage,
+        claim_slot: &Mutex<Option<(String, String)>>,
+        span: &tracing::Span,
+        wire: &mut &'static str,
+    ) -> Outcome {
         let env = match envelope::decode(&msg.body, &msg.attributes) {
             Ok(e) => e,
             Err(e) => {
-                self.dead_letter(msg, &format!("undecodable message: {e}"))
+                self.dead_letter(msg, "undecodable", &format!("undecodable message: {e}"))
                     .await;
-                return Outcome::Done;
+                return Outcome::Done("dead_lettered");
             }
         };
+        span.record("messaging.message.id", env.id.as_str());
+        span.record(
+            "messaging.message.conversation_id",
+            env.correlation_id.as_deref().unwrap_or(env.id.as_str()),
+        );
+        span.record("sourceflow.wire_name", env.wire_name.as_str());
+        if let Some(e) = &env.entity_id {
+            span.record("sourceflow.entity_id", e.as_str());
+        }
+        if let Some(known) = self.known.get(env.wire_name.as_str()) {
+            *wire = known;
+        }
         let Some(handlers) = self.handlers.get(env.wire_name.as_str()) else {
             let reason = if self.known.contains(env.wire_name.as_str()) {
                 format!(
@@ -386,8 +484,13 @@ impl Listener {
                     self.dispatcher.service()
                 )
             };
-            self.dead_letter(msg, &reason).await;
-            return Outcome::Done;
+            let kind = if self.known.contains(env.wire_name.as_str()) {
+                "no_handler"
+            } else {
+                "unknown_type"
+            };
+            self.dead_letter(msg, kind, &reason).await;
+            return Outcome::Done("dead_lettered");
         };
 
         // Claim the message before running anything.
@@ -437,38 +540,59 @@ impl Listener {
                     }
                     tracing::debug!(queue = %self.queue, message_id = %env.id, key = %key, "duplicate of a completed message acknowledged");
                     self.delete(msg).await;
-                    return Outcome::Done;
+                    return Outcome::Done("duplicate");
                 }
                 Claim::Mismatch => {
                     let reason = format!(
                         "message id `{}` was already processed with a different payload (idempotency key `{key}`): refusing to treat it as a duplicate or to run it again",
                         env.id
                     );
-                    self.dead_letter(msg, &reason).await;
-                    return Outcome::Done;
+                    self.dead_letter(msg, "mismatch", &reason).await;
+                    return Outcome::Done("dead_lettered");
                 }
             }
         }
 
         let wire_name = env.wire_name.clone();
+        let trace = envelope::attribute(&msg.attributes, attr::TRACEPARENT).map(|tp| {
+            (
+                tp.to_string(),
+                envelope::attribute(&msg.attributes, attr::TRACESTATE).map(str::to_string),
+            )
+        });
         let ctx = Context::new(
             self.dispatcher.clone(),
             env,
             msg.receive_count,
             self.queue.clone(),
+            trace,
         );
+        let metrics = self.dispatcher.metrics();
+        let in_flight_attrs = [KeyValue::new(
+            "messaging.destination.name",
+            self.queue.to_string(),
+        )];
         for h in handlers {
-            let run = AssertUnwindSafe((h.invoke)(&ctx)).catch_unwind().await;
+            metrics.in_flight.add(1, &in_flight_attrs);
+            let run = AssertUnwindSafe((h.invoke)(&ctx))
+                .catch_unwind()
+                .instrument(tracing::info_span!(
+                    "sourceflow.handler",
+                    sourceflow.handler = h.name
+                ))
+                .await;
+            metrics.in_flight.add(-1, &in_flight_attrs);
             let err = match run {
                 Ok(Ok(())) => continue,
                 Ok(Err(InvokeError::Decode { wire_name, reason })) => {
                     self.release(&claim).await;
                     self.dead_letter(
                         msg,
+                        "payload",
                         &format!("payload does not decode as `{wire_name}`: {reason}"),
                     )
                     .await;
-                    return Outcome::Done;
+                    return Outcome::Done("dead_lettered");
                 }
                 Ok(Err(e)) => format!("{}: {e}", h.qualified_name()),
                 Err(panic) => format!("{} panicked: {}", h.qualified_name(), panic_message(&panic)),
@@ -489,7 +613,7 @@ impl Listener {
                     // Our lease ran out and another worker took the message over; it will
                     // complete it and dispatch the same messages (same ids).
                     tracing::warn!(queue = %self.queue, key = %key, "idempotency claim was taken over before completion; leaving the message to the new owner");
-                    return Outcome::Done;
+                    return Outcome::Done("duplicate");
                 }
                 Err(e) => {
                     self.release(&claim).await;
@@ -511,7 +635,7 @@ impl Listener {
             }
         }
         self.delete(msg).await;
-        Outcome::Done
+        Outcome::Done("success")
     }
 
     async fn delete(&self, msg: &ReceivedMessage) {

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dispatch::Dispatcher;
 use crate::envelope::{self, SendMeta};
 use crate::error::{Error, Result, TopologyProblems};
+use crate::health::{HealthCheck, HealthReport, Liveness, Status};
 use crate::idempotency::{
     self, IdempotencyStatsSnapshot, IdempotencyStore, MemoryIdempotencyStore,
 };
@@ -21,6 +22,7 @@ use crate::message::{Command, Event, Message, MessageKind};
 use crate::naming::{check_queue_name, sanitize_service, Naming};
 use crate::registry::{self, HandlerRoute, MessageRoute};
 use crate::retry::RetryPolicy;
+use crate::telemetry::{self, Metrics};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::{
     DeadLetterSpec, QueueSpec, SubscriptionSpec, TopicSpec, Topology, Transport,
@@ -34,6 +36,8 @@ pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 5;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time in-flight handlers get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default interval of queue depth sampling.
+pub const DEFAULT_DEPTH_SAMPLE: Duration = Duration::from_secs(30);
 /// Default long-poll wait of a receive.
 pub const DEFAULT_RECEIVE_WAIT: Duration = Duration::from_secs(20);
 
@@ -71,6 +75,8 @@ pub struct Builder {
     idempotency: Option<IdempotencyChoice>,
     idempotency_ttl: Option<Duration>,
     idempotency_ttl_by_type: HashMap<&'static str, Duration>,
+    meter: Option<opentelemetry::metrics::Meter>,
+    depth_sample: Option<Duration>,
 }
 
 enum IdempotencyChoice {
@@ -226,6 +232,24 @@ impl Builder {
         self
     }
 
+    /// Records metrics through this meter provider instead of the global one (see
+    /// [`telemetry`](crate::telemetry) for the instruments).
+    pub fn meter_provider(
+        mut self,
+        provider: &(impl opentelemetry::metrics::MeterProvider + ?Sized),
+    ) -> Self {
+        self.meter = Some(provider.meter("sourceflow"));
+        self
+    }
+
+    /// How often queue and dead-letter queue depths are sampled for the
+    /// `sourceflow.queue.depth` gauge (default: `SOURCEFLOW_DEPTH_SAMPLE_SECS`, else 30 s;
+    /// zero turns sampling off).
+    pub fn depth_sample_interval(mut self, every: Duration) -> Self {
+        self.depth_sample = Some(every);
+        self
+    }
+
     /// Runs only the handlers for which `keep` is true (default: every handler linked into
     /// the binary). Useful to run several services from one binary, and in tests.
     pub fn handlers(
@@ -356,6 +380,15 @@ impl Builder {
                 ttl_by_type: self.idempotency_ttl_by_type,
             })
         });
+        let meter = self
+            .meter
+            .unwrap_or_else(|| opentelemetry::global::meter("sourceflow"));
+        let depth_sample = match self.depth_sample {
+            Some(d) => d,
+            None => env_parse::<u64>("SOURCEFLOW_DEPTH_SAMPLE_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_DEPTH_SAMPLE),
+        };
         let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
             .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
             .collect();
@@ -372,6 +405,8 @@ impl Builder {
             states: self.states,
             handlers,
             idempotency,
+            metrics: Arc::new(Metrics::new(&meter)),
+            depth_sample,
         })
     }
 
@@ -397,10 +432,12 @@ impl Builder {
             r.naming.clone(),
             plan.destinations,
             r.states,
+            r.metrics.clone(),
         ));
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
         for lp in plan.listeners {
             let names: Vec<_> = lp.handlers.values().flatten().map(|h| h.name).collect();
             tracing::info!(service = %r.service, queue = %lp.queue, fifo = lp.fifo, handlers = ?names, "listening");
@@ -417,8 +454,27 @@ impl Builder {
                 receive_wait: r.receive_wait,
                 shutdown_timeout: r.shutdown_timeout,
                 idempotency: r.idempotency.clone(),
+                liveness: Liveness::new(),
+            });
+            listeners.push(ListenerInfo {
+                queue: listener.queue.to_string(),
+                dead_letter_queue: Naming::dead_letter(&listener.queue),
+                liveness: listener.liveness.clone(),
+                bound: r.receive_wait + LIVENESS_SLACK,
             });
             tasks.push(tokio::spawn(listener.run(stop.clone())));
+        }
+        if !r.depth_sample.is_zero() {
+            tokio::spawn(sample_depths(
+                r.transport.clone(),
+                r.metrics.clone(),
+                listeners
+                    .iter()
+                    .map(|l| (l.queue.clone(), l.dead_letter_queue.clone()))
+                    .collect(),
+                r.depth_sample,
+                stop.clone(),
+            ));
         }
         Ok(Handle {
             inner: Arc::new(HandleInner {
@@ -427,6 +483,7 @@ impl Builder {
                 naming: r.naming,
                 stop,
                 listeners: Mutex::new(tasks),
+                listener_info: listeners,
                 idempotency: r.idempotency,
             }),
         })
@@ -435,6 +492,20 @@ impl Builder {
     /// Starts, runs until SIGINT or SIGTERM, then shuts down gracefully.
     pub async fn run(self) -> Result<()> {
         let handle = self.start().await?;
+        #[cfg(feature = "health-http")]
+        if let Some(addr) = env_var("SOURCEFLOW_HEALTH_ADDR") {
+            let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+                Error::Config(format!(
+                    "SOURCEFLOW_HEALTH_ADDR={addr:?} is not an address like 127.0.0.1:8080"
+                ))
+            })?;
+            let h = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::health::serve(h, addr).await {
+                    tracing::error!(error = %e, "health endpoint failed");
+                }
+            });
+        }
         shutdown_signal().await;
         tracing::info!(service = %handle.service(), "shutdown signal received; draining");
         handle.shutdown().await?;
@@ -477,6 +548,8 @@ struct Resolved {
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     handlers: Vec<&'static HandlerRoute>,
     idempotency: Option<Arc<idempotency::Settings>>,
+    metrics: Arc<Metrics>,
+    depth_sample: Duration,
 }
 
 struct ListenerPlan {
@@ -670,7 +743,58 @@ struct HandleInner {
     naming: Naming,
     stop: CancellationToken,
     listeners: Mutex<Vec<JoinHandle<DrainReport>>>,
+    listener_info: Vec<ListenerInfo>,
     idempotency: Option<Arc<idempotency::Settings>>,
+}
+
+struct ListenerInfo {
+    queue: String,
+    dead_letter_queue: String,
+    liveness: Arc<Liveness>,
+    bound: Duration,
+}
+
+/// How much longer than one long poll a listener may go without a successful receive
+/// before it counts as unhealthy.
+const LIVENESS_SLACK: Duration = Duration::from_secs(30);
+/// How long a health check waits for the broker or a store.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Samples queue and dead-letter queue depths into the `sourceflow.queue.depth` gauge.
+async fn sample_depths(
+    transport: Arc<dyn Transport>,
+    metrics: Arc<Metrics>,
+    queues: Vec<(String, String)>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    use opentelemetry::KeyValue;
+    loop {
+        for (queue, dlq) in &queues {
+            for (name, kind) in [(queue, "source"), (dlq, "dead_letter")] {
+                if let Ok(Some(d)) = transport.queue_depth(name).await {
+                    for (state, n) in [
+                        ("visible", d.visible),
+                        ("in_flight", d.in_flight),
+                        ("delayed", d.delayed),
+                    ] {
+                        metrics.queue_depth.record(
+                            n as u64,
+                            &[
+                                KeyValue::new("messaging.destination.name", name.clone()),
+                                KeyValue::new("sourceflow.queue.kind", kind),
+                                KeyValue::new("sourceflow.state", state),
+                            ],
+                        );
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// A running service, for code outside handlers (an HTTP endpoint, a test): send commands,
@@ -714,7 +838,14 @@ impl Handle {
         if self.inner.stop.is_cancelled() {
             return Err(Error::ShutDown);
         }
-        let out = envelope::encode(msg, options.meta)?;
+        let mut meta = options.meta;
+        if meta.traceparent.is_none() {
+            if let Some((tp, ts)) = telemetry::current_trace_context() {
+                meta.traceparent = Some(tp);
+                meta.tracestate = ts;
+            }
+        }
+        let out = envelope::encode(msg, meta)?;
         let id = out.message_id.clone();
         let pending = self.inner.dispatcher.pending::<M>(out)?;
         self.inner.dispatcher.dispatch(pending).await?;
@@ -786,6 +917,101 @@ impl Handle {
     /// The idempotency store in use, if any.
     pub fn idempotency_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
         self.inner.idempotency.as_ref().map(|i| i.store.clone())
+    }
+
+    /// Checks the broker, every resource of the topology, each listener, each dead-letter
+    /// queue and the idempotency store. See [`health`](crate::health).
+    pub async fn health(&self) -> HealthReport {
+        let inner = &self.inner;
+        let transport = inner.dispatcher.transport();
+        let mut checks = Vec::new();
+        let t = &inner.topology;
+        let check = match tokio::time::timeout(HEALTH_TIMEOUT, transport.missing(t)).await {
+            Ok(Ok(missing)) if missing.is_empty() => HealthCheck {
+                name: "transport".into(),
+                status: Status::Healthy,
+                detail: format!(
+                    "{} queues, {} topics, {} subscriptions present",
+                    t.queues.len(),
+                    t.topics.len(),
+                    t.subscriptions.len()
+                ),
+            },
+            Ok(Ok(missing)) => HealthCheck {
+                name: "transport".into(),
+                status: Status::Unhealthy,
+                detail: format!("missing: {}", missing.join(", ")),
+            },
+            Ok(Err(e)) => HealthCheck {
+                name: "transport".into(),
+                status: Status::Unhealthy,
+                detail: format!("unreachable: {e}"),
+            },
+            Err(_) => HealthCheck {
+                name: "transport".into(),
+                status: Status::Unhealthy,
+                detail: format!("no answer within {HEALTH_TIMEOUT:?}"),
+            },
+        };
+        checks.push(check);
+        let stopped = self.is_shut_down();
+        for l in &inner.listener_info {
+            let age = l.liveness.age();
+            let (status, detail) = if stopped {
+                (Status::Unhealthy, "stopped (shutting down)".to_string())
+            } else if age > l.bound {
+                (
+                    Status::Unhealthy,
+                    format!("no successful poll for {:.1} s", age.as_secs_f64()),
+                )
+            } else {
+                (
+                    Status::Healthy,
+                    format!("last successful poll {:.1} s ago", age.as_secs_f64()),
+                )
+            };
+            checks.push(HealthCheck {
+                name: format!("listener {}", l.queue),
+                status,
+                detail,
+            });
+            let depth =
+                tokio::time::timeout(HEALTH_TIMEOUT, transport.queue_depth(&l.dead_letter_queue))
+                    .await;
+            let (status, detail) = match depth {
+                Ok(Ok(Some(d))) if d.total() > 0 => {
+                    (Status::Degraded, format!("{} messages waiting", d.total()))
+                }
+                Ok(Ok(Some(_))) => (Status::Healthy, "empty".to_string()),
+                Ok(Ok(None)) => (Status::Healthy, "depth unknown".to_string()),
+                Ok(Err(e)) => (Status::Unhealthy, format!("unreachable: {e}")),
+                Err(_) => (Status::Unhealthy, "no answer".to_string()),
+            };
+            checks.push(HealthCheck {
+                name: format!("dead-letter queue {}", l.dead_letter_queue),
+                status,
+                detail,
+            });
+        }
+        if let Some(idem) = &inner.idempotency {
+            let (status, detail) =
+                match tokio::time::timeout(HEALTH_TIMEOUT, idem.store.size()).await {
+                    Ok(Ok(n)) => (Status::Healthy, format!("{n} records")),
+                    Ok(Err(e)) => (Status::Unhealthy, format!("unreachable: {e}")),
+                    Err(_) => (Status::Unhealthy, "no answer".to_string()),
+                };
+            checks.push(HealthCheck {
+                name: format!("idempotency store {}", idem.store.name()),
+                status,
+                detail,
+            });
+        }
+        HealthReport::new(self.service(), transport.name(), checks)
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn stopped(&self) {
+        self.inner.stop.cancelled().await
     }
 
     /// True once shutdown has begun.

@@ -138,23 +138,7 @@ struct QueueState {
     dedup_order: VecDeque<(Instant, String)>,
 }
 
-/// A count of a queue's messages by state, like SQS's `ApproximateNumberOfMessages*`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueDepth {
-    /// Visible, waiting to be received.
-    pub visible: usize,
-    /// Received and not yet deleted or returned.
-    pub in_flight: usize,
-    /// Not yet visible because of a delay.
-    pub delayed: usize,
-}
-
-impl QueueDepth {
-    /// All messages in the queue.
-    pub fn total(&self) -> usize {
-        self.visible + self.in_flight + self.delayed
-    }
-}
+pub use super::QueueDepth;
 
 impl MemoryTransport {
     /// A new, empty broker.
@@ -799,6 +783,40 @@ impl Transport for MemoryTransport {
                 .push(Reverse((Instant::now() + timeout, seq, version)));
         }
         Ok(())
+    }
+
+    async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        Ok(self.depth(queue))
+    }
+
+    async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
+        let queues = self.broker.queues.read();
+        let topics = self.broker.topics.read();
+        let mut missing: Vec<String> = topology
+            .queues
+            .iter()
+            .filter(|q| !queues.contains_key(&q.name))
+            .map(|q| format!("queue {}", q.name))
+            .collect();
+        missing.extend(
+            topology
+                .topics
+                .iter()
+                .filter(|t| !topics.contains_key(&t.name))
+                .map(|t| format!("topic {}", t.name)),
+        );
+        for sub in &topology.subscriptions {
+            let subscribed = topics.get(&sub.topic).is_some_and(|t| {
+                t.subscribers
+                    .read()
+                    .iter()
+                    .any(|s| s.queue.name == sub.queue)
+            });
+            if !subscribed {
+                missing.push(format!("subscription {} -> {}", sub.topic, sub.queue));
+            }
+        }
+        Ok(missing)
     }
 
     async fn dead_letter(

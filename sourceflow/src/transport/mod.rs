@@ -127,4 +127,36 @@ pub trait Transport: Send + Sync + 'static {
     /// the [`attr::DLQ_REASON`](crate::envelope::attr::DLQ_REASON) attribute.
     async fn dead_letter(&self, queue: &str, message: &ReceivedMessage, reason: &str)
         -> Result<()>;
+
+    /// Approximate message counts of a queue (SQS `ApproximateNumberOfMessages*`), for
+    /// metrics and health; `None` when the transport cannot tell.
+    async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        let _ = queue;
+        Ok(None)
+    }
+
+    /// The resources of `topology` that do not exist (for health checks); an error when the
+    /// broker cannot be reached. The default assumes everything exists.
+    async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
+        let _ = topology;
+        Ok(Vec::new())
+    }
+}
+
+/// A count of a queue's messages by state, like SQS's `ApproximateNumberOfMessages*`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Visible, waiting to be received.
+    pub visible: usize,
+    /// Received and not yet deleted or returned.
+    pub in_flight: usize,
+    /// Not yet visible because of a delay.
+    pub delayed: usize,
+}
+
+impl QueueDepth {
+    /// All messages in the queue.
+    pub fn total(&self) -> usize {
+        self.visible + self.in_flight + self.delayed
+    }
 }
