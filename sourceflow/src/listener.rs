@@ -76,8 +76,6 @@ enum Outcome {
     Done(&'static str),
     /// The handler failed; the error says why.
     Failed(String),
-    /// Another worker holds the message's idempotency claim: look again after this long.
-    Deferred(Duration),
 }
 
 impl Listener {
@@ -237,11 +235,6 @@ impl Listener {
                     done += 1;
                     idx += 1;
                     local_attempts = 0;
-                }
-                Outcome::Deferred(after) => {
-                    // The rest of a FIFO unit goes back too, so it cannot overtake.
-                    self.give_back(&unit[idx..], after, owned).await;
-                    return done;
                 }
                 Outcome::Failed(error) => {
                     let attempts = msg.receive_count + local_attempts;
@@ -425,9 +418,8 @@ impl Listener {
             Outcome::Done(label) => *label,
             Outcome::Failed(_) => {
                 metrics.processing_error.add(1, &attrs);
-                "retry"
+                "error"
             }
-            Outcome::Deferred(_) => "deferred",
         };
         if label == "duplicate" {
             metrics.duplicate.add(1, &attrs);
@@ -498,13 +490,36 @@ impl Listener {
         if let Some(idem) = &self.idempotency {
             let key = idempotency::key(self.dispatcher.service(), &env.wire_name, &env.id);
             let hash = idempotency::payload_hash(env.payload.get());
-            let outcome = match idem.store.claim(&key, &hash, self.visibility_timeout).await {
-                Ok(c) => c,
-                Err(e) => {
-                    return Outcome::Failed(format!(
-                        "idempotency store `{}` unavailable: {e}",
-                        idem.store.name()
-                    ))
+            // A duplicate of a message in progress elsewhere waits here, kept invisible by
+            // the heartbeat, until the original completes (acknowledge), fails (run it) or
+            // its lease runs out (take over). Handing it back to the queue instead would
+            // spend its receive count on waiting.
+            let mut waits = 0u32;
+            let outcome = loop {
+                let claimed = match idem.store.claim(&key, &hash, self.visibility_timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Outcome::Failed(format!(
+                            "idempotency store `{}` unavailable: {e}",
+                            idem.store.name()
+                        ))
+                    }
+                };
+                match claimed {
+                    Claim::InProgress { lease_left } => {
+                        if waits == 0 {
+                            idem.stats.record(&claimed);
+                            tracing::info!(queue = %self.queue, message_id = %env.id, key = %key, "duplicate of a message in progress elsewhere; waiting for it");
+                        }
+                        waits += 1;
+                        let pause = self
+                            .retry
+                            .delay(waits)
+                            .min(lease_left)
+                            .max(Duration::from_millis(10));
+                        tokio::time::sleep(pause).await;
+                    }
+                    other => break other,
                 }
             };
             idem.stats.record(&outcome);
@@ -513,13 +528,9 @@ impl Listener {
                     *claim_slot.lock() = Some((key.clone(), token.clone()));
                     claim = Some((key, token));
                 }
-                Claim::InProgress { lease_left } => {
-                    tracing::info!(queue = %self.queue, message_id = %env.id, key = %key, "duplicate of a message in progress elsewhere; retrying it later");
-                    // Look again soon (the original usually finishes quickly), at the
-                    // latest when its lease runs out.
-                    return Outcome::Deferred(
-                        self.retry.delay(1).min(lease_left) + Duration::from_millis(10),
-                    );
+                // The loop above only ends on another outcome.
+                Claim::InProgress { .. } => {
+                    return Outcome::Failed("idempotency claim still in progress".into())
                 }
                 Claim::Completed { undispatched } => {
                     if let Some(json) = undispatched {

@@ -24,7 +24,7 @@
 //! | `sourceflow.command.dispatched` / `.dispatch_duration` / `.dispatch_error` | counter / histogram / counter | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.event.published` / `.publish_duration` / `.publish_error` | counter / histogram / counter | same |
 //! | `sourceflow.message.received` | counter | `messaging.destination.name` |
-//! | `sourceflow.message.processed` | counter | `messaging.destination.name`, `sourceflow.wire_name`, `sourceflow.outcome` (`success`, `duplicate`, `deferred`, `retry`, `dead_lettered`) |
+//! | `sourceflow.message.processed` | counter | `messaging.destination.name`, `sourceflow.wire_name`, `sourceflow.outcome` (`success`, `duplicate`, `error`, `dead_lettered`; a failed attempt counts as `error` and, when it was the last one, also in `dead_lettered`) |
 //! | `sourceflow.message.processing_duration` | histogram | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.message.processing_error` | counter | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.message.duplicate` | counter | `messaging.destination.name`, `sourceflow.wire_name` |

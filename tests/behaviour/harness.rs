@@ -3,8 +3,14 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 use sourceflow::envelope::{attr, OutgoingMessage};
 use sourceflow::transport::{ReceivedMessage, Transport};
@@ -29,13 +35,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl Harness {
     /// A fresh world for one test.
     pub async fn new() -> Harness {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "sourceflow=warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        telemetry();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("t{}-{n}", std::process::id() % 100_000);
         let transport: Arc<dyn Transport> = match transport_kind().as_str() {
@@ -128,6 +128,66 @@ impl Harness {
             "expected `{queue}` to be empty, got {:?}",
             got.iter().map(|m| &m.body).collect::<Vec<_>>()
         );
+    }
+}
+
+/// What the suite captures of tracing: finished OpenTelemetry spans, and every log line
+/// (debug and up) as text.
+pub struct Captured {
+    pub spans: InMemorySpanExporter,
+    pub logs: Arc<Mutex<String>>,
+}
+
+static TELEMETRY: OnceLock<Captured> = OnceLock::new();
+
+/// Installs (once) the suite's global subscriber: spans to an in-memory OpenTelemetry
+/// exporter, logs to a buffer, and `RUST_LOG`-filtered output (default `sourceflow=warn`)
+/// to the test's stdout.
+pub fn telemetry() -> &'static Captured {
+    TELEMETRY.get_or_init(|| {
+        let spans = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(spans.clone())
+            .build();
+        let tracer = provider.tracer("sourceflow-tests");
+        let logs: Arc<Mutex<String>> = Arc::default();
+        let sink = logs.clone();
+        let capture = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || CaptureWriter(sink.clone()))
+            .with_filter(tracing_subscriber::filter::LevelFilter::DEBUG);
+        let console = tracing_subscriber::fmt::layer()
+            .with_test_writer()
+            .with_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "sourceflow=warn".into()),
+            );
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        let _ = tracing_subscriber::registry()
+            .with(otel)
+            .with(capture)
+            .with(console)
+            .try_init();
+        // Keep the provider alive for the whole run.
+        std::mem::forget(provider);
+        Captured { spans, logs }
+    })
+}
+
+struct CaptureWriter(Arc<Mutex<String>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .expect("log buffer")
+            .push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -23,3 +23,4 @@ mod poison;
 mod retry;
 mod shutdown;
 mod size_and_delay;
+mod telemetry;

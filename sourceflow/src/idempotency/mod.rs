@@ -11,8 +11,10 @@
 //!   on success the record becomes `COMPLETED` (with an expiry, and with the messages the
 //!   handler sent or raised), then those messages are dispatched, then marked dispatched;
 //!   on failure the claim is released so the retry can run;
-//! * the key is `IN_PROGRESS` under another worker's live lease: the message is retried
-//!   later (not dropped, not run twice);
+//! * the key is `IN_PROGRESS` under another worker's live lease: the duplicate waits, kept
+//!   invisible by the visibility heartbeat, polling the claim with backoff, until the
+//!   original completes (then it is acknowledged) or fails (then it runs); it is neither
+//!   dropped nor run twice, and waiting does not spend its receive count;
 //! * the lease has expired (the worker crashed): the claim is taken over;
 //! * the key is `COMPLETED`: the message is acknowledged and counted as a duplicate; if the
 //!   original worker died between completing and dispatching, the stored messages are

@@ -781,6 +781,9 @@ impl Transport for MemoryTransport {
             };
             st.deadlines
                 .push(Reverse((Instant::now() + timeout, seq, version)));
+            drop(st);
+            // Pollers sleeping past the new deadline must look again.
+            q.notify.notify_waiters();
         }
         Ok(())
     }

@@ -1,0 +1,662 @@
+//! Observability: one trace across services through a queue and a topic, metric values
+//! after a known workload, health, and `#[sensitive]` values kept out of spans and logs.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
+use serde::{Deserialize, Serialize};
+use sourceflow::envelope::{attr, OutgoingMessage};
+use sourceflow::health::Status;
+use sourceflow::transport::{ReceivedMessage, Topology, Transport};
+use sourceflow::{command, event, handler, Context, SendOptions, State};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::harness::{eventually, telemetry, Harness};
+
+// ---- one trace across two services ---------------------------------------------------
+
+#[command(queue = "otel-orders", name = "tests.TakeOrder.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TakeOrder {
+    #[entity_id]
+    pub order_id: u64,
+}
+
+#[event(topic = "otel-order-events", name = "tests.OrderTaken.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderTaken {
+    #[entity_id]
+    pub order_id: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Notified(pub Arc<AtomicU32>);
+
+mod front {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn take_order(cmd: TakeOrder, ctx: &Context) -> sourceflow::Result<()> {
+        ctx.raise(OrderTaken {
+            order_id: cmd.order_id,
+        })
+        .await
+    }
+}
+
+mod back {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn notify(_evt: OrderTaken, State(n): State<Notified>) -> sourceflow::Result<()> {
+        n.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn attr_str(attrs: &[KeyValue], key: &str) -> Option<String> {
+    attrs
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_crosses_two_services_through_a_queue_and_a_topic() {
+    let h = Harness::new().await;
+    let captured = telemetry();
+    let notified = Notified::default();
+    let front = h
+        .service("front", front::MODULE)
+        .start()
+        .await
+        .expect("front");
+    let back = h
+        .service("back", back::MODULE)
+        .state(notified.clone())
+        .start()
+        .await
+        .expect("back");
+
+    // An incoming HTTP request starts the trace.
+    let root = tracing::info_span!("http.request", http.route = "/orders");
+    let trace_id = root.context().span().span_context().trace_id();
+    assert_ne!(
+        trace_id,
+        opentelemetry::trace::TraceId::INVALID,
+        "OpenTelemetry layer installed"
+    );
+    front
+        .send(TakeOrder { order_id: 5 })
+        .instrument(root.clone())
+        .await
+        .expect("send");
+    drop(root);
+
+    eventually("the event reached the other service", || async {
+        notified.0.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let in_trace = || {
+        captured
+            .spans
+            .get_finished_spans()
+            .expect("spans")
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id)
+            .collect::<Vec<_>>()
+    };
+    eventually("both services' process spans finished", || async {
+        in_trace()
+            .iter()
+            .filter(|s| s.name == "sourceflow.process")
+            .count()
+            == 2
+    })
+    .await;
+    let spans = in_trace();
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+    for expected in [
+        "http.request",
+        "sourceflow.dispatch",
+        "sourceflow.process",
+        "sourceflow.handler",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let process = |service: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.name == "sourceflow.process"
+                    && attr_str(&s.attributes, "sourceflow.service").as_deref() == Some(service)
+            })
+            .unwrap_or_else(|| panic!("no process span of {service} in {names:?}"))
+    };
+    let a = process("front");
+    let b = process("back");
+    assert_eq!(
+        attr_str(&a.attributes, "sourceflow.wire_name").as_deref(),
+        Some("tests.TakeOrder.v1")
+    );
+    assert_eq!(
+        attr_str(&a.attributes, "messaging.destination.name"),
+        Some(front.queue_of::<TakeOrder>())
+    );
+    assert_eq!(
+        attr_str(&a.attributes, "messaging.operation.type").as_deref(),
+        Some("process")
+    );
+    assert_eq!(
+        attr_str(&a.attributes, "sourceflow.entity_id").as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        attr_str(&b.attributes, "sourceflow.wire_name").as_deref(),
+        Some("tests.OrderTaken.v1")
+    );
+    assert_eq!(
+        attr_str(&a.attributes, "messaging.message.conversation_id"),
+        attr_str(&b.attributes, "messaging.message.conversation_id"),
+        "one conversation"
+    );
+    assert!(
+        a.parent_span_is_remote && b.parent_span_is_remote,
+        "continued from the message"
+    );
+    let publish = spans
+        .iter()
+        .find(|s| {
+            s.name == "sourceflow.dispatch"
+                && attr_str(&s.attributes, "messaging.operation.type").as_deref() == Some("publish")
+        })
+        .expect("publish span");
+    assert_eq!(
+        attr_str(&publish.attributes, "messaging.destination.name"),
+        Some(front.topic_of::<OrderTaken>())
+    );
+    front.shutdown().await.expect("shutdown");
+    back.shutdown().await.expect("shutdown");
+}
+
+// ---- metrics after a known workload ----------------------------------------------------
+
+#[command(queue = "otel-work", name = "tests.Work.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Work {
+    pub id: u32,
+    pub fail_times: u32,
+}
+
+#[event(topic = "otel-work-events", name = "tests.WorkDone.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkDone {
+    pub id: u32,
+}
+
+mod worker {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn work(cmd: Work, ctx: &Context) -> sourceflow::Result<()> {
+        if ctx.receive_count() <= cmd.fail_times {
+            return Err(sourceflow::Error::other("not yet"));
+        }
+        ctx.raise(WorkDone { id: cmd.id }).await
+    }
+
+    #[handler]
+    async fn done(_evt: WorkDone, State(n): State<Notified>) -> sourceflow::Result<()> {
+        n.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Sum of a u64 counter's data points whose attributes include all of `with`.
+fn counter(exporter: &InMemoryMetricExporter, name: &str, with: &[(&str, &str)]) -> u64 {
+    let mut total = 0;
+    for rm in exporter
+        .get_finished_metrics()
+        .expect("metrics")
+        .iter()
+        .rev()
+        .take(1)
+    {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
+                    for dp in sum.data_points() {
+                        let attrs: Vec<&KeyValue> = dp.attributes().collect();
+                        let matches = with.iter().all(|(k, v)| {
+                            attrs.iter().any(|kv| {
+                                kv.key.as_str() == *k && kv.value == Value::from(v.to_string())
+                            })
+                        });
+                        if matches {
+                            total += dp.value();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+fn in_flight(exporter: &InMemoryMetricExporter) -> i64 {
+    let mut total = 0;
+    if let Some(rm) = exporter.get_finished_metrics().expect("metrics").last() {
+        for sm in rm.scope_metrics() {
+            for m in sm
+                .metrics()
+                .filter(|m| m.name() == "sourceflow.handler.in_flight")
+            {
+                if let AggregatedMetrics::I64(MetricData::Sum(sum)) = m.data() {
+                    total += sum.data_points().map(|d| d.value()).sum::<i64>();
+                }
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_workload() {
+    let h = Harness::new().await;
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter.clone())
+        .build();
+    let done = Notified::default();
+    let app = h
+        .service("metrics", worker::MODULE)
+        .state(done.clone())
+        .meter_provider(&provider)
+        .max_receive_count(3)
+        .start()
+        .await
+        .expect("start");
+    let queue = app.queue_of::<Work>();
+    let subscriber = app.subscriber_queue_of::<WorkDone>();
+
+    for id in 0..4 {
+        app.send(Work { id, fail_times: 0 }).await.expect("send");
+    }
+    app.send(Work {
+        id: 10,
+        fail_times: 1,
+    })
+    .await
+    .expect("send"); // one retry
+    app.send(Work {
+        id: 20,
+        fail_times: 99,
+    })
+    .await
+    .expect("send"); // 3 failures, DLQ
+    let dup = uuid::Uuid::new_v4().to_string();
+    app.send_with(
+        Work {
+            id: 30,
+            fail_times: 0,
+        },
+        SendOptions::new().message_id(dup.clone()),
+    )
+    .await
+    .expect("send");
+    eventually("the original of the duplicate is done", || async {
+        done.0.load(Ordering::SeqCst) >= 5
+    })
+    .await;
+    app.send_with(
+        Work {
+            id: 30,
+            fail_times: 0,
+        },
+        SendOptions::new().message_id(dup),
+    )
+    .await
+    .expect("send duplicate");
+    h.send_raw(
+        &queue,
+        r#"{"v":1,"type":"tests.Nope","id":"p","payload":{}}"#,
+        &[(attr::TYPE, "tests.Nope")],
+        None,
+    )
+    .await;
+
+    let dlq = sourceflow::naming::Naming::dead_letter(&queue);
+    let dead = h.drain(&dlq, 2).await;
+    assert_eq!(dead.len(), 2);
+    eventually("six WorkDone events handled", || async {
+        done.0.load(Ordering::SeqCst) == 6
+    })
+    .await;
+    let wq: &str = &queue;
+    let sq: &str = &subscriber;
+    eventually("all processing recorded", || async {
+        provider.force_flush().expect("flush");
+        counter(
+            &exporter,
+            "sourceflow.message.processed",
+            &[("messaging.destination.name", wq)],
+        ) == 12
+            && counter(
+                &exporter,
+                "sourceflow.message.processed",
+                &[("messaging.destination.name", sq)],
+            ) == 6
+    })
+    .await;
+    provider.force_flush().expect("flush");
+    let c = |name: &str, with: &[(&str, &str)]| counter(&exporter, name, with);
+    let work = ("sourceflow.wire_name", "tests.Work.v1");
+    let wqa = ("messaging.destination.name", wq);
+    assert_eq!(c("sourceflow.command.dispatched", &[work]), 8);
+    assert_eq!(c("sourceflow.command.dispatch_error", &[]), 0);
+    assert_eq!(
+        c(
+            "sourceflow.event.published",
+            &[("sourceflow.wire_name", "tests.WorkDone.v1")]
+        ),
+        6
+    );
+    // 4 + 2 (one retry) + 3 (three failures) + 1 (the duplicate's original) + 1 duplicate + 1 poison
+    assert_eq!(c("sourceflow.message.received", &[wqa]), 12);
+    assert_eq!(
+        c(
+            "sourceflow.message.processed",
+            &[wqa, ("sourceflow.outcome", "success")]
+        ),
+        6
+    );
+    assert_eq!(
+        c(
+            "sourceflow.message.processed",
+            &[wqa, ("sourceflow.outcome", "error")]
+        ),
+        4
+    );
+    assert_eq!(
+        c(
+            "sourceflow.message.processed",
+            &[wqa, ("sourceflow.outcome", "duplicate")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "sourceflow.message.processed",
+            &[wqa, ("sourceflow.outcome", "dead_lettered")]
+        ),
+        1
+    );
+    assert_eq!(c("sourceflow.message.processing_error", &[wqa, work]), 4);
+    assert_eq!(c("sourceflow.message.duplicate", &[wqa, work]), 1);
+    assert_eq!(
+        c(
+            "sourceflow.message.dead_lettered",
+            &[wqa, ("sourceflow.reason", "failures")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "sourceflow.message.dead_lettered",
+            &[wqa, ("sourceflow.reason", "unknown_type")]
+        ),
+        1
+    );
+    assert_eq!(
+        c(
+            "sourceflow.message.processed",
+            &[wqa, ("sourceflow.wire_name", "unknown")]
+        ),
+        1,
+        "an unknown wire name is recorded as `unknown`, not as itself"
+    );
+    assert_eq!(in_flight(&exporter), 0);
+    app.shutdown().await.expect("shutdown");
+}
+
+// ---- health ------------------------------------------------------------------------------
+
+/// A transport that can be switched off, standing in for an unreachable broker.
+struct Switchable {
+    inner: Arc<dyn Transport>,
+    down: Arc<AtomicBool>,
+}
+
+impl Switchable {
+    fn check(&self) -> sourceflow::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(sourceflow::Error::Transport {
+                transport: "switchable",
+                operation: "any".into(),
+                source: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Transport for Switchable {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn provision(&self, topology: &Topology) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.provision(topology).await
+    }
+    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.send(queue, messages).await
+    }
+    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.publish(topic, messages).await
+    }
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> sourceflow::Result<Vec<ReceivedMessage>> {
+        self.check()?;
+        self.inner.receive(queue, max, wait).await
+    }
+    async fn delete(&self, queue: &str, receipts: Vec<String>) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.delete(queue, receipts).await
+    }
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipt: &str,
+        timeout: Duration,
+    ) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.change_visibility(queue, receipt, timeout).await
+    }
+    async fn dead_letter(
+        &self,
+        queue: &str,
+        message: &ReceivedMessage,
+        reason: &str,
+    ) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.dead_letter(queue, message, reason).await
+    }
+    async fn queue_depth(
+        &self,
+        queue: &str,
+    ) -> sourceflow::Result<Option<sourceflow::transport::QueueDepth>> {
+        self.check()?;
+        self.inner.queue_depth(queue).await
+    }
+    async fn missing(&self, topology: &Topology) -> sourceflow::Result<Vec<String>> {
+        self.check()?;
+        self.inner.missing(topology).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_broker_and_the_dead_letter_queue() {
+    let h = Harness::new().await;
+    let down = Arc::new(AtomicBool::new(false));
+    let transport = Switchable {
+        inner: h.transport.clone(),
+        down: down.clone(),
+    };
+    let app = h
+        .service("health", worker::MODULE)
+        .transport(transport)
+        .state(Notified::default())
+        .start()
+        .await
+        .expect("start");
+    let report = app.health().await;
+    assert_eq!(report.status, Status::Healthy, "{report:#?}");
+    assert!(report.check("transport").is_some());
+    let queue = app.queue_of::<Work>();
+    assert_eq!(
+        report.check(&format!("listener {queue}")).map(|c| c.status),
+        Some(Status::Healthy)
+    );
+    assert!(report.check("idempotency store memory").is_some());
+
+    // A message in a dead-letter queue: degraded.
+    h.send_raw(&queue, "garbage", &[(attr::TYPE, "tests.Work.v1")], None)
+        .await;
+    let dlq = sourceflow::naming::Naming::dead_letter(&queue);
+    eventually("degraded by the dead-letter queue", || async {
+        app.health().await.status == Status::Degraded
+    })
+    .await;
+    let report = app.health().await;
+    let check = report
+        .check(&format!("dead-letter queue {dlq}"))
+        .expect("dlq check");
+    assert_eq!(check.detail, "1 messages waiting");
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["status"], "degraded");
+    h.drain(&dlq, 1).await;
+
+    // The broker goes away: unhealthy. It comes back: healthy.
+    down.store(true, Ordering::SeqCst);
+    let report = app.health().await;
+    assert_eq!(report.status, Status::Unhealthy);
+    assert!(
+        report
+            .check("transport")
+            .expect("transport")
+            .detail
+            .contains("connection refused"),
+        "{report:#?}"
+    );
+    down.store(false, Ordering::SeqCst);
+    eventually("healthy again", || async {
+        app.health().await.status == Status::Healthy
+    })
+    .await;
+    app.shutdown().await.expect("shutdown");
+    assert_eq!(
+        app.health().await.status,
+        Status::Unhealthy,
+        "a stopped service is not healthy"
+    );
+}
+
+// ---- sensitive data -----------------------------------------------------------------------
+
+#[command(queue = "otel-cards", name = "tests.StoreCard.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreCard {
+    pub customer: String,
+    #[sensitive(card)]
+    pub card_number: String,
+    #[sensitive]
+    pub cvv: String,
+    #[sensitive(email)]
+    pub email: String,
+}
+
+mod cards {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn store_card(cmd: StoreCard, ctx: &Context) -> sourceflow::Result<()> {
+        tracing::info!(?cmd, "storing a card");
+        if ctx.receive_count() == 1 {
+            // The error text carries the message's Debug output into logs and DLQ reasons.
+            return Err(sourceflow::Error::other(format!("vault rejected {cmd:?}")));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensitive_values_stay_out_of_spans_and_logs() {
+    let h = Harness::new().await;
+    let captured = telemetry();
+    let app = h
+        .service("cards", cards::MODULE)
+        .start()
+        .await
+        .expect("start");
+    let card = format!("4111 1111 {:04} 9876", fastrand::u32(1000..9999));
+    let cvv = format!("cvv{}", fastrand::u32(100_000..999_999));
+    let email = format!("secret.person{}@example.com", fastrand::u32(..));
+    app.send(StoreCard {
+        customer: "ada".into(),
+        card_number: card.clone(),
+        cvv: cvv.clone(),
+        email: email.clone(),
+    })
+    .await
+    .expect("send");
+    eventually("the retry logged the masked card", || async {
+        captured
+            .logs
+            .lock()
+            .expect("logs")
+            .matches("storing a card")
+            .count()
+            >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = captured.logs.lock().expect("logs").clone();
+    assert!(logs.contains("****9876"), "the masked card is logged");
+    assert!(logs.contains("vault rejected"), "the failure is logged");
+    for secret in [card.as_str(), cvv.as_str(), email.as_str(), "4111 1111"] {
+        assert!(!logs.contains(secret), "{secret:?} leaked into the logs");
+    }
+    let spans = captured.spans.get_finished_spans().expect("spans");
+    for s in &spans {
+        let text = format!("{:?} {:?}", s.attributes, s.events);
+        for secret in [card.as_str(), cvv.as_str(), email.as_str()] {
+            assert!(
+                !text.contains(secret),
+                "{secret:?} leaked into span {}",
+                s.name
+            );
+        }
+    }
+    app.shutdown().await.expect("shutdown");
+}
