@@ -7,6 +7,7 @@
 //! ```text
 //! cargo run --example orders              # demo on the embedded transport, then exit
 //! cargo run --example orders -- --serve   # keep serving until Ctrl-C
+//! cargo run --example orders -- --telemetry  # also print the trace tree and the metrics
 //! RUST_LOG=sourceflow=debug cargo run --example orders
 //! ```
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sourceflow::{command, event, handler, Context, State};
 use tokio::sync::{Mutex, Notify};
+use tracing::Instrument;
 
 // ---- messages ------------------------------------------------------------------------
 
@@ -167,18 +169,14 @@ fn short(id: &str) -> &str {
 
 #[tokio::main]
 async fn main() -> sourceflow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sourceflow=info".into()),
-        )
-        .with_target(false)
-        .init();
     let serve = std::env::args().any(|a| a == "--serve");
+    let show_telemetry = std::env::args().any(|a| a == "--telemetry");
+    let telemetry = telemetry::install(show_telemetry);
 
     let projection = Projection::default();
     let app = sourceflow::builder()
         .state(projection.clone())
+        .meter_provider(&telemetry.meters)
         .start()
         .await?;
     println!(
@@ -197,7 +195,9 @@ async fn main() -> sourceflow::Result<()> {
         })
         .collect();
     for order in &orders {
-        let id = app.send(order.clone()).await?;
+        // Each order starts its own trace, as an HTTP request would.
+        let request = tracing::info_span!("POST /orders", order_id = order.order_id);
+        let id = app.send(order.clone()).instrument(request).await?;
         println!(
             "[client]   sent CreateOrder #{} as message {}",
             order.order_id,
@@ -237,6 +237,12 @@ async fn main() -> sourceflow::Result<()> {
         );
     }
 
+    if show_telemetry {
+        // Let the last spans end.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        telemetry.print();
+    }
+
     if serve {
         println!("\nserving; press Ctrl-C to stop");
         tokio::signal::ctrl_c().await.ok();
@@ -247,4 +253,169 @@ async fn main() -> sourceflow::Result<()> {
         report.finished, report.returned
     );
     Ok(())
+}
+
+/// Optional telemetry for the demo: spans go to an in-memory OpenTelemetry exporter and are
+/// printed as a tree per trace; metrics are read from an in-memory exporter. In a real
+/// service, install an OTLP exporter instead (see the README).
+mod telemetry {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    pub struct Telemetry {
+        pub meters: SdkMeterProvider,
+        metrics: InMemoryMetricExporter,
+        spans: InMemorySpanExporter,
+        _tracer: SdkTracerProvider,
+    }
+
+    pub fn install(on: bool) -> Telemetry {
+        let spans = InMemorySpanExporter::default();
+        let tracer = SdkTracerProvider::builder()
+            .with_simple_exporter(spans.clone())
+            .build();
+        let metrics = InMemoryMetricExporter::default();
+        let meters = SdkMeterProvider::builder()
+            .with_periodic_exporter(metrics.clone())
+            .build();
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "sourceflow=info".into()),
+            );
+        let otel = on.then(|| {
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer.tracer("orders-example"))
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+        });
+        tracing_subscriber::registry().with(fmt).with(otel).init();
+        Telemetry {
+            meters,
+            metrics,
+            spans,
+            _tracer: tracer,
+        }
+    }
+
+    impl Telemetry {
+        pub fn print(&self) {
+            let spans = self.spans.get_finished_spans().unwrap_or_default();
+            let roots: Vec<&SpanData> = spans
+                .iter()
+                .filter(|s| {
+                    !spans
+                        .iter()
+                        .any(|p| p.span_context.span_id() == s.parent_span_id)
+                })
+                .collect();
+            println!("\ntraces ({} spans):", spans.len());
+            for root in roots {
+                println!("  trace {}", root.span_context.trace_id());
+                print_tree(&spans, root, 2);
+            }
+            let _ = self.meters.force_flush();
+            println!("\nmetrics:");
+            let all = self.metrics.get_finished_metrics().unwrap_or_default();
+            if let Some(last) = all.last() {
+                for scope in last.scope_metrics() {
+                    for m in scope.metrics() {
+                        for (attrs, value) in points(m.data()) {
+                            if m.name() == "sourceflow.queue.depth" && value == "0" {
+                                continue;
+                            }
+                            println!("  {:<42} {:>10}  {}", m.name(), value, attrs);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn print_tree(spans: &[SpanData], span: &SpanData, depth: usize) {
+        let took = span
+            .end_time
+            .duration_since(span.start_time)
+            .unwrap_or_default();
+        let detail: Vec<String> = span
+            .attributes
+            .iter()
+            .filter(|kv| {
+                matches!(
+                    kv.key.as_str(),
+                    "messaging.destination.name"
+                        | "sourceflow.wire_name"
+                        | "sourceflow.service"
+                        | "sourceflow.handler"
+                )
+            })
+            .map(|kv| {
+                format!(
+                    "{}={}",
+                    kv.key.as_str().rsplit('.').next().unwrap_or(""),
+                    kv.value
+                )
+            })
+            .collect();
+        println!(
+            "{:indent$}{} {:.2} ms  {}",
+            "",
+            span.name,
+            took.as_secs_f64() * 1000.0,
+            detail.join(" "),
+            indent = depth * 2
+        );
+        let mut children: Vec<&SpanData> = spans
+            .iter()
+            .filter(|c| {
+                c.parent_span_id == span.span_context.span_id()
+                    && c.span_context.trace_id() == span.span_context.trace_id()
+            })
+            .collect();
+        children.sort_by_key(|c| c.start_time);
+        for c in children {
+            print_tree(spans, c, depth + 1);
+        }
+    }
+
+    fn points(data: &AggregatedMetrics) -> Vec<(String, String)> {
+        fn attrs<'a>(it: impl Iterator<Item = &'a opentelemetry::KeyValue>) -> String {
+            it.map(|kv| format!("{}={}", kv.key, kv.value))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        match data {
+            AggregatedMetrics::U64(MetricData::Sum(s)) => s
+                .data_points()
+                .map(|p| (attrs(p.attributes()), p.value().to_string()))
+                .collect(),
+            AggregatedMetrics::I64(MetricData::Sum(s)) => s
+                .data_points()
+                .map(|p| (attrs(p.attributes()), p.value().to_string()))
+                .collect(),
+            AggregatedMetrics::F64(MetricData::Histogram(h)) => h
+                .data_points()
+                .map(|p| {
+                    (
+                        attrs(p.attributes()),
+                        format!(
+                            "n={} avg={:.3}ms",
+                            p.count(),
+                            p.sum() / p.count().max(1) as f64 * 1000.0
+                        ),
+                    )
+                })
+                .collect(),
+            AggregatedMetrics::U64(MetricData::Gauge(g)) => g
+                .data_points()
+                .map(|p| (attrs(p.attributes()), p.value().to_string()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
