@@ -660,3 +660,47 @@ async fn sensitive_values_stay_out_of_spans_and_logs() {
     }
     app.shutdown().await.expect("shutdown");
 }
+
+#[cfg(feature = "health-http")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_served_over_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = Harness::new().await;
+    let app = h
+        .service("health-http", worker::MODULE)
+        .state(Notified::default())
+        .start()
+        .await
+        .expect("start");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = sourceflow::health::router(app.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+    let health = get(addr, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains(r#""status":"healthy""#), "{health}");
+    assert!(health.contains(r#""service":"health-http""#), "{health}");
+    assert!(get(addr, "/health/live").await.starts_with("HTTP/1.1 200"));
+    assert!(get(addr, "/health/ready").await.starts_with("HTTP/1.1 200"));
+    app.shutdown().await.expect("shutdown");
+    let after = get(addr, "/health/ready").await;
+    assert!(
+        after.starts_with("HTTP/1.1 503"),
+        "a stopped service is not ready: {after}"
+    );
+}
