@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== unit, doc, compile-fail and embedded-transport behaviour tests"
-cargo test --workspace
+cargo test --workspace --all-features
 
 if [ "${SKIP_AWS:-0}" = "1" ]; then
     echo "== SKIP_AWS=1: not running the AWS suite"
@@ -29,4 +29,4 @@ trap 'tests/support/emulator.sh stop >/dev/null 2>&1 || true' EXIT
 
 echo "== behaviour suite and AWS tests against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
-    cargo test -p sourceflow --test behaviour --test aws
+    cargo test -p sourceflow --all-features --test behaviour --test aws
