@@ -29,6 +29,7 @@ struct Args {
     queue: Option<LitStr>,
     topic: Option<LitStr>,
     name: Option<LitStr>,
+    encrypt: bool,
 }
 
 fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
@@ -43,6 +44,16 @@ fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
             ("queue", Kind::Command) => set_once(&mut out.queue, &meta),
             ("topic", Kind::Event) => set_once(&mut out.topic, &meta),
             ("name", _) => set_once(&mut out.name, &meta),
+            ("encrypt", _) => {
+                if out.encrypt {
+                    return Err(meta.error("`encrypt` is given twice"));
+                }
+                if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
+                    return Err(meta.error("`encrypt` takes no value: write `encrypt`"));
+                }
+                out.encrypt = true;
+                Ok(())
+            }
             ("topic", Kind::Command) => Err(meta.error(
                 "a command is sent to one queue, not published to a topic: write \
                  `#[command(queue = \"...\")]`, or make this type an `#[event(topic = \"...\")]`",
@@ -56,8 +67,8 @@ fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
                 "unknown #[{}] argument; expected {}",
                 kind.attr(),
                 match kind {
-                    Kind::Command => "`queue = \"...\"` or `name = \"...\"`",
-                    Kind::Event => "`topic = \"...\"` or `name = \"...\"`",
+                    Kind::Command => "`queue = \"...\"`, `name = \"...\"` or `encrypt`",
+                    Kind::Event => "`topic = \"...\"`, `name = \"...\"` or `encrypt`",
                 }
             ))),
         }
@@ -233,6 +244,7 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
         Kind::Event => quote!(impl ::sourceflow::Event for #ident {}),
     };
     let type_name = ident.to_string();
+    let encrypt = args.encrypt;
 
     Ok(quote! {
         #item
@@ -247,6 +259,7 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
             const DESTINATION: &'static str = #dest;
             const FIFO: bool = #fifo;
             const HAS_ENTITY_ID: bool = #has_entity;
+            const ENCRYPT: bool = #encrypt;
             #entity_fn
         }
 
@@ -300,8 +313,20 @@ fn scan_fields(
                         ),
                     ));
                 }
+                if mask.is_some() {
+                    return Err(syn::Error::new_spanned(
+                        &attr,
+                        "an #[entity_id] travels in clear (it is the FIFO MessageGroupId and a message attribute), so it cannot be #[sensitive]: identify the entity by a non-sensitive id",
+                    ));
+                }
                 is_entity = true;
             } else if attr.path().is_ident("sensitive") {
+                if is_entity {
+                    return Err(syn::Error::new_spanned(
+                        &attr,
+                        "an #[entity_id] travels in clear (it is the FIFO MessageGroupId and a message attribute), so it cannot be #[sensitive]: identify the entity by a non-sensitive id",
+                    ));
+                }
                 mask = Some(parse_mask(&attr)?);
             } else {
                 keep.push(attr);

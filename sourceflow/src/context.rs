@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::dispatch::{Dispatcher, Pending};
-use crate::envelope::{self, Envelope, SendMeta};
+use crate::envelope::{Envelope, SendMeta};
 use crate::error::{InvokeError, Result};
 use crate::message::{Command, Event, Message};
 
@@ -33,6 +33,7 @@ pub struct Context {
     receive_count: u32,
     queue: Arc<str>,
     outbox: Mutex<Vec<Pending>>,
+    produced: std::sync::atomic::AtomicU32,
     /// The incoming `traceparent`/`tracestate`, passed on when no OpenTelemetry context
     /// is active.
     trace: Option<(String, Option<String>)>,
@@ -64,6 +65,7 @@ impl Context {
             receive_count,
             queue,
             outbox: Mutex::new(Vec::new()),
+            produced: std::sync::atomic::AtomicU32::new(0),
             trace,
         }
     }
@@ -129,22 +131,24 @@ impl Context {
 
     /// Sends a command once this handler has returned `Ok`.
     pub async fn send<C: Command>(&self, command: C) -> Result<()> {
-        self.hold(&command)
+        self.hold(&command).await
     }
 
     /// Publishes an event once this handler has returned `Ok`.
     pub async fn raise<E: Event>(&self, event: E) -> Result<()> {
-        self.hold(&event)
+        self.hold(&event).await
     }
 
-    fn hold<M: Message>(&self, msg: &M) -> Result<()> {
-        let mut outbox = self.outbox.lock();
+    async fn hold<M: Message>(&self, msg: &M) -> Result<()> {
         // Ids derived from this message's id and the position make a re-run of the handler
         // (after a failed flush or a crash) produce the same ids, so FIFO deduplication and
         // idempotent receivers recognise the repeats.
+        let position = self
+            .produced
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("{}/{}", self.envelope.id, outbox.len()).as_bytes(),
+            format!("{}/{}", self.envelope.id, position).as_bytes(),
         )
         .to_string();
         let (traceparent, tracestate) = match crate::telemetry::current_trace_context() {
@@ -154,19 +158,22 @@ impl Context {
                 None => (None, None),
             },
         };
-        let out = envelope::encode(
-            msg,
-            SendMeta {
-                correlation_id: Some(self.correlation_id().to_string()),
-                causation_id: Some(self.envelope.id.clone()),
-                message_id: Some(id),
-                traceparent,
-                tracestate,
-                ..SendMeta::default()
-            },
-        )?;
+        let out = self
+            .dispatcher
+            .encode(
+                msg,
+                SendMeta {
+                    correlation_id: Some(self.correlation_id().to_string()),
+                    causation_id: Some(self.envelope.id.clone()),
+                    message_id: Some(id),
+                    traceparent,
+                    tracestate,
+                    ..SendMeta::default()
+                },
+            )
+            .await?;
         let pending = self.dispatcher.pending::<M>(out)?;
-        outbox.push(pending);
+        self.outbox.lock().push(pending);
         Ok(())
     }
 

@@ -5,7 +5,8 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::envelope::OutgoingMessage;
+use crate::encryption;
+use crate::envelope::{self, OutgoingMessage};
 use crate::error::{Error, Result};
 use crate::message::{Message, MessageKind};
 use crate::naming::Naming;
@@ -32,6 +33,7 @@ pub(crate) struct Dispatcher {
     destinations: HashMap<&'static str, Arc<str>>,
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     metrics: Arc<Metrics>,
+    encryption: Option<Arc<encryption::Settings>>,
 }
 
 impl Dispatcher {
@@ -42,6 +44,7 @@ impl Dispatcher {
         destinations: HashMap<&'static str, Arc<str>>,
         states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
         metrics: Arc<Metrics>,
+        encryption: Option<Arc<encryption::Settings>>,
     ) -> Self {
         Dispatcher {
             transport,
@@ -50,7 +53,54 @@ impl Dispatcher {
             destinations,
             states,
             metrics,
+            encryption,
         }
+    }
+
+    /// The full name of the destination of a wire name known to the binary.
+    pub(crate) fn destination_of(&self, wire_name: &str) -> Option<&Arc<str>> {
+        self.destinations.get(wire_name)
+    }
+
+    pub(crate) fn encryption(&self) -> Option<&encryption::Settings> {
+        self.encryption.as_deref()
+    }
+
+    /// True when messages of this wire name must travel encrypted.
+    pub(crate) fn must_encrypt(&self, declared: bool) -> bool {
+        declared || self.encryption.as_ref().is_some_and(|e| e.all)
+    }
+
+    /// Serializes `msg` into its envelope, encrypting the payload when its type requires it.
+    pub(crate) async fn encode<M: Message>(
+        &self,
+        msg: &M,
+        meta: envelope::SendMeta,
+    ) -> Result<OutgoingMessage> {
+        if !self.must_encrypt(M::ENCRYPT) {
+            return envelope::encode(msg, meta);
+        }
+        let Some(enc) = &self.encryption else {
+            return Err(Error::Config(format!(
+                "{} must be encrypted, but no key provider is configured: set SOURCEFLOW_KMS_KEY_ID (KMS) or SOURCEFLOW_LOCAL_KEY (development), or call `.key_provider(..)`",
+                M::NAME
+            )));
+        };
+        let plaintext = zeroize::Zeroizing::new(serde_json::to_vec(msg).map_err(|source| {
+            Error::Serialize {
+                wire_name: M::NAME,
+                source,
+            }
+        })?);
+        let destination = match self.destinations.get(M::NAME) {
+            Some(d) => d.to_string(),
+            None => self.naming.resource(M::DESTINATION),
+        };
+        let sealed = enc
+            .encryptor
+            .seal(&plaintext, &encryption::context(M::NAME, &destination))
+            .await?;
+        envelope::encode_payload(msg, &sealed, meta, true)
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -119,6 +119,17 @@ struct EnvelopeOut<'a, M> {
 
 /// Serializes `msg` into an [`OutgoingMessage`] for a destination that is FIFO or not.
 pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
+    encode_payload(msg, msg, meta, false)
+}
+
+/// Like [`encode`], with `payload` in the envelope in place of `msg` (its ciphertext when
+/// `encrypted`, which also sets the encryption attribute).
+pub(crate) fn encode_payload<M: Message, P: Serialize>(
+    msg: &M,
+    payload: &P,
+    meta: SendMeta,
+    encrypted: bool,
+) -> Result<OutgoingMessage> {
     let id = meta
         .message_id
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -158,7 +169,7 @@ pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
         causation_id: meta.causation_id.as_deref(),
         seq,
         ts,
-        payload: msg,
+        payload,
     })
     .map_err(|source| Error::Serialize {
         wire_name: M::NAME,
@@ -180,6 +191,12 @@ pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
     }
     if let Some(ts) = meta.tracestate {
         attributes.push((attr::TRACESTATE.to_string(), ts));
+    }
+    if encrypted {
+        attributes.push((
+            crate::encryption::ATTRIBUTE.to_string(),
+            crate::encryption::FORMAT_V1.to_string(),
+        ));
     }
     Ok(OutgoingMessage {
         body,

@@ -55,6 +55,7 @@
 
 mod context;
 mod dispatch;
+pub mod encryption;
 pub mod envelope;
 mod error;
 pub mod health;

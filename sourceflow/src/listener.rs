@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
 use crate::dispatch::{self, Dispatcher, MAX_BATCH};
+use crate::encryption;
 use crate::envelope;
 use crate::envelope::attr;
 use crate::error::InvokeError;
@@ -69,6 +70,8 @@ pub(crate) struct Listener {
     pub shutdown_timeout: Duration,
     pub idempotency: Option<Arc<idempotency::Settings>>,
     pub liveness: Arc<crate::health::Liveness>,
+    /// Wire names declared with `encrypt`.
+    pub encrypted: Arc<HashSet<&'static str>>,
 }
 
 enum Outcome {
@@ -441,7 +444,7 @@ impl Listener {
         span: &tracing::Span,
         wire: &mut &'static str,
     ) -> Outcome {
-        let env = match envelope::decode(&msg.body, &msg.attributes) {
+        let mut env = match envelope::decode(&msg.body, &msg.attributes) {
             Ok(e) => e,
             Err(e) => {
                 self.dead_letter(msg, "undecodable", &format!("undecodable message: {e}"))
@@ -484,6 +487,14 @@ impl Listener {
             self.dead_letter(msg, kind, &reason).await;
             return Outcome::Done("dead_lettered");
         };
+
+        // Encrypted payloads are opened here; a type that requires encryption is refused in
+        // clear. Nothing below sees a ciphertext.
+        if let Err(e) = self.decrypt(msg, &mut env).await {
+            self.dead_letter(msg, "decrypt", &format!("decryption failed: {e}"))
+                .await;
+            return Outcome::Done("dead_lettered");
+        }
 
         // Claim the message before running anything.
         let mut claim: Option<(String, String)> = None;
@@ -647,6 +658,45 @@ impl Listener {
         }
         self.delete(msg).await;
         Outcome::Done("success")
+    }
+
+    async fn decrypt(
+        &self,
+        msg: &ReceivedMessage,
+        env: &mut envelope::Envelope,
+    ) -> Result<(), encryption::DecryptError> {
+        use encryption::DecryptError;
+        let marked = envelope::attribute(&msg.attributes, encryption::ATTRIBUTE);
+        let settings = self.dispatcher.encryption();
+        let Some(format) = marked else {
+            let required =
+                self.encrypted.contains(env.wire_name.as_str()) || settings.is_some_and(|s| s.all);
+            return if required {
+                Err(DecryptError::Plaintext(env.wire_name.clone()))
+            } else {
+                Ok(())
+            };
+        };
+        if format != encryption::FORMAT_V1 {
+            return Err(DecryptError::Format(format!(
+                "encryption format `{format}` is not supported (this build reads `{}`)",
+                encryption::FORMAT_V1
+            )));
+        }
+        let settings = settings.ok_or(DecryptError::NoKeyProvider)?;
+        let sealed: encryption::Sealed = serde_json::from_str(env.payload.get())
+            .map_err(|e| DecryptError::Format(e.to_string()))?;
+        let destination = self
+            .dispatcher
+            .destination_of(&env.wire_name)
+            .ok_or_else(|| DecryptError::Format(format!("unknown type `{}`", env.wire_name)))?;
+        let context = encryption::context(&env.wire_name, destination);
+        let plaintext = settings.encryptor.open(&sealed, &context).await?;
+        let json = String::from_utf8(plaintext.to_vec())
+            .map_err(|_| DecryptError::Format("plaintext is not UTF-8 JSON".into()))?;
+        env.payload = serde_json::value::RawValue::from_string(json)
+            .map_err(|e| DecryptError::Format(format!("plaintext is not JSON: {e}")))?;
+        Ok(())
     }
 
     async fn delete(&self, msg: &ReceivedMessage) {

@@ -40,6 +40,8 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     const FIFO: bool;
     /// True when one field is marked `#[entity_id]`.
     const HAS_ENTITY_ID: bool;
+    /// True when declared with `encrypt`: the payload is always encrypted.
+    const ENCRYPT: bool = false;
     /// The value of the `#[entity_id]` field, if the type has one.
     fn entity_id(&self) -> Option<String>;
 }

@@ -28,6 +28,8 @@ pub struct MessageRoute {
     pub fifo: bool,
     /// Has an `#[entity_id]` field.
     pub has_entity_id: bool,
+    /// Declared with `encrypt`.
+    pub encrypt: bool,
     /// Module that declared the type.
     pub module_path: &'static str,
     /// The type's name.
@@ -43,6 +45,7 @@ impl MessageRoute {
             destination: M::DESTINATION,
             fifo: M::FIFO,
             has_entity_id: M::HAS_ENTITY_ID,
+            encrypt: M::ENCRYPT,
             module_path,
             type_name,
         }

@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
-use crate::envelope::{self, SendMeta};
+use crate::encryption::{self, CacheLimits, Encryptor, KeyProvider, LocalKeyProvider};
+use crate::envelope::SendMeta;
 use crate::error::{Error, Result, TopologyProblems};
 use crate::health::{HealthCheck, HealthReport, Liveness, Status};
 use crate::idempotency::{
@@ -77,6 +78,9 @@ pub struct Builder {
     idempotency_ttl_by_type: HashMap<&'static str, Duration>,
     meter: Option<opentelemetry::metrics::Meter>,
     depth_sample: Option<Duration>,
+    key_provider: Option<Arc<dyn KeyProvider>>,
+    encrypt_all: Option<bool>,
+    key_cache: Option<CacheLimits>,
 }
 
 enum IdempotencyChoice {
@@ -109,6 +113,13 @@ pub fn builder() -> Builder {
 /// ```
 pub async fn run() -> Result<()> {
     builder().run().await
+}
+
+/// The random master key of this process, for the embedded transport's default.
+fn process_key() -> Arc<dyn KeyProvider> {
+    static KEY: std::sync::OnceLock<Arc<LocalKeyProvider>> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| Arc::new(LocalKeyProvider::random()))
+        .clone()
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -247,6 +258,34 @@ impl Builder {
     /// zero turns sampling off).
     pub fn depth_sample_interval(mut self, every: Duration) -> Self {
         self.depth_sample = Some(every);
+        self
+    }
+
+    /// The key provider for payload encryption (default: `SOURCEFLOW_LOCAL_KEY` for a local
+    /// master key; on the embedded transport, a random key of this process). See
+    /// [`encryption`](crate::encryption).
+    pub fn key_provider(mut self, provider: impl KeyProvider) -> Self {
+        self.key_provider = Some(Arc::new(provider));
+        self
+    }
+
+    /// The key provider, already shared.
+    pub fn key_provider_arc(mut self, provider: Arc<dyn KeyProvider>) -> Self {
+        self.key_provider = Some(provider);
+        self
+    }
+
+    /// Encrypts every message type, not only those declared with `encrypt` (default:
+    /// `SOURCEFLOW_ENCRYPT_ALL`, else off).
+    pub fn encrypt_all(mut self, on: bool) -> Self {
+        self.encrypt_all = Some(on);
+        self
+    }
+
+    /// Limits of the data-key caches (default: 5 min, 100,000 messages, 1 GiB per key;
+    /// [`CacheLimits::disabled`] turns caching off).
+    pub fn key_cache(mut self, limits: CacheLimits) -> Self {
+        self.key_cache = Some(limits);
         self
     }
 
@@ -389,6 +428,27 @@ impl Builder {
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_DEPTH_SAMPLE),
         };
+        let encrypt_all = match self.encrypt_all {
+            Some(on) => on,
+            None => env_parse::<bool>("SOURCEFLOW_ENCRYPT_ALL")?.unwrap_or(false),
+        };
+        let key_provider: Option<Arc<dyn KeyProvider>> = match self.key_provider {
+            Some(p) => Some(p),
+            None => match env_var("SOURCEFLOW_LOCAL_KEY") {
+                Some(k) => Some(Arc::new(LocalKeyProvider::from_base64(&k)?)),
+                // Messages on the embedded transport never leave the process: a random
+                // key of the process (shared by its runtimes) is enough, and the default
+                // needs no setup.
+                None if transport.name() == "memory" => Some(process_key()),
+                None => None,
+            },
+        };
+        let encryption = key_provider.map(|p| {
+            Arc::new(encryption::Settings {
+                encryptor: Arc::new(Encryptor::new(p, self.key_cache.unwrap_or_default())),
+                all: encrypt_all,
+            })
+        });
         let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
             .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
             .collect();
@@ -407,6 +467,8 @@ impl Builder {
             idempotency,
             metrics: Arc::new(Metrics::new(&meter)),
             depth_sample,
+            encryption,
+            encrypt_all,
         })
     }
 
@@ -433,8 +495,16 @@ impl Builder {
             plan.destinations,
             r.states,
             r.metrics.clone(),
+            r.encryption.clone(),
         ));
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
+        let encrypted: Arc<HashSet<&'static str>> = Arc::new(
+            messages
+                .iter()
+                .filter(|m| m.encrypt)
+                .map(|m| m.name)
+                .collect(),
+        );
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
@@ -455,6 +525,7 @@ impl Builder {
                 shutdown_timeout: r.shutdown_timeout,
                 idempotency: r.idempotency.clone(),
                 liveness: Liveness::new(),
+                encrypted: encrypted.clone(),
             });
             listeners.push(ListenerInfo {
                 queue: listener.queue.to_string(),
@@ -550,6 +621,8 @@ struct Resolved {
     idempotency: Option<Arc<idempotency::Settings>>,
     metrics: Arc<Metrics>,
     depth_sample: Duration,
+    encryption: Option<Arc<encryption::Settings>>,
+    encrypt_all: bool,
 }
 
 struct ListenerPlan {
@@ -571,6 +644,24 @@ fn plan(r: &Resolved, messages: &[&'static MessageRoute]) -> Result<Plan> {
     let states: HashSet<TypeId> = r.states.keys().copied().collect();
     registry::check_handlers(&r.handlers, &states, &mut problems);
 
+    if r.encryption.is_none() {
+        // Receiving needs the key from the start; a send of an encrypted type without a key
+        // fails at the call with the same advice.
+        let handled: HashSet<&str> = r.handlers.iter().map(|h| h.message).collect();
+        let mut needing: Vec<&str> = messages
+            .iter()
+            .filter(|m| (m.encrypt || r.encrypt_all) && handled.contains(m.name))
+            .map(|m| m.name)
+            .collect();
+        needing.sort_unstable();
+        needing.dedup();
+        if !needing.is_empty() {
+            problems.push(format!(
+                "this service handles {}, which must be encrypted, but no key provider is configured: set SOURCEFLOW_KMS_KEY_ID (KMS) or SOURCEFLOW_LOCAL_KEY (development), or call `.key_provider(..)`",
+                needing.join(", ")
+            ));
+        }
+    }
     let naming = &r.naming;
     let mut destinations = HashMap::new();
     // Queues and topics of every message known to the binary: a service may send any.
@@ -845,7 +936,7 @@ impl Handle {
                 meta.tracestate = ts;
             }
         }
-        let out = envelope::encode(msg, meta)?;
+        let out = self.inner.dispatcher.encode(msg, meta).await?;
         let id = out.message_id.clone();
         let pending = self.inner.dispatcher.pending::<M>(out)?;
         self.inner.dispatcher.dispatch(pending).await?;

@@ -12,9 +12,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
+use sourceflow::encryption::LocalKeyProvider;
 use sourceflow::envelope::{attr, OutgoingMessage};
 use sourceflow::transport::{ReceivedMessage, Transport};
 use sourceflow::{Builder, MemoryTransport, RetryPolicy};
+
+/// The master key every service of the suite shares (tests that count key-provider calls
+/// set their own).
+pub const TEST_MASTER_KEY: [u8; 32] = [9u8; 32];
 
 /// How long any expectation may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -67,6 +72,7 @@ impl Harness {
             ))
             .receive_wait(Duration::from_secs(1))
             .shutdown_timeout(Duration::from_secs(10))
+            .key_provider(LocalKeyProvider::new(TEST_MASTER_KEY, "test-local"))
     }
 
     /// Sends a raw body with raw attributes, as a foreign producer would.

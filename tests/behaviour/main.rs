@@ -14,6 +14,7 @@ mod harness;
 mod context;
 mod dead_letter;
 mod dedup;
+mod encryption;
 mod fan_out;
 mod heartbeat;
 mod idempotency;
