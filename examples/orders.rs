@@ -8,6 +8,7 @@
 //! cargo run --example orders              # demo on the embedded transport, then exit
 //! cargo run --example orders -- --serve   # keep serving until Ctrl-C
 //! cargo run --example orders -- --telemetry  # also print the trace tree and the metrics
+//! cargo run --example orders -- --iam-policy # print the IAM policy this service needs
 //! RUST_LOG=sourceflow=debug cargo run --example orders
 //! ```
 
@@ -23,7 +24,8 @@ use tracing::Instrument;
 // ---- messages ------------------------------------------------------------------------
 
 /// Place an order. FIFO: the commands of one order are handled in the order sent.
-#[command(queue = "orders.fifo", name = "orders.CreateOrder.v1")]
+/// Encrypted: the card number never travels in clear.
+#[command(queue = "orders.fifo", name = "orders.CreateOrder.v1", encrypt)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateOrder {
     #[entity_id]
@@ -179,6 +181,15 @@ async fn main() -> sourceflow::Result<()> {
         .meter_provider(&telemetry.meters)
         .start()
         .await?;
+    if std::env::args().any(|a| a == "--iam-policy") {
+        let policy = app.iam_policy(sourceflow::iam::IamScope::from_env());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&policy).unwrap_or_default()
+        );
+        app.shutdown().await?;
+        return Ok(());
+    }
     println!(
         "service `{}` running on the `{}` transport",
         app.service(),
@@ -285,6 +296,7 @@ mod telemetry {
             .build();
         let fmt = tracing_subscriber::fmt::layer()
             .with_target(false)
+            .with_writer(std::io::stderr)
             .with_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "sourceflow=info".into()),

@@ -59,6 +59,7 @@ pub mod encryption;
 pub mod envelope;
 mod error;
 pub mod health;
+pub mod iam;
 pub mod idempotency;
 mod listener;
 mod message;

@@ -1100,6 +1100,26 @@ impl Handle {
         HealthReport::new(self.service(), transport.name(), checks)
     }
 
+    /// The IAM policy this service needs (see [`iam`](crate::iam)): its consumed queues,
+    /// dead-letter queues, command queues, topics and KMS key, for `scope`'s account and
+    /// region.
+    pub fn iam_policy(&self, mut scope: crate::iam::IamScope) -> serde_json::Value {
+        if scope.kms_key.is_none() {
+            scope.kms_key = self
+                .inner
+                .dispatcher
+                .encryption()
+                .and_then(|e| e.encryptor.key_arn());
+        }
+        let consumed: Vec<String> = self
+            .inner
+            .listener_info
+            .iter()
+            .map(|l| l.queue.clone())
+            .collect();
+        crate::iam::policy(&self.inner.topology, &consumed, &scope)
+    }
+
     /// Resolves once shutdown has begun.
     pub async fn stopped(&self) {
         self.inner.stop.cancelled().await

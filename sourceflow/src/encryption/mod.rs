@@ -102,6 +102,11 @@ pub trait KeyProvider: Send + Sync + 'static {
         encrypted: &[u8],
         context: &EncryptionContext,
     ) -> Result<PlainKey>;
+
+    /// The master key's ARN, for the IAM policy (`None` for keys outside KMS).
+    fn key_arn(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The context for a message type sent to a (full) destination name.
@@ -193,6 +198,11 @@ impl Encryptor {
     /// The key provider's name.
     pub fn provider_name(&self) -> &'static str {
         self.provider.name()
+    }
+
+    /// The master key's ARN, when it is a KMS key.
+    pub fn key_arn(&self) -> Option<String> {
+        self.provider.key_arn()
     }
 
     /// Encrypts a JSON payload for `context`.
