@@ -296,6 +296,27 @@ pub fn attribute<'a>(attributes: &'a [(String, String)], name: &str) -> Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever arrives on a queue, decoding returns a value or an error: no panic.
+        #[test]
+        fn decode_never_panics(body in any::<Vec<u8>>(), ty in ".{0,40}", extra in proptest::collection::vec((".{0,20}", ".{0,20}"), 0..4)) {
+            let body = String::from_utf8_lossy(&body);
+            let mut attrs: Vec<(String, String)> = extra;
+            attrs.push((attr::TYPE.to_string(), ty));
+            let _ = decode(&body, &attrs);
+        }
+
+        /// Envelope-shaped JSON with arbitrary field values never panics either.
+        #[test]
+        fn decode_envelope_shapes(v in any::<u32>(), ty in "[a-zA-Z.]{0,12}", id in ".{0,12}", payload in prop_oneof![Just("{}".to_string()), Just("null".to_string()), "[0-9]{1,5}", "\\[.{0,10}\\]"]) {
+            let body = format!(r#"{{"v":{v},"type":{},"id":{},"payload":{payload}}}"#,
+                serde_json::Value::from(ty.clone()), serde_json::Value::from(id));
+            let attrs = vec![(attr::TYPE.to_string(), ty)];
+            let _ = decode(&body, &attrs);
+        }
+    }
 
     #[test]
     fn rejects_bad_bodies() {

@@ -296,6 +296,44 @@ pub const DEFAULT_KEY_MAX_AGE: Duration = Duration::from_secs(300);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any payload under any context decrypts to itself, and only under that context.
+        #[test]
+        fn seal_open_round_trip(payload in any::<Vec<u8>>(), wire in ".{0,30}", dest in ".{0,30}", flip in any::<prop::sample::Index>()) {
+            let e = encryptor();
+            let ctx = context(&wire, &dest);
+            let rt = rt();
+            let sealed = rt.block_on(e.seal(&payload, &ctx)).expect("seal");
+            let opened = rt.block_on(e.open(&sealed, &ctx)).expect("open");
+            prop_assert_eq!(opened.as_slice(), payload.as_slice());
+            // One flipped bit anywhere in the ciphertext (tag included) is refused.
+            let mut ct = B64.decode(&sealed.ct).expect("b64");
+            let i = flip.index(ct.len());
+            ct[i] ^= 0x01;
+            let tampered = Sealed { ct: B64.encode(ct), ..sealed.clone() };
+            prop_assert!(rt.block_on(e.open(&tampered, &ctx)).is_err());
+            let other = context(&format!("{wire}x"), &dest);
+            prop_assert!(rt.block_on(e.open(&sealed, &other)).is_err());
+        }
+
+        /// Arbitrary ciphertext objects are refused, never a panic.
+        #[test]
+        fn open_never_panics(sfenc in 0u32..3, edk in ".{0,90}", iv in ".{0,20}", ct in ".{0,90}") {
+            let e = encryptor();
+            let sealed = Sealed { sfenc, alg: "AES-256-GCM".into(), kid: "k".into(), edk, iv, ct };
+            prop_assert!(rt().block_on(e.open(&sealed, &context("t", "q"))).is_err());
+        }
+    }
 
     fn encryptor() -> Encryptor {
         Encryptor::new(
