@@ -64,6 +64,25 @@ fn context_key(c: &EncryptionContext) -> String {
     s
 }
 
+/// Drops the oldest entry when inserting `id` would exceed `max` entries.
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(
+    entries: &mut HashMap<K, V>,
+    id: &K,
+    max: usize,
+    created: impl Fn(&V) -> Instant,
+) {
+    if entries.len() < max || entries.contains_key(id) {
+        return;
+    }
+    if let Some(oldest) = entries
+        .iter()
+        .min_by_key(|(_, e)| created(e))
+        .map(|(k, _)| k.clone())
+    {
+        entries.remove(&oldest);
+    }
+}
+
 struct SenderEntry {
     key: Arc<DataKey>,
     created: Instant,
@@ -113,15 +132,7 @@ impl SenderCache {
             }
         }
         let key = Arc::new(generate().await?);
-        if entries.len() >= l.max_entries && !entries.contains_key(&id) {
-            if let Some(oldest) = entries
-                .iter()
-                .min_by_key(|(_, e)| e.created)
-                .map(|(k, _)| k.clone())
-            {
-                entries.remove(&oldest);
-            }
-        }
+        make_room(&mut entries, &id, l.max_entries, |e| e.created);
         entries.insert(
             id,
             SenderEntry {
@@ -175,15 +186,7 @@ impl ReceiverCache {
             }
         }
         let key = Arc::new(decrypt().await?);
-        if entries.len() >= self.limits.max_entries && !entries.contains_key(&id) {
-            if let Some(oldest) = entries
-                .iter()
-                .min_by_key(|(_, e)| e.created)
-                .map(|(k, _)| k.clone())
-            {
-                entries.remove(&oldest);
-            }
-        }
+        make_room(&mut entries, &id, self.limits.max_entries, |e| e.created);
         entries.insert(
             id,
             ReceiverEntry {
