@@ -84,6 +84,17 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A call to an idempotency store failed.
+    #[error("{operation} on the {store} idempotency store failed: {source}")]
+    Store {
+        /// Store name (`sqlite`, `postgres`, ...).
+        store: &'static str,
+        /// What was being done (`claim`, `complete`, `migrate`, ...).
+        operation: &'static str,
+        /// The underlying error.
+        source: BoxError,
+    },
+
     /// A user-level failure, e.g. returned from a handler with `?`.
     #[error(transparent)]
     Other(BoxError),

@@ -28,6 +28,8 @@
 //! service with `Builder::idempotency_ttl` and per type with `Builder::idempotency_ttl_for`.
 
 mod memory;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod sql;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -37,6 +39,10 @@ use async_trait::async_trait;
 use crate::error::Result;
 
 pub use memory::MemoryIdempotencyStore;
+#[cfg(feature = "postgres")]
+pub use sql::PostgresIdempotencyStore;
+#[cfg(feature = "sqlite")]
+pub use sql::SqliteIdempotencyStore;
 
 /// Default time a completed record is kept.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -170,6 +176,74 @@ pub fn payload_hash(payload: &str) -> String {
 /// A new random claim token.
 pub(crate) fn new_token() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+/// What one cleanup pass of [`purge_expired_in_batches`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Expired records deleted.
+    pub purged: usize,
+    /// Calls to [`IdempotencyStore::purge_expired`] made.
+    pub batches: usize,
+}
+
+/// Deletes every expired completed record of `store`, `batch` records per call, until a
+/// call deletes fewer than `batch`. Small batches keep each statement (and the locks it
+/// holds) short while claims go on.
+pub async fn purge_expired_in_batches<S>(store: &S, batch: usize) -> Result<Cleanup>
+where
+    S: IdempotencyStore + ?Sized,
+{
+    let batch = batch.max(1);
+    let mut done = Cleanup::default();
+    loop {
+        let n = store.purge_expired(batch).await?;
+        done.purged += n;
+        done.batches += 1;
+        if n < batch {
+            return Ok(done);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Default interval of [`spawn_cleanup`].
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Default batch size of [`spawn_cleanup`].
+pub const DEFAULT_CLEANUP_BATCH: usize = 1_000;
+
+/// Runs [`purge_expired_in_batches`] now and then every `every`, until the task is aborted.
+/// Failures are logged and retried at the next interval.
+pub fn spawn_cleanup<S>(
+    store: std::sync::Arc<S>,
+    every: Duration,
+    batch: usize,
+) -> tokio::task::JoinHandle<()>
+where
+    S: IdempotencyStore + ?Sized,
+{
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match purge_expired_in_batches(&*store, batch).await {
+                Ok(done) if done.purged > 0 => tracing::debug!(
+                    store = store.name(),
+                    purged = done.purged,
+                    batches = done.batches,
+                    "expired idempotency records purged"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(
+                    store = store.name(),
+                    %error,
+                    "purging expired idempotency records failed; retrying at the next interval"
+                ),
+            }
+        }
+    })
 }
 
 /// A conformance suite every store must pass; stores call it from their tests.

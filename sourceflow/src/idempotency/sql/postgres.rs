@@ -1,0 +1,230 @@
+//! The PostgreSQL idempotency store: claims shared by every instance of a service.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use super::{
+    classify, migrate_error, millis, store_error, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED,
+    MIGRATIONS_TABLE,
+};
+use crate::error::{Error, Result};
+use crate::idempotency::{new_token, Claim, IdempotencyStore};
+
+const STORE: &str = "postgres";
+
+/// Connections in the pool opened by [`PostgresIdempotencyStore::connect`].
+const MAX_CONNECTIONS: u32 = 10;
+
+// Makes the compiler track the migration, so that editing it rebuilds the crate.
+const _: &str = include_str!("../../../migrations/postgres/0001_idempotency.sql");
+
+/// Claims in a PostgreSQL table: for services that run as several instances, on one host
+/// or many. Leases and expiries are judged by the database server's clock.
+#[derive(Debug, Clone)]
+pub struct PostgresIdempotencyStore {
+    pool: PgPool,
+}
+
+impl PostgresIdempotencyStore {
+    /// Connects to `url` (e.g. `postgres://user@host:5432/db`) and applies the embedded
+    /// migrations. Built without TLS: reach the database over loopback or a private network,
+    /// or bring a pool of your own to [`from_pool`](Self::from_pool).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect(url)
+            .await
+            .map_err(store_error(STORE, "connect"))?;
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool and applies the embedded migrations (under PostgreSQL's
+    /// advisory lock, so instances starting together apply them once).
+    pub async fn from_pool(pool: PgPool) -> Result<Self> {
+        let mut migrator = sqlx::migrate!("migrations/postgres");
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        migrator.run(&pool).await.map_err(migrate_error(STORE))?;
+        Ok(PostgresIdempotencyStore { pool })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn existing(&self, key: &str) -> Result<Option<Existing>> {
+        let row: Option<PgRow> = sqlx::query(
+            "SELECT payload_hash, state, lease_until, expires_at, outbox,
+                    (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
+             FROM sourceflow_idempotency WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error(STORE, "claim"))?;
+        row.map(|r| read_existing(&r))
+            .transpose()
+            .map_err(store_error(STORE, "claim"))
+    }
+}
+
+fn read_existing(r: &PgRow) -> std::result::Result<Existing, sqlx::Error> {
+    Ok(Existing {
+        payload_hash: r.try_get("payload_hash")?,
+        state: r.try_get("state")?,
+        lease_until: r.try_get("lease_until")?,
+        expires_at: r.try_get("expires_at")?,
+        outbox: r.try_get("outbox")?,
+        now: r.try_get("now")?,
+    })
+}
+
+#[async_trait]
+impl IdempotencyStore for PostgresIdempotencyStore {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let token = new_token();
+            // One statement: insert, or take over an expired lease (same payload) or an
+            // expired completion; otherwise change nothing and return no row. A concurrent
+            // insert of the same key waits for the first to commit, then sees its record.
+            let won = sqlx::query(
+                "INSERT INTO sourceflow_idempotency AS t
+                     (key, payload_hash, state, token, lease_until, created_at)
+                 SELECT $1, $2, 'in_progress', $3, clock.ms + $4, clock.ms
+                 FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms)
+                      AS clock
+                 ON CONFLICT (key) DO UPDATE SET
+                     payload_hash = EXCLUDED.payload_hash,
+                     state = 'in_progress',
+                     token = EXCLUDED.token,
+                     lease_until = EXCLUDED.lease_until,
+                     expires_at = NULL,
+                     outbox = NULL,
+                     created_at = EXCLUDED.created_at
+                 WHERE (t.state = 'in_progress' AND t.lease_until <= EXCLUDED.created_at
+                        AND t.payload_hash = EXCLUDED.payload_hash)
+                    OR (t.state = 'completed' AND t.expires_at <= EXCLUDED.created_at)
+                 RETURNING t.token",
+            )
+            .bind(key)
+            .bind(payload_hash)
+            .bind(&token)
+            .bind(millis(lease))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error(STORE, "claim"))?;
+            if won.is_some() {
+                return Ok(Claim::Acquired { token });
+            }
+            match classify(self.existing(key).await?, payload_hash) {
+                Verdict::Answer(claim) => return Ok(claim),
+                Verdict::Retry => continue,
+            }
+        }
+        Ok(CONTENDED)
+    }
+
+    async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sourceflow_idempotency
+             SET lease_until = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $3
+             WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+        )
+        .bind(key)
+        .bind(token)
+        .bind(millis(lease))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "renew"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+        outbox: Option<&str>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sourceflow_idempotency
+             SET state = 'completed', token = NULL, lease_until = NULL,
+                 expires_at = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $3,
+                 outbox = $4
+             WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+        )
+        .bind(key)
+        .bind(token)
+        .bind(millis(ttl))
+        .bind(outbox)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "complete"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mark_dispatched(&self, key: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE sourceflow_idempotency SET outbox = NULL
+             WHERE key = $1 AND state = 'completed' AND outbox IS NOT NULL",
+        )
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "mark_dispatched"))?;
+        Ok(())
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM sourceflow_idempotency
+             WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+        )
+        .bind(key)
+        .bind(token)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "release"))?;
+        Ok(())
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<usize> {
+        // Instances cleaning up at the same time skip each other's rows instead of waiting.
+        let done = sqlx::query(
+            "DELETE FROM sourceflow_idempotency WHERE key IN (
+                 SELECT key FROM sourceflow_idempotency
+                 WHERE state = 'completed'
+                   AND expires_at <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "purge_expired"))?;
+        usize::try_from(done.rows_affected()).map_err(|e| Error::Store {
+            store: STORE,
+            operation: "purge_expired",
+            source: Box::new(e),
+        })
+    }
+
+    async fn size(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sourceflow_idempotency")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error(STORE, "size"))?;
+        u64::try_from(n).map_err(|e| Error::Store {
+            store: STORE,
+            operation: "size",
+            source: Box::new(e),
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! The SQLite idempotency store: claims in a database file on one host, kept across
+//! restarts.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{ConnectOptions, Connection, Row};
+
+use super::{
+    classify, migrate_error, millis, store_error, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED,
+    MIGRATIONS_TABLE,
+};
+use crate::error::{Error, Result};
+use crate::idempotency::{new_token, Claim, IdempotencyStore};
+
+const STORE: &str = "sqlite";
+
+/// How long a statement waits for another connection's write to finish before failing with
+/// `SQLITE_BUSY`. Writes to one SQLite file are serialized; a claim waits its turn.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections in the pool opened by [`SqliteIdempotencyStore::connect`].
+const MAX_CONNECTIONS: u32 = 8;
+
+// Makes the compiler track the migration, so that editing it rebuilds the crate.
+const _: &str = include_str!("../../../migrations/sqlite/0001_idempotency.sql");
+
+/// Claims in a SQLite database file: for a service on a single host whose idempotency must
+/// survive restarts (several processes on that host may share the file).
+///
+/// The database runs in WAL mode with a busy timeout, so concurrent claims from the pool's
+/// connections (or other processes) wait for each other instead of failing. Commits are
+/// fully synchronous (SQLite's default): a completion is on disk before the message is
+/// acknowledged.
+#[derive(Debug, Clone)]
+pub struct SqliteIdempotencyStore {
+    pool: SqlitePool,
+}
+
+impl SqliteIdempotencyStore {
+    /// Opens (creating it if needed with `?mode=rwc`) the database at `url`, e.g.
+    /// `sqlite://var/claims.db?mode=rwc`, in WAL mode with a busy timeout, and applies the
+    /// embedded migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(store_error(STORE, "connect"))?
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT);
+        // Switching a new database into WAL mode takes an exclusive lock that the busy
+        // timeout does not cover: do it once, on one connection, before opening the pool.
+        let mut attempt = 0;
+        loop {
+            match options.connect().await {
+                Ok(conn) => {
+                    conn.close().await.map_err(store_error(STORE, "connect"))?;
+                    break;
+                }
+                Err(e) if is_busy(&e) && attempt < 50 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => return Err(store_error(STORE, "connect")(e)),
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(store_error(STORE, "connect"))?;
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool and applies the embedded migrations. Configure it with WAL mode
+    /// and a busy timeout (as [`connect`](Self::connect) does) if several connections or
+    /// processes share the file.
+    pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
+        let mut migrator = sqlx::migrate!("migrations/sqlite");
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        // Processes opening a new file at the same time may both try to apply a migration;
+        // the loser fails (SQLite has no migration lock) and then finds it applied.
+        let mut attempt = 0;
+        loop {
+            match migrator.run(&pool).await {
+                Ok(()) => break,
+                Err(_) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(migrate_error(STORE)(e)),
+            }
+        }
+        Ok(SqliteIdempotencyStore { pool })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn existing(&self, key: &str) -> Result<Option<Existing>> {
+        let row: Option<SqliteRow> = sqlx::query(
+            "SELECT payload_hash, state, lease_until, expires_at, outbox
+             FROM sourceflow_idempotency WHERE key = ?1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error(STORE, "claim"))?;
+        let now = now_millis();
+        row.map(|r| read_existing(&r, now))
+            .transpose()
+            .map_err(store_error(STORE, "claim"))
+    }
+}
+
+fn read_existing(r: &SqliteRow, now: i64) -> std::result::Result<Existing, sqlx::Error> {
+    Ok(Existing {
+        payload_hash: r.try_get("payload_hash")?,
+        state: r.try_get("state")?,
+        lease_until: r.try_get("lease_until")?,
+        expires_at: r.try_get("expires_at")?,
+        outbox: r.try_get("outbox")?,
+        now,
+    })
+}
+
+/// The process clock, in milliseconds since the Unix epoch.
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+fn is_busy(e: &sqlx::Error) -> bool {
+    // SQLITE_BUSY (5) and its extended codes (e.g. 517, SQLITE_BUSY_SNAPSHOT); SQLITE_LOCKED (6).
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteIdempotencyStore {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let token = new_token();
+            let now = now_millis();
+            // One statement: insert, or take over an expired lease (same payload) or an
+            // expired completion; otherwise change nothing and return no row.
+            let won = sqlx::query(
+                "INSERT INTO sourceflow_idempotency
+                     (key, payload_hash, state, token, lease_until, created_at)
+                 VALUES (?1, ?2, 'in_progress', ?3, ?4 + ?5, ?4)
+                 ON CONFLICT (key) DO UPDATE SET
+                     payload_hash = excluded.payload_hash,
+                     state = 'in_progress',
+                     token = excluded.token,
+                     lease_until = excluded.lease_until,
+                     expires_at = NULL,
+                     outbox = NULL,
+                     created_at = excluded.created_at
+                 WHERE (state = 'in_progress' AND lease_until <= excluded.created_at
+                        AND payload_hash = excluded.payload_hash)
+                    OR (state = 'completed' AND expires_at <= excluded.created_at)
+                 RETURNING token",
+            )
+            .bind(key)
+            .bind(payload_hash)
+            .bind(&token)
+            .bind(now)
+            .bind(millis(lease))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error(STORE, "claim"))?;
+            if won.is_some() {
+                return Ok(Claim::Acquired { token });
+            }
+            match classify(self.existing(key).await?, payload_hash) {
+                Verdict::Answer(claim) => return Ok(claim),
+                Verdict::Retry => continue,
+            }
+        }
+        Ok(CONTENDED)
+    }
+
+    async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sourceflow_idempotency SET lease_until = ?3
+             WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
+        )
+        .bind(key)
+        .bind(token)
+        .bind(now_millis() + millis(lease))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "renew"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+        outbox: Option<&str>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sourceflow_idempotency
+             SET state = 'completed', token = NULL, lease_until = NULL,
+                 expires_at = ?3, outbox = ?4
+             WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
+        )
+        .bind(key)
+        .bind(token)
+        .bind(now_millis() + millis(ttl))
+        .bind(outbox)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "complete"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mark_dispatched(&self, key: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE sourceflow_idempotency SET outbox = NULL
+             WHERE key = ?1 AND state = 'completed' AND outbox IS NOT NULL",
+        )
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "mark_dispatched"))?;
+        Ok(())
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM sourceflow_idempotency
+             WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
+        )
+        .bind(key)
+        .bind(token)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "release"))?;
+        Ok(())
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<usize> {
+        let done = sqlx::query(
+            "DELETE FROM sourceflow_idempotency WHERE rowid IN (
+                 SELECT rowid FROM sourceflow_idempotency
+                 WHERE state = 'completed' AND expires_at <= ?1
+                 LIMIT ?2)",
+        )
+        .bind(now_millis())
+        .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error(STORE, "purge_expired"))?;
+        usize::try_from(done.rows_affected()).map_err(|e| Error::Store {
+            store: STORE,
+            operation: "purge_expired",
+            source: Box::new(e),
+        })
+    }
+
+    async fn size(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sourceflow_idempotency")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error(STORE, "size"))?;
+        u64::try_from(n).map_err(|e| Error::Store {
+            store: STORE,
+            operation: "size",
+            source: Box::new(e),
+        })
+    }
+}
