@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README says: unit tests, doctests, the compile-fail suite,
-# the behaviour suite on the embedded transport, then the behaviour suite and the
-# AWS-specific tests against a local AWS API emulator that this script installs, starts on
-# 127.0.0.1 and stops again. Needs nothing but Rust and Python 3.11 (both on the machine).
+# the SQL idempotency stores against SQLite and a throwaway PostgreSQL (Debian's package,
+# installed and started on 127.0.0.1 by tests/support/postgres.sh), the behaviour suite on
+# the embedded transport, then the behaviour suite and the AWS-specific tests against a
+# local AWS API emulator that this script installs, starts on 127.0.0.1 and stops again.
 #
 #   tests/run.sh              # everything
 #   SKIP_AWS=1 tests/run.sh   # embedded transport only (no emulator)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== unit, doc, compile-fail and embedded-transport behaviour tests"
+cleanup() {
+    tests/support/postgres.sh stop >/dev/null 2>&1 || true
+    if [ -x tests/support/emulator.sh ]; then
+        tests/support/emulator.sh stop >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
+
+echo "== starting PostgreSQL on 127.0.0.1 (for the SQL idempotency store)"
+postgres_env=$(tests/support/postgres.sh start)
+eval "$postgres_env"
+export SOURCEFLOW_TEST_REQUIRE_POSTGRES=1
+
+echo "== unit, doc, compile-fail, SQL store and embedded-transport behaviour tests"
 cargo test --workspace --all-features
 
 if [ "${SKIP_AWS:-0}" = "1" ]; then
@@ -25,7 +39,6 @@ fi
 echo "== starting the AWS API emulator on 127.0.0.1"
 emulator_env=$(tests/support/emulator.sh start)
 eval "$emulator_env"
-trap 'tests/support/emulator.sh stop >/dev/null 2>&1 || true' EXIT
 
 echo "== behaviour suite and AWS tests against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \

@@ -309,7 +309,7 @@ impl Builder {
         })
     }
 
-    fn resolve(self) -> Result<Resolved> {
+    async fn resolve(self) -> Result<Resolved> {
         let service = match self.service.or_else(|| env_var("SOURCEFLOW_SERVICE")) {
             Some(s) => {
                 if sanitize_service(&s) != s {
@@ -398,9 +398,19 @@ impl Builder {
                     Some(Arc::new(MemoryIdempotencyStore::new()) as Arc<dyn IdempotencyStore>)
                 }
                 Some("off") => None,
+                #[cfg(feature = "sqlite")]
+                Some(url) if url.starts_with("sqlite:") => Some(Arc::new(
+                    idempotency::SqliteIdempotencyStore::connect(url).await?,
+                )
+                    as Arc<dyn IdempotencyStore>),
+                #[cfg(feature = "postgres")]
+                Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+                    Some(Arc::new(idempotency::PostgresIdempotencyStore::connect(url).await?)
+                        as Arc<dyn IdempotencyStore>)
+                }
                 Some(other) => {
                     return Err(Error::Config(format!(
-                        "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory` or `off`"
+                        "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory`, `off`, or (with the `sqlite`/`postgres` features) a `sqlite://` or `postgres://` URL"
                     )))
                 }
             },
@@ -475,7 +485,7 @@ impl Builder {
     /// Checks the routes, provisions the topology and starts the listeners. Returns once
     /// everything listens.
     pub async fn start(self) -> Result<Handle> {
-        let r = self.resolve()?;
+        let r = self.resolve().await?;
         let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
         let plan = plan(&r, &messages)?;
         r.transport.provision(&plan.topology).await?;
@@ -555,6 +565,13 @@ impl Builder {
                 stop,
                 listeners: Mutex::new(tasks),
                 listener_info: listeners,
+                cleanup: Mutex::new(r.idempotency.as_ref().map(|i| {
+                    idempotency::spawn_cleanup(
+                        i.store.clone(),
+                        idempotency::DEFAULT_CLEANUP_INTERVAL,
+                        idempotency::DEFAULT_CLEANUP_BATCH,
+                    )
+                })),
                 idempotency: r.idempotency,
             }),
         })
@@ -835,6 +852,8 @@ struct HandleInner {
     stop: CancellationToken,
     listeners: Mutex<Vec<JoinHandle<DrainReport>>>,
     listener_info: Vec<ListenerInfo>,
+    /// The periodic purge of expired idempotency records.
+    cleanup: Mutex<Option<JoinHandle<()>>>,
     idempotency: Option<Arc<idempotency::Settings>>,
 }
 
@@ -982,6 +1001,9 @@ impl Handle {
     /// returns unfinished messages to their queues. A second call returns an empty report.
     pub async fn shutdown(&self) -> Result<DrainReport> {
         self.inner.stop.cancel();
+        if let Some(cleanup) = self.inner.cleanup.lock().take() {
+            cleanup.abort();
+        }
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.listeners.lock());
         let mut report = DrainReport::default();
         for t in tasks {

@@ -27,12 +27,17 @@ struct Ledger {
     cents: Arc<AtomicU32>,
 }
 
-#[handler]
-async fn capture(cmd: CapturePayment, State(l): State<Ledger>) -> sourceflow::Result<()> {
-    tokio::time::sleep(Duration::from_millis(cmd.slow_ms)).await;
-    l.captures.fetch_add(1, Ordering::SeqCst);
-    l.cents.fetch_add(cmd.cents as u32, Ordering::SeqCst);
-    Ok(())
+mod plain {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn capture(cmd: CapturePayment, State(l): State<Ledger>) -> sourceflow::Result<()> {
+        tokio::time::sleep(Duration::from_millis(cmd.slow_ms)).await;
+        l.captures.fetch_add(1, Ordering::SeqCst);
+        l.cents.fetch_add(cmd.cents as u32, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +48,7 @@ async fn twenty_deliveries_to_four_instances_have_one_effect() {
     let mut instances = Vec::new();
     for _ in 0..4 {
         instances.push(
-            h.service("idem", module_path!())
+            h.service("idem", plain::MODULE)
                 .state(ledger.clone())
                 .idempotency_arc(store.clone())
                 .concurrency(5)
@@ -104,7 +109,7 @@ async fn in_progress_duplicate_is_deferred_then_acknowledged() {
     let h = Harness::new().await;
     let ledger = Ledger::default();
     let app = h
-        .service("idem-defer", module_path!())
+        .service("idem-defer", plain::MODULE)
         .state(ledger.clone())
         .start()
         .await
@@ -151,7 +156,7 @@ async fn reused_id_with_another_payload_goes_to_the_dlq() {
     let h = Harness::new().await;
     let ledger = Ledger::default();
     let app = h
-        .service("idem-mismatch", module_path!())
+        .service("idem-mismatch", plain::MODULE)
         .state(ledger.clone())
         .start()
         .await
@@ -200,4 +205,287 @@ async fn reused_id_with_another_payload_goes_to_the_dlq() {
     );
     assert_eq!(app.idempotency_stats().expect("stats").mismatches, 1);
     app.shutdown().await.expect("shutdown");
+}
+
+// ---- durable stores: a database row as the side effect, restarts ---------------------------
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod durable {
+    use super::*;
+    use sourceflow::Handle;
+
+    #[command(queue = "idem-db-ledger", name = "tests.PostEntry.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct PostEntry {
+        pub entry: String,
+    }
+
+    /// The side effect: a counter row per entry in the store's own database.
+    #[derive(Clone)]
+    pub enum Effects {
+        #[cfg(feature = "sqlite")]
+        Sqlite(sqlx::SqlitePool),
+        #[cfg(feature = "postgres")]
+        Postgres(sqlx::PgPool),
+    }
+
+    impl Effects {
+        async fn setup(&self) {
+            let ddl = "CREATE TABLE IF NOT EXISTS test_effects (entry TEXT PRIMARY KEY, n BIGINT NOT NULL)";
+            match self {
+                #[cfg(feature = "sqlite")]
+                Effects::Sqlite(p) => {
+                    sqlx::query(ddl).execute(p).await.expect("ddl");
+                }
+                #[cfg(feature = "postgres")]
+                Effects::Postgres(p) => {
+                    // Concurrent `CREATE TABLE IF NOT EXISTS` can race in PostgreSQL's
+                    // catalog; the loser retries and finds the table.
+                    for attempt in 0.. {
+                        match sqlx::query(ddl).execute(p).await {
+                            Ok(_) => break,
+                            Err(e) if attempt < 5 => {
+                                let _ = e;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Err(e) => panic!("ddl: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+
+        async fn bump(&self, entry: &str) -> Result<(), sqlx::Error> {
+            let sql = "INSERT INTO test_effects (entry, n) VALUES ($1, 1) ON CONFLICT (entry) DO UPDATE SET n = test_effects.n + 1";
+            match self {
+                #[cfg(feature = "sqlite")]
+                Effects::Sqlite(p) => sqlx::query(sql).bind(entry).execute(p).await.map(|_| ()),
+                #[cfg(feature = "postgres")]
+                Effects::Postgres(p) => sqlx::query(sql).bind(entry).execute(p).await.map(|_| ()),
+            }
+        }
+
+        pub async fn count(&self, entry: &str) -> i64 {
+            let sql = "SELECT n FROM test_effects WHERE entry = $1";
+            let n: Option<i64> = match self {
+                #[cfg(feature = "sqlite")]
+                Effects::Sqlite(p) => sqlx::query_scalar(sql)
+                    .bind(entry)
+                    .fetch_optional(p)
+                    .await
+                    .expect("count"),
+                #[cfg(feature = "postgres")]
+                Effects::Postgres(p) => sqlx::query_scalar(sql)
+                    .bind(entry)
+                    .fetch_optional(p)
+                    .await
+                    .expect("count"),
+            };
+            n.unwrap_or(0)
+        }
+    }
+
+    #[handler]
+    async fn post_entry(cmd: PostEntry, State(fx): State<Effects>) -> Result<(), sqlx::Error> {
+        // Slow enough that duplicates overlap with the original.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        fx.bump(&cmd.entry).await
+    }
+
+    async fn instances(
+        h: &Harness,
+        store: Arc<dyn IdempotencyStore>,
+        fx: &Effects,
+        n: usize,
+    ) -> Vec<Handle> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(
+                h.service("idem-db", module_path!())
+                    .state(fx.clone())
+                    .idempotency_arc(store.clone())
+                    .concurrency(5)
+                    .start()
+                    .await
+                    .expect("start"),
+            );
+        }
+        out
+    }
+
+    /// The same message delivered 20 times across 4 competing instances changes the row once.
+    pub async fn twenty_deliveries_one_row_update(store: Arc<dyn IdempotencyStore>, fx: Effects) {
+        fx.setup().await;
+        let h = Harness::new().await;
+        let apps = instances(&h, store, &fx, 4).await;
+        let entry = uuid::Uuid::new_v4().to_string();
+        let id = uuid::Uuid::new_v4().to_string();
+        let sends = (0..20).map(|i| {
+            let app = apps[i % 4].clone();
+            let cmd = PostEntry {
+                entry: entry.clone(),
+            };
+            let id = id.clone();
+            async move {
+                app.send_with(cmd, SendOptions::new().message_id(id))
+                    .await
+                    .expect("send")
+            }
+        });
+        futures_util::future::join_all(sends).await;
+        eventually("all 20 deliveries acknowledged", || async {
+            apps.iter()
+                .map(|a| a.idempotency_stats().expect("stats").duplicates)
+                .sum::<u64>()
+                == 19
+        })
+        .await;
+        assert_eq!(
+            fx.count(&entry).await,
+            1,
+            "the row was updated exactly once"
+        );
+        h.assert_empty(&apps[0].queue_of::<PostEntry>(), Duration::from_millis(200))
+            .await;
+        for a in apps {
+            a.shutdown().await.expect("shutdown");
+        }
+    }
+
+    /// A restarted service (new process state, same database) does not reprocess.
+    pub async fn restart_does_not_reprocess(
+        connect: impl Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Arc<dyn IdempotencyStore>>>,
+        >,
+        fx: Effects,
+    ) {
+        fx.setup().await;
+        let h = Harness::new().await;
+        let entry = uuid::Uuid::new_v4().to_string();
+        let id = uuid::Uuid::new_v4().to_string();
+        let first = instances(&h, connect().await, &fx, 1).await.remove(0);
+        first
+            .send_with(
+                PostEntry {
+                    entry: entry.clone(),
+                },
+                SendOptions::new().message_id(id.clone()),
+            )
+            .await
+            .expect("send");
+        eventually("handled once", || async { fx.count(&entry).await == 1 }).await;
+        first.shutdown().await.expect("shutdown");
+        drop(first);
+
+        let second = instances(&h, connect().await, &fx, 1).await.remove(0);
+        second
+            .send_with(
+                PostEntry {
+                    entry: entry.clone(),
+                },
+                SendOptions::new().message_id(id),
+            )
+            .await
+            .expect("send again");
+        eventually("the re-delivery is recognised", || async {
+            second.idempotency_stats().expect("stats").duplicates == 1
+        })
+        .await;
+        assert_eq!(
+            fx.count(&entry).await,
+            1,
+            "not processed again after the restart"
+        );
+        second.shutdown().await.expect("shutdown");
+    }
+}
+
+#[cfg(feature = "sqlite")]
+fn sqlite_url() -> String {
+    let path = std::env::temp_dir().join(format!("sourceflow-idem-{}.db", uuid::Uuid::new_v4()));
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_twenty_deliveries_one_row_update() {
+    let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&sqlite_url())
+        .await
+        .expect("sqlite");
+    let fx = durable::Effects::Sqlite(store.pool().clone());
+    durable::twenty_deliveries_one_row_update(Arc::new(store), fx).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_survives_a_restart() {
+    let url = sqlite_url();
+    let fx_store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&url)
+        .await
+        .expect("sqlite");
+    let fx = durable::Effects::Sqlite(fx_store.pool().clone());
+    durable::restart_does_not_reprocess(
+        move || {
+            let url = url.clone();
+            Box::pin(async move {
+                Arc::new(
+                    sourceflow::idempotency::SqliteIdempotencyStore::connect(&url)
+                        .await
+                        .expect("reconnect"),
+                ) as Arc<dyn IdempotencyStore>
+            })
+        },
+        fx,
+    )
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_url() -> Option<String> {
+    match std::env::var("SOURCEFLOW_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("SOURCEFLOW_TEST_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "SOURCEFLOW_TEST_REQUIRE_POSTGRES=1 but SOURCEFLOW_TEST_POSTGRES_URL is unset: start it with tests/support/postgres.sh"
+            );
+            println!("skipped: set SOURCEFLOW_TEST_POSTGRES_URL (tests/run.sh does)");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_twenty_deliveries_one_row_update() {
+    let Some(url) = postgres_url() else { return };
+    let store = sourceflow::idempotency::PostgresIdempotencyStore::connect(&url)
+        .await
+        .expect("postgres");
+    let fx = durable::Effects::Postgres(store.pool().clone());
+    durable::twenty_deliveries_one_row_update(Arc::new(store), fx).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_survives_a_restart() {
+    let Some(url) = postgres_url() else { return };
+    let fx_store = sourceflow::idempotency::PostgresIdempotencyStore::connect(&url)
+        .await
+        .expect("postgres");
+    let fx = durable::Effects::Postgres(fx_store.pool().clone());
+    durable::restart_does_not_reprocess(
+        move || {
+            let url = url.clone();
+            Box::pin(async move {
+                Arc::new(
+                    sourceflow::idempotency::PostgresIdempotencyStore::connect(&url)
+                        .await
+                        .expect("reconnect"),
+                ) as Arc<dyn IdempotencyStore>
+            })
+        },
+        fx,
+    )
+    .await;
 }
