@@ -142,6 +142,9 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
         Some(q) => quote!(::core::option::Option::Some(#q)),
         None => quote!(::core::option::Option::None),
     };
+    let decode = quote_spanned! {msg_ty.span()=>
+        __ctx.__decode::<#msg_ty>()
+    };
     let msg_check = quote_spanned! {msg_ty.span()=>
         ::sourceflow::__private::HandlerRoute::new::<#msg_ty>
     };
@@ -155,7 +158,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
             __ctx: &'a ::sourceflow::Context,
         ) -> ::sourceflow::__private::BoxFuture<'a, ::core::result::Result<(), ::sourceflow::__private::InvokeError>> {
             ::std::boxed::Box::pin(async move {
-                let __message: #msg_ty = __ctx.__decode()?;
+                let __message: #msg_ty = #decode?;
                 #(#lets)*
                 let __out = #fn_name(#(#call_args),*).await;
                 #into_result

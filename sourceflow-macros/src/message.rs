@@ -214,10 +214,13 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
         Some(f) => {
             let member = &f.member;
             let ty = &f.ty;
+            let to_id = quote_spanned! {ty.span()=>
+                ::sourceflow::EntityId::to_entity_id(&self.#member)
+            };
             (
                 quote! {
                     fn entity_id(&self) -> ::core::option::Option<::std::string::String> {
-                        ::core::option::Option::Some(::sourceflow::EntityId::to_entity_id(&self.#member))
+                        ::core::option::Option::Some(#to_id)
                     }
                 },
                 quote_spanned! {ty.span()=>

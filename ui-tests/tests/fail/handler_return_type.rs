@@ -1,0 +1,13 @@
+// A handler returns `()` or `Result<(), E>`.
+#[sourceflow::command(queue = "orders")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreateOrder {
+    pub order_id: u64,
+}
+
+#[sourceflow::handler]
+async fn create_order(cmd: CreateOrder) -> u64 {
+    cmd.order_id
+}
+
+fn main() {}
