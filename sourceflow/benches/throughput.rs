@@ -1,1 +1,334 @@
-fn main() {}
+//! End-to-end throughput on the embedded transport, next to a plain tokio mpsc baseline
+//! doing the same JSON work, in one run.
+//!
+//! ```text
+//! cargo bench -p sourceflow --bench throughput
+//! ```
+//!
+//! The flow is the orders flow: a `PlaceOrder` command on a FIFO queue (1,000 entity ids,
+//! so 1,000 message groups) is handled by a handler that raises `OrderPlaced` on a topic;
+//! an event handler records the end-to-end latency. A "handled message" is one handler run,
+//! so each command counts twice (command + event).
+//!
+//! The baseline does the same serialization work without sourceflow: the producer encodes
+//! the command envelope, a tokio mpsc channel carries it to a stage that decodes it and
+//! encodes the event envelope, a second channel carries that to a stage that decodes it.
+//!
+//! Rows, alternated round by round (median of the rounds):
+//! * `baseline`: the mpsc pipeline;
+//! * `sourceflow`: the defaults (idempotency on, memory store), telemetry off;
+//! * `sourceflow, no idempotency`;
+//! * `sourceflow, telemetry on`: every span recorded through `tracing-opentelemetry` into an
+//!   OpenTelemetry SDK tracer (batch processor, exporter that drops), and every metric
+//!   recorded into an SDK meter provider. The ratio to `sourceflow` is the telemetry overhead.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use serde::{Deserialize, Serialize};
+use sourceflow::{command, event, handler, Context, State};
+use tokio::sync::Notify;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{filter::LevelFilter, reload, Layer};
+
+const COMMANDS: u64 = 50_000;
+const GROUPS: u64 = 1_000;
+const ROUNDS: usize = 5;
+const CONCURRENCY: usize = 10;
+
+#[command(queue = "bench-orders.fifo", name = "bench.PlaceOrder.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    #[entity_id]
+    pub customer: u64,
+    pub order: u64,
+    pub sent_nanos: u64,
+    pub note: String,
+}
+
+#[event(topic = "bench-order-events", name = "bench.OrderPlaced.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    #[entity_id]
+    pub customer: u64,
+    pub order: u64,
+    pub sent_nanos: u64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_nanos() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// Per-round results: one latency slot per order, and a completion signal.
+#[derive(Clone)]
+pub struct Sink {
+    latencies: Arc<Vec<AtomicU64>>,
+    done: Arc<AtomicUsize>,
+    finished: Arc<Notify>,
+}
+
+impl Sink {
+    fn new() -> Self {
+        Sink {
+            latencies: Arc::new((0..COMMANDS).map(|_| AtomicU64::new(0)).collect()),
+            done: Arc::new(AtomicUsize::new(0)),
+            finished: Arc::new(Notify::new()),
+        }
+    }
+
+    fn record(&self, order: u64, sent_nanos: u64) {
+        if let Some(slot) = self.latencies.get(order as usize) {
+            slot.store(now_nanos().saturating_sub(sent_nanos), Ordering::Relaxed);
+        }
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == COMMANDS as usize {
+            self.finished.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        while self.done.load(Ordering::Acquire) < COMMANDS as usize {
+            let notified = self.finished.notified();
+            if self.done.load(Ordering::Acquire) >= COMMANDS as usize {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+
+    fn percentiles(&self) -> (Duration, Duration) {
+        let mut v: Vec<u64> = self
+            .latencies
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        v.sort_unstable();
+        let at = |p: f64| Duration::from_nanos(v[((v.len() - 1) as f64 * p) as usize]);
+        (at(0.50), at(0.99))
+    }
+}
+
+#[handler]
+async fn place_order(cmd: PlaceOrder, ctx: &Context) -> sourceflow::Result<()> {
+    ctx.raise(OrderPlaced {
+        customer: cmd.customer,
+        order: cmd.order,
+        sent_nanos: cmd.sent_nanos,
+    })
+    .await
+}
+
+#[handler]
+async fn order_placed(evt: OrderPlaced, State(sink): State<Sink>) -> sourceflow::Result<()> {
+    sink.record(evt.order, evt.sent_nanos);
+    Ok(())
+}
+
+fn order(i: u64) -> PlaceOrder {
+    PlaceOrder {
+        customer: i % GROUPS,
+        order: i,
+        sent_nanos: now_nanos(),
+        note: "two espressos, one croissant".into(),
+    }
+}
+
+struct Measured {
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Measured {
+    fn handled_per_sec(&self) -> f64 {
+        (2 * COMMANDS) as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Defaults,
+    NoIdempotency,
+    Telemetry,
+}
+
+async fn framework(mode: Mode, meters: &SdkMeterProvider) -> Measured {
+    let sink = Sink::new();
+    let mut b = sourceflow::builder()
+        .service("bench")
+        .handlers_in(module_path!())
+        .state(sink.clone())
+        .concurrency(CONCURRENCY)
+        .depth_sample_interval(Duration::ZERO);
+    b = match mode {
+        Mode::Defaults => b,
+        Mode::NoIdempotency => b.without_idempotency(),
+        Mode::Telemetry => b.meter_provider(meters),
+    };
+    let app = b.start().await.expect("start");
+    let start = Instant::now();
+    // Producers: several tasks, each keeping its customers' orders in sequence.
+    let producers: Vec<_> = (0..4u64)
+        .map(|p| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut i = p;
+                while i < COMMANDS {
+                    app.send(order(i)).await.expect("send");
+                    i += 4;
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.expect("producer");
+    }
+    sink.wait().await;
+    let elapsed = start.elapsed();
+    app.shutdown().await.expect("shutdown");
+    let (p50, p99) = sink.percentiles();
+    Measured { elapsed, p50, p99 }
+}
+
+async fn baseline() -> Measured {
+    use sourceflow::envelope::{self, SendMeta};
+    let sink = Sink::new();
+    let (tx1, mut rx1) = tokio::sync::mpsc::channel::<(String, Vec<(String, String)>)>(1024);
+    let (tx2, mut rx2) = tokio::sync::mpsc::channel::<(String, Vec<(String, String)>)>(1024);
+    let start = Instant::now();
+    let stage1 = tokio::spawn(async move {
+        while let Some((body, attrs)) = rx1.recv().await {
+            let env = envelope::decode(&body, &attrs).expect("envelope");
+            let cmd: PlaceOrder = serde_json::from_str(env.payload.get()).expect("payload");
+            let evt = OrderPlaced {
+                customer: cmd.customer,
+                order: cmd.order,
+                sent_nanos: cmd.sent_nanos,
+            };
+            let out = envelope::encode(&evt, SendMeta::default()).expect("encode");
+            if tx2.send((out.body, out.attributes)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let sink2 = sink.clone();
+    let stage2 = tokio::spawn(async move {
+        while let Some((body, attrs)) = rx2.recv().await {
+            let env = envelope::decode(&body, &attrs).expect("envelope");
+            let evt: OrderPlaced = serde_json::from_str(env.payload.get()).expect("payload");
+            sink2.record(evt.order, evt.sent_nanos);
+        }
+    });
+    for i in 0..COMMANDS {
+        let out = envelope::encode(&order(i), SendMeta::default()).expect("encode");
+        tx1.send((out.body, out.attributes)).await.expect("send");
+    }
+    drop(tx1);
+    sink.wait().await;
+    let elapsed = start.elapsed();
+    let _ = stage1.await;
+    let _ = stage2.await;
+    let (p50, p99) = sink.percentiles();
+    Measured { elapsed, p50, p99 }
+}
+
+/// Spans go through the whole OpenTelemetry pipeline and are then dropped.
+#[derive(Debug)]
+struct DropExporter;
+
+impl SpanExporter for DropExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        std::hint::black_box(batch);
+        Ok(())
+    }
+}
+
+fn median(mut v: Vec<Measured>) -> Measured {
+    v.sort_by(|a, b| a.elapsed.cmp(&b.elapsed));
+    v.remove(v.len() / 2)
+}
+
+fn main() {
+    let _ = epoch();
+    // Telemetry is switched on and off with a reloadable filter on one global subscriber.
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(DropExporter)
+        .build();
+    let (filter, switch) = reload::Layer::new(LevelFilter::OFF);
+    tracing_subscriber::registry()
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer.tracer("bench"))
+                .with_filter(filter),
+        )
+        .init();
+    let meters = SdkMeterProvider::builder()
+        .with_periodic_exporter(InMemoryMetricExporter::default())
+        .build();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let set_telemetry = |on: bool| {
+        let level = if on { LevelFilter::INFO } else { LevelFilter::OFF };
+        switch.modify(|f| *f = level).expect("reload");
+    };
+
+    let mut rows: Vec<(&str, Vec<Measured>)> = vec![
+        ("baseline: JSON over tokio mpsc", Vec::new()),
+        ("sourceflow (defaults)", Vec::new()),
+        ("sourceflow, no idempotency", Vec::new()),
+        ("sourceflow, telemetry on", Vec::new()),
+    ];
+    rt.block_on(async {
+        // Warm-up.
+        baseline().await;
+        framework(Mode::Defaults, &meters).await;
+        for _ in 0..ROUNDS {
+            rows[0].1.push(baseline().await);
+            rows[1].1.push(framework(Mode::Defaults, &meters).await);
+            rows[2].1.push(framework(Mode::NoIdempotency, &meters).await);
+            set_telemetry(true);
+            rows[3].1.push(framework(Mode::Telemetry, &meters).await);
+            set_telemetry(false);
+        }
+    });
+    let results: Vec<(&str, Measured)> = rows.into_iter().map(|(n, v)| (n, median(v))).collect();
+    let base = results[0].1.handled_per_sec();
+    let defaults = results[1].1.handled_per_sec();
+    println!(
+        "embedded transport, {COMMANDS} commands + {COMMANDS} events per round, {GROUPS} FIFO groups, \
+         concurrency {CONCURRENCY}, 2 worker threads, median of {ROUNDS} rounds"
+    );
+    println!(
+        "{:<34} {:>14} {:>10} {:>10} {:>10}",
+        "", "handled msg/s", "vs base", "p50", "p99"
+    );
+    for (name, m) in &results {
+        println!(
+            "{:<34} {:>14.0} {:>10.2} {:>8.2}ms {:>8.2}ms",
+            name,
+            m.handled_per_sec(),
+            m.handled_per_sec() / base,
+            m.p50.as_secs_f64() * 1e3,
+            m.p99.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "telemetry overhead: {:.1}% (sourceflow, telemetry on vs defaults)",
+        (1.0 - results[3].1.handled_per_sec() / defaults) * 100.0
+    );
+    let _ = tracer.shutdown();
+}

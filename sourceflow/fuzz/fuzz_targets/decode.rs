@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo install cargo-fuzz
-//! cd sourceflow/fuzz && cargo fuzz run decode -- -max_total_time=60
+//! cd sourceflow/fuzz && cargo fuzz run decode --sanitizer none -- -max_total_time=60
 //! ```
 #![no_main]
 
