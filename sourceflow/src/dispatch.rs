@@ -18,7 +18,7 @@ use tracing::Instrument;
 pub const MAX_BATCH: usize = 10;
 
 /// A message waiting to be dispatched.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Pending {
     kind: MessageKind,
     destination: Arc<str>,
@@ -173,12 +173,17 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn call(&self, kind: MessageKind, dest: &str, batch: Vec<OutgoingMessage>) -> Result<()> {
+    async fn call(
+        &self,
+        kind: MessageKind,
+        dest: &Arc<str>,
+        batch: Vec<OutgoingMessage>,
+    ) -> Result<()> {
         let span = tracing::info_span!(
             "sourceflow.dispatch",
             otel.kind = "producer",
             messaging.system = telemetry::messaging_system(self.transport.name(), kind),
-            messaging.destination.name = dest,
+            messaging.destination.name = &**dest,
             messaging.operation.type = match kind {
                 MessageKind::Command => "send",
                 MessageKind::Event => "publish",

@@ -82,6 +82,14 @@ enum Outcome {
 }
 
 impl Listener {
+    /// The queue as a metric attribute (cheap to clone: the name is shared).
+    fn dest_attr(&self) -> KeyValue {
+        KeyValue::new(
+            "messaging.destination.name",
+            opentelemetry::StringValue::from(self.queue.clone()),
+        )
+    }
+
     /// Runs `ceil(concurrency / 10)` pollers sharing one concurrency limit, until `stop`.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) -> DrainReport {
         let sem = Arc::new(Semaphore::new(self.concurrency.max(1)));
@@ -368,10 +376,7 @@ impl Listener {
         if result.is_ok() {
             self.dispatcher.metrics().dead_lettered.add(
                 1,
-                &[
-                    KeyValue::new("messaging.destination.name", self.queue.to_string()),
-                    KeyValue::new("sourceflow.reason", kind),
-                ],
+                &[self.dest_attr(), KeyValue::new("sourceflow.reason", kind)],
             );
         }
         if let Err(e) = result {
@@ -414,7 +419,7 @@ impl Listener {
             .await;
         let metrics = self.dispatcher.metrics();
         let attrs = [
-            KeyValue::new("messaging.destination.name", self.queue.to_string()),
+            self.dest_attr(),
             KeyValue::new("sourceflow.wire_name", wire),
         ];
         let label = match &outcome {
@@ -590,10 +595,7 @@ impl Listener {
             trace,
         );
         let metrics = self.dispatcher.metrics();
-        let in_flight_attrs = [KeyValue::new(
-            "messaging.destination.name",
-            self.queue.to_string(),
-        )];
+        let in_flight_attrs = [self.dest_attr()];
         for h in handlers {
             metrics.in_flight.add(1, &in_flight_attrs);
             let run = AssertUnwindSafe((h.invoke)(&ctx))
@@ -623,6 +625,42 @@ impl Listener {
             return Outcome::Failed(err);
         }
         let outbox = ctx.take_outbox();
+        let durable_claim = self.idempotency.as_ref().is_some_and(|i| i.store.durable());
+        if !durable_claim {
+            if let (Some((key, token)), Some(idem)) = (&claim, &self.idempotency) {
+                // A store that dies with the process: dispatch first, complete after.
+                let backup = (!outbox.is_empty()).then(|| outbox.clone());
+                if let Err(e) = self.dispatcher.flush(outbox).await {
+                    // Keep what must still go out with the completion: the retry finds it
+                    // and dispatches it (same ids) instead of running the handler again.
+                    let stored = backup.as_deref().map(dispatch::encode_outbox);
+                    if let Err(e2) = idem
+                        .store
+                        .complete(key, token, idem.ttl_for(&wire_name), stored.as_deref())
+                        .await
+                    {
+                        tracing::warn!(key = %key, error = %e2, "could not record the undispatched outbox");
+                    }
+                    return Outcome::Failed(format!(
+                        "dispatching the handler's messages failed: {e}"
+                    ));
+                }
+                return match idem
+                    .store
+                    .complete(key, token, idem.ttl_for(&wire_name), None)
+                    .await
+                {
+                    Ok(_) => {
+                        self.delete(msg).await;
+                        Outcome::Done("success")
+                    }
+                    Err(e) => Outcome::Failed(format!(
+                        "idempotency store `{}` could not record completion: {e}",
+                        idem.store.name()
+                    )),
+                };
+            }
+        }
         if let (Some((key, token)), Some(idem)) = (&claim, &self.idempotency) {
             let stored = (!outbox.is_empty()).then(|| dispatch::encode_outbox(&outbox));
             match idem

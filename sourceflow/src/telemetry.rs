@@ -133,12 +133,15 @@ impl Metrics {
     pub(crate) fn dispatched(
         &self,
         kind: MessageKind,
-        destination: &str,
+        destination: &std::sync::Arc<str>,
         wire_names: &[&'static str],
         elapsed: Duration,
         ok: bool,
     ) {
-        let dest = KeyValue::new("messaging.destination.name", destination.to_string());
+        let dest = KeyValue::new(
+            "messaging.destination.name",
+            opentelemetry::StringValue::from(destination.clone()),
+        );
         let (count, duration, error) = match kind {
             MessageKind::Command => (
                 &self.command_dispatched,

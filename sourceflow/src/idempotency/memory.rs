@@ -221,6 +221,10 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     async fn size(&self) -> Result<u64> {
         Ok(self.entries.lock().len() as u64)
     }
+
+    fn durable(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

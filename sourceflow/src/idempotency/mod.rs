@@ -105,6 +105,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Number of records currently stored.
     async fn size(&self) -> Result<u64>;
+
+    /// True when records outlive the process (SQL, DynamoDB). A durable store receives the
+    /// outbox with `complete`, before dispatch, so a crash in between loses nothing. A store
+    /// that dies with the process (memory) is completed after a successful dispatch, and
+    /// receives the outbox only when the dispatch failed: the same guarantee, without
+    /// serializing every outbox.
+    fn durable(&self) -> bool {
+        true
+    }
 }
 
 /// Counters of idempotency checks, for metrics.

@@ -280,8 +280,8 @@ fn release_group_slot(st: &mut QueueState, group: &str) {
 }
 
 impl Queue {
-    fn enqueue(&self, m: &OutgoingMessage, now: Instant) -> Result<()> {
-        too_large(m, &self.name, SQS_MAX_MESSAGE_BYTES)?;
+    fn enqueue(&self, m: OutgoingMessage, now: Instant) -> Result<()> {
+        too_large(&m, &self.name, SQS_MAX_MESSAGE_BYTES)?;
         let mut st = self.state.lock();
         promote(self, &mut st, now);
         if self.fifo {
@@ -518,15 +518,15 @@ impl Queue {
     }
 }
 
-fn push(st: &mut QueueState, m: &OutgoingMessage, group: Option<String>, v: Visibility) -> u64 {
+fn push(st: &mut QueueState, m: OutgoingMessage, group: Option<String>, v: Visibility) -> u64 {
     let seq = st.next_seq;
     st.next_seq += 1;
     st.messages.insert(
         seq,
         Stored {
-            broker_id: m.message_id.clone(),
-            body: m.body.clone(),
-            attributes: m.attributes.clone(),
+            broker_id: m.message_id,
+            body: m.body,
+            attributes: m.attributes,
             group,
             receive_count: 0,
             visibility: v,
@@ -670,7 +670,7 @@ impl Transport for MemoryTransport {
     async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
         let q = self.queue(queue)?;
         let now = Instant::now();
-        for m in &messages {
+        for m in messages {
             q.enqueue(m, now)?;
         }
         Ok(())
@@ -695,9 +695,18 @@ impl Transport for MemoryTransport {
         }
         let now = Instant::now();
         let subscribers = t.subscribers.read();
-        for s in subscribers.iter() {
-            for m in messages.iter().filter(|m| s.accepts(m)) {
-                s.queue.enqueue(m, now)?;
+        let mut messages = messages;
+        let last = subscribers.len().saturating_sub(1);
+        for (i, s) in subscribers.iter().enumerate() {
+            if i == last {
+                // The last subscriber takes the messages themselves.
+                for m in messages.drain(..).filter(|m| s.accepts(m)) {
+                    s.queue.enqueue(m, now)?;
+                }
+            } else {
+                for m in messages.iter().filter(|m| s.accepts(m)) {
+                    s.queue.enqueue(m.clone(), now)?;
+                }
             }
         }
         Ok(())
