@@ -72,3 +72,124 @@ async fn a_failed_handler_sends_nothing_and_the_retry_sends_once() {
     );
     app.shutdown().await.expect("shutdown");
 }
+
+// ---- a dispatch that fails after the handler succeeded --------------------------------
+
+mod flaky {
+    use super::*;
+    use async_trait::async_trait;
+    use sourceflow::envelope::OutgoingMessage;
+    use sourceflow::transport::{ReceivedMessage, Topology, Transport};
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "outbox-flaky-commands")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Ship {
+        pub parcel: u32,
+    }
+
+    #[event(topic = "outbox-flaky-events")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Shipped {
+        pub parcel: u32,
+    }
+
+    #[handler]
+    async fn ship(cmd: Ship, ctx: &Context, State(c): State<Counts>) -> sourceflow::Result<()> {
+        c.attempts.fetch_add(1, Ordering::SeqCst);
+        ctx.raise(Shipped { parcel: cmd.parcel }).await
+    }
+
+    #[handler]
+    async fn shipped(_evt: Shipped, State(c): State<Counts>) -> sourceflow::Result<()> {
+        c.events.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Fails the first `publish` it sees, then behaves.
+    pub struct FailFirstPublish {
+        pub inner: std::sync::Arc<dyn Transport>,
+        pub failed: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl Transport for FailFirstPublish {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        async fn provision(&self, t: &Topology) -> sourceflow::Result<()> {
+            self.inner.provision(t).await
+        }
+        async fn send(&self, q: &str, m: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
+            self.inner.send(q, m).await
+        }
+        async fn publish(&self, t: &str, m: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
+            if !self.failed.swap(true, Ordering::SeqCst) {
+                return Err(sourceflow::Error::Transport {
+                    transport: "flaky",
+                    operation: "Publish".into(),
+                    source: "throttled".into(),
+                });
+            }
+            self.inner.publish(t, m).await
+        }
+        async fn receive(
+            &self,
+            q: &str,
+            max: usize,
+            wait: Duration,
+        ) -> sourceflow::Result<Vec<ReceivedMessage>> {
+            self.inner.receive(q, max, wait).await
+        }
+        async fn delete(&self, q: &str, r: Vec<String>) -> sourceflow::Result<()> {
+            self.inner.delete(q, r).await
+        }
+        async fn change_visibility(&self, q: &str, r: &str, t: Duration) -> sourceflow::Result<()> {
+            self.inner.change_visibility(q, r, t).await
+        }
+        async fn dead_letter(
+            &self,
+            q: &str,
+            m: &ReceivedMessage,
+            reason: &str,
+        ) -> sourceflow::Result<()> {
+            self.inner.dead_letter(q, m, reason).await
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dispatch_is_retried_without_running_the_handler_again() {
+    let h = Harness::new().await;
+    let counts = Counts::default();
+    let app = h
+        .service("outbox-flaky", flaky::MODULE)
+        .transport(flaky::FailFirstPublish {
+            inner: h.transport.clone(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        })
+        .state(counts.clone())
+        .start()
+        .await
+        .expect("start");
+    app.send(flaky::Ship { parcel: 1 }).await.expect("send");
+    eventually("the event arrives after the failed publish", || async {
+        counts.events.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counts.attempts.load(Ordering::SeqCst),
+        1,
+        "the handler ran once"
+    );
+    assert_eq!(
+        counts.events.load(Ordering::SeqCst),
+        1,
+        "the event went out once"
+    );
+    let stats = app.idempotency_stats().expect("stats");
+    assert_eq!(stats.duplicates, 1, "the retry was recognised as completed");
+    app.shutdown().await.expect("shutdown");
+}
