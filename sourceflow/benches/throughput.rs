@@ -254,7 +254,7 @@ impl SpanExporter for DropExporter {
 }
 
 fn median(mut v: Vec<Measured>) -> Measured {
-    v.sort_by(|a, b| a.elapsed.cmp(&b.elapsed));
+    v.sort_by_key(|m| m.elapsed);
     v.remove(v.len() / 2)
 }
 
@@ -282,7 +282,11 @@ fn main() {
         .build()
         .expect("runtime");
     let set_telemetry = |on: bool| {
-        let level = if on { LevelFilter::INFO } else { LevelFilter::OFF };
+        let level = if on {
+            LevelFilter::INFO
+        } else {
+            LevelFilter::OFF
+        };
         switch.modify(|f| *f = level).expect("reload");
     };
 
@@ -299,7 +303,9 @@ fn main() {
         for _ in 0..ROUNDS {
             rows[0].1.push(baseline().await);
             rows[1].1.push(framework(Mode::Defaults, &meters).await);
-            rows[2].1.push(framework(Mode::NoIdempotency, &meters).await);
+            rows[2]
+                .1
+                .push(framework(Mode::NoIdempotency, &meters).await);
             set_telemetry(true);
             rows[3].1.push(framework(Mode::Telemetry, &meters).await);
             set_telemetry(false);

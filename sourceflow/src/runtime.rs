@@ -329,9 +329,12 @@ impl Builder {
             Some(t) => t,
             None => match env_var("SOURCEFLOW_TRANSPORT").as_deref() {
                 None | Some("memory") => Arc::new(MemoryTransport::new()),
+                #[cfg(feature = "aws")]
+                Some("aws") => Arc::new(crate::transport::aws::AwsTransport::from_env().await?),
                 Some(other) => {
                     return Err(Error::Config(format!(
-                        "SOURCEFLOW_TRANSPORT={other:?} is not a transport this build has; use `memory`"
+                        "SOURCEFLOW_TRANSPORT={other:?} is not a transport this build has; use `memory`{}",
+                        if cfg!(feature = "aws") { " or `aws`" } else { " (or build with the `aws` feature)" }
                     )))
                 }
             },

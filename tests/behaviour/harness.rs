@@ -45,6 +45,15 @@ impl Harness {
         let prefix = format!("t{}-{n}", std::process::id() % 100_000);
         let transport: Arc<dyn Transport> = match transport_kind().as_str() {
             "memory" => Arc::new(MemoryTransport::new()),
+            #[cfg(feature = "aws")]
+            "aws" => {
+                check_loopback();
+                Arc::new(
+                    sourceflow::transport::aws::AwsTransport::from_env()
+                        .await
+                        .expect("AWS transport from the environment"),
+                )
+            }
             other => panic!("SOURCEFLOW_TEST_TRANSPORT={other} is not a transport this build has"),
         };
         Harness { transport, prefix }
@@ -209,4 +218,23 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A test that talks to an AWS API must only ever reach loopback, unless told it runs
+/// against real AWS on purpose (`SOURCEFLOW_TEST_REAL_AWS=1`).
+#[cfg(feature = "aws")]
+fn check_loopback() {
+    if std::env::var("SOURCEFLOW_TEST_REAL_AWS").as_deref() == Ok("1") {
+        return;
+    }
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    assert!(
+        endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost"),
+        "AWS_ENDPOINT_URL={endpoint:?} is not loopback; start the emulator with tests/support/emulator.sh, or set SOURCEFLOW_TEST_REAL_AWS=1 for real AWS"
+    );
+    assert_eq!(
+        std::env::var("AWS_EC2_METADATA_DISABLED").as_deref(),
+        Ok("true"),
+        "set AWS_EC2_METADATA_DISABLED=true so the SDK never queries instance metadata"
+    );
 }

@@ -6,6 +6,8 @@
 //! embedded [`memory`] transport models exactly those semantics so that a program behaves
 //! the same on a laptop as on AWS.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod memory;
 
 use std::time::Duration;

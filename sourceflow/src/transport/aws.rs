@@ -1,0 +1,831 @@
+//! The AWS transport: SQS queues and SNS topics through the official AWS SDK for Rust.
+//!
+//! Configuration comes from `aws-config`'s standard chain (environment, profile, SSO,
+//! instance role), and `AWS_ENDPOINT_URL` (or the per-service variants) points it at an
+//! emulator. Clients are built once and shared by every clone of the transport.
+//!
+//! `provision` is the bootstrapper: it reads the account from STS, then creates what is
+//! missing — queues (standard or FIFO with `ContentBasedDeduplication=false`, visibility
+//! timeout, retention, a `RedrivePolicy` to each dead-letter queue, and a single-statement
+//! access policy that lets exactly the subscribed topics send), topics (standard or FIFO)
+//! and subscriptions (`RawMessageDelivery=true`, a filter policy on `sourceflow.type`). An
+//! existing resource is compared attribute by attribute and changed only where it differs,
+//! so a second start makes no changes. Topic ARNs come from `CreateTopic`, which is
+//! idempotent, never from `ListTopics`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+use parking_lot::RwLock;
+use tokio::sync::OnceCell;
+
+use super::{QueueDepth, QueueSpec, ReceivedMessage, Topology, Transport};
+use super::{SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
+use crate::envelope::{attr, OutgoingMessage};
+use crate::error::{BoxError, Error, Result};
+use crate::naming::Naming;
+
+/// Longest visibility timeout SQS accepts.
+const MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
+/// Retention of a dead-letter queue (the SQS maximum): time to look and redrive.
+const DLQ_RETENTION_SECS: u64 = 14 * 24 * 60 * 60;
+/// Retention of other queues (the SQS default).
+const QUEUE_RETENTION_SECS: u64 = 4 * 24 * 60 * 60;
+
+/// The account, region and partition the transport works in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// AWS account id (from STS `GetCallerIdentity`).
+    pub account: String,
+    /// Region.
+    pub region: String,
+    /// Partition (`aws`, `aws-cn`, …).
+    pub partition: String,
+}
+
+impl Identity {
+    /// The ARN of an SQS queue.
+    pub fn queue_arn(&self, name: &str) -> String {
+        format!(
+            "arn:{}:sqs:{}:{}:{name}",
+            self.partition, self.region, self.account
+        )
+    }
+
+    /// The ARN of an SNS topic.
+    pub fn topic_arn(&self, name: &str) -> String {
+        format!(
+            "arn:{}:sns:{}:{}:{name}",
+            self.partition, self.region, self.account
+        )
+    }
+}
+
+struct Inner {
+    sqs: aws_sdk_sqs::Client,
+    sns: aws_sdk_sns::Client,
+    sts: aws_sdk_sts::Client,
+    region: String,
+    identity: OnceCell<Identity>,
+    urls: RwLock<HashMap<String, String>>,
+}
+
+/// SQS and SNS through the AWS SDK. Cheap to clone.
+#[derive(Clone)]
+pub struct AwsTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AwsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsTransport")
+            .field("region", &self.inner.region)
+            .field("identity", &self.inner.identity.get())
+            .finish()
+    }
+}
+
+fn transport_error(operation: &str, e: impl Into<BoxError>) -> Error {
+    Error::Transport {
+        transport: "aws",
+        operation: operation.to_string(),
+        source: e.into(),
+    }
+}
+
+/// The SDK error with its service message (the SDK's `Display` alone says little).
+fn sdk_error<E, R>(operation: &str, e: aws_sdk_sqs::error::SdkError<E, R>) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+    transport_error(operation, text)
+}
+
+fn secs_ceil(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl AwsTransport {
+    /// A transport from the standard AWS configuration chain. Fails at once, with one clear
+    /// error, when no region is configured.
+    pub async fn from_env() -> Result<Self> {
+        let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_initial_backoff(Duration::from_millis(100)),
+            )
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .build(),
+            )
+            .load()
+            .await;
+        if cfg.region().is_none() {
+            return Err(Error::Config(
+                "no AWS region is configured: set AWS_REGION (or a profile's region)".into(),
+            ));
+        }
+        Ok(Self::from_sdk_config(&cfg))
+    }
+
+    /// A transport from an SDK configuration.
+    pub fn from_sdk_config(cfg: &aws_config::SdkConfig) -> Self {
+        AwsTransport {
+            inner: Arc::new(Inner {
+                sqs: aws_sdk_sqs::Client::new(cfg),
+                sns: aws_sdk_sns::Client::new(cfg),
+                sts: aws_sdk_sts::Client::new(cfg),
+                region: cfg
+                    .region()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "us-east-1".into()),
+                identity: OnceCell::new(),
+                urls: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The SQS client, for tools and tests.
+    pub fn sqs(&self) -> &aws_sdk_sqs::Client {
+        &self.inner.sqs
+    }
+
+    /// The SNS client, for tools and tests.
+    pub fn sns(&self) -> &aws_sdk_sns::Client {
+        &self.inner.sns
+    }
+
+    /// Account, region and partition, from STS `GetCallerIdentity` (asked once). Missing or
+    /// wrong credentials fail here, with one clear error.
+    pub async fn identity(&self) -> Result<&Identity> {
+        self.inner
+            .identity
+            .get_or_try_init(|| async {
+                let call = self.inner.sts.get_caller_identity().send();
+                let out = tokio::time::timeout(Duration::from_secs(20), call)
+                    .await
+                    .map_err(|_| {
+                        Error::Config(
+                            "AWS STS did not answer within 20 s: check AWS_ENDPOINT_URL and the network".into(),
+                        )
+                    })?
+                    .map_err(|e| {
+                        Error::Config(format!(
+                            "AWS credentials are missing or invalid (STS GetCallerIdentity failed): {}",
+                            aws_sdk_sts::error::DisplayErrorContext(&e)
+                        ))
+                    })?;
+                let account = out.account().unwrap_or_default().to_string();
+                let partition = out
+                    .arn()
+                    .and_then(|a| a.split(':').nth(1))
+                    .unwrap_or("aws")
+                    .to_string();
+                Ok(Identity {
+                    account,
+                    region: self.inner.region.clone(),
+                    partition,
+                })
+            })
+            .await
+    }
+
+    /// The URL of a queue: cached, or from `GetQueueUrl`.
+    pub async fn queue_url(&self, name: &str) -> Result<String> {
+        if let Some(u) = self.inner.urls.read().get(name) {
+            return Ok(u.clone());
+        }
+        let out = self
+            .inner
+            .sqs
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| {
+                let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e));
+                if text.contains("NonExistentQueue") || text.contains("QueueDoesNotExist") {
+                    Error::QueueDoesNotExist(name.to_string())
+                } else {
+                    transport_error("GetQueueUrl", text)
+                }
+            })?;
+        let url = out
+            .queue_url()
+            .ok_or_else(|| transport_error("GetQueueUrl", "no URL in the answer"))?
+            .to_string();
+        self.inner
+            .urls
+            .write()
+            .insert(name.to_string(), url.clone());
+        Ok(url)
+    }
+
+    async fn topic_arn(&self, name: &str) -> Result<String> {
+        Ok(self.identity().await?.topic_arn(name))
+    }
+
+    /// The attributes a queue should have.
+    fn wanted_attributes(
+        &self,
+        spec: &QueueSpec,
+        id: &Identity,
+        topology: &Topology,
+    ) -> BTreeMap<String, String> {
+        let mut a = BTreeMap::new();
+        a.insert(
+            "VisibilityTimeout".to_string(),
+            secs_ceil(spec.visibility_timeout)
+                .min(MAX_VISIBILITY_SECS)
+                .to_string(),
+        );
+        let retention = if spec.dead_letter.is_none() {
+            DLQ_RETENTION_SECS
+        } else {
+            QUEUE_RETENTION_SECS
+        };
+        a.insert("MessageRetentionPeriod".into(), retention.to_string());
+        if spec.fifo {
+            a.insert("FifoQueue".into(), "true".into());
+            a.insert("ContentBasedDeduplication".into(), "false".into());
+        }
+        if let Some(d) = &spec.dead_letter {
+            a.insert(
+                "RedrivePolicy".into(),
+                serde_json::json!({
+                    "deadLetterTargetArn": id.queue_arn(&d.queue),
+                    "maxReceiveCount": d.max_receive_count,
+                })
+                .to_string(),
+            );
+        }
+        let mut sources: Vec<String> = topology
+            .subscriptions
+            .iter()
+            .filter(|s| s.queue == spec.name)
+            .map(|s| id.topic_arn(&s.topic))
+            .collect();
+        sources.sort();
+        sources.dedup();
+        if !sources.is_empty() {
+            // One statement for all topics: far below the 20-statement and 8 KB limits.
+            a.insert(
+                "Policy".into(),
+                serde_json::json!({
+                    "Version": "2012-10-17",
+                    "Statement": [{
+                        "Sid": "sourceflow-topics",
+                        "Effect": "Allow",
+                        "Principal": {"Service": "sns.amazonaws.com"},
+                        "Action": "sqs:SendMessage",
+                        "Resource": id.queue_arn(&spec.name),
+                        "Condition": {"ArnEquals": {"aws:SourceArn": sources}},
+                    }],
+                })
+                .to_string(),
+            );
+        }
+        a
+    }
+
+    async fn ensure_queue(
+        &self,
+        spec: &QueueSpec,
+        id: &Identity,
+        topology: &Topology,
+    ) -> Result<()> {
+        let wanted = self.wanted_attributes(spec, id, topology);
+        match self.queue_url(&spec.name).await {
+            Ok(url) => {
+                let current = self
+                    .inner
+                    .sqs
+                    .get_queue_attributes()
+                    .queue_url(&url)
+                    .attribute_names(QueueAttributeName::All)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("GetQueueAttributes", e))?;
+                let current: HashMap<String, String> = current
+                    .attributes()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let is_fifo = current.get("FifoQueue").is_some_and(|v| v == "true");
+                if is_fifo != spec.fifo {
+                    return Err(Error::Config(format!(
+                        "queue `{}` exists with FifoQueue={is_fifo}; it cannot be changed: delete it or rename the route",
+                        spec.name
+                    )));
+                }
+                let mut changes = Vec::new();
+                for (k, v) in &wanted {
+                    if k == "FifoQueue" {
+                        continue;
+                    }
+                    if !same_attribute(k, current.get(k), v) {
+                        changes.push((k.clone(), v.clone()));
+                    }
+                }
+                if !changes.is_empty() {
+                    let mut req = self.inner.sqs.set_queue_attributes().queue_url(&url);
+                    for (k, v) in &changes {
+                        req = req.attributes(QueueAttributeName::from(k.as_str()), v);
+                    }
+                    req.send()
+                        .await
+                        .map_err(|e| sdk_error("SetQueueAttributes", e))?;
+                    let names: Vec<_> = changes.iter().map(|(k, _)| k.as_str()).collect();
+                    tracing::info!(queue = %spec.name, changed = ?names, "queue attributes updated");
+                }
+                Ok(())
+            }
+            Err(Error::QueueDoesNotExist(_)) => {
+                let mut req = self.inner.sqs.create_queue().queue_name(&spec.name);
+                for (k, v) in &wanted {
+                    req = req.attributes(QueueAttributeName::from(k.as_str()), v);
+                }
+                let out = req.send().await.map_err(|e| sdk_error("CreateQueue", e))?;
+                if let Some(url) = out.queue_url() {
+                    self.inner
+                        .urls
+                        .write()
+                        .insert(spec.name.clone(), url.to_string());
+                }
+                tracing::info!(queue = %spec.name, "queue created");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Compares an attribute, reading JSON attributes as JSON (their text may be re-serialized).
+fn same_attribute(key: &str, current: Option<&String>, wanted: &str) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    if key == "Policy" || key == "RedrivePolicy" {
+        let a: Option<serde_json::Value> = serde_json::from_str(current).ok();
+        let b: Option<serde_json::Value> = serde_json::from_str(wanted).ok();
+        return match (a, b) {
+            (Some(mut a), Some(mut b)) => {
+                normalize(&mut a);
+                normalize(&mut b);
+                a == b
+            }
+            _ => current == wanted,
+        };
+    }
+    current == wanted
+}
+
+/// Numbers as strings and one-element lists as scalars compare equal, as AWS rewrites them.
+fn normalize(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => *v = serde_json::Value::String(n.to_string()),
+        serde_json::Value::Array(a) if a.len() == 1 => {
+            let mut one = a.remove(0);
+            normalize(&mut one);
+            *v = one;
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(normalize),
+        serde_json::Value::Object(o) => o.values_mut().for_each(normalize),
+        _ => {}
+    }
+}
+
+fn sqs_attributes(m: &OutgoingMessage) -> Result<HashMap<String, MessageAttributeValue>> {
+    m.attributes
+        .iter()
+        .map(|(k, v)| {
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+                .map(|a| (k.clone(), a))
+                .map_err(|e| transport_error("SendMessage", e))
+        })
+        .collect()
+}
+
+fn check_size(m: &OutgoingMessage, destination: &str, limit: usize) -> Result<()> {
+    let size = m.size();
+    if size > limit {
+        return Err(Error::MessageTooLarge {
+            wire_name: m.wire_name.to_string(),
+            destination: destination.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Transport for AwsTransport {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    async fn provision(&self, topology: &Topology) -> Result<()> {
+        let id = self.identity().await?.clone();
+        for spec in &topology.queues {
+            self.ensure_queue(spec, &id, topology).await?;
+        }
+        for t in &topology.topics {
+            let mut req = self.inner.sns.create_topic().name(&t.name);
+            if t.fifo {
+                req = req
+                    .attributes("FifoTopic", "true")
+                    .attributes("ContentBasedDeduplication", "false");
+            }
+            req.send().await.map_err(|e| {
+                transport_error(
+                    "CreateTopic",
+                    format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e)),
+                )
+            })?;
+        }
+        for s in &topology.subscriptions {
+            let topic_arn = id.topic_arn(&s.topic);
+            let queue_arn = id.queue_arn(&s.queue);
+            let mut req = self
+                .inner
+                .sns
+                .subscribe()
+                .topic_arn(&topic_arn)
+                .protocol("sqs")
+                .endpoint(&queue_arn)
+                .return_subscription_arn(true)
+                .attributes("RawMessageDelivery", "true");
+            if !s.message_types.is_empty() {
+                req = req
+                    .attributes(
+                        "FilterPolicy",
+                        serde_json::json!({ attr::TYPE: s.message_types }).to_string(),
+                    )
+                    .attributes("FilterPolicyScope", "MessageAttributes");
+            }
+            req.send().await.map_err(|e| {
+                transport_error(
+                    "Subscribe",
+                    format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e)),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
+        let url = self.queue_url(queue).await?;
+        for chunk in messages.chunks(10) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            for (i, m) in chunk.iter().enumerate() {
+                check_size(m, queue, SQS_MAX_MESSAGE_BYTES)?;
+                let mut e = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&m.body)
+                    .set_message_attributes(Some(sqs_attributes(m)?));
+                if let Some(g) = &m.group_id {
+                    e = e.message_group_id(g);
+                }
+                if let Some(d) = &m.dedup_id {
+                    e = e.message_deduplication_id(d);
+                }
+                if let Some(d) = m.delay {
+                    e = e.delay_seconds(secs_ceil(d).min(900) as i32);
+                }
+                entries.push(
+                    e.build()
+                        .map_err(|e| transport_error("SendMessageBatch", e))?,
+                );
+            }
+            let mut pending = entries;
+            for attempt in 0..3 {
+                let out = self
+                    .inner
+                    .sqs
+                    .send_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(pending.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("SendMessageBatch", e))?;
+                let failed = out.failed();
+                if failed.is_empty() {
+                    break;
+                }
+                let retryable: Vec<&str> = failed
+                    .iter()
+                    .filter(|f| !f.sender_fault())
+                    .map(|f| f.id())
+                    .collect();
+                if retryable.len() < failed.len() || attempt == 2 {
+                    let why: Vec<String> = failed
+                        .iter()
+                        .map(|f| format!("{}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
+                        .collect();
+                    return Err(transport_error(
+                        "SendMessageBatch",
+                        format!(
+                            "{} of the batch were refused: {}",
+                            failed.len(),
+                            why.join("; ")
+                        ),
+                    ));
+                }
+                pending.retain(|e| retryable.contains(&e.id()));
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
+        use aws_sdk_sns::types::{MessageAttributeValue as SnsAttr, PublishBatchRequestEntry};
+        let arn = self.topic_arn(topic).await?;
+        for chunk in messages.chunks(10) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            for (i, m) in chunk.iter().enumerate() {
+                check_size(m, topic, SNS_MAX_MESSAGE_BYTES)?;
+                let mut attrs = HashMap::new();
+                for (k, v) in &m.attributes {
+                    attrs.insert(
+                        k.clone(),
+                        SnsAttr::builder()
+                            .data_type("String")
+                            .string_value(v)
+                            .build()
+                            .map_err(|e| transport_error("PublishBatch", e))?,
+                    );
+                }
+                let mut e = PublishBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message(&m.body)
+                    .set_message_attributes(Some(attrs));
+                if let Some(g) = &m.group_id {
+                    e = e.message_group_id(g);
+                }
+                if let Some(d) = &m.dedup_id {
+                    e = e.message_deduplication_id(d);
+                }
+                entries.push(e.build().map_err(|e| transport_error("PublishBatch", e))?);
+            }
+            let out = self
+                .inner
+                .sns
+                .publish_batch()
+                .topic_arn(&arn)
+                .set_publish_batch_request_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| {
+                    transport_error(
+                        "PublishBatch",
+                        format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e)),
+                    )
+                })?;
+            let failed = out.failed();
+            if !failed.is_empty() {
+                let why: Vec<String> = failed
+                    .iter()
+                    .map(|f| format!("{}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
+                    .collect();
+                return Err(transport_error(
+                    "PublishBatch",
+                    format!(
+                        "{} of the batch were refused: {}",
+                        failed.len(),
+                        why.join("; ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReceivedMessage>> {
+        let url = self.queue_url(queue).await?;
+        let out = self
+            .inner
+            .sqs
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(secs_ceil(wait).min(20) as i32)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .send()
+            .await
+            .map_err(|e| sdk_error("ReceiveMessage", e))?;
+        Ok(out
+            .messages()
+            .iter()
+            .map(|m| {
+                let system = m.attributes();
+                let get = |n: MessageSystemAttributeName| system.and_then(|s| s.get(&n)).cloned();
+                ReceivedMessage {
+                    broker_id: m.message_id().unwrap_or_default().to_string(),
+                    receipt: m.receipt_handle().unwrap_or_default().to_string(),
+                    body: m.body().unwrap_or_default().to_string(),
+                    attributes: m
+                        .message_attributes()
+                        .map(|a| {
+                            let mut v: Vec<(String, String)> = a
+                                .iter()
+                                .filter_map(|(k, v)| {
+                                    Some((k.clone(), v.string_value()?.to_string()))
+                                })
+                                .collect();
+                            v.sort();
+                            v
+                        })
+                        .unwrap_or_default(),
+                    receive_count: get(MessageSystemAttributeName::ApproximateReceiveCount)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(1),
+                    group_id: get(MessageSystemAttributeName::MessageGroupId),
+                }
+            })
+            .collect())
+    }
+
+    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<()> {
+        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+        let url = self.queue_url(queue).await?;
+        for chunk in receipts.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                        .map_err(|e| transport_error("DeleteMessageBatch", e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .inner
+                .sqs
+                .delete_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DeleteMessageBatch", e))?;
+            if let Some(f) = out.failed().first() {
+                return Err(if f.code().contains("ReceiptHandleIsInvalid") {
+                    Error::InvalidReceipt(queue.to_string())
+                } else {
+                    transport_error(
+                        "DeleteMessageBatch",
+                        format!("{} {}", f.code(), f.message().unwrap_or("")),
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn change_visibility(&self, queue: &str, receipt: &str, timeout: Duration) -> Result<()> {
+        let url = self.queue_url(queue).await?;
+        self.inner
+            .sqs
+            .change_message_visibility()
+            .queue_url(&url)
+            .receipt_handle(receipt)
+            .visibility_timeout(secs_ceil(timeout).min(MAX_VISIBILITY_SECS) as i32)
+            .send()
+            .await
+            .map_err(|e| sdk_error("ChangeMessageVisibility", e))?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        queue: &str,
+        message: &ReceivedMessage,
+        reason: &str,
+    ) -> Result<()> {
+        let dlq = Naming::dead_letter(queue);
+        let dlq_url = self.queue_url(&dlq).await?;
+        let mut attributes: HashMap<String, MessageAttributeValue> = HashMap::new();
+        for (k, v) in message
+            .attributes
+            .iter()
+            .filter(|(k, _)| k != attr::DLQ_REASON)
+            .chain(std::iter::once(&(
+                attr::DLQ_REASON.to_string(),
+                reason.chars().take(1000).collect(),
+            )))
+        {
+            attributes.insert(
+                k.clone(),
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
+                    .build()
+                    .map_err(|e| transport_error("SendMessage", e))?,
+            );
+        }
+        let mut req = self
+            .inner
+            .sqs
+            .send_message()
+            .queue_url(&dlq_url)
+            .message_body(&message.body)
+            .set_message_attributes(Some(attributes));
+        if dlq.ends_with(".fifo") {
+            req = req
+                .message_group_id(
+                    message
+                        .group_id
+                        .clone()
+                        .unwrap_or_else(|| "dead-letter".into()),
+                )
+                .message_deduplication_id(&message.broker_id);
+        }
+        req.send().await.map_err(|e| sdk_error("SendMessage", e))?;
+        self.delete(queue, vec![message.receipt.clone()]).await
+    }
+
+    async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        let url = self.queue_url(queue).await?;
+        let out = self
+            .inner
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetQueueAttributes", e))?;
+        let get = |n: QueueAttributeName| {
+            out.attributes()
+                .and_then(|a| a.get(&n))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(Some(QueueDepth {
+            visible: get(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        }))
+    }
+
+    async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for q in &topology.queues {
+            // A fresh lookup: the cache would hide a deleted queue.
+            self.inner.urls.write().remove(&q.name);
+            match self.queue_url(&q.name).await {
+                Ok(_) => {}
+                Err(Error::QueueDoesNotExist(_)) => missing.push(format!("queue {}", q.name)),
+                Err(e) => return Err(e),
+            }
+        }
+        for t in &topology.topics {
+            let arn = self.topic_arn(&t.name).await?;
+            if let Err(e) = self
+                .inner
+                .sns
+                .get_topic_attributes()
+                .topic_arn(&arn)
+                .send()
+                .await
+            {
+                let text = format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e));
+                if text.contains("NotFound") {
+                    missing.push(format!("topic {}", t.name));
+                } else {
+                    return Err(transport_error("GetTopicAttributes", text));
+                }
+            }
+        }
+        Ok(missing)
+    }
+}
