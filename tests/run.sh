@@ -40,6 +40,6 @@ echo "== starting the AWS API emulator on 127.0.0.1"
 emulator_env=$(tests/support/emulator.sh start)
 eval "$emulator_env"
 
-echo "== the behaviour suite again, against the emulator"
+echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
-    cargo test -p sourceflow --all-features --test behaviour
+    cargo test -p sourceflow --all-features --test behaviour --test aws

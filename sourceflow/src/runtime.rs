@@ -448,6 +448,11 @@ impl Builder {
         let key_provider: Option<Arc<dyn KeyProvider>> = match self.key_provider {
             Some(p) => Some(p),
             None => match env_var("SOURCEFLOW_LOCAL_KEY") {
+                #[cfg(feature = "aws")]
+                _ if env_var("SOURCEFLOW_KMS_KEY_ID").is_some() => {
+                    let key = env_var("SOURCEFLOW_KMS_KEY_ID").unwrap_or_default();
+                    Some(Arc::new(encryption::KmsKeyProvider::from_env(key).await?))
+                }
                 Some(k) => Some(Arc::new(LocalKeyProvider::from_base64(&k)?)),
                 // Messages on the embedded transport never leave the process: a random
                 // key of the process (shared by its runtimes) is enough, and the default

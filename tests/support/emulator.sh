@@ -9,11 +9,11 @@
 # stdout carries only the `export` lines; progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-root=$PWD/.cache/emulator
-venv=$root/venv
+root=$PWD/.cache/emulator-${SOURCEFLOW_EMULATOR_PORT:-4566}
+venv=$PWD/.cache/emulator-venv
 pidfile=$root/localstack.pid
 log=$root/localstack.log
-port=4566
+port=${SOURCEFLOW_EMULATOR_PORT:-4566}
 endpoint="http://127.0.0.1:$port"
 
 say() { echo "emulator.sh: $*" >&2; }

@@ -34,6 +34,8 @@
 //! encrypted bytes. Both caches are bounded; [`CacheLimits::disabled`] turns caching off.
 
 mod cache;
+#[cfg(feature = "aws")]
+mod kms;
 mod local;
 
 use std::collections::BTreeMap;
@@ -52,6 +54,8 @@ use crate::error::{Error, Result};
 
 pub use cache::CacheLimits;
 use cache::{ReceiverCache, SenderCache};
+#[cfg(feature = "aws")]
+pub use kms::KmsKeyProvider;
 pub use local::LocalKeyProvider;
 
 /// The attribute marking an encrypted payload, and its value for format version 1.

@@ -1,0 +1,393 @@
+//! AWS-specific tests against a real AWS API (the emulator from tests/support/emulator.sh,
+//! or real AWS with SOURCEFLOW_TEST_REAL_AWS=1): what provisioning created, inspected
+//! through the SDK; idempotent re-provisioning; correction of drifted attributes; KMS
+//! envelope encryption, data-key caching and key rotation.
+//!
+//! ```text
+//! eval "$(tests/support/emulator.sh start)"
+//! SOURCEFLOW_TEST_AWS=1 cargo test -p sourceflow --test aws
+//! ```
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::QueueAttributeName;
+use serde::{Deserialize, Serialize};
+use sourceflow::encryption::{
+    context, CacheLimits, DataKey, EncryptionContext, Encryptor, KeyProvider, KmsKeyProvider,
+    PlainKey,
+};
+use sourceflow::naming::Naming;
+use sourceflow::transport::aws::AwsTransport;
+use sourceflow::{command, event, handler};
+
+fn enabled() -> bool {
+    if std::env::var("SOURCEFLOW_TEST_AWS").as_deref() != Ok("1") {
+        println!("skipped: set SOURCEFLOW_TEST_AWS=1 (tests/run.sh does)");
+        return false;
+    }
+    if std::env::var("SOURCEFLOW_TEST_REAL_AWS").as_deref() != Ok("1") {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+        assert!(
+            endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost"),
+            "AWS_ENDPOINT_URL={endpoint:?} is not loopback"
+        );
+        assert_eq!(
+            std::env::var("AWS_EC2_METADATA_DISABLED").as_deref(),
+            Ok("true")
+        );
+    }
+    true
+}
+
+/// Log lines of this test binary, as text (sourceflow logs what it creates and changes).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<String>>);
+
+impl Logs {
+    /// Takes the lines that mention `needle` (tests run in parallel; each has its prefix).
+    fn take(&self, needle: &str) -> String {
+        let all = std::mem::take(&mut *self.0.lock().expect("logs"));
+        all.lines()
+            .filter(|l| l.contains(needle))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .expect("logs")
+            .push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_env_filter("sourceflow=info")
+            .with_writer(move || sink.clone())
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+fn prefix() -> String {
+    format!("aws{}", fastrand::u32(..) % 1_000_000)
+}
+
+#[command(queue = "aws-orders.fifo", name = "awstest.PlaceOrder.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    #[entity_id]
+    pub order_id: u64,
+}
+
+#[event(topic = "aws-order-events", name = "awstest.OrderPlaced.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    pub order_id: u64,
+}
+
+#[handler]
+async fn place(_cmd: PlaceOrder) {}
+
+#[handler]
+async fn placed(_evt: OrderPlaced) {}
+
+async fn attributes(t: &AwsTransport, queue: &str) -> std::collections::HashMap<String, String> {
+    let url = t.queue_url(queue).await.expect("url");
+    t.sqs()
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .expect("attributes")
+        .attributes()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn start(t: &AwsTransport, prefix: &str) -> sourceflow::Handle {
+    sourceflow::builder()
+        .service("shop")
+        .prefix(prefix)
+        .transport(t.clone())
+        .handlers_in(module_path!())
+        .max_receive_count(7)
+        .visibility_timeout(Duration::from_secs(45))
+        .receive_wait(Duration::from_secs(1))
+        .start()
+        .await
+        .expect("start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_creates_exactly_what_the_routes_need() {
+    if !enabled() {
+        return;
+    }
+    let t = AwsTransport::from_env().await.expect("transport");
+    let p = prefix();
+    let app = start(&t, &p).await;
+    let id = t.identity().await.expect("identity").clone();
+
+    let orders = app.queue_of::<PlaceOrder>();
+    assert_eq!(orders, format!("{p}-aws-orders.fifo"));
+    let a = attributes(&t, &orders).await;
+    assert_eq!(a.get("FifoQueue").map(String::as_str), Some("true"));
+    assert_eq!(
+        a.get("ContentBasedDeduplication").map(String::as_str),
+        Some("false")
+    );
+    assert_eq!(a.get("VisibilityTimeout").map(String::as_str), Some("45"));
+    let redrive: serde_json::Value =
+        serde_json::from_str(a.get("RedrivePolicy").expect("redrive")).expect("json");
+    assert_eq!(
+        redrive["deadLetterTargetArn"],
+        id.queue_arn(&Naming::dead_letter(&orders))
+    );
+    assert_eq!(
+        redrive["maxReceiveCount"].to_string().trim_matches('"'),
+        "7"
+    );
+    let dlq = attributes(&t, &Naming::dead_letter(&orders)).await;
+    assert_eq!(
+        dlq.get("MessageRetentionPeriod").map(String::as_str),
+        Some("1209600")
+    );
+
+    // The subscriber queue: one statement letting exactly the topic send.
+    let sub_queue = app.subscriber_queue_of::<OrderPlaced>();
+    assert_eq!(sub_queue, format!("{p}-shop-aws-order-events"));
+    let topic_arn = id.topic_arn(&app.topic_of::<OrderPlaced>());
+    let policy: serde_json::Value = serde_json::from_str(
+        attributes(&t, &sub_queue)
+            .await
+            .get("Policy")
+            .expect("policy"),
+    )
+    .expect("json");
+    let statements = policy["Statement"].as_array().expect("statements");
+    assert_eq!(statements.len(), 1);
+    let source = &statements[0]["Condition"]["ArnEquals"]["aws:SourceArn"];
+    assert!(
+        source == &serde_json::json!([topic_arn.clone()])
+            || source == &serde_json::json!(topic_arn.clone()),
+        "{source}"
+    );
+    assert_eq!(statements[0]["Action"], "sqs:SendMessage");
+
+    // The subscription: raw delivery, filtered to the handled type.
+    let subs = t
+        .sns()
+        .list_subscriptions_by_topic()
+        .topic_arn(&topic_arn)
+        .send()
+        .await
+        .expect("subscriptions");
+    let subs = subs.subscriptions();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0].endpoint(), Some(id.queue_arn(&sub_queue).as_str()));
+    let sub_attrs = t
+        .sns()
+        .get_subscription_attributes()
+        .subscription_arn(subs[0].subscription_arn().expect("arn"))
+        .send()
+        .await
+        .expect("attributes");
+    let sub_attrs = sub_attrs.attributes().expect("attributes");
+    assert_eq!(
+        sub_attrs.get("RawMessageDelivery").map(String::as_str),
+        Some("true")
+    );
+    assert!(sub_attrs
+        .get("FilterPolicy")
+        .is_some_and(|f| f.contains("awstest.OrderPlaced.v1")));
+    app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_start_changes_nothing_and_drift_is_corrected() {
+    if !enabled() {
+        return;
+    }
+    let t = AwsTransport::from_env().await.expect("transport");
+    let p = prefix();
+    let logs = capture_logs();
+    let first = start(&t, &p).await;
+    let orders = first.queue_of::<PlaceOrder>();
+    first.shutdown().await.expect("shutdown");
+    let created = logs.take(&p);
+    assert!(
+        created.contains("queue created") && created.contains(&orders),
+        "{created}"
+    );
+    let second = start(&t, &p).await;
+    second.shutdown().await.expect("shutdown");
+    let again = logs.take(&p);
+    assert!(
+        !again.contains("queue created") && !again.contains("queue attributes updated"),
+        "the second start changed something:\n{again}"
+    );
+
+    // Someone changes an attribute by hand: the next start puts it back.
+    let url = t.queue_url(&orders).await.expect("url");
+    t.sqs()
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(QueueAttributeName::VisibilityTimeout, "5")
+        .send()
+        .await
+        .expect("drift");
+    let third = start(&t, &p).await;
+    third.shutdown().await.expect("shutdown");
+    let corrected = attributes(&t, &orders).await;
+    assert_eq!(
+        corrected.get("VisibilityTimeout").map(String::as_str),
+        Some("45")
+    );
+    let fixed = logs.take(&p);
+    assert!(
+        fixed.contains("queue attributes updated") && fixed.contains("VisibilityTimeout"),
+        "{fixed}"
+    );
+}
+
+/// Counts the calls that reach KMS.
+struct Counting {
+    inner: KmsKeyProvider,
+    generate: AtomicU32,
+    decrypt: AtomicU32,
+}
+
+#[async_trait]
+impl KeyProvider for Counting {
+    fn name(&self) -> &'static str {
+        "kms-counting"
+    }
+    async fn generate_data_key(&self, c: &EncryptionContext) -> sourceflow::Result<DataKey> {
+        self.generate.fetch_add(1, Ordering::SeqCst);
+        self.inner.generate_data_key(c).await
+    }
+    async fn decrypt_data_key(
+        &self,
+        e: &[u8],
+        c: &EncryptionContext,
+    ) -> sourceflow::Result<PlainKey> {
+        self.decrypt.fetch_add(1, Ordering::SeqCst);
+        self.inner.decrypt_data_key(e, c).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_encryption_caches_keys_and_survives_rotation() {
+    if !enabled() {
+        return;
+    }
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let kms = aws_sdk_kms::Client::new(&cfg);
+    let key1 = kms
+        .create_key()
+        .send()
+        .await
+        .expect("key")
+        .key_metadata()
+        .expect("meta")
+        .key_id()
+        .to_string();
+    let key2 = kms
+        .create_key()
+        .send()
+        .await
+        .expect("key")
+        .key_metadata()
+        .expect("meta")
+        .key_id()
+        .to_string();
+    let alias = format!("alias/{}", prefix());
+    kms.create_alias()
+        .alias_name(&alias)
+        .target_key_id(&key1)
+        .send()
+        .await
+        .expect("alias");
+
+    let provider = Arc::new(Counting {
+        inner: KmsKeyProvider::new(kms.clone(), &alias)
+            .described()
+            .await
+            .expect("usable"),
+        generate: AtomicU32::new(0),
+        decrypt: AtomicU32::new(0),
+    });
+    let enc = Encryptor::new(provider.clone(), CacheLimits::default());
+    let ctx = context("awstest.PlaceOrder.v1", "orders.fifo");
+    let mut sealed = Vec::new();
+    for i in 0..10_000u32 {
+        sealed.push(
+            enc.seal(format!("{{\"n\":{i}}}").as_bytes(), &ctx)
+                .await
+                .expect("seal"),
+        );
+    }
+    for s in sealed.iter().step_by(97) {
+        enc.open(s, &ctx).await.expect("open");
+    }
+    assert_eq!(
+        provider.generate.load(Ordering::SeqCst),
+        1,
+        "one GenerateDataKey for 10,000 messages"
+    );
+    assert_eq!(
+        provider.decrypt.load(Ordering::SeqCst),
+        1,
+        "one Decrypt per distinct data key"
+    );
+    assert!(sealed[0].kid.contains(&key1), "{}", sealed[0].kid);
+
+    // Rotation: the alias now names another key. Old messages still open (KMS finds the key
+    // from the ciphertext); new ones use the new key.
+    kms.update_alias()
+        .alias_name(&alias)
+        .target_key_id(&key2)
+        .send()
+        .await
+        .expect("rotate");
+    let fresh = Encryptor::new(
+        Arc::new(KmsKeyProvider::new(kms.clone(), &alias)),
+        CacheLimits::default(),
+    );
+    let opened = fresh
+        .open(&sealed[1], &ctx)
+        .await
+        .expect("old message after rotation");
+    assert_eq!(opened.as_slice(), b"{\"n\":1}");
+    let new = fresh.seal(b"{}", &ctx).await.expect("seal");
+    assert!(new.kid.contains(&key2), "{}", new.kid);
+    // The context is bound in KMS too: another destination does not open.
+    assert!(fresh
+        .open(&sealed[2], &context("awstest.PlaceOrder.v1", "other"))
+        .await
+        .is_err());
+}
