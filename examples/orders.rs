@@ -9,6 +9,7 @@
 //! cargo run --example orders -- --serve   # keep serving until Ctrl-C
 //! cargo run --example orders -- --telemetry  # also print the trace tree and the metrics
 //! cargo run --example orders -- --iam-policy # print the IAM policy this service needs
+//! cargo run --example orders -- --redrive orders.fifo  # move dead letters back to a queue
 //! RUST_LOG=sourceflow=debug cargo run --example orders
 //! ```
 
@@ -181,6 +182,18 @@ async fn main() -> sourceflow::Result<()> {
         .meter_provider(&telemetry.meters)
         .start()
         .await?;
+    // `--redrive <queue>`: move that queue's dead letters back, then exit.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--redrive") {
+        let queue = args
+            .get(i + 1)
+            .cloned()
+            .unwrap_or_else(|| app.queue_of::<CreateOrder>());
+        let moved = app.redrive(&queue).await?;
+        println!("moved {moved} message(s) from the dead-letter queue back to `{queue}`");
+        app.shutdown().await?;
+        return Ok(());
+    }
     if std::env::args().any(|a| a == "--iam-policy") {
         let policy = app.iam_policy(sourceflow::iam::IamScope::from_env());
         println!(

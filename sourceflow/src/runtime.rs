@@ -1150,6 +1150,18 @@ impl Handle {
         crate::iam::policy(&self.inner.topology, &consumed, &scope)
     }
 
+    /// Moves the messages of `queue`'s dead-letter queue back to `queue` (full name, as
+    /// from [`queue_of`](Self::queue_of) or [`subscriber_queue_of`](Self::subscriber_queue_of)),
+    /// keeping FIFO group ids; returns how many moved.
+    pub async fn redrive(&self, queue: &str) -> Result<usize> {
+        crate::transport::redrive(
+            self.inner.dispatcher.transport().as_ref(),
+            &Naming::dead_letter(queue),
+            queue,
+        )
+        .await
+    }
+
     /// Resolves once shutdown has begun.
     pub async fn stopped(&self) {
         self.inner.stop.cancelled().await

@@ -35,6 +35,8 @@ async fn message_goes_to_dlq_after_max_receive_count_with_body_intact() {
     let count = Count::default();
     let app = h
         .service("dlq", module_path!())
+        // This module only, not the redrive submodule below.
+        .handlers(|r| r.module_path == module_path!())
         .state(count.clone())
         .max_receive_count(3)
         .start()
@@ -72,5 +74,87 @@ async fn message_goes_to_dlq_after_max_receive_count_with_body_intact() {
     h.assert_empty(&app.queue_of::<ChargeCard>(), Duration::from_millis(200))
         .await;
     eventually("listener still running", || async { !app.is_shut_down() }).await;
+    app.shutdown().await.expect("shutdown");
+}
+
+mod redrive {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "dlq-redrive.fifo", name = "tests.Reconcile.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Reconcile {
+        #[entity_id]
+        pub account: String,
+        pub step: u32,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Switch {
+        pub broken: Arc<AtomicBool>,
+        pub done: Arc<std::sync::Mutex<Vec<(String, u32)>>>,
+    }
+
+    #[handler]
+    async fn reconcile(cmd: Reconcile, State(s): State<Switch>) -> sourceflow::Result<()> {
+        if s.broken.load(Ordering::SeqCst) {
+            return Err(sourceflow::Error::other("ledger offline"));
+        }
+        s.done.lock().expect("done").push((cmd.account, cmd.step));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_redriven_to_their_queue_with_group_ids() {
+    let h = Harness::new().await;
+    let switch = redrive::Switch::default();
+    switch.broken.store(true, Ordering::SeqCst);
+    let app = h
+        .service("redrive", redrive::MODULE)
+        .state(switch.clone())
+        .max_receive_count(1)
+        .start()
+        .await
+        .expect("start");
+    let queue = app.queue_of::<redrive::Reconcile>();
+    for step in 0..3 {
+        app.send(redrive::Reconcile {
+            account: "acc-9".into(),
+            step,
+        })
+        .await
+        .expect("send");
+    }
+    let dlq = Naming::dead_letter(&queue);
+    eventually("all three dead-lettered", || async {
+        match h.transport.queue_depth(&dlq).await {
+            Ok(Some(d)) => d.total() == 3,
+            // Transports that cannot count: wait for the listener to give up instead.
+            _ => true,
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    switch.broken.store(false, Ordering::SeqCst);
+    let moved = app.redrive(&queue).await.expect("redrive");
+    assert_eq!(moved, 3);
+    eventually("the redriven messages are handled", || async {
+        switch.done.lock().expect("done").len() == 3
+    })
+    .await;
+    let done = switch.done.lock().expect("done").clone();
+    assert_eq!(
+        done,
+        vec![
+            ("acc-9".to_string(), 0),
+            ("acc-9".to_string(), 1),
+            ("acc-9".to_string(), 2)
+        ],
+        "same group, same order"
+    );
+    h.assert_empty(&dlq, Duration::from_millis(200)).await;
     app.shutdown().await.expect("shutdown");
 }

@@ -162,3 +162,59 @@ impl QueueDepth {
         self.visible + self.in_flight + self.delayed
     }
 }
+
+/// Moves every message of `dead_letter_queue` back to `source_queue` — body, attributes
+/// (without the dead-letter reason) and FIFO group id kept — and returns how many moved.
+/// Each message is sent before it is deleted, so a failure midway duplicates rather than
+/// loses; receivers are idempotent by message id.
+pub async fn redrive(
+    transport: &dyn Transport,
+    dead_letter_queue: &str,
+    source_queue: &str,
+) -> Result<usize> {
+    use crate::envelope::attr;
+    let mut moved = 0;
+    loop {
+        let batch = transport
+            .receive(dead_letter_queue, 10, Duration::from_secs(1))
+            .await?;
+        if batch.is_empty() {
+            return Ok(moved);
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let mut receipts = Vec::with_capacity(batch.len());
+        for m in batch {
+            let wire_name = crate::envelope::attribute(&m.attributes, attr::TYPE)
+                .and_then(|t| crate::registry::message_routes().find(|r| r.name == t))
+                .map_or("redriven", |r| r.name);
+            out.push(OutgoingMessage {
+                body: m.body,
+                attributes: m
+                    .attributes
+                    .into_iter()
+                    .filter(|(k, _)| k != attr::DLQ_REASON)
+                    .collect(),
+                // A fresh deduplication id: the original one may still be in the window.
+                dedup_id: m
+                    .group_id
+                    .as_ref()
+                    .map(|_| format!("redrive-{}", m.broker_id)),
+                group_id: m.group_id,
+                delay: None,
+                wire_name,
+                message_id: m.broker_id,
+            });
+            receipts.push(m.receipt);
+        }
+        let n = out.len();
+        transport.send(source_queue, out).await?;
+        transport.delete(dead_letter_queue, receipts).await?;
+        moved += n;
+        tracing::info!(
+            from = dead_letter_queue,
+            to = source_queue,
+            moved = n,
+            "redrove messages"
+        );
+    }
+}
