@@ -391,3 +391,116 @@ async fn kms_encryption_caches_keys_and_survives_rotation() {
         .await
         .is_err());
 }
+
+/// A TCP proxy to the emulator that can be cut and restored, standing in for the emulator
+/// going away and coming back.
+struct Cable {
+    addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Cable {
+    async fn to(target: String) -> Cable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (up2, cut2) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused/reset
+                }
+                let target = target.clone();
+                let cut = cut2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Cable { addr, up, cut }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.cut.notify_waiters();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_unhealthy_while_the_broker_is_away_and_recovers() {
+    use sourceflow::health::Status;
+    if !enabled() {
+        return;
+    }
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("endpoint");
+    let target = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let cable = Cable::to(target).await;
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(format!("http://{}", cable.addr))
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_timeout(Duration::from_secs(2))
+                .build(),
+        )
+        .load()
+        .await;
+    let t = AwsTransport::from_sdk_config(&cfg);
+    let app = start(&t, &prefix()).await;
+    assert_eq!(
+        app.health().await.status,
+        Status::Healthy,
+        "{:#?}",
+        app.health().await
+    );
+
+    cable.set(false);
+    let report = app.health().await;
+    assert_eq!(report.status, Status::Unhealthy, "{report:#?}");
+    assert!(
+        report
+            .check("transport")
+            .expect("transport")
+            .detail
+            .contains("unreachable")
+            || report
+                .check("transport")
+                .expect("transport")
+                .detail
+                .contains("no answer"),
+        "{report:#?}"
+    );
+
+    cable.set(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = app.health().await;
+        if report.status == Status::Healthy {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still not healthy: {report:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.shutdown().await.expect("shutdown");
+}
