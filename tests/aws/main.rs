@@ -504,3 +504,87 @@ async fn health_is_unhealthy_while_the_broker_is_away_and_recovers() {
     }
     app.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_mode_lists_what_is_missing_or_different_and_assume_mode_calls_nothing() {
+    use sourceflow::transport::aws::ProvisionMode;
+    if !enabled() {
+        return;
+    }
+    let t = AwsTransport::from_env().await.expect("transport");
+    let p = prefix();
+    let validate = t.clone().provision_mode(ProvisionMode::Validate);
+    let err = sourceflow::builder()
+        .service("shop")
+        .prefix(&p)
+        .transport(validate.clone())
+        .handlers_in(module_path!())
+        .start()
+        .await
+        .expect_err("nothing exists yet");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("queue `{p}-aws-orders.fifo` is missing")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("topic `{p}-aws-order-events` is missing")),
+        "{text}"
+    );
+    assert!(text.contains("subscription of queue"), "{text}");
+
+    // Create, then drift one attribute: validate names it, attribute by attribute.
+    let app = start(&t, &p).await;
+    let orders = app.queue_of::<PlaceOrder>();
+    app.shutdown().await.expect("shutdown");
+    let url = t.queue_url(&orders).await.expect("url");
+    t.sqs()
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(QueueAttributeName::VisibilityTimeout, "5")
+        .send()
+        .await
+        .expect("drift");
+    let err = sourceflow::builder()
+        .service("shop")
+        .prefix(&p)
+        .transport(validate)
+        .handlers_in(module_path!())
+        .max_receive_count(7)
+        .visibility_timeout(Duration::from_secs(45))
+        .start()
+        .await
+        .expect_err("drifted");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "queue `{orders}`: VisibilityTimeout is 5, expected 45"
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("\n  - ").count(),
+        1,
+        "only the drifted attribute: {text}"
+    );
+
+    // Assume: no provisioning calls at all; what is missing shows up when used.
+    let other = prefix();
+    let assume = sourceflow::builder()
+        .service("shop")
+        .prefix(&other)
+        .transport(t.clone().provision_mode(ProvisionMode::Assume))
+        .handlers(|_| false)
+        .start()
+        .await
+        .expect("assume starts without calls");
+    let err = assume
+        .send(PlaceOrder { order_id: 1 })
+        .await
+        .expect_err("the queue was never created");
+    assert!(
+        matches!(err, sourceflow::Error::QueueDoesNotExist(_)),
+        "{err}"
+    );
+    assume.shutdown().await.expect("shutdown");
+}

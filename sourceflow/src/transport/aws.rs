@@ -74,6 +74,7 @@ struct Inner {
     region: String,
     identity: OnceCell<Identity>,
     urls: RwLock<HashMap<String, String>>,
+    mode: ProvisionMode,
 }
 
 /// SQS and SNS through the AWS SDK. Cheap to clone.
@@ -136,7 +137,28 @@ impl AwsTransport {
                 "no AWS region is configured: set AWS_REGION (or a profile's region)".into(),
             ));
         }
-        Ok(Self::from_sdk_config(&cfg))
+        let mode = match std::env::var("SOURCEFLOW_PROVISION") {
+            Ok(m) if !m.is_empty() => m.parse()?,
+            _ => ProvisionMode::Create,
+        };
+        Ok(Self::from_sdk_config(&cfg).provision_mode(mode))
+    }
+
+    /// Sets what `provision` does (default: from `SOURCEFLOW_PROVISION` in
+    /// [`from_env`](Self::from_env), else create).
+    pub fn provision_mode(self, mode: ProvisionMode) -> Self {
+        let inner = Inner {
+            sqs: self.inner.sqs.clone(),
+            sns: self.inner.sns.clone(),
+            sts: self.inner.sts.clone(),
+            region: self.inner.region.clone(),
+            identity: OnceCell::new(),
+            urls: RwLock::new(self.inner.urls.read().clone()),
+            mode,
+        };
+        AwsTransport {
+            inner: Arc::new(inner),
+        }
     }
 
     /// A transport from an SDK configuration.
@@ -152,6 +174,7 @@ impl AwsTransport {
                     .unwrap_or_else(|| "us-east-1".into()),
                 identity: OnceCell::new(),
                 urls: RwLock::new(HashMap::new()),
+                mode: ProvisionMode::Create,
             }),
         }
     }
@@ -299,13 +322,13 @@ impl AwsTransport {
         a
     }
 
-    async fn ensure_queue(
+    /// How an existing queue differs from `wanted`: `(attribute, current, wanted)`; `None`
+    /// when the queue does not exist.
+    async fn queue_differences(
         &self,
         spec: &QueueSpec,
-        id: &Identity,
-        topology: &Topology,
-    ) -> Result<()> {
-        let wanted = self.wanted_attributes(spec, id, topology);
+        wanted: &BTreeMap<String, String>,
+    ) -> Result<Option<(String, Vec<(String, String, String)>)>> {
         match self.queue_url(&spec.name).await {
             Ok(url) => {
                 let current = self
@@ -333,28 +356,45 @@ impl AwsTransport {
                     )));
                 }
                 let mut changes = Vec::new();
-                for (k, v) in &wanted {
+                for (k, v) in wanted {
                     if k == "FifoQueue" {
                         continue;
                     }
                     if !same_attribute(k, current.get(k), v) {
-                        changes.push((k.clone(), v.clone()));
+                        let now = current.get(k).cloned().unwrap_or_else(|| "(unset)".into());
+                        changes.push((k.clone(), now, v.clone()));
                     }
                 }
+                Ok(Some((url, changes)))
+            }
+            Err(Error::QueueDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ensure_queue(
+        &self,
+        spec: &QueueSpec,
+        id: &Identity,
+        topology: &Topology,
+    ) -> Result<()> {
+        let wanted = self.wanted_attributes(spec, id, topology);
+        match self.queue_differences(spec, &wanted).await? {
+            Some((url, changes)) => {
                 if !changes.is_empty() {
                     let mut req = self.inner.sqs.set_queue_attributes().queue_url(&url);
-                    for (k, v) in &changes {
+                    for (k, _, v) in &changes {
                         req = req.attributes(QueueAttributeName::from(k.as_str()), v);
                     }
                     req.send()
                         .await
                         .map_err(|e| sdk_error("SetQueueAttributes", e))?;
-                    let names: Vec<_> = changes.iter().map(|(k, _)| k.as_str()).collect();
+                    let names: Vec<_> = changes.iter().map(|(k, _, _)| k.as_str()).collect();
                     tracing::info!(queue = %spec.name, changed = ?names, "queue attributes updated");
                 }
                 Ok(())
             }
-            Err(Error::QueueDoesNotExist(_)) => {
+            None => {
                 let mut req = self.inner.sqs.create_queue().queue_name(&spec.name);
                 for (k, v) in &wanted {
                     req = req.attributes(QueueAttributeName::from(k.as_str()), v);
@@ -369,7 +409,104 @@ impl AwsTransport {
                 tracing::info!(queue = %spec.name, "queue created");
                 Ok(())
             }
-            Err(e) => Err(e),
+        }
+    }
+
+    /// Validate mode: creates nothing, and lists every missing resource and every differing
+    /// attribute.
+    async fn validate(&self, topology: &Topology) -> Result<()> {
+        let id = self.identity().await?.clone();
+        let mut problems = Vec::new();
+        for spec in &topology.queues {
+            let wanted = self.wanted_attributes(spec, &id, topology);
+            match self.queue_differences(spec, &wanted).await {
+                Ok(None) => problems.push(format!("queue `{}` is missing", spec.name)),
+                Ok(Some((_, diffs))) => {
+                    for (k, now, want) in diffs {
+                        problems.push(format!(
+                            "queue `{}`: {k} is {now}, expected {want}",
+                            spec.name
+                        ));
+                    }
+                }
+                Err(Error::Config(e)) => problems.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        for t in &topology.topics {
+            let arn = id.topic_arn(&t.name);
+            match self
+                .inner
+                .sns
+                .get_topic_attributes()
+                .topic_arn(&arn)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => {
+                    let text = format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e));
+                    if text.contains("NotFound") {
+                        problems.push(format!("topic `{}` is missing", t.name));
+                    } else {
+                        return Err(transport_error("GetTopicAttributes", text));
+                    }
+                }
+            }
+        }
+        for sub in &topology.subscriptions {
+            let arn = id.topic_arn(&sub.topic);
+            let listed = self
+                .inner
+                .sns
+                .list_subscriptions_by_topic()
+                .topic_arn(&arn)
+                .send()
+                .await;
+            let found = listed.ok().is_some_and(|l| {
+                l.subscriptions()
+                    .iter()
+                    .any(|s| s.endpoint() == Some(id.queue_arn(&sub.queue).as_str()))
+            });
+            if !found {
+                problems.push(format!(
+                    "subscription of queue `{}` to topic `{}` is missing",
+                    sub.queue, sub.topic
+                ));
+            }
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "SOURCEFLOW_PROVISION=validate: the AWS resources do not match the routes:\n  - {}",
+            problems.join("\n  - ")
+        )))
+    }
+}
+
+/// What `provision` does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProvisionMode {
+    /// Create what is missing, correct what differs (the default).
+    #[default]
+    Create,
+    /// Create nothing; fail listing every missing resource and differing attribute.
+    Validate,
+    /// Make no calls: the resources are managed elsewhere (CloudFormation, Terraform, …).
+    Assume,
+}
+
+impl std::str::FromStr for ProvisionMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "create" => Ok(ProvisionMode::Create),
+            "validate" => Ok(ProvisionMode::Validate),
+            "assume" => Ok(ProvisionMode::Assume),
+            other => Err(Error::Config(format!(
+                "SOURCEFLOW_PROVISION={other:?}: use `create`, `validate` or `assume`"
+            ))),
         }
     }
 }
@@ -443,6 +580,11 @@ impl Transport for AwsTransport {
     }
 
     async fn provision(&self, topology: &Topology) -> Result<()> {
+        match self.inner.mode {
+            ProvisionMode::Assume => return Ok(()),
+            ProvisionMode::Validate => return self.validate(topology).await,
+            ProvisionMode::Create => {}
+        }
         let id = self.identity().await?.clone();
         for spec in &topology.queues {
             self.ensure_queue(spec, &id, topology).await?;
