@@ -75,6 +75,100 @@ struct Inner {
     identity: OnceCell<Identity>,
     urls: RwLock<HashMap<String, String>>,
     mode: ProvisionMode,
+    sends: Batchers<OutgoingMessage>,
+    deletes: Batchers<String>,
+}
+
+/// How long a batcher waits for more work before it calls SQS with what it has.
+pub const LINGER: Duration = Duration::from_millis(5);
+
+type Job<T> = (Vec<T>, tokio::sync::oneshot::Sender<Result<()>>);
+type Batchers<T> = parking_lot::Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Job<T>>>>;
+
+/// What a batcher does with what it gathered.
+#[derive(Clone, Copy)]
+enum Batch {
+    Send,
+    Delete,
+}
+
+impl Batch {
+    fn operation(self) -> &'static str {
+        match self {
+            Batch::Send => "SendMessageBatch",
+            Batch::Delete => "DeleteMessageBatch",
+        }
+    }
+}
+
+/// Gathers jobs for one queue and flushes them together. Ends with the transport.
+async fn batch_worker<T: Send + 'static>(
+    inner: std::sync::Weak<Inner>,
+    queue: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Job<T>>,
+    kind: Batch,
+) where
+    Vec<T>: Flush,
+{
+    while let Some(first) = rx.recv().await {
+        let mut count = first.0.len();
+        let mut jobs = vec![first];
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while count < 10 {
+            tokio::select! {
+                biased;
+                job = rx.recv() => match job {
+                    Some(job) => {
+                        count += job.0.len();
+                        jobs.push(job);
+                    }
+                    None => break,
+                },
+                _ = &mut linger => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let transport = AwsTransport { inner };
+        let mut items = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for (mut job, reply) in jobs {
+            items.append(&mut job);
+            replies.push(reply);
+        }
+        let result = items.flush(&transport, &queue).await;
+        for reply in replies {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(Error::InvalidReceipt(q)) => Err(Error::InvalidReceipt(q.clone())),
+                Err(Error::QueueDoesNotExist(q)) => Err(Error::QueueDoesNotExist(q.clone())),
+                Err(e) => Err(transport_error(kind.operation(), e.to_string())),
+            };
+            let _ = reply.send(r);
+        }
+    }
+}
+
+/// One batch call for what a batcher gathered.
+#[async_trait]
+trait Flush {
+    async fn flush(self, t: &AwsTransport, queue: &str) -> Result<()>;
+}
+
+#[async_trait]
+impl Flush for Vec<OutgoingMessage> {
+    async fn flush(self, t: &AwsTransport, queue: &str) -> Result<()> {
+        t.send_now(queue, self).await
+    }
+}
+
+#[async_trait]
+impl Flush for Vec<String> {
+    async fn flush(self, t: &AwsTransport, queue: &str) -> Result<()> {
+        t.delete_now(queue, self).await
+    }
 }
 
 /// SQS and SNS through the AWS SDK. Cheap to clone.
@@ -155,6 +249,8 @@ impl AwsTransport {
             identity: OnceCell::new(),
             urls: RwLock::new(self.inner.urls.read().clone()),
             mode,
+            sends: Default::default(),
+            deletes: Default::default(),
         };
         AwsTransport {
             inner: Arc::new(inner),
@@ -175,6 +271,8 @@ impl AwsTransport {
                 identity: OnceCell::new(),
                 urls: RwLock::new(HashMap::new()),
                 mode: ProvisionMode::Create,
+                sends: Default::default(),
+                deletes: Default::default(),
             }),
         }
     }
@@ -412,6 +510,149 @@ impl AwsTransport {
         }
     }
 
+    /// Sends now, in batches of ten.
+    async fn send_now(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
+        let url = self.queue_url(queue).await?;
+        for chunk in messages.chunks(10) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            for (i, m) in chunk.iter().enumerate() {
+                check_size(m, queue, SQS_MAX_MESSAGE_BYTES)?;
+                let mut e = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&m.body)
+                    .set_message_attributes(Some(sqs_attributes(m)?));
+                if let Some(g) = &m.group_id {
+                    e = e.message_group_id(g);
+                }
+                if let Some(d) = &m.dedup_id {
+                    e = e.message_deduplication_id(d);
+                }
+                if let Some(d) = m.delay {
+                    e = e.delay_seconds(secs_ceil(d).min(900) as i32);
+                }
+                entries.push(
+                    e.build()
+                        .map_err(|e| transport_error("SendMessageBatch", e))?,
+                );
+            }
+            let mut pending = entries;
+            for attempt in 0..3 {
+                let out = self
+                    .inner
+                    .sqs
+                    .send_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(pending.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("SendMessageBatch", e))?;
+                let failed = out.failed();
+                if failed.is_empty() {
+                    break;
+                }
+                let retryable: Vec<&str> = failed
+                    .iter()
+                    .filter(|f| !f.sender_fault())
+                    .map(|f| f.id())
+                    .collect();
+                if retryable.len() < failed.len() || attempt == 2 {
+                    let why: Vec<String> = failed
+                        .iter()
+                        .map(|f| format!("{}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
+                        .collect();
+                    return Err(transport_error(
+                        "SendMessageBatch",
+                        format!(
+                            "{} of the batch were refused: {}",
+                            failed.len(),
+                            why.join("; ")
+                        ),
+                    ));
+                }
+                pending.retain(|e| retryable.contains(&e.id()));
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes now, in batches of ten.
+    async fn delete_now(&self, queue: &str, receipts: Vec<String>) -> Result<()> {
+        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+        let url = self.queue_url(queue).await?;
+        for chunk in receipts.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                        .map_err(|e| transport_error("DeleteMessageBatch", e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .inner
+                .sqs
+                .delete_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DeleteMessageBatch", e))?;
+            if let Some(f) = out.failed().first() {
+                return Err(if f.code().contains("ReceiptHandleIsInvalid") {
+                    Error::InvalidReceipt(queue.to_string())
+                } else {
+                    transport_error(
+                        "DeleteMessageBatch",
+                        format!("{} {}", f.code(), f.message().unwrap_or("")),
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands `items` to the queue's batcher, which gathers what concurrent callers hand it
+    /// for up to [`LINGER`] (or until ten are waiting) and makes one batch call for all.
+    async fn coalesce<T: Send + 'static>(
+        &self,
+        batchers: &Batchers<T>,
+        queue: &str,
+        items: Vec<T>,
+        kind: Batch,
+    ) -> Result<()>
+    where
+        Vec<T>: Flush,
+    {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let tx = {
+            let mut map = batchers.lock();
+            map.entry(queue.to_string())
+                .or_insert_with(|| {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(batch_worker(
+                        Arc::downgrade(&self.inner),
+                        queue.to_string(),
+                        rx,
+                        kind,
+                    ));
+                    tx
+                })
+                .clone()
+        };
+        let (done, result) = tokio::sync::oneshot::channel();
+        tx.send((items, done))
+            .map_err(|_| transport_error(kind.operation(), "the batcher has stopped"))?;
+        result
+            .await
+            .map_err(|_| transport_error(kind.operation(), "the batcher dropped the request"))?
+    }
+
     /// Validate mode: creates nothing, and lists every missing resource and every differing
     /// attribute.
     async fn validate(&self, topology: &Topology) -> Result<()> {
@@ -634,68 +875,12 @@ impl Transport for AwsTransport {
     }
 
     async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
-        let url = self.queue_url(queue).await?;
-        for chunk in messages.chunks(10) {
-            let mut entries = Vec::with_capacity(chunk.len());
-            for (i, m) in chunk.iter().enumerate() {
-                check_size(m, queue, SQS_MAX_MESSAGE_BYTES)?;
-                let mut e = SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(&m.body)
-                    .set_message_attributes(Some(sqs_attributes(m)?));
-                if let Some(g) = &m.group_id {
-                    e = e.message_group_id(g);
-                }
-                if let Some(d) = &m.dedup_id {
-                    e = e.message_deduplication_id(d);
-                }
-                if let Some(d) = m.delay {
-                    e = e.delay_seconds(secs_ceil(d).min(900) as i32);
-                }
-                entries.push(
-                    e.build()
-                        .map_err(|e| transport_error("SendMessageBatch", e))?,
-                );
-            }
-            let mut pending = entries;
-            for attempt in 0..3 {
-                let out = self
-                    .inner
-                    .sqs
-                    .send_message_batch()
-                    .queue_url(&url)
-                    .set_entries(Some(pending.clone()))
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error("SendMessageBatch", e))?;
-                let failed = out.failed();
-                if failed.is_empty() {
-                    break;
-                }
-                let retryable: Vec<&str> = failed
-                    .iter()
-                    .filter(|f| !f.sender_fault())
-                    .map(|f| f.id())
-                    .collect();
-                if retryable.len() < failed.len() || attempt == 2 {
-                    let why: Vec<String> = failed
-                        .iter()
-                        .map(|f| format!("{}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
-                        .collect();
-                    return Err(transport_error(
-                        "SendMessageBatch",
-                        format!(
-                            "{} of the batch were refused: {}",
-                            failed.len(),
-                            why.join("; ")
-                        ),
-                    ));
-                }
-                pending.retain(|e| retryable.contains(&e.id()));
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            }
+        // Sizes first: one oversize message must not fail the batch it would share.
+        for m in &messages {
+            check_size(m, queue, SQS_MAX_MESSAGE_BYTES)?;
         }
-        Ok(())
+        self.coalesce(&self.inner.sends, queue, messages, Batch::Send)
+            .await
     }
 
     async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
@@ -814,41 +999,8 @@ impl Transport for AwsTransport {
     }
 
     async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<()> {
-        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
-        let url = self.queue_url(queue).await?;
-        for chunk in receipts.chunks(10) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(r)
-                        .build()
-                        .map_err(|e| transport_error("DeleteMessageBatch", e))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let out = self
-                .inner
-                .sqs
-                .delete_message_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| sdk_error("DeleteMessageBatch", e))?;
-            if let Some(f) = out.failed().first() {
-                return Err(if f.code().contains("ReceiptHandleIsInvalid") {
-                    Error::InvalidReceipt(queue.to_string())
-                } else {
-                    transport_error(
-                        "DeleteMessageBatch",
-                        format!("{} {}", f.code(), f.message().unwrap_or("")),
-                    )
-                });
-            }
-        }
-        Ok(())
+        self.coalesce(&self.inner.deletes, queue, receipts, Batch::Delete)
+            .await
     }
 
     async fn change_visibility(&self, queue: &str, receipt: &str, timeout: Duration) -> Result<()> {
