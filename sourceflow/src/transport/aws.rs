@@ -79,6 +79,45 @@ struct Inner {
     deletes: Batchers<String>,
 }
 
+/// Counts the HTTP requests of the SDK clients it is attached to (an SDK interceptor): what
+/// AWS bills for. Attach it with [`AwsTransport::from_sdk_config_counted`], or to any SDK
+/// client config with `.interceptor(counter.clone())`.
+#[derive(Debug, Clone, Default)]
+pub struct RequestCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl RequestCounter {
+    /// A counter at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests counted so far.
+    pub fn total(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Back to zero.
+    pub fn reset(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl aws_sdk_sqs::config::Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "sourceflow.request-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_sqs::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_sqs::error::BoxError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// How long a batcher waits for more work before it calls SQS with what it has.
 pub const LINGER: Duration = Duration::from_millis(5);
 
@@ -268,6 +307,31 @@ impl AwsTransport {
                     .region()
                     .map(|r| r.to_string())
                     .unwrap_or_else(|| "us-east-1".into()),
+                identity: OnceCell::new(),
+                urls: RwLock::new(HashMap::new()),
+                mode: ProvisionMode::Create,
+                sends: Default::default(),
+                deletes: Default::default(),
+            }),
+        }
+    }
+
+    /// Like [`from_sdk_config`](Self::from_sdk_config), counting every HTTP request the SQS
+    /// and SNS clients make (retries included) in `counter`.
+    pub fn from_sdk_config_counted(cfg: &aws_config::SdkConfig, counter: &RequestCounter) -> Self {
+        let sqs = aws_sdk_sqs::config::Builder::from(cfg)
+            .interceptor(counter.clone())
+            .build();
+        let sns = aws_sdk_sns::config::Builder::from(cfg)
+            .interceptor(counter.clone())
+            .build();
+        let t = Self::from_sdk_config(cfg);
+        AwsTransport {
+            inner: Arc::new(Inner {
+                sqs: aws_sdk_sqs::Client::from_conf(sqs),
+                sns: aws_sdk_sns::Client::from_conf(sns),
+                sts: t.inner.sts.clone(),
+                region: t.inner.region.clone(),
                 identity: OnceCell::new(),
                 urls: RwLock::new(HashMap::new()),
                 mode: ProvisionMode::Create,
