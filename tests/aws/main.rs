@@ -307,6 +307,13 @@ async fn kms_encryption_caches_keys_and_survives_rotation() {
         .load()
         .await;
     let kms = aws_sdk_kms::Client::new(&cfg);
+    // The provider's own client counts what reaches KMS, with the SDK interceptor.
+    let counted = sourceflow::transport::aws::RequestCounter::new();
+    let counted_kms = aws_sdk_kms::Client::from_conf(
+        aws_sdk_kms::config::Builder::from(&cfg)
+            .interceptor(counted.clone())
+            .build(),
+    );
     let key1 = kms
         .create_key()
         .send()
@@ -334,7 +341,7 @@ async fn kms_encryption_caches_keys_and_survives_rotation() {
         .expect("alias");
 
     let provider = Arc::new(Counting {
-        inner: KmsKeyProvider::new(kms.clone(), &alias)
+        inner: KmsKeyProvider::new(counted_kms, &alias)
             .described()
             .await
             .expect("usable"),
@@ -363,6 +370,11 @@ async fn kms_encryption_caches_keys_and_survives_rotation() {
         provider.decrypt.load(Ordering::SeqCst),
         1,
         "one Decrypt per distinct data key"
+    );
+    assert_eq!(
+        counted.total(),
+        3,
+        "KMS saw DescribeKey, one GenerateDataKey and one Decrypt for 10,000 messages"
     );
     assert!(sealed[0].kid.contains(&key1), "{}", sealed[0].kid);
 
@@ -587,4 +599,59 @@ async fn validate_mode_lists_what_is_missing_or_different_and_assume_mode_calls_
         "{err}"
     );
     assume.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
+    use sourceflow::envelope::OutgoingMessage;
+    use sourceflow::transport::Transport;
+    if !enabled() {
+        return;
+    }
+    let t = AwsTransport::from_env().await.expect("transport");
+    let queue = format!("{}-partial", prefix());
+    t.sqs()
+        .create_queue()
+        .queue_name(&queue)
+        .send()
+        .await
+        .expect("queue");
+    let msg = |body: &str| OutgoingMessage {
+        body: body.to_string(),
+        attributes: vec![("sourceflow.type".into(), "raw".into())],
+        group_id: None,
+        dedup_id: None,
+        delay: None,
+        wire_name: "raw",
+        message_id: format!("m{}", fastrand::u64(..)),
+    };
+    // SQS refuses characters outside its allowed set, entry by entry.
+    let err = t
+        .send(
+            &queue,
+            vec![msg("first"), msg("bad \u{1} body"), msg("third")],
+        )
+        .await
+        .expect_err("one entry is refused");
+    let text = err.to_string();
+    assert!(text.contains("1 of the batch were refused"), "{text}");
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        for m in t
+            .receive(&queue, 10, Duration::from_secs(1))
+            .await
+            .expect("receive")
+        {
+            bodies.push(m.body);
+        }
+        if bodies.len() == 2 {
+            break;
+        }
+    }
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec!["first".to_string(), "third".to_string()],
+        "the rest were delivered"
+    );
 }
