@@ -129,15 +129,7 @@ impl Dispatcher {
             MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
             MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
         };
-        let size = message.size();
-        if size > limit {
-            return Err(Error::MessageTooLarge {
-                wire_name: M::NAME.to_string(),
-                destination: destination.to_string(),
-                size,
-                limit,
-            });
-        }
+        message.check_size(&destination, limit)?;
         Ok(Pending {
             kind: M::KIND,
             destination,

@@ -75,6 +75,20 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
+    /// An error naming the type, destination and sizes when the message exceeds `limit`.
+    pub fn check_size(&self, destination: &str, limit: usize) -> Result<()> {
+        let size = self.size();
+        if size > limit {
+            return Err(Error::MessageTooLarge {
+                wire_name: self.wire_name.to_string(),
+                destination: destination.to_string(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Size as SQS and SNS count it: body plus attribute names, types and values.
     pub fn size(&self) -> usize {
         self.body.len()

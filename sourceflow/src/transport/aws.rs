@@ -580,7 +580,7 @@ impl AwsTransport {
         for chunk in messages.chunks(10) {
             let mut entries = Vec::with_capacity(chunk.len());
             for (i, m) in chunk.iter().enumerate() {
-                check_size(m, queue, SQS_MAX_MESSAGE_BYTES)?;
+                m.check_size(queue, SQS_MAX_MESSAGE_BYTES)?;
                 let mut e = SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(&m.body)
@@ -865,19 +865,6 @@ fn sqs_attributes(m: &OutgoingMessage) -> Result<HashMap<String, MessageAttribut
         .collect()
 }
 
-fn check_size(m: &OutgoingMessage, destination: &str, limit: usize) -> Result<()> {
-    let size = m.size();
-    if size > limit {
-        return Err(Error::MessageTooLarge {
-            wire_name: m.wire_name.to_string(),
-            destination: destination.to_string(),
-            size,
-            limit,
-        });
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Transport for AwsTransport {
     fn name(&self) -> &'static str {
@@ -941,7 +928,7 @@ impl Transport for AwsTransport {
     async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
         // Sizes first: one oversize message must not fail the batch it would share.
         for m in &messages {
-            check_size(m, queue, SQS_MAX_MESSAGE_BYTES)?;
+            m.check_size(queue, SQS_MAX_MESSAGE_BYTES)?;
         }
         self.coalesce(&self.inner.sends, queue, messages, Batch::Send)
             .await
@@ -953,7 +940,7 @@ impl Transport for AwsTransport {
         for chunk in messages.chunks(10) {
             let mut entries = Vec::with_capacity(chunk.len());
             for (i, m) in chunk.iter().enumerate() {
-                check_size(m, topic, SNS_MAX_MESSAGE_BYTES)?;
+                m.check_size(topic, SNS_MAX_MESSAGE_BYTES)?;
                 let mut attrs = HashMap::new();
                 for (k, v) in &m.attributes {
                     attrs.insert(

@@ -201,19 +201,6 @@ impl MemoryTransport {
     }
 }
 
-fn too_large(m: &OutgoingMessage, destination: &str, limit: usize) -> Result<()> {
-    let size = m.size();
-    if size > limit {
-        return Err(Error::MessageTooLarge {
-            wire_name: m.wire_name.to_string(),
-            destination: destination.to_string(),
-            size,
-            limit,
-        });
-    }
-    Ok(())
-}
-
 /// Returns expired in-flight messages and due delayed messages to visibility.
 fn promote(q: &Queue, st: &mut QueueState, now: Instant) {
     while let Some(Reverse((due, seq))) = st.delayed.peek().copied() {
@@ -281,7 +268,7 @@ fn release_group_slot(st: &mut QueueState, group: &str) {
 
 impl Queue {
     fn enqueue(&self, m: OutgoingMessage, now: Instant) -> Result<()> {
-        too_large(&m, &self.name, SQS_MAX_MESSAGE_BYTES)?;
+        m.check_size(&self.name, SQS_MAX_MESSAGE_BYTES)?;
         let mut st = self.state.lock();
         promote(self, &mut st, now);
         if self.fifo {
@@ -685,7 +672,7 @@ impl Transport for MemoryTransport {
             .cloned()
             .ok_or_else(|| Error::TopicDoesNotExist(topic.to_string()))?;
         for m in &messages {
-            too_large(m, topic, SNS_MAX_MESSAGE_BYTES)?;
+            m.check_size(topic, SNS_MAX_MESSAGE_BYTES)?;
             if t.fifo && m.group_id.is_none() {
                 return Err(Error::Unsupported(format!(
                     "{} published to FIFO topic `{topic}` without a message group id",
