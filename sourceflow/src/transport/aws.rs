@@ -243,6 +243,24 @@ where
     transport_error(operation, text)
 }
 
+/// The error for entries of a batch call that AWS refused: `(id, code, message)` each.
+fn refused<'a>(
+    operation: &str,
+    entries: impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)>,
+) -> Error {
+    let why: Vec<String> = entries
+        .map(|(id, code, message)| format!("{id}: {code} {}", message.unwrap_or("")))
+        .collect();
+    transport_error(
+        operation,
+        format!(
+            "{} of the batch were refused: {}",
+            why.len(),
+            why.join("; ")
+        ),
+    )
+}
+
 fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
@@ -620,17 +638,9 @@ impl AwsTransport {
                     .map(|f| f.id())
                     .collect();
                 if retryable.len() < failed.len() || attempt == 2 {
-                    let why: Vec<String> = failed
-                        .iter()
-                        .map(|f| format!("{}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
-                        .collect();
-                    return Err(transport_error(
+                    return Err(refused(
                         "SendMessageBatch",
-                        format!(
-                            "{} of the batch were refused: {}",
-                            failed.len(),
-                            why.join("; ")
-                        ),
+                        failed.iter().map(|f| (f.id(), f.code(), f.message())),
                     ));
                 }
                 pending.retain(|e| retryable.contains(&e.id()));
@@ -980,17 +990,9 @@ impl Transport for AwsTransport {
                 })?;
             let failed = out.failed();
             if !failed.is_empty() {
-                let why: Vec<String> = failed
-                    .iter()
-                    .map(|f| format!("{}: {} {}", f.id(), f.code(), f.message().unwrap_or("")))
-                    .collect();
-                return Err(transport_error(
+                return Err(refused(
                     "PublishBatch",
-                    format!(
-                        "{} of the batch were refused: {}",
-                        failed.len(),
-                        why.join("; ")
-                    ),
+                    failed.iter().map(|f| (f.id(), f.code(), f.message())),
                 ));
             }
         }
