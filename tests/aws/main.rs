@@ -655,3 +655,188 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
         "the rest were delivered"
     );
 }
+
+// ---- a worker killed mid-handler ---------------------------------------------------------
+
+#[cfg(feature = "sqlite")]
+mod crash {
+    use super::*;
+    use sourceflow::idempotency::SqliteIdempotencyStore;
+    use sourceflow::State;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "aws-ledger", name = "awstest.PostEntry.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct PostEntry {
+        pub entry: String,
+    }
+
+    /// The side effect: a row per entry counting how often it was posted, plus a row saying
+    /// a handler started (so the parent knows when to kill).
+    #[handler]
+    async fn post_entry(
+        cmd: PostEntry,
+        State(db): State<sqlx::SqlitePool>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO started (entry, pid) VALUES ($1, $2)")
+            .bind(&cmd.entry)
+            .bind(std::process::id() as i64)
+            .execute(&db)
+            .await?;
+        // The first worker is killed here, before the effect.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sqlx::query(
+            "INSERT INTO effects (entry, n) VALUES ($1, 1) ON CONFLICT (entry) DO UPDATE SET n = effects.n + 1",
+        )
+        .bind(&cmd.entry)
+        .execute(&db)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn service(prefix: &str, db_url: &str) -> sourceflow::Handle {
+        let store = SqliteIdempotencyStore::connect(db_url)
+            .await
+            .expect("store");
+        let pool = store.pool().clone();
+        for ddl in [
+            "CREATE TABLE IF NOT EXISTS effects (entry TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS started (entry TEXT, pid BIGINT)",
+        ] {
+            sqlx::query(ddl).execute(&pool).await.expect("ddl");
+        }
+        sourceflow::builder()
+            .service("ledger")
+            .prefix(prefix)
+            .transport(AwsTransport::from_env().await.expect("transport"))
+            .handlers_in(MODULE)
+            .state(pool)
+            .idempotency(store)
+            // A short visibility timeout (and so a short lease) lets the test finish quickly.
+            .visibility_timeout(Duration::from_secs(2))
+            .receive_wait(Duration::from_secs(1))
+            .start()
+            .await
+            .expect("start")
+    }
+}
+
+/// Runs only as the child process of the test below.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the worker process of worker_killed_mid_handler_is_replaced_and_the_effect_happens_once"]
+async fn worker_process() {
+    let (Ok(prefix), Ok(db)) = (std::env::var("CRASH_PREFIX"), std::env::var("CRASH_DB")) else {
+        return;
+    };
+    let _app = crash::service(&prefix, &db).await;
+    // Serve until killed.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_handler_is_replaced_and_the_effect_happens_once() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let path = std::env::temp_dir().join(format!("sourceflow-crash-{p}.db"));
+    let db = format!("sqlite://{}?mode=rwc", path.display());
+    // The parent provisions, sends, and watches; it runs no handler itself yet.
+    let sender = sourceflow::builder()
+        .service("ledger-client")
+        .prefix(&p)
+        .transport(AwsTransport::from_env().await.expect("transport"))
+        .handlers(|_| false)
+        .start()
+        .await
+        .expect("sender");
+    let pool = sqlx::SqlitePool::connect(&db).await.expect("pool");
+
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--ignored", "--exact", "worker_process", "--nocapture"])
+        .env("CRASH_PREFIX", &p)
+        .env("CRASH_DB", &db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("worker process");
+    let entry = format!("entry-{p}");
+    // Wait for the child's listener, then send.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sender
+        .send(crash::PostEntry {
+            entry: entry.clone(),
+        })
+        .await
+        .expect("send");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let started: Option<i64> =
+            sqlx::query_scalar("SELECT count(*) FROM started WHERE entry = $1")
+                .bind(&entry)
+                .fetch_optional(&pool)
+                .await
+                .unwrap_or(None);
+        if started.unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never started the handler"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGKILL in the middle of the handler: no cleanup, no release, no return to the queue.
+    child.kill().expect("kill");
+    let _ = child.wait();
+
+    // Another worker takes over once the visibility timeout and the claim's lease run out.
+    let replacement = crash::service(&p, &db).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: Option<i64> = sqlx::query_scalar("SELECT n FROM effects WHERE entry = $1")
+            .bind(&entry)
+            .fetch_optional(&pool)
+            .await
+            .unwrap_or(None);
+        if n == Some(1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message was not processed after the crash"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let n: i64 = sqlx::query_scalar("SELECT n FROM effects WHERE entry = $1")
+        .bind(&entry)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(n, 1, "the effect happened exactly once");
+    let starts: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT pid) FROM started WHERE entry = $1")
+            .bind(&entry)
+            .fetch_one(&pool)
+            .await
+            .expect("starts");
+    assert_eq!(
+        starts, 2,
+        "started in the killed worker, finished in its replacement"
+    );
+    let queue = replacement.queue_of::<crash::PostEntry>();
+    let depth = replacement
+        .transport()
+        .queue_depth(&Naming::dead_letter(&queue))
+        .await
+        .expect("depth")
+        .expect("known");
+    assert_eq!(depth.total(), 0, "nothing went to the dead-letter queue");
+    replacement.shutdown().await.expect("shutdown");
+    sender.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_file(&path);
+}
