@@ -131,7 +131,7 @@ async fn start(t: &AwsTransport, prefix: &str) -> sourceflow::Handle {
         .service("shop")
         .prefix(prefix)
         .transport(t.clone())
-        .handlers_in(module_path!())
+        .handlers(|h| h.module_path == module_path!())
         .max_receive_count(7)
         .visibility_timeout(Duration::from_secs(45))
         .receive_wait(Duration::from_secs(1))
@@ -530,7 +530,7 @@ async fn validate_mode_lists_what_is_missing_or_different_and_assume_mode_calls_
         .service("shop")
         .prefix(&p)
         .transport(validate.clone())
-        .handlers_in(module_path!())
+        .handlers(|h| h.module_path == module_path!())
         .start()
         .await
         .expect_err("nothing exists yet");
@@ -561,7 +561,7 @@ async fn validate_mode_lists_what_is_missing_or_different_and_assume_mode_calls_
         .service("shop")
         .prefix(&p)
         .transport(validate)
-        .handlers_in(module_path!())
+        .handlers(|h| h.module_path == module_path!())
         .max_receive_count(7)
         .visibility_timeout(Duration::from_secs(45))
         .start()
