@@ -23,10 +23,17 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
             queue = Some(meta.value()?.parse()?);
             Ok(())
         } else {
-            Err(meta.error(
-                "unknown #[handler] argument; the only one is `queue = \"...\"`, which names \
-                 this service's subscriber queue for an event handler",
-            ))
+            let given = quote::ToTokens::to_token_stream(&meta.path)
+                .to_string()
+                .replace(' ', "");
+            let hint = match crate::message::did_you_mean(&given, &["queue"]) {
+                Some(k) => format!("did you mean `{k}`? "),
+                None => String::new(),
+            };
+            Err(meta.error(format!(
+                "unknown #[handler] argument `{given}`; {hint}the only one is `queue = \"...\"`, \
+                 which names this service's subscriber queue for an event handler"
+            )))
         }
     });
     syn::parse::Parser::parse2(parser, args)?;
@@ -100,6 +107,12 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
                 extras.push(Extra::Context);
             }
             Some(state) => extras.push(state),
+            None if names_context(&pt.ty) => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    "take the context by shared reference: `ctx: &Context`",
+                ))
+            }
             None => {
                 return Err(syn::Error::new_spanned(
                     &pt.ty,
@@ -114,7 +127,6 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
 
     let fn_name = &sig.ident;
     let fn_name_str = fn_name.to_string();
-    let invoker = format_ident!("__sourceflow_invoke_{}", fn_name);
     let mut lets = Vec::new();
     let mut call_args = vec![quote!(__message)];
     let mut states = Vec::new();
@@ -149,21 +161,10 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
         ::sourceflow::__private::HandlerRoute::new::<#msg_ty>
     };
 
+    // The invoker is a closure in the registration rather than a fn of its own: both need
+    // `#msg_ty: Message`, and within one body rustc reports a type that is not a message once.
     Ok(quote! {
         #func
-
-        #[doc(hidden)]
-        #[allow(non_snake_case)]
-        fn #invoker<'a>(
-            __ctx: &'a ::sourceflow::Context,
-        ) -> ::sourceflow::__private::BoxFuture<'a, ::core::result::Result<(), ::sourceflow::__private::InvokeError>> {
-            ::std::boxed::Box::pin(async move {
-                let __message: #msg_ty = #decode?;
-                #(#lets)*
-                let __out = #fn_name(#(#call_args),*).await;
-                #into_result
-            })
-        }
 
         ::sourceflow::__private::inventory::submit! {
             #msg_check(
@@ -173,10 +174,26 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
                 ::core::line!(),
                 #queue_tokens,
                 &[#(#states),*],
-                #invoker,
+                |__ctx| {
+                    ::std::boxed::Box::pin(async move {
+                        let __message: #msg_ty = #decode?;
+                        #(#lets)*
+                        let __out = #fn_name(#(#call_args),*).await;
+                        #into_result
+                    })
+                },
             )
         }
     })
+}
+
+/// `Context` taken some other way than `&Context` (by value, `&mut`).
+fn names_context(ty: &Type) -> bool {
+    let ty = match ty {
+        Type::Reference(r) => &*r.elem,
+        ty => ty,
+    };
+    matches!(ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Context"))
 }
 
 fn classify(ty: &Type) -> Option<Extra> {

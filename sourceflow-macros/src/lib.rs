@@ -54,7 +54,16 @@ pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
 /// subscriber queue.
 #[proc_macro_attribute]
 pub fn handler(args: TokenStream, input: TokenStream) -> TokenStream {
-    handler::expand(args.into(), input.into())
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    let input = proc_macro2::TokenStream::from(input);
+    match handler::expand(args.into(), input.clone()) {
+        Ok(out) => out.into(),
+        // Keep the function as written next to the error: what calls it or what it imports
+        // then raises no follow-on errors or warnings that hide the one that matters.
+        Err(e) => {
+            let mut out = e.into_compile_error();
+            out.extend(quote::quote!(#[allow(dead_code)]));
+            out.extend(input);
+            out.into()
+        }
+    }
 }

@@ -63,23 +63,64 @@ fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
                  `#[event(topic = \"...\")]`, or make this type a `#[command(queue = \"...\")]` \
                  (each handling service gets its own subscriber queue automatically)",
             )),
-            _ => Err(meta.error(format!(
-                "unknown #[{}] argument; expected {}",
-                kind.attr(),
-                match kind {
-                    Kind::Command => "`queue = \"...\"`, `name = \"...\"` or `encrypt`",
-                    Kind::Event => "`topic = \"...\"`, `name = \"...\"` or `encrypt`",
-                }
-            ))),
+            _ => {
+                let (known, expected) = match kind {
+                    Kind::Command => (
+                        ["queue", "name", "encrypt"],
+                        "`queue = \"...\"`, `name = \"...\"` or `encrypt`",
+                    ),
+                    Kind::Event => (
+                        ["topic", "name", "encrypt"],
+                        "`topic = \"...\"`, `name = \"...\"` or `encrypt`",
+                    ),
+                };
+                let given = quote::ToTokens::to_token_stream(&meta.path)
+                    .to_string()
+                    .replace(' ', "");
+                let hint = match did_you_mean(&given, &known) {
+                    Some(k) => format!("did you mean `{k}`? "),
+                    None => String::new(),
+                };
+                Err(meta.error(format!(
+                    "unknown #[{}] argument `{given}`; {hint}expected {expected}",
+                    kind.attr(),
+                )))
+            }
         }
     });
     syn::parse::Parser::parse2(parser, args)?;
     Ok(out)
 }
 
+/// The known argument closest to a misspelt one (at most two edits away, case ignored).
+pub(crate) fn did_you_mean<'a>(given: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    let given = given.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (distance(&given, k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
 fn set_once(slot: &mut Option<LitStr>, meta: &syn::meta::ParseNestedMeta) -> syn::Result<()> {
     if slot.is_some() {
-        return Err(meta.error("this argument is given twice"));
+        let key = quote::ToTokens::to_token_stream(&meta.path).to_string();
+        return Err(meta.error(format!("`{key}` is given twice; keep one")));
     }
     *slot = Some(meta.value()?.parse()?);
     Ok(())
@@ -103,7 +144,15 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
     let mut item: DeriveInput = syn::parse2(input).map_err(|e| {
         syn::Error::new(
             e.span(),
-            format!("#[{}] goes on a struct or an enum", kind.attr()),
+            format!(
+                "#[{0}] declares a message type, so it goes on a struct or an enum; \
+                 to handle {1} {0}, mark an `async fn` taking it with #[handler]",
+                kind.attr(),
+                match kind {
+                    Kind::Command => "a",
+                    Kind::Event => "an",
+                }
+            ),
         )
     })?;
     if !item.generics.params.is_empty() {
@@ -210,24 +259,20 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
         Kind::Command => quote!(::sourceflow::MessageKind::Command),
         Kind::Event => quote!(::sourceflow::MessageKind::Event),
     };
-    let (entity_fn, entity_assert, has_entity) = match &entity {
+    let (entity_fn, has_entity) = match &entity {
         Some(f) => {
             let member = &f.member;
             let ty = &f.ty;
+            // Qualified with the field's type and spanned at it, so a type that is not an
+            // `EntityId` is reported once, at that type.
             let to_id = quote_spanned! {ty.span()=>
-                ::sourceflow::EntityId::to_entity_id(&self.#member)
+                <#ty as ::sourceflow::EntityId>::to_entity_id(&self.#member)
             };
             (
                 quote! {
                     fn entity_id(&self) -> ::core::option::Option<::std::string::String> {
                         ::core::option::Option::Some(#to_id)
                     }
-                },
-                quote_spanned! {ty.span()=>
-                    const _: fn() = || {
-                        fn entity_id_must_become_a_group_id<T: ?::core::marker::Sized + ::sourceflow::EntityId>() {}
-                        entity_id_must_become_a_group_id::<#ty>();
-                    };
                 },
                 true,
             )
@@ -238,13 +283,14 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
                     ::core::option::Option::None
                 }
             },
-            quote!(),
             false,
         ),
     };
+    // Spanned at the type's name: rustc's "`Command` is implemented for `X`" hints then
+    // point at `X`, not at the whole attribute.
     let marker = match kind {
-        Kind::Command => quote!(impl ::sourceflow::Command for #ident {}),
-        Kind::Event => quote!(impl ::sourceflow::Event for #ident {}),
+        Kind::Command => quote_spanned!(ident.span()=> impl ::sourceflow::Command for #ident {}),
+        Kind::Event => quote_spanned!(ident.span()=> impl ::sourceflow::Event for #ident {}),
     };
     let type_name = ident.to_string();
     let encrypt = args.encrypt;
@@ -253,8 +299,6 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
         #item
 
         #debug_impl
-
-        #entity_assert
 
         impl ::sourceflow::Message for #ident {
             const NAME: &'static str = #wire_name;
@@ -483,5 +527,21 @@ fn masked_debug(item: &DeriveInput, fields: &[Vec<FieldInfo>]) -> TokenStream {
                 #body
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::did_you_mean;
+
+    #[test]
+    fn suggests_close_arguments_only() {
+        let known = ["queue", "name", "encrypt"];
+        assert_eq!(did_you_mean("queu", &known), Some("queue"));
+        assert_eq!(did_you_mean("Queue", &known), Some("queue"));
+        assert_eq!(did_you_mean("nmae", &known), Some("name"));
+        assert_eq!(did_you_mean("encrpyt", &known), Some("encrypt"));
+        assert_eq!(did_you_mean("group", &known), None);
+        assert_eq!(did_you_mean("", &known), None);
     }
 }

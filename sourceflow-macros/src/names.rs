@@ -36,8 +36,9 @@ pub fn check_topic(name: &str) -> Result<bool, String> {
     check_charset(stem, name, "topic", "SNS topic names")?;
     if name.len() > SNS_MAX {
         return Err(format!(
-            "topic name is {} characters long; SNS allows at most {SNS_MAX}",
-            name.len()
+            "topic name is {} characters long; SNS allows at most {SNS_MAX}: shorten it by {}",
+            name.len(),
+            name.len() - SNS_MAX
         ));
     }
     Ok(fifo)
@@ -68,7 +69,14 @@ pub fn check_wire_name(name: &str) -> Result<(), String> {
 
 fn split_fifo<'a>(name: &'a str, what: &str) -> Result<(&'a str, bool), String> {
     if name.is_empty() {
-        return Err(format!("{what} name is empty"));
+        let example = if what == "topic" {
+            "order-events"
+        } else {
+            "orders"
+        };
+        return Err(format!(
+            "{what} name is empty; name the {what}, e.g. `{example}` (or `{example}.fifo` for FIFO)"
+        ));
     }
     let lower = name.to_ascii_lowercase();
     if lower.ends_with(".fifo") && !name.ends_with(".fifo") {

@@ -26,6 +26,12 @@ pub struct WriteFile {
     pub path: String,
 }
 
+#[sourceflow::command(queue = "notifications")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Notify {
+    pub to: String,
+}
+
 #[sourceflow::event(topic = "order-events")]
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OrderCreated {
@@ -41,7 +47,10 @@ pub struct Mailer;
 // The message, the context, and the result.
 #[sourceflow::handler]
 async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()> {
-    ctx.raise(OrderCreated { order_id: cmd.order_id }).await
+    ctx.raise(OrderCreated {
+        order_id: cmd.order_id,
+    })
+    .await
 }
 
 // Only the message, returning nothing.
@@ -67,10 +76,22 @@ async fn write_file(cmd: WriteFile) -> Result<(), std::io::Error> {
     Ok(())
 }
 
+// A boxed error works too.
+#[sourceflow::handler]
+async fn notify(cmd: Notify) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if cmd.to.is_empty() {
+        return Err("nobody to notify".into());
+    }
+    Ok(())
+}
+
 // Several handlers for one event, one with its own subscriber queue.
 #[sourceflow::handler]
 async fn request_payment(evt: OrderCreated, ctx: &Context) -> sourceflow::Result<()> {
-    ctx.send(ProcessPayment { order_id: evt.order_id }).await
+    ctx.send(ProcessPayment {
+        order_id: evt.order_id,
+    })
+    .await
 }
 
 #[sourceflow::handler(queue = "order-projection")]
@@ -78,11 +99,31 @@ async fn project(_evt: OrderCreated, State(_db): State<Db>) -> sourceflow::Resul
     Ok(())
 }
 
+// Outside handlers, the handle sends commands and raises events.
+async fn endpoint(app: sourceflow::Handle) -> sourceflow::Result<()> {
+    app.send(ProcessPayment { order_id: 1 }).await?;
+    app.raise(OrderCreated { order_id: 1 }).await?;
+    Ok(())
+}
+
 fn main() {
-    let names: Vec<&str> = sourceflow::registry::handler_routes().map(|h| h.name).collect();
-    for expected in ["create_order", "audit", "process_payment", "write_file", "request_payment", "project"] {
+    let _ = endpoint;
+    let names: Vec<&str> = sourceflow::registry::handler_routes()
+        .map(|h| h.name)
+        .collect();
+    for expected in [
+        "create_order",
+        "audit",
+        "process_payment",
+        "write_file",
+        "notify",
+        "request_payment",
+        "project",
+    ] {
         assert!(names.contains(&expected), "{expected} is registered");
     }
     // The functions stay callable directly, e.g. in unit tests.
-    let _ = audit(Audit { line: String::new() });
+    let _ = audit(Audit {
+        line: String::new(),
+    });
 }
