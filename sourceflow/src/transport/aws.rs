@@ -233,7 +233,8 @@ fn transport_error(operation: &str, e: impl Into<BoxError>) -> Error {
     }
 }
 
-/// The SDK error with its service message (the SDK's `Display` alone says little).
+/// The SDK error with its service message (the SDK's `Display` alone says little). The
+/// error type is shared by every SDK crate, so this serves SQS and SNS alike.
 fn sdk_error<E, R>(operation: &str, e: aws_sdk_sqs::error::SdkError<E, R>) -> Error
 where
     E: std::error::Error + Send + Sync + 'static,
@@ -898,12 +899,7 @@ impl Transport for AwsTransport {
                     .attributes("FifoTopic", "true")
                     .attributes("ContentBasedDeduplication", "false");
             }
-            req.send().await.map_err(|e| {
-                transport_error(
-                    "CreateTopic",
-                    format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e)),
-                )
-            })?;
+            req.send().await.map_err(|e| sdk_error("CreateTopic", e))?;
         }
         for s in &topology.subscriptions {
             let topic_arn = id.topic_arn(&s.topic);
@@ -925,12 +921,7 @@ impl Transport for AwsTransport {
                     )
                     .attributes("FilterPolicyScope", "MessageAttributes");
             }
-            req.send().await.map_err(|e| {
-                transport_error(
-                    "Subscribe",
-                    format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e)),
-                )
-            })?;
+            req.send().await.map_err(|e| sdk_error("Subscribe", e))?;
         }
         Ok(())
     }
@@ -982,12 +973,7 @@ impl Transport for AwsTransport {
                 .set_publish_batch_request_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| {
-                    transport_error(
-                        "PublishBatch",
-                        format!("{}", aws_sdk_sns::error::DisplayErrorContext(&e)),
-                    )
-                })?;
+                .map_err(|e| sdk_error("PublishBatch", e))?;
             let failed = out.failed();
             if !failed.is_empty() {
                 return Err(refused(
