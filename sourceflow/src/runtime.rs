@@ -411,9 +411,16 @@ impl Builder {
                     Some(Arc::new(idempotency::PostgresIdempotencyStore::connect(url).await?)
                         as Arc<dyn IdempotencyStore>)
                 }
+                #[cfg(feature = "dynamodb")]
+                Some(url) if url.starts_with("dynamodb://") => {
+                    Some(Arc::new(idempotency::DynamoDbIdempotencyStore::connect(
+                        &url["dynamodb://".len()..],
+                    )
+                    .await?) as Arc<dyn IdempotencyStore>)
+                }
                 Some(other) => {
                     return Err(Error::Config(format!(
-                        "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory`, `off`, or (with the `sqlite`/`postgres` features) a `sqlite://` or `postgres://` URL"
+                        "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory`, `off`, or (with the `sqlite`/`postgres`/`dynamodb` features) a `sqlite://` or `postgres://` URL or `dynamodb://<table>`"
                     )))
                 }
             },
@@ -573,13 +580,18 @@ impl Builder {
                 stop,
                 listeners: Mutex::new(tasks),
                 listener_info: listeners,
-                cleanup: Mutex::new(r.idempotency.as_ref().map(|i| {
-                    idempotency::spawn_cleanup(
-                        i.store.clone(),
-                        idempotency::DEFAULT_CLEANUP_INTERVAL,
-                        idempotency::DEFAULT_CLEANUP_BATCH,
-                    )
-                })),
+                cleanup: Mutex::new(
+                    r.idempotency
+                        .as_ref()
+                        .filter(|i| !i.store.purges_itself())
+                        .map(|i| {
+                            idempotency::spawn_cleanup(
+                                i.store.clone(),
+                                idempotency::DEFAULT_CLEANUP_INTERVAL,
+                                idempotency::DEFAULT_CLEANUP_BATCH,
+                            )
+                        }),
+                ),
                 idempotency: r.idempotency,
             }),
         })

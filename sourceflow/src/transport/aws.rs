@@ -266,33 +266,45 @@ fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// The SDK configuration from the standard AWS chain, with sourceflow's retry and timeout
+/// settings; one clear error when no region is configured.
+pub(crate) async fn load_sdk_config() -> Result<aws_config::SdkConfig> {
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(
+            aws_config::retry::RetryConfig::standard()
+                .with_max_attempts(5)
+                .with_initial_backoff(Duration::from_millis(100)),
+        )
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await;
+    if cfg.region().is_none() {
+        return Err(Error::Config(
+            "no AWS region is configured: set AWS_REGION (or a profile's region)".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// `SOURCEFLOW_PROVISION`, else [`ProvisionMode::Create`].
+pub(crate) fn provision_mode_from_env() -> Result<ProvisionMode> {
+    match std::env::var("SOURCEFLOW_PROVISION") {
+        Ok(m) if !m.is_empty() => m.parse(),
+        _ => Ok(ProvisionMode::Create),
+    }
+}
+
 impl AwsTransport {
     /// A transport from the standard AWS configuration chain. Fails at once, with one clear
     /// error, when no region is configured.
     pub async fn from_env() -> Result<Self> {
-        let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(
-                aws_config::retry::RetryConfig::standard()
-                    .with_max_attempts(5)
-                    .with_initial_backoff(Duration::from_millis(100)),
-            )
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(30))
-                    .build(),
-            )
-            .load()
-            .await;
-        if cfg.region().is_none() {
-            return Err(Error::Config(
-                "no AWS region is configured: set AWS_REGION (or a profile's region)".into(),
-            ));
-        }
-        let mode = match std::env::var("SOURCEFLOW_PROVISION") {
-            Ok(m) if !m.is_empty() => m.parse()?,
-            _ => ProvisionMode::Create,
-        };
+        let cfg = load_sdk_config().await?;
+        let mode = provision_mode_from_env()?;
         Ok(Self::from_sdk_config(&cfg).provision_mode(mode))
     }
 

@@ -6,11 +6,9 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
-use super::{
-    classify, migrate_error, millis, store_error, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED,
-    MIGRATIONS_TABLE,
-};
+use super::{migrate_error, store_error, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
+use crate::idempotency::record::{classify, millis, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED};
 use crate::idempotency::{new_token, Claim, IdempotencyStore};
 
 const STORE: &str = "postgres";

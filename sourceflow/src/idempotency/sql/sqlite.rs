@@ -2,7 +2,7 @@
 //! restarts.
 
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -10,11 +10,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection, Row};
 
-use super::{
-    classify, migrate_error, millis, store_error, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED,
-    MIGRATIONS_TABLE,
-};
+use super::{migrate_error, store_error, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
+use crate::idempotency::record::{
+    classify, millis, now_millis, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED,
+};
 use crate::idempotency::{new_token, Claim, IdempotencyStore};
 
 const STORE: &str = "sqlite";
@@ -126,13 +126,6 @@ fn read_existing(r: &SqliteRow, now: i64) -> std::result::Result<Existing, sqlx:
         outbox: r.try_get("outbox")?,
         now,
     })
-}
-
-/// The process clock, in milliseconds since the Unix epoch.
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
 }
 
 fn is_busy(e: &sqlx::Error) -> bool {

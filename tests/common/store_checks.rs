@@ -1,0 +1,171 @@
+//! Checks every durable idempotency store must pass, shared by the SQL and DynamoDB tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sourceflow::idempotency::{
+    purge_expired_in_batches, spawn_cleanup, Claim, Cleanup, IdempotencyStore, DEFAULT_TTL,
+};
+
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// Completes `done` (with an undispatched outbox) and leaves `busy` in progress; returns the
+/// in-progress token.
+pub async fn completed_and_in_progress(store: &dyn IdempotencyStore) -> String {
+    let Claim::Acquired { token } = store.claim("done", "h", LEASE).await.expect("claim") else {
+        panic!("claim done");
+    };
+    assert!(store
+        .complete("done", &token, DEFAULT_TTL, Some("[\"out\"]"))
+        .await
+        .expect("complete"));
+    let Claim::Acquired { token } = store.claim("busy", "h", LEASE).await.expect("claim") else {
+        panic!("claim busy");
+    };
+    token
+}
+
+/// After a restart, the completed key is still completed (its outbox kept), and the
+/// in-progress claim still belongs to its token.
+pub async fn assert_after_restart(store: &dyn IdempotencyStore, in_progress: String) {
+    assert_eq!(
+        store.claim("done", "h", LEASE).await.expect("claim"),
+        Claim::Completed {
+            undispatched: Some("[\"out\"]".into())
+        },
+        "a completed key is not processed again after a restart"
+    );
+    assert!(matches!(
+        store.claim("busy", "h", LEASE).await.expect("claim"),
+        Claim::InProgress { .. }
+    ));
+    assert!(store
+        .complete("busy", &in_progress, DEFAULT_TTL, None)
+        .await
+        .expect("complete"));
+    if store.size_is_exact() {
+        assert_eq!(store.size().await.expect("size"), 2);
+    }
+}
+
+/// 2,500 expired rows are purged in 3 batches of at most 1,000; live records stay; the
+/// spawned cleanup task purges rows that expire later. `count` counts the records exactly.
+pub async fn cleans_up_in_batches<S, F, Fut, C, CFut>(store: Arc<S>, insert_expired: F, count: C)
+where
+    S: IdempotencyStore,
+    F: Fn(i64, i64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+    C: Fn() -> CFut,
+    CFut: std::future::Future<Output = u64>,
+{
+    // Live records: 10 completed, 5 in progress, one of them with an expired lease.
+    for i in 0..10 {
+        let key = format!("live:{i}");
+        let Claim::Acquired { token } = store.claim(&key, "h", LEASE).await.expect("claim") else {
+            panic!("claim {key}");
+        };
+        assert!(store
+            .complete(&key, &token, DEFAULT_TTL, None)
+            .await
+            .expect("complete"));
+    }
+    for i in 0..5 {
+        let lease = if i == 0 {
+            Duration::from_millis(1)
+        } else {
+            LEASE
+        };
+        let key = format!("busy:{i}");
+        assert!(matches!(
+            store.claim(&key, "h", lease).await.expect("claim"),
+            Claim::Acquired { .. }
+        ));
+    }
+    insert_expired(1, 2_500).await;
+    assert_eq!(count().await, 2_515);
+
+    let done = purge_expired_in_batches(&*store, 1_000)
+        .await
+        .expect("purge");
+    assert_eq!(
+        done,
+        Cleanup {
+            purged: 2_500,
+            batches: 3
+        }
+    );
+    assert_eq!(count().await, 15, "live records stay");
+    assert_eq!(
+        store.claim("live:3", "h", LEASE).await.expect("claim"),
+        Claim::Completed { undispatched: None }
+    );
+
+    // The periodic task purges what expires later, in batches too.
+    insert_expired(2_501, 4_000).await;
+    let task = spawn_cleanup(store.clone(), Duration::from_millis(100), 1_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count().await != 15 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cleanup task did not purge the expired rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+}
+
+/// Four stores on one database race 20 claims for each of 25 keys: exactly one claim per
+/// key is acquired, every other one sees it in progress. The same holds when the keys exist
+/// with an expired lease or an expired completion (the race is then over the take-over).
+pub async fn one_winner_per_key(stores: Vec<Arc<dyn IdempotencyStore>>) {
+    const KEYS: usize = 25;
+    const CLAIMS: usize = 20;
+    let race = |prefix: &'static str| {
+        let stores = stores.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for k in 0..KEYS {
+                for c in 0..CLAIMS {
+                    let store = stores[(k + c) % stores.len()].clone();
+                    let key = format!("{prefix}:{k}");
+                    tasks.push(tokio::spawn(async move {
+                        let claim = store.claim(&key, "h", LEASE).await.expect("claim");
+                        (k, claim)
+                    }));
+                }
+            }
+            let mut won = [0usize; KEYS];
+            for t in tasks {
+                match t.await.expect("task") {
+                    (k, Claim::Acquired { .. }) => won[k] += 1,
+                    (_, Claim::InProgress { .. }) => {}
+                    (k, other) => panic!("{prefix}:{k}: unexpected {other:?}"),
+                }
+            }
+            assert_eq!(won, [1; KEYS], "{prefix}: exactly one claim per key wins");
+        }
+    };
+    race("new").await;
+
+    // Expired leases (crashed workers) and expired completions, taken over by a race.
+    let short = Duration::from_millis(1);
+    for k in 0..KEYS {
+        for prefix in ["crashed", "expired"] {
+            let key = format!("{prefix}:{k}");
+            let Claim::Acquired { token } = stores[0].claim(&key, "h", short).await.expect("claim")
+            else {
+                panic!("claim {key}");
+            };
+            if prefix == "expired" {
+                assert!(stores[0]
+                    .complete(&key, &token, short, None)
+                    .await
+                    .expect("complete"));
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    race("crashed").await;
+    race("expired").await;
+}

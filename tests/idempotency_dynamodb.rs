@@ -1,0 +1,381 @@
+//! The DynamoDB idempotency store against a real DynamoDB API (moto server on 127.0.0.1,
+//! started by `tests/support/moto.sh`): the conformance suite, one winner per key across
+//! four clients, what provisioning creates and validates, the TTL attribute on every item,
+//! restart survival and purging in batches.
+//!
+//! Runs when `SOURCEFLOW_TEST_DYNAMODB_ENDPOINT` is set (`eval "$(tests/support/moto.sh
+//! start)"`); skipped otherwise, unless `SOURCEFLOW_TEST_REQUIRE_DYNAMODB=1`. Each test works
+//! in a table of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, PutRequest,
+    ScalarAttributeType, TimeToLiveStatus, WriteRequest,
+};
+use aws_sdk_dynamodb::Client;
+use sourceflow::idempotency::dynamodb::{KEY_ATTRIBUTE, TTL_ATTRIBUTE};
+use sourceflow::idempotency::{conformance, Claim, DynamoDbIdempotencyStore, IdempotencyStore};
+use sourceflow::transport::aws::ProvisionMode;
+
+#[path = "common/dynamodb.rs"]
+mod dynamodb;
+#[path = "common/store_checks.rs"]
+mod store_checks;
+use store_checks::{
+    assert_after_restart, cleans_up_in_batches, completed_and_in_progress, one_winner_per_key,
+    LEASE,
+};
+
+async fn open(client: &Client, table: &str) -> DynamoDbIdempotencyStore {
+    DynamoDbIdempotencyStore::open(client.clone(), table, ProvisionMode::Create)
+        .await
+        .expect("open the DynamoDB store")
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+async fn item(client: &Client, table: &str, key: &str) -> HashMap<String, AttributeValue> {
+    client
+        .get_item()
+        .table_name(table)
+        .key(KEY_ATTRIBUTE, AttributeValue::S(key.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get item")
+        .item
+        .expect("the item exists")
+}
+
+fn number(item: &HashMap<String, AttributeValue>, name: &str) -> i64 {
+    match item.get(name) {
+        Some(AttributeValue::N(n)) => n.parse().expect("a number"),
+        other => panic!("{name}: expected a number, found {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_conforms() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_conforms") else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let table = dynamodb::table("conforms");
+    let store = open(&client, &table).await;
+    assert_eq!(store.name(), "dynamodb");
+    assert!(
+        store.purges_itself(),
+        "DynamoDB's TTL deletes expired items"
+    );
+    conformance::run(&store, "t").await;
+    conformance::race(Arc::new(store), "race").await;
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_one_winner_across_clients() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_one_winner_across_clients") else {
+        return;
+    };
+    let table = dynamodb::table("clients");
+    // Four instances, each with its own client (own connections), provisioning at once.
+    let clients: Vec<Client> = (0..4).map(|_| dynamodb::client(&endpoint)).collect();
+    let (a, b, c, d) = tokio::join!(
+        open(&clients[0], &table),
+        open(&clients[1], &table),
+        open(&clients[2], &table),
+        open(&clients[3], &table)
+    );
+    one_winner_per_key(vec![Arc::new(a), Arc::new(b), Arc::new(c), Arc::new(d)]).await;
+    dynamodb::drop_table(&clients[0], &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_provisions_and_validates_its_table() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_provisions_and_validates_its_table") else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let table = dynamodb::table("provision");
+
+    // Validate and assume create nothing.
+    let err = DynamoDbIdempotencyStore::open(client.clone(), &table, ProvisionMode::Validate)
+        .await
+        .expect_err("validate must fail on a missing table")
+        .to_string();
+    assert!(
+        err.contains(&format!("table {table} does not exist")),
+        "{err}"
+    );
+    DynamoDbIdempotencyStore::open(client.clone(), &table, ProvisionMode::Assume)
+        .await
+        .expect("assume makes no calls");
+    let listed = client.list_tables().send().await.expect("list tables");
+    assert!(
+        !listed.table_names().contains(&table),
+        "nothing was created"
+    );
+
+    // Create: the table with the string partition key, on-demand, and TTL on `expiration`.
+    open(&client, &table).await;
+    let t = client
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .expect("describe")
+        .table
+        .expect("table");
+    let keys: Vec<(&str, &KeyType)> = t
+        .key_schema()
+        .iter()
+        .map(|k| (k.attribute_name(), k.key_type()))
+        .collect();
+    assert_eq!(keys, [(KEY_ATTRIBUTE, &KeyType::Hash)]);
+    assert_eq!(
+        t.attribute_definitions()[0].attribute_type(),
+        &ScalarAttributeType::S
+    );
+    assert_eq!(
+        t.billing_mode_summary().and_then(|b| b.billing_mode()),
+        Some(&BillingMode::PayPerRequest)
+    );
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(&table)
+        .send()
+        .await
+        .expect("describe ttl");
+    let ttl = ttl.time_to_live_description().expect("ttl");
+    assert_eq!(ttl.time_to_live_status(), Some(&TimeToLiveStatus::Enabled));
+    assert_eq!(ttl.attribute_name(), Some(TTL_ATTRIBUTE));
+
+    // A second start changes nothing and validates.
+    open(&client, &table).await;
+    DynamoDbIdempotencyStore::open(client.clone(), &table, ProvisionMode::Validate)
+        .await
+        .expect("the created table validates");
+
+    // A table with another key is refused with what it needs, whatever the mode.
+    let other = dynamodb::table("wrong-key");
+    client
+        .create_table()
+        .table_name(&other)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(KeyType::Hash)
+                .build()
+                .expect("key"),
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .expect("attribute"),
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .expect("create the wrong table");
+    let err = DynamoDbIdempotencyStore::open(client.clone(), &other, ProvisionMode::Create)
+        .await
+        .expect_err("a table keyed by pk is refused")
+        .to_string();
+    assert!(
+        err.contains("only key is the string partition key \"id\""),
+        "{err}"
+    );
+    dynamodb::drop_table(&client, &other).await;
+
+    // A table without TTL: validate says so, create enables it.
+    let bare = dynamodb::table("no-ttl");
+    client
+        .create_table()
+        .table_name(&bare)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(KEY_ATTRIBUTE)
+                .key_type(KeyType::Hash)
+                .build()
+                .expect("key"),
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(KEY_ATTRIBUTE)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .expect("attribute"),
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .expect("create the table without TTL");
+    let err = DynamoDbIdempotencyStore::open(client.clone(), &bare, ProvisionMode::Validate)
+        .await
+        .expect_err("validate reports the missing TTL")
+        .to_string();
+    assert!(err.contains("has no TTL on \"expiration\""), "{err}");
+    open(&client, &bare).await;
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(&bare)
+        .send()
+        .await
+        .expect("describe ttl");
+    assert_eq!(
+        ttl.time_to_live_description()
+            .and_then(|d| d.time_to_live_status()),
+        Some(&TimeToLiveStatus::Enabled)
+    );
+    dynamodb::drop_table(&client, &bare).await;
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_items_carry_the_ttl_attribute() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_items_carry_the_ttl_attribute") else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let table = dynamodb::table("ttl");
+    let store = open(&client, &table).await;
+
+    let Claim::Acquired { token } = store.claim("k", "h", LEASE).await.expect("claim") else {
+        panic!("claim");
+    };
+    // In progress: DynamoDB may drop the item an hour after its lease ran out.
+    let claimed = item(&client, &table, "k").await;
+    let lease_until = number(&claimed, "lease_until");
+    assert_eq!(
+        number(&claimed, TTL_ATTRIBUTE),
+        (lease_until + 999) / 1000 + 3600
+    );
+    assert!((lease_until / 1000 - now_secs() - 30).abs() <= 5);
+
+    // Completed for a day: the TTL attribute is the completion's expiry, in epoch seconds.
+    let day = Duration::from_secs(24 * 60 * 60);
+    assert!(store
+        .complete("k", &token, day, Some("[\"out\"]"))
+        .await
+        .expect("complete"));
+    let done = item(&client, &table, "k").await;
+    let expires_at = number(&done, "expires_at");
+    assert_eq!(number(&done, TTL_ATTRIBUTE), (expires_at + 999) / 1000);
+    assert!((number(&done, TTL_ATTRIBUTE) - now_secs() - 86_400).abs() <= 5);
+    assert!(!done.contains_key("token"), "the token is gone");
+    assert!(!done.contains_key("lease_until"), "the lease is gone");
+    assert_eq!(
+        done.get("outbox"),
+        Some(&AttributeValue::S("[\"out\"]".into()))
+    );
+    store.mark_dispatched("k").await.expect("dispatched");
+    assert!(!item(&client, &table, "k").await.contains_key("outbox"));
+
+    // An outbox larger than an item can hold is refused with the reason, and the claim
+    // stays in progress for the retry.
+    let Claim::Acquired { token } = store.claim("big", "h", LEASE).await.expect("claim") else {
+        panic!("claim big");
+    };
+    let big = "x".repeat(500 * 1024);
+    let err = store
+        .complete("big", &token, day, Some(&big))
+        .await
+        .expect_err("too big")
+        .to_string();
+    assert!(err.contains("400 KB"), "{err}");
+    assert!(matches!(
+        store.claim("big", "h", LEASE).await.expect("claim"),
+        Claim::InProgress { .. }
+    ));
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_survives_a_restart() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_survives_a_restart") else {
+        return;
+    };
+    let table = dynamodb::table("restart");
+    let client = dynamodb::client(&endpoint);
+    let store = open(&client, &table).await;
+    let in_progress = completed_and_in_progress(&store).await;
+    drop(store);
+    drop(client);
+
+    // A new process: a new client, the same table.
+    let client = dynamodb::client(&endpoint);
+    let store = open(&client, &table).await;
+    assert_after_restart(&store, in_progress).await;
+    assert_eq!(store.count_exact().await.expect("count"), 2);
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_purges_in_batches() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_purges_in_batches") else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let table = dynamodb::table("purge");
+    let store = Arc::new(open(&client, &table).await);
+    // Completions that expired long ago and that DynamoDB's TTL has not deleted yet (it
+    // deletes lazily, and emulators not at all).
+    let insert = |from: i64, to: i64| {
+        let client = client.clone();
+        let table = table.clone();
+        async move {
+            let keys: Vec<i64> = (from..=to).collect();
+            for chunk in keys.chunks(25) {
+                let writes = chunk
+                    .iter()
+                    .map(|i| {
+                        let item = HashMap::from([
+                            (
+                                KEY_ATTRIBUTE.to_string(),
+                                AttributeValue::S(format!("expired:{i}")),
+                            ),
+                            ("payload_hash".into(), AttributeValue::S("h".into())),
+                            ("state".into(), AttributeValue::S("completed".into())),
+                            ("expires_at".into(), AttributeValue::N("1".into())),
+                            (TTL_ATTRIBUTE.into(), AttributeValue::N("1".into())),
+                        ]);
+                        WriteRequest::builder()
+                            .put_request(
+                                PutRequest::builder()
+                                    .set_item(Some(item))
+                                    .build()
+                                    .expect("put"),
+                            )
+                            .build()
+                    })
+                    .collect();
+                let out = client
+                    .batch_write_item()
+                    .request_items(&table, writes)
+                    .send()
+                    .await
+                    .expect("batch write");
+                assert!(
+                    out.unprocessed_items().is_none_or(|u| u.is_empty()),
+                    "every expired item was written"
+                );
+            }
+        }
+    };
+    let count = || {
+        let store = store.clone();
+        async move { store.count_exact().await.expect("count") }
+    };
+    cleans_up_in_batches(store.clone(), insert, count).await;
+    dynamodb::drop_table(&client, &table).await;
+}
