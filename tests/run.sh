@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README says: unit tests, doctests, the compile-fail suite,
 # the SQL idempotency stores against SQLite and a throwaway PostgreSQL (Debian's package,
-# installed and started on 127.0.0.1 by tests/support/postgres.sh), the behaviour suite on
-# the embedded transport, then the behaviour suite and the AWS-specific tests against a
-# local AWS API emulator that this script installs, starts on 127.0.0.1 and stops again.
+# installed and started on 127.0.0.1 by tests/support/postgres.sh), the DynamoDB store
+# against moto server (tests/support/moto.sh), the behaviour suite on the embedded
+# transport, then the behaviour suite and the AWS-specific tests against LocalStack
+# (tests/support/emulator.sh). Every server is installed on first use, listens on
+# 127.0.0.1 only, and is stopped again at the end.
 #
 #   tests/run.sh              # everything
-#   SKIP_AWS=1 tests/run.sh   # embedded transport only (no emulator)
+#   SKIP_AWS=1 tests/run.sh   # no AWS emulators: embedded transport, SQL stores only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cleanup() {
     tests/support/postgres.sh stop >/dev/null 2>&1 || true
+    tests/support/moto.sh stop >/dev/null 2>&1 || true
     if [ -x tests/support/emulator.sh ]; then
         tests/support/emulator.sh stop >/dev/null 2>&1 || true
     fi
@@ -23,7 +26,14 @@ postgres_env=$(tests/support/postgres.sh start)
 eval "$postgres_env"
 export SOURCEFLOW_TEST_REQUIRE_POSTGRES=1
 
-echo "== unit, doc, compile-fail, SQL store and embedded-transport behaviour tests"
+if [ "${SKIP_AWS:-0}" != "1" ]; then
+    echo "== starting moto server on 127.0.0.1 (DynamoDB, for the DynamoDB idempotency store)"
+    moto_env=$(tests/support/moto.sh start)
+    eval "$moto_env"
+    export SOURCEFLOW_TEST_REQUIRE_DYNAMODB=1
+fi
+
+echo "== unit, doc, compile-fail, idempotency store and embedded-transport behaviour tests"
 cargo test --workspace --all-features
 
 if [ "${SKIP_AWS:-0}" = "1" ]; then

@@ -695,30 +695,47 @@ mod crash {
         Ok(())
     }
 
-    pub async fn service(prefix: &str, db_url: &str) -> sourceflow::Handle {
-        let store = SqliteIdempotencyStore::connect(db_url)
-            .await
-            .expect("store");
-        let pool = store.pool().clone();
+    /// Where a worker keeps its claims.
+    #[derive(Clone)]
+    pub enum Claims {
+        /// In the SQLite file that also holds the effects.
+        Sqlite,
+        /// Whatever `SOURCEFLOW_IDEMPOTENCY` says (the child process of the DynamoDB case:
+        /// `dynamodb://<table>`, reached through `AWS_ENDPOINT_URL_DYNAMODB`).
+        FromEnv,
+        /// In this DynamoDB store.
+        #[cfg(feature = "dynamodb")]
+        DynamoDb(sourceflow::idempotency::DynamoDbIdempotencyStore),
+    }
+
+    pub async fn service(prefix: &str, db_url: &str, claims: Claims) -> sourceflow::Handle {
+        let pool = sqlx::SqlitePool::connect(db_url).await.expect("effects db");
         for ddl in [
             "CREATE TABLE IF NOT EXISTS effects (entry TEXT PRIMARY KEY, n BIGINT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS started (entry TEXT, pid BIGINT)",
         ] {
             sqlx::query(ddl).execute(&pool).await.expect("ddl");
         }
-        sourceflow::builder()
+        let builder = sourceflow::builder()
             .service("ledger")
             .prefix(prefix)
             .transport(AwsTransport::from_env().await.expect("transport"))
             .handlers_in(MODULE)
             .state(pool)
-            .idempotency(store)
             // A short visibility timeout (and so a short lease) lets the test finish quickly.
             .visibility_timeout(Duration::from_secs(2))
-            .receive_wait(Duration::from_secs(1))
-            .start()
-            .await
-            .expect("start")
+            .receive_wait(Duration::from_secs(1));
+        let builder = match claims {
+            Claims::Sqlite => builder.idempotency(
+                SqliteIdempotencyStore::connect(db_url)
+                    .await
+                    .expect("store"),
+            ),
+            Claims::FromEnv => builder,
+            #[cfg(feature = "dynamodb")]
+            Claims::DynamoDb(store) => builder.idempotency(store),
+        };
+        builder.start().await.expect("start")
     }
 }
 
@@ -730,7 +747,11 @@ async fn worker_process() {
     let (Ok(prefix), Ok(db)) = (std::env::var("CRASH_PREFIX"), std::env::var("CRASH_DB")) else {
         return;
     };
-    let _app = crash::service(&prefix, &db).await;
+    let claims = match std::env::var("CRASH_CLAIMS").as_deref() {
+        Ok("env") => crash::Claims::FromEnv,
+        _ => crash::Claims::Sqlite,
+    };
+    let _app = crash::service(&prefix, &db, claims).await;
     // Serve until killed.
     tokio::time::sleep(Duration::from_secs(120)).await;
 }
@@ -741,7 +762,53 @@ async fn worker_killed_mid_handler_is_replaced_and_the_effect_happens_once() {
     if !enabled() {
         return;
     }
-    let p = prefix();
+    killed_worker_is_replaced(prefix(), &[], crash::Claims::Sqlite).await;
+}
+
+/// The same with the claims in DynamoDB: the killed worker found its store through
+/// `SOURCEFLOW_IDEMPOTENCY=dynamodb://<table>` (and the emulator through
+/// `AWS_ENDPOINT_URL_DYNAMODB`), as a deployed service would.
+#[cfg(all(feature = "sqlite", feature = "dynamodb"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_handler_with_claims_in_dynamodb() {
+    if !enabled() {
+        return;
+    }
+    let Some(endpoint) = dynamodb::endpoint("worker_killed_mid_handler_with_claims_in_dynamodb")
+    else {
+        return;
+    };
+    let table = dynamodb::table("crash");
+    let child_env = [
+        ("CRASH_CLAIMS", "env".to_string()),
+        ("SOURCEFLOW_IDEMPOTENCY", format!("dynamodb://{table}")),
+        ("AWS_ENDPOINT_URL_DYNAMODB", endpoint.clone()),
+    ];
+    let client = dynamodb::client(&endpoint);
+    let store = sourceflow::idempotency::DynamoDbIdempotencyStore::open(
+        client.clone(),
+        &table,
+        sourceflow::transport::aws::ProvisionMode::Create,
+    )
+    .await
+    .expect("claims table");
+    killed_worker_is_replaced(prefix(), &child_env, crash::Claims::DynamoDb(store.clone())).await;
+    assert_eq!(
+        store.count_exact().await.expect("count"),
+        1,
+        "one completed claim, taken over from the killed worker"
+    );
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[cfg(feature = "dynamodb")]
+#[path = "../common/dynamodb.rs"]
+mod dynamodb;
+
+/// Starts a worker process, kills it with SIGKILL in the middle of the handler, starts a
+/// replacement in this process with `claims`, and checks that the effect happened once.
+#[cfg(feature = "sqlite")]
+async fn killed_worker_is_replaced(p: String, child_env: &[(&str, String)], claims: crash::Claims) {
     let path = std::env::temp_dir().join(format!("sourceflow-crash-{p}.db"));
     let db = format!("sqlite://{}?mode=rwc", path.display());
     // The parent provisions, sends, and watches; it runs no handler itself yet.
@@ -759,6 +826,7 @@ async fn worker_killed_mid_handler_is_replaced_and_the_effect_happens_once() {
         .args(["--ignored", "--exact", "worker_process", "--nocapture"])
         .env("CRASH_PREFIX", &p)
         .env("CRASH_DB", &db)
+        .envs(child_env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -789,12 +857,20 @@ async fn worker_killed_mid_handler_is_replaced_and_the_effect_happens_once() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    #[cfg(feature = "dynamodb")]
+    if let crash::Claims::DynamoDb(store) = &claims {
+        assert_eq!(
+            store.count_exact().await.expect("count"),
+            1,
+            "the worker process holds its claim in DynamoDB"
+        );
+    }
     // SIGKILL in the middle of the handler: no cleanup, no release, no return to the queue.
     child.kill().expect("kill");
     let _ = child.wait();
 
     // Another worker takes over once the visibility timeout and the claim's lease run out.
-    let replacement = crash::service(&p, &db).await;
+    let replacement = crash::service(&p, &db, claims).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let n: Option<i64> = sqlx::query_scalar("SELECT n FROM effects WHERE entry = $1")

@@ -209,7 +209,7 @@ async fn reused_id_with_another_payload_goes_to_the_dlq() {
 
 // ---- durable stores: a database row as the side effect, restarts ---------------------------
 
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
 mod durable {
     use super::*;
     use sourceflow::Handle;
@@ -227,6 +227,12 @@ mod durable {
         Sqlite(sqlx::SqlitePool),
         #[cfg(feature = "postgres")]
         Postgres(sqlx::PgPool),
+        /// An item per entry with a counter attribute, in a table next to the claims.
+        #[cfg(feature = "dynamodb")]
+        DynamoDb {
+            client: aws_sdk_dynamodb::Client,
+            table: String,
+        },
     }
 
     impl Effects {
@@ -252,16 +258,55 @@ mod durable {
                         }
                     }
                 }
+                #[cfg(feature = "dynamodb")]
+                Effects::DynamoDb { client, table } => {
+                    // A table like the claims' one (string key `id`), made by the store.
+                    sourceflow::idempotency::DynamoDbIdempotencyStore::open(
+                        client.clone(),
+                        table,
+                        sourceflow::transport::aws::ProvisionMode::Create,
+                    )
+                    .await
+                    .expect("effects table");
+                }
             }
         }
 
-        async fn bump(&self, entry: &str) -> Result<(), sqlx::Error> {
+        async fn bump(&self, entry: &str) -> sourceflow::Result<()> {
             let sql = "INSERT INTO test_effects (entry, n) VALUES ($1, 1) ON CONFLICT (entry) DO UPDATE SET n = test_effects.n + 1";
             match self {
                 #[cfg(feature = "sqlite")]
-                Effects::Sqlite(p) => sqlx::query(sql).bind(entry).execute(p).await.map(|_| ()),
+                Effects::Sqlite(p) => sqlx::query(sql)
+                    .bind(entry)
+                    .execute(p)
+                    .await
+                    .map(|_| ())
+                    .map_err(sourceflow::Error::other),
                 #[cfg(feature = "postgres")]
-                Effects::Postgres(p) => sqlx::query(sql).bind(entry).execute(p).await.map(|_| ()),
+                Effects::Postgres(p) => sqlx::query(sql)
+                    .bind(entry)
+                    .execute(p)
+                    .await
+                    .map(|_| ())
+                    .map_err(sourceflow::Error::other),
+                #[cfg(feature = "dynamodb")]
+                Effects::DynamoDb { client, table } => {
+                    use aws_sdk_dynamodb::types::AttributeValue;
+                    client
+                        .update_item()
+                        .table_name(table)
+                        .key("id", AttributeValue::S(entry.into()))
+                        .update_expression("ADD n :one")
+                        .expression_attribute_values(":one", AttributeValue::N("1".into()))
+                        .send()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| {
+                            sourceflow::Error::other(
+                                aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string(),
+                            )
+                        })
+                }
             }
         }
 
@@ -280,13 +325,31 @@ mod durable {
                     .fetch_optional(p)
                     .await
                     .expect("count"),
+                #[cfg(feature = "dynamodb")]
+                Effects::DynamoDb { client, table } => {
+                    use aws_sdk_dynamodb::types::AttributeValue;
+                    let _ = sql;
+                    let item = client
+                        .get_item()
+                        .table_name(table)
+                        .key("id", AttributeValue::S(entry.into()))
+                        .consistent_read(true)
+                        .send()
+                        .await
+                        .expect("count")
+                        .item;
+                    item.and_then(|i| match i.get("n") {
+                        Some(AttributeValue::N(n)) => n.parse().ok(),
+                        _ => None,
+                    })
+                }
             };
             n.unwrap_or(0)
         }
     }
 
     #[handler]
-    async fn post_entry(cmd: PostEntry, State(fx): State<Effects>) -> Result<(), sqlx::Error> {
+    async fn post_entry(cmd: PostEntry, State(fx): State<Effects>) -> sourceflow::Result<()> {
         // Slow enough that duplicates overlap with the original.
         tokio::time::sleep(Duration::from_millis(30)).await;
         fx.bump(&cmd.entry).await
@@ -488,4 +551,77 @@ async fn postgres_store_survives_a_restart() {
         fx,
     )
     .await;
+}
+
+#[cfg(feature = "dynamodb")]
+#[path = "../common/dynamodb.rs"]
+mod dynamodb;
+
+/// The claims' table and the effects' table, on the DynamoDB emulator.
+#[cfg(feature = "dynamodb")]
+async fn dynamodb_store(
+    client: &aws_sdk_dynamodb::Client,
+    test: &str,
+) -> (
+    sourceflow::idempotency::DynamoDbIdempotencyStore,
+    durable::Effects,
+) {
+    let store = sourceflow::idempotency::DynamoDbIdempotencyStore::open(
+        client.clone(),
+        &dynamodb::table(test),
+        sourceflow::transport::aws::ProvisionMode::Create,
+    )
+    .await
+    .expect("dynamodb");
+    let fx = durable::Effects::DynamoDb {
+        client: client.clone(),
+        table: dynamodb::table(&format!("{test}-effects")),
+    };
+    (store, fx)
+}
+
+#[cfg(feature = "dynamodb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_store_twenty_deliveries_one_row_update() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_store_twenty_deliveries_one_row_update")
+    else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let (store, fx) = dynamodb_store(&client, "twenty").await;
+    let table = store.table().to_string();
+    durable::twenty_deliveries_one_row_update(Arc::new(store), fx.clone()).await;
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[cfg(feature = "dynamodb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_store_survives_a_restart() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_store_survives_a_restart") else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let (store, fx) = dynamodb_store(&client, "restart").await;
+    let table = store.table().to_string();
+    durable::restart_does_not_reprocess(
+        move || {
+            let table = table.clone();
+            let endpoint = endpoint.clone();
+            Box::pin(async move {
+                // A new process: a new client on the same table.
+                Arc::new(
+                    sourceflow::idempotency::DynamoDbIdempotencyStore::open(
+                        dynamodb::client(&endpoint),
+                        &table,
+                        sourceflow::transport::aws::ProvisionMode::Validate,
+                    )
+                    .await
+                    .expect("reconnect"),
+                ) as Arc<dyn IdempotencyStore>
+            })
+        },
+        fx,
+    )
+    .await;
+    drop(store);
 }

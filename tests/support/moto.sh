@@ -28,7 +28,7 @@ healthy() {
     python3 - "$endpoint" <<'PY' 2>/dev/null
 import sys, urllib.request
 try:
-    with urllib.request.urlopen(sys.argv[1] + "/moto-api/data.json", timeout=2) as r:
+    with urllib.request.urlopen(sys.argv[1] + "/moto-api/", timeout=5) as r:
         sys.exit(0 if r.status == 200 else 1)
 except Exception:
     sys.exit(1)
