@@ -379,3 +379,52 @@ async fn dynamodb_purges_in_batches() {
     cleans_up_in_batches(store.clone(), insert, count).await;
     dynamodb::drop_table(&client, &table).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_on_dynamodb_reports_it_in_health_and_its_iam_policy() {
+    let Some(endpoint) =
+        dynamodb::endpoint("a_service_on_dynamodb_reports_it_in_health_and_its_iam_policy")
+    else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let table = dynamodb::table("service");
+    let app = sourceflow::builder()
+        .service("ddb-service")
+        .transport(sourceflow::MemoryTransport::new())
+        .handlers(|_| false)
+        .idempotency(open(&client, &table).await)
+        .start()
+        .await
+        .expect("start");
+
+    let health = app.health().await;
+    let check = health
+        .checks
+        .iter()
+        .find(|c| c.name == "idempotency store dynamodb")
+        .expect("the store is checked");
+    assert_eq!(
+        check.status,
+        sourceflow::health::Status::Healthy,
+        "{check:?}"
+    );
+
+    let policy = app.iam_policy(sourceflow::iam::IamScope::new("eu-west-1", "123456789012"));
+    let statement = policy["Statement"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .find(|s| s["Sid"] == "Idempotency")
+        .expect("a statement for the table");
+    assert_eq!(
+        statement["Resource"][0],
+        format!("arn:aws:dynamodb:eu-west-1:123456789012:table/{table}")
+    );
+    assert!(statement["Action"]
+        .as_array()
+        .expect("actions")
+        .contains(&"dynamodb:PutItem".into()));
+    app.shutdown().await.expect("shutdown");
+    dynamodb::drop_table(&client, &table).await;
+}

@@ -10,7 +10,9 @@
 //! * `PublishEvents`: publish to its topics;
 //! * `Provision` (only in `create` mode): create and configure those queues, topics and
 //!   subscriptions;
-//! * `Encryption` (only with a KMS key): `kms:GenerateDataKey` and `kms:Decrypt` on the key.
+//! * `Encryption` (only with a KMS key): `kms:GenerateDataKey` and `kms:Decrypt` on the key;
+//! * `Idempotency` (only with the DynamoDB idempotency store): item reads and conditional
+//!   writes on its table, plus creating it and enabling its TTL in `create` mode.
 //!
 //! `sts:GetCallerIdentity` needs no permission.
 
@@ -32,6 +34,8 @@ pub struct IamScope {
     pub kms_key: Option<String>,
     /// Include the provisioning permissions (`create` mode).
     pub provision: bool,
+    /// The DynamoDB table of the idempotency store, if it is one.
+    pub idempotency_table: Option<String>,
 }
 
 impl IamScope {
@@ -43,6 +47,7 @@ impl IamScope {
             account: account.into(),
             kms_key: None,
             provision: true,
+            idempotency_table: None,
         }
     }
 
@@ -163,6 +168,28 @@ pub fn policy(topology: &Topology, consumed: &[String], scope: &IamScope) -> Val
             "Resource": [key],
         }));
     }
+    if let Some(table) = &scope.idempotency_table {
+        let mut actions = vec![
+            "dynamodb:GetItem",
+            "dynamodb:PutItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:DeleteItem",
+            "dynamodb:DescribeTable",
+        ];
+        if scope.provision {
+            actions.extend([
+                "dynamodb:CreateTable",
+                "dynamodb:DescribeTimeToLive",
+                "dynamodb:UpdateTimeToLive",
+            ]);
+        }
+        statements.push(json!({
+            "Sid": "Idempotency",
+            "Effect": "Allow",
+            "Action": actions,
+            "Resource": [scope.arn("dynamodb", &format!("table/{table}"))],
+        }));
+    }
     json!({ "Version": "2012-10-17", "Statement": statements })
 }
 
@@ -241,5 +268,39 @@ mod tests {
             json!(["kms:GenerateDataKey", "kms:Decrypt"])
         );
         assert!(!p.to_string().contains("\"*\""), "no wildcard resources");
+        assert!(
+            p["Statement"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["Sid"] != "Idempotency"),
+            "no DynamoDB statement without the DynamoDB store"
+        );
+
+        scope.idempotency_table = Some("orders-idempotency".into());
+        scope.provision = false;
+        let p = policy(&topology, &["orders.fifo".into()], &scope);
+        let idem = p["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["Sid"] == "Idempotency")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            idem["Resource"],
+            json!(["arn:aws:dynamodb:eu-west-1:123456789012:table/orders-idempotency"])
+        );
+        assert_eq!(
+            idem["Action"],
+            json!([
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
+                "dynamodb:DescribeTable"
+            ]),
+            "no table creation outside create mode"
+        );
     }
 }

@@ -1153,6 +1153,13 @@ impl Handle {
                 .encryption()
                 .and_then(|e| e.encryptor.key_arn());
         }
+        if scope.idempotency_table.is_none() {
+            scope.idempotency_table = self
+                .inner
+                .idempotency
+                .as_ref()
+                .and_then(|i| i.store.dynamodb_table().map(str::to_string));
+        }
         let consumed: Vec<String> = self
             .inner
             .listener_info

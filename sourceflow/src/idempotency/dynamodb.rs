@@ -689,6 +689,10 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
     fn purges_itself(&self) -> bool {
         true
     }
+
+    fn dynamodb_table(&self) -> Option<&str> {
+        Some(&self.table)
+    }
 }
 
 #[cfg(test)]

@@ -119,6 +119,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         true
     }
 
+    /// The DynamoDB table holding the records, if the store is one (for
+    /// [`Handle::iam_policy`](crate::Handle::iam_policy)).
+    fn dynamodb_table(&self) -> Option<&str> {
+        None
+    }
+
     /// True when the database deletes expired records by itself (DynamoDB's TTL), so the
     /// runtime runs no periodic [`purge_expired`](Self::purge_expired).
     fn purges_itself(&self) -> bool {
