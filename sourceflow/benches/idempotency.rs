@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! eval "$(tests/support/postgres.sh start)"   # optional: adds the PostgreSQL row
-//! cargo bench -p sourceflow --features sqlite,postgres --bench idempotency
+//! eval "$(tests/support/moto.sh start)"       # optional: adds the DynamoDB row (moto server)
+//! cargo bench -p sourceflow --features sqlite,postgres,dynamodb --bench idempotency
 //! ```
 //!
 //! Each row: one task claims and completes `messages` new keys one after another (latency
@@ -15,9 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sourceflow::idempotency::{
-    key, payload_hash, Claim, IdempotencyStore, MemoryIdempotencyStore, PostgresIdempotencyStore,
-    SqliteIdempotencyStore, DEFAULT_TTL,
+    key, payload_hash, Claim, DynamoDbIdempotencyStore, IdempotencyStore, MemoryIdempotencyStore,
+    PostgresIdempotencyStore, SqliteIdempotencyStore, DEFAULT_TTL,
 };
+use sourceflow::transport::aws::ProvisionMode;
+
+#[path = "../../tests/common/dynamodb.rs"]
+mod dynamodb;
 
 const PAYLOAD: &str = r#"{"order_id":1234567,"customer_id":"c-98765","lines":[{"sku":"A-100","qty":2,"price":"19.99"},{"sku":"B-200","qty":1,"price":"5.00"}],"currency":"EUR","note":"leave at the door"}"#;
 const LEASE: Duration = Duration::from_secs(30);
@@ -177,6 +182,25 @@ async fn main() {
             "postgres: skipped (set SOURCEFLOW_TEST_POSTGRES_URL, e.g. with \
              `eval \"$(tests/support/postgres.sh start)\"`)"
         ),
+    }
+
+    // On the emulator: the row measures moto's Python process as much as the store, and
+    // says nothing of DynamoDB's own latency (single-digit milliseconds within a region).
+    if let Some(endpoint) = dynamodb::endpoint("dynamodb") {
+        let client = dynamodb::client(&endpoint);
+        let table = dynamodb::table("bench");
+        let store = DynamoDbIdempotencyStore::open(client.clone(), &table, ProvisionMode::Create)
+            .await
+            .expect("open DynamoDB");
+        rows.push(
+            measure(
+                "dynamodb (moto server, loopback HTTP)",
+                Some(Arc::new(store)),
+                db_messages,
+            )
+            .await,
+        );
+        dynamodb::drop_table(&client, &table).await;
     }
 
     println!("\nclaim + complete per message (1 task: latency; {TASKS} tasks: throughput)\n");
