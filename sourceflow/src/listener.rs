@@ -504,7 +504,26 @@ impl Listener {
         // Claim the message before running anything.
         let mut claim: Option<(String, String)> = None;
         if let Some(idem) = &self.idempotency {
-            let key = idempotency::key(self.dispatcher.service(), &env.wire_name, &env.id);
+            let key = match idem.key_for(
+                self.dispatcher.service(),
+                &env.wire_name,
+                &env.id,
+                env.payload.get(),
+            ) {
+                Ok(key) => key,
+                Err(reason) => {
+                    self.dead_letter(
+                        msg,
+                        "payload",
+                        &format!(
+                            "payload does not decode as `{}` (needed for its idempotency key): {reason}",
+                            env.wire_name
+                        ),
+                    )
+                    .await;
+                    return Outcome::Done("dead_lettered");
+                }
+            };
             let hash = idempotency::payload_hash(env.payload.get());
             // A duplicate of a message in progress elsewhere waits here, kept invisible by
             // the heartbeat, until the original completes (acknowledge), fails (run it) or

@@ -76,6 +76,7 @@ pub struct Builder {
     idempotency: Option<IdempotencyChoice>,
     idempotency_ttl: Option<Duration>,
     idempotency_ttl_by_type: HashMap<&'static str, Duration>,
+    idempotency_key_by_type: HashMap<&'static str, idempotency::KeyFn>,
     meter: Option<opentelemetry::metrics::Meter>,
     depth_sample: Option<Duration>,
     key_provider: Option<Arc<dyn KeyProvider>>,
@@ -240,6 +241,35 @@ impl Builder {
     /// How long completed records of message type `M` are kept.
     pub fn idempotency_ttl_for<M: Message>(mut self, ttl: Duration) -> Self {
         self.idempotency_ttl_by_type.insert(M::NAME, ttl);
+        self
+    }
+
+    /// Keys the idempotency of message type `M` by a business key instead of the message
+    /// id: messages with equal keys are one operation, whatever their ids. A second one with
+    /// the same payload is acknowledged as a duplicate; with another payload it goes to the
+    /// dead-letter queue (the key was reused for something else).
+    ///
+    /// ```
+    /// # #[sourceflow::command(queue = "doc-payments", name = "doc.CapturePayment.v1")]
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    /// # struct CapturePayment { payment_id: String, cents: u64 }
+    /// let builder = sourceflow::builder()
+    ///     .idempotency_key_for::<CapturePayment, _>(|c| c.payment_id.clone());
+    /// ```
+    pub fn idempotency_key_for<M, K>(
+        mut self,
+        key: impl Fn(&M) -> K + Send + Sync + 'static,
+    ) -> Self
+    where
+        M: Message,
+        K: std::fmt::Display,
+    {
+        let f: idempotency::KeyFn = Arc::new(move |payload: &str| {
+            serde_json::from_str::<M>(payload)
+                .map(|m| key(&m).to_string())
+                .map_err(|e| e.to_string())
+        });
+        self.idempotency_key_by_type.insert(M::NAME, f);
         self
     }
 
@@ -437,6 +467,7 @@ impl Builder {
                 stats: Arc::default(),
                 ttl: idempotency_ttl,
                 ttl_by_type: self.idempotency_ttl_by_type,
+                key_by_type: self.idempotency_key_by_type,
             })
         });
         let meter = self

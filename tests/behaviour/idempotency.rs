@@ -207,6 +207,81 @@ async fn reused_id_with_another_payload_goes_to_the_dlq() {
     app.shutdown().await.expect("shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_key_catches_resends_under_new_ids() {
+    let h = Harness::new().await;
+    let ledger = Ledger::default();
+    let app = h
+        .service("idem-business", plain::MODULE)
+        .state(ledger.clone())
+        .idempotency_key_for::<CapturePayment, _>(|c| c.payment_id)
+        .start()
+        .await
+        .expect("start");
+    let capture = |cents| CapturePayment {
+        payment_id: 77,
+        cents,
+        slow_ms: 0,
+    };
+    // The producer retries the same payment three times, minting a new id each time.
+    for _ in 0..3 {
+        app.send(capture(250)).await.expect("send");
+    }
+    eventually("the re-sends are recognised", || async {
+        app.idempotency_stats().expect("stats").duplicates == 2
+    })
+    .await;
+    assert_eq!(ledger.captures.load(Ordering::SeqCst), 1, "captured once");
+
+    // Another payment id is another operation.
+    app.send(CapturePayment {
+        payment_id: 78,
+        cents: 1,
+        slow_ms: 0,
+    })
+    .await
+    .expect("send");
+    eventually("the other payment ran", || async {
+        ledger.captures.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    // The same payment id with another amount is refused, whole, with the reason.
+    app.send(capture(999_999)).await.expect("send");
+    let dlq = Naming::dead_letter(&app.queue_of::<CapturePayment>());
+    let dead = h.drain(&dlq, 1).await;
+    assert_eq!(dead.len(), 1);
+    let reason = dlq_reason(&dead[0]).expect("reason");
+    assert!(
+        reason.contains("idem-business:tests.CapturePayment.v1:77")
+            && reason.contains("different payload"),
+        "{reason}"
+    );
+    assert_eq!(
+        ledger.cents.load(Ordering::SeqCst),
+        251,
+        "the refused amount never ran"
+    );
+
+    // A payload without the key's field cannot be keyed: moved aside with the reason.
+    let queue = app.queue_of::<CapturePayment>();
+    h.send_raw(
+        &queue,
+        r#"{"v":1,"type":"tests.CapturePayment.v1","id":"no-key","payload":{"cents":5}}"#,
+        &[(sourceflow::envelope::attr::TYPE, "tests.CapturePayment.v1")],
+        None,
+    )
+    .await;
+    let dead = h.drain(&dlq, 1).await;
+    assert_eq!(dead.len(), 1);
+    let reason = dlq_reason(&dead[0]).expect("reason");
+    assert!(
+        reason.contains("needed for its idempotency key") && reason.contains("payment_id"),
+        "{reason}"
+    );
+    app.shutdown().await.expect("shutdown");
+}
+
 // ---- durable stores: a database row as the side effect, restarts ---------------------------
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]

@@ -22,6 +22,12 @@
 //! * the same id arrives with a different payload: an error, and the message goes to the
 //!   dead-letter queue with the reason.
 //!
+//! **Business keys.** Where a producer may send the same business operation under new message
+//! ids (a retried HTTP request that mints a new id, say), key the type by a field of its own
+//! with `Builder::idempotency_key_for`: the key becomes `{service}:{wire name}:{business key}`,
+//! and a second message with that business key is a duplicate (same payload) or refused to
+//! the dead-letter queue (different payload).
+//!
 //! The default expiry of a completed record is 24 hours: duplicates from SQS redelivery,
 //! SNS retries and producer retries arrive within minutes, and a day also covers a retried
 //! deployment or a manual re-send the same day, while keeping stores small. Set it per
@@ -416,15 +422,36 @@ pub mod conformance {
     }
 }
 
-/// How a service uses its store: the store, counters and expiries.
+/// Derives a message type's business key from its JSON payload (an error: the payload does
+/// not decode as the type).
+pub(crate) type KeyFn =
+    std::sync::Arc<dyn Fn(&str) -> std::result::Result<String, String> + Send + Sync>;
+
+/// How a service uses its store: the store, counters, expiries and business keys.
 pub(crate) struct Settings {
     pub store: std::sync::Arc<dyn IdempotencyStore>,
     pub stats: std::sync::Arc<IdempotencyStats>,
     pub ttl: Duration,
     pub ttl_by_type: std::collections::HashMap<&'static str, Duration>,
+    pub key_by_type: std::collections::HashMap<&'static str, KeyFn>,
 }
 
 impl Settings {
+    /// The idempotency key of a message: from its business key when its type has one, else
+    /// from its message id.
+    pub(crate) fn key_for(
+        &self,
+        service: &str,
+        wire_name: &str,
+        message_id: &str,
+        payload: &str,
+    ) -> std::result::Result<String, String> {
+        match self.key_by_type.get(wire_name) {
+            Some(f) => Ok(key(service, wire_name, &f(payload)?)),
+            None => Ok(key(service, wire_name, message_id)),
+        }
+    }
+
     pub(crate) fn ttl_for(&self, wire_name: &str) -> Duration {
         self.ttl_by_type.get(wire_name).copied().unwrap_or(self.ttl)
     }
