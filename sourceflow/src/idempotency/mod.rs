@@ -204,11 +204,12 @@ pub fn key(service: &str, wire_name: &str, message_id: &str) -> String {
 /// SHA-256 of a payload, hex-encoded: stored with the claim to detect a reused id.
 pub fn payload_hash(payload: &str) -> String {
     use sha2::Digest;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = sha2::Sha256::digest(payload.as_bytes());
     let mut out = String::with_capacity(64);
     for b in digest {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
     out
 }
@@ -454,5 +455,55 @@ impl Settings {
 
     pub(crate) fn ttl_for(&self, wire_name: &str) -> Duration {
         self.ttl_by_type.get(wire_name).copied().unwrap_or(self.ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_hash_is_hex_sha256() {
+        // FIPS 180-2 test vector.
+        assert_eq!(
+            payload_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(payload_hash("").len(), 64);
+    }
+
+    #[test]
+    fn keys_use_the_business_key_where_the_type_has_one() {
+        let mut settings = Settings {
+            store: std::sync::Arc::new(MemoryIdempotencyStore::new()),
+            stats: Default::default(),
+            ttl: DEFAULT_TTL,
+            ttl_by_type: Default::default(),
+            key_by_type: Default::default(),
+        };
+        assert_eq!(
+            settings.key_for("svc", "a.B.v1", "id-1", "{}"),
+            Ok("svc:a.B.v1:id-1".to_string())
+        );
+        settings.key_by_type.insert(
+            "a.B.v1",
+            std::sync::Arc::new(|p: &str| {
+                let v: serde_json::Value = serde_json::from_str(p).map_err(|e| e.to_string())?;
+                v["k"].as_str().map(str::to_string).ok_or("no k".to_string())
+            }),
+        );
+        assert_eq!(
+            settings.key_for("svc", "a.B.v1", "id-1", r#"{"k":"order-9"}"#),
+            Ok("svc:a.B.v1:order-9".to_string())
+        );
+        assert_eq!(
+            settings.key_for("svc", "a.B.v1", "id-1", "{}"),
+            Err("no k".to_string())
+        );
+        assert_eq!(
+            settings.key_for("svc", "other.v1", "id-2", "{}"),
+            Ok("svc:other.v1:id-2".to_string()),
+            "other types keep the message id"
+        );
     }
 }
