@@ -2,7 +2,8 @@
 //! doing the same JSON work, in one run.
 //!
 //! ```text
-//! cargo bench -p sourceflow --bench throughput
+//! cargo bench -p sourceflow --bench throughput             # the system allocator (glibc)
+//! cargo bench -p sourceflow --bench throughput_mimalloc    # the same with mimalloc
 //! ```
 //!
 //! The flow is the orders flow: a `PlaceOrder` command on a FIFO queue (1,000 entity ids,
@@ -258,7 +259,8 @@ fn median(mut v: Vec<Measured>) -> Measured {
     v.remove(v.len() / 2)
 }
 
-fn main() {
+/// Runs every row and prints the table (also the entry point of `throughput_mimalloc`).
+pub fn main() {
     let _ = epoch();
     // Telemetry is switched on and off with a reloadable filter on one global subscriber.
     let tracer = SdkTracerProvider::builder()

@@ -489,7 +489,10 @@ mod tests {
             "a.B.v1",
             std::sync::Arc::new(|p: &str| {
                 let v: serde_json::Value = serde_json::from_str(p).map_err(|e| e.to_string())?;
-                v["k"].as_str().map(str::to_string).ok_or("no k".to_string())
+                v["k"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or("no k".to_string())
             }),
         );
         assert_eq!(
