@@ -65,8 +65,9 @@ start() {
             return
         fi
         if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            rm -f "$pidfile"
             say "moto exited; last lines of $log:"
-            tail -20 "$log" >&2
+            tail -c 2000 "$log" >&2
             exit 1
         fi
         sleep 0.5
