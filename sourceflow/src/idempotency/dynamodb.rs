@@ -41,11 +41,8 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use futures_util::StreamExt;
 
-use super::record::{
-    classify, millis, now_millis, Existing, Verdict, CLAIM_ATTEMPTS, COMPLETED, CONTENDED,
-    IN_PROGRESS,
-};
-use super::{new_token, Claim, IdempotencyStore};
+use super::record::{claim_with, millis, now_millis, Attempt, Existing, COMPLETED, IN_PROGRESS};
+use super::{Claim, IdempotencyStore};
 use crate::error::{Error, Result};
 use crate::transport::aws::ProvisionMode;
 
@@ -438,8 +435,7 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            let token = new_token();
+        claim_with(payload_hash, |token| async move {
             let now = now_millis();
             let lease_until = now + millis(lease);
             let put = self
@@ -475,23 +471,19 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
                 )
                 .send()
                 .await;
-            let current = match put {
-                Ok(_) => return Ok(Claim::Acquired { token }),
+            match put {
+                Ok(_) => Ok(Attempt::Won),
                 Err(e) => match e.as_service_error() {
                     // The item that failed the condition, returned with the refusal.
                     Some(PutItemError::ConditionalCheckFailedException(c)) => match c.item() {
-                        Some(item) => Some(existing(item)?),
-                        None => self.read(key).await?,
+                        Some(item) => Ok(Attempt::Blocked(Some(existing(item)?))),
+                        None => Ok(Attempt::Blocked(self.read(key).await?)),
                     },
-                    _ => return Err(sdk_error("claim")(e)),
+                    _ => Err(sdk_error("claim")(e)),
                 },
-            };
-            match classify(current, payload_hash) {
-                Verdict::Answer(claim) => return Ok(claim),
-                Verdict::Retry => continue,
             }
-        }
-        Ok(CONTENDED)
+        })
+        .await
     }
 
     async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::Claim;
+use super::{new_token, Claim};
+use crate::error::Result;
 
 /// `state` of a claim being processed.
 #[cfg_attr(not(feature = "dynamodb"), allow(dead_code))]
@@ -13,7 +14,7 @@ pub(crate) const COMPLETED: &str = "completed";
 
 /// How often a claim re-runs its insert when the record changed between the insert and the
 /// read that classifies it (it was released, or its lease or expiry ran out meanwhile).
-pub(crate) const CLAIM_ATTEMPTS: usize = 5;
+const CLAIM_ATTEMPTS: usize = 5;
 
 /// Durations are stored as milliseconds; capped so that `now + d` never overflows.
 pub(crate) fn millis(d: Duration) -> i64 {
@@ -40,13 +41,13 @@ pub(crate) struct Existing {
 }
 
 /// What to answer when a claim's insert changed nothing.
-pub(crate) enum Verdict {
+enum Verdict {
     Answer(Claim),
     /// The record is gone or claimable now: insert again.
     Retry,
 }
 
-pub(crate) fn classify(existing: Option<Existing>, payload_hash: &str) -> Verdict {
+fn classify(existing: Option<Existing>, payload_hash: &str) -> Verdict {
     let Some(e) = existing else {
         return Verdict::Retry; // released meanwhile
     };
@@ -72,9 +73,39 @@ pub(crate) fn classify(existing: Option<Existing>, payload_hash: &str) -> Verdic
 
 /// The answer when every attempt raced with a change of the record: another worker is busy
 /// with the key, so the caller waits and asks again.
-pub(crate) const CONTENDED: Claim = Claim::InProgress {
+const CONTENDED: Claim = Claim::InProgress {
     lease_left: Duration::ZERO,
 };
+
+/// What one attempt at a claim found.
+pub(crate) enum Attempt {
+    /// The record was written: the claim is the caller's.
+    Won,
+    /// The record could not be taken; here it is, as read (`None`: gone meanwhile).
+    Blocked(Option<Existing>),
+}
+
+/// A claim on a durable store: `attempt(token)` writes an in-progress record with `token`
+/// in one atomic statement if the key is absent or claimable, or reports the record in the
+/// way. The record tells the answer; when it changed between the write and the read, the
+/// attempt is repeated (a few times, then the caller is told to wait).
+pub(crate) async fn claim_with<F, Fut>(payload_hash: &str, mut attempt: F) -> Result<Claim>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Attempt>>,
+{
+    for _ in 0..CLAIM_ATTEMPTS {
+        let token = new_token();
+        match attempt(token.clone()).await? {
+            Attempt::Won => return Ok(Claim::Acquired { token }),
+            Attempt::Blocked(existing) => match classify(existing, payload_hash) {
+                Verdict::Answer(claim) => return Ok(claim),
+                Verdict::Retry => {}
+            },
+        }
+    }
+    Ok(CONTENDED)
+}
 
 #[cfg(test)]
 mod tests {

@@ -8,8 +8,8 @@ use sqlx::Row;
 
 use super::{migrate_error, store_error, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
-use crate::idempotency::record::{classify, millis, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED};
-use crate::idempotency::{new_token, Claim, IdempotencyStore};
+use crate::idempotency::record::{claim_with, millis, Attempt, Existing};
+use crate::idempotency::{Claim, IdempotencyStore};
 
 const STORE: &str = "postgres";
 
@@ -87,8 +87,7 @@ impl IdempotencyStore for PostgresIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            let token = new_token();
+        claim_with(payload_hash, |token| async move {
             // One statement: insert, or take over an expired lease (same payload) or an
             // expired completion; otherwise change nothing and return no row. A concurrent
             // insert of the same key waits for the first to commit, then sees its record.
@@ -118,15 +117,12 @@ impl IdempotencyStore for PostgresIdempotencyStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(store_error(STORE, "claim"))?;
-            if won.is_some() {
-                return Ok(Claim::Acquired { token });
-            }
-            match classify(self.existing(key).await?, payload_hash) {
-                Verdict::Answer(claim) => return Ok(claim),
-                Verdict::Retry => continue,
-            }
-        }
-        Ok(CONTENDED)
+            Ok(match won {
+                Some(_) => Attempt::Won,
+                None => Attempt::Blocked(self.existing(key).await?),
+            })
+        })
+        .await
     }
 
     async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {

@@ -12,10 +12,8 @@ use sqlx::{ConnectOptions, Connection, Row};
 
 use super::{migrate_error, store_error, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
-use crate::idempotency::record::{
-    classify, millis, now_millis, Existing, Verdict, CLAIM_ATTEMPTS, CONTENDED,
-};
-use crate::idempotency::{new_token, Claim, IdempotencyStore};
+use crate::idempotency::record::{claim_with, millis, now_millis, Attempt, Existing};
+use crate::idempotency::{Claim, IdempotencyStore};
 
 const STORE: &str = "sqlite";
 
@@ -143,8 +141,7 @@ impl IdempotencyStore for SqliteIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            let token = new_token();
+        claim_with(payload_hash, |token| async move {
             let now = now_millis();
             // One statement: insert, or take over an expired lease (same payload) or an
             // expired completion; otherwise change nothing and return no row.
@@ -173,15 +170,12 @@ impl IdempotencyStore for SqliteIdempotencyStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(store_error(STORE, "claim"))?;
-            if won.is_some() {
-                return Ok(Claim::Acquired { token });
-            }
-            match classify(self.existing(key).await?, payload_hash) {
-                Verdict::Answer(claim) => return Ok(claim),
-                Verdict::Retry => continue,
-            }
-        }
-        Ok(CONTENDED)
+            Ok(match won {
+                Some(_) => Attempt::Won,
+                None => Attempt::Blocked(self.existing(key).await?),
+            })
+        })
+        .await
     }
 
     async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {
