@@ -35,6 +35,31 @@ async fn open(client: &Client, table: &str) -> DynamoDbIdempotencyStore {
         .expect("open the DynamoDB store")
 }
 
+/// A table made by someone else: string partition key `key`, on demand, no TTL.
+async fn create_bare_table(client: &Client, table: &str, key: &str) {
+    client
+        .create_table()
+        .table_name(table)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(key)
+                .key_type(KeyType::Hash)
+                .build()
+                .expect("key"),
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(key)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .expect("attribute"),
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .expect("create a table");
+}
+
 fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -166,27 +191,7 @@ async fn dynamodb_provisions_and_validates_its_table() {
 
     // A table with another key is refused with what it needs, whatever the mode.
     let other = dynamodb::table("wrong-key");
-    client
-        .create_table()
-        .table_name(&other)
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("pk")
-                .key_type(KeyType::Hash)
-                .build()
-                .expect("key"),
-        )
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("pk")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .expect("attribute"),
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .expect("create the wrong table");
+    create_bare_table(&client, &other, "pk").await;
     let err = DynamoDbIdempotencyStore::open(client.clone(), &other, ProvisionMode::Create)
         .await
         .expect_err("a table keyed by pk is refused")
@@ -199,27 +204,7 @@ async fn dynamodb_provisions_and_validates_its_table() {
 
     // A table without TTL: validate says so, create enables it.
     let bare = dynamodb::table("no-ttl");
-    client
-        .create_table()
-        .table_name(&bare)
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name(KEY_ATTRIBUTE)
-                .key_type(KeyType::Hash)
-                .build()
-                .expect("key"),
-        )
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name(KEY_ATTRIBUTE)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .expect("attribute"),
-        )
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .expect("create the table without TTL");
+    create_bare_table(&client, &bare, KEY_ATTRIBUTE).await;
     let err = DynamoDbIdempotencyStore::open(client.clone(), &bare, ProvisionMode::Validate)
         .await
         .expect_err("validate reports the missing TTL")
