@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
@@ -410,19 +410,23 @@ impl DynamoDbIdempotencyStore {
         out.item.as_ref().map(existing).transpose()
     }
 
-    /// Runs a conditional write; `Ok(false)` when its condition failed.
+    /// The answer of a conditional write: `Ok(false)` when its condition failed.
     fn conditional<T, E, R>(
         operation: &'static str,
         sent: std::result::Result<T, SdkError<E, R>>,
-        is_condition: impl Fn(&E) -> bool,
     ) -> Result<bool>
     where
-        E: std::error::Error + Send + Sync + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
         match sent {
             Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(&is_condition) => Ok(false),
+            Err(e)
+                if e.as_service_error().and_then(ProvideErrorMetadata::code)
+                    == Some("ConditionalCheckFailedException") =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(sdk_error(operation)(e)),
         }
     }
@@ -505,7 +509,7 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             .expression_attribute_values(":in_progress", s(IN_PROGRESS))
             .send()
             .await;
-        Self::conditional("renew", sent, |e| e.is_conditional_check_failed_exception())
+        Self::conditional("renew", sent)
     }
 
     async fn complete(
@@ -555,9 +559,7 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             ),
         };
         let sent = update.send().await;
-        Self::conditional("complete", sent, |e| {
-            e.is_conditional_check_failed_exception()
-        })
+        Self::conditional("complete", sent)
     }
 
     async fn mark_dispatched(&self, key: &str) -> Result<()> {
@@ -573,10 +575,7 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             .expression_attribute_values(":completed", s(COMPLETED))
             .send()
             .await;
-        Self::conditional("mark_dispatched", sent, |e| {
-            e.is_conditional_check_failed_exception()
-        })
-        .map(drop)
+        Self::conditional("mark_dispatched", sent).map(drop)
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<()> {
@@ -592,10 +591,7 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             .expression_attribute_values(":in_progress", s(IN_PROGRESS))
             .send()
             .await;
-        Self::conditional("release", sent, |e| {
-            e.is_conditional_check_failed_exception()
-        })
-        .map(drop)
+        Self::conditional("release", sent).map(drop)
     }
 
     async fn purge_expired(&self, batch: usize) -> Result<usize> {
@@ -646,9 +642,7 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
                 .expression_attribute_values(":now", n(now))
                 .send()
                 .await;
-            Self::conditional("purge_expired", sent, |e| {
-                e.is_conditional_check_failed_exception()
-            })
+            Self::conditional("purge_expired", sent)
         }))
         .buffer_unordered(PURGE_CONCURRENCY)
         .collect::<Vec<_>>()
