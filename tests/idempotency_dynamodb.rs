@@ -235,7 +235,7 @@ async fn dynamodb_items_carry_the_ttl_attribute() {
     let table = dynamodb::table("ttl");
     let store = open(&client, &table).await;
 
-    let Claim::Acquired { token } = store.claim("k", "h", LEASE).await.expect("claim") else {
+    let Claim::Acquired { token, .. } = store.claim("k", "h", LEASE).await.expect("claim") else {
         panic!("claim");
     };
     // In progress: DynamoDB may drop the item an hour after its lease ran out.
@@ -263,12 +263,12 @@ async fn dynamodb_items_carry_the_ttl_attribute() {
         done.get("outbox"),
         Some(&AttributeValue::S("[\"out\"]".into()))
     );
-    store.mark_dispatched("k").await.expect("dispatched");
+    store.set_outbox("k", None).await.expect("dispatched");
     assert!(!item(&client, &table, "k").await.contains_key("outbox"));
 
     // An outbox larger than an item can hold is refused with the reason, and the claim
     // stays in progress for the retry.
-    let Claim::Acquired { token } = store.claim("big", "h", LEASE).await.expect("claim") else {
+    let Claim::Acquired { token, .. } = store.claim("big", "h", LEASE).await.expect("claim") else {
         panic!("claim big");
     };
     let big = "x".repeat(500 * 1024);

@@ -39,7 +39,7 @@ async fn one(store: Option<&dyn IdempotencyStore>, run: &str, i: usize) {
         return;
     };
     match store.claim(&k, &h, LEASE).await.expect("claim") {
-        Claim::Acquired { token } => {
+        Claim::Acquired { token, .. } => {
             let done = store
                 .complete(&k, &token, DEFAULT_TTL, None)
                 .await

@@ -2,6 +2,7 @@
 //! batching of what a handler produced.
 
 use std::any::{Any, TypeId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -183,13 +184,15 @@ impl Dispatcher {
             messaging.batch.message_count = batch.len(),
             sourceflow.service = %self.service,
         );
-        let wire_names: Vec<&'static str> = batch.iter().map(|m| m.wire_name).collect();
+        let wire_names: Vec<Cow<'static, str>> =
+            batch.iter().map(|m| m.wire_name.clone()).collect();
         let started = std::time::Instant::now();
         let result = async {
             match kind {
                 MessageKind::Command => self.transport.send(dest, batch).await,
                 MessageKind::Event => self.transport.publish(dest, batch).await,
             }
+            .map_err(Error::from)
         }
         .instrument(span)
         .await;
@@ -240,27 +243,22 @@ pub(crate) fn decode_outbox(json: &str) -> Result<Vec<Pending>> {
         .map_err(|e| Error::Other(format!("stored outbox is unreadable: {e}").into()))?;
     Ok(stored
         .into_iter()
-        .map(|s| {
-            let wire_name = crate::registry::message_routes()
-                .find(|r| r.name == s.wire_name)
-                .map_or("unknown", |r| r.name);
-            Pending {
-                kind: if s.event {
-                    MessageKind::Event
-                } else {
-                    MessageKind::Command
-                },
-                destination: Arc::from(s.destination.as_str()),
-                message: OutgoingMessage {
-                    body: s.body,
-                    attributes: s.attributes,
-                    group_id: s.group_id,
-                    dedup_id: s.dedup_id,
-                    delay: s.delay_ms.map(std::time::Duration::from_millis),
-                    wire_name,
-                    message_id: s.message_id,
-                },
-            }
+        .map(|s| Pending {
+            kind: if s.event {
+                MessageKind::Event
+            } else {
+                MessageKind::Command
+            },
+            destination: Arc::from(s.destination.as_str()),
+            message: OutgoingMessage {
+                body: s.body,
+                attributes: s.attributes,
+                group_id: s.group_id,
+                dedup_id: s.dedup_id,
+                delay: s.delay_ms.map(std::time::Duration::from_millis),
+                wire_name: Cow::Owned(s.wire_name),
+                message_id: s.message_id,
+            },
         })
         .collect())
 }

@@ -68,8 +68,9 @@ pub struct OutgoingMessage {
     pub dedup_id: Option<String>,
     /// Delivery delay, for standard queues.
     pub delay: Option<std::time::Duration>,
-    /// The wire name, for error messages.
-    pub wire_name: &'static str,
+    /// The wire name, for error messages and metrics (static for the types of this binary,
+    /// owned for messages read back from a queue or a stored outbox).
+    pub wire_name: std::borrow::Cow<'static, str>,
     /// The envelope's message id.
     pub message_id: String,
 }
@@ -218,7 +219,7 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         group_id: if M::FIFO { entity_id } else { None },
         dedup_id: if M::FIFO { Some(id.clone()) } else { None },
         delay: meta.delay,
-        wire_name: M::NAME,
+        wire_name: std::borrow::Cow::Borrowed(M::NAME),
         message_id: id,
     })
 }

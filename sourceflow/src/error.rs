@@ -73,6 +73,11 @@ pub enum Error {
     #[error("the sourceflow runtime has shut down")]
     ShutDown,
 
+    /// Entries of a batch call (send, publish, delete, visibility change) were not done;
+    /// every entry it does not list was.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+
     /// A call to the transport failed.
     #[error("{operation} on {transport} failed: {source}")]
     Transport {
@@ -106,6 +111,110 @@ impl Error {
         Error::Other(err.into())
     }
 }
+
+/// Why one entry of a batch call to a transport was not done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The broker refused the entry and would refuse it again (AWS: a sender fault such as
+    /// an invalid parameter or an oversize message). Retrying cannot help.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Not done because of a fault on the broker's side or on the way (AWS: a server
+    /// fault, throttling, a failed or timed-out call). A retry may succeed.
+    #[error("not done: {0}")]
+    Transient(String),
+    /// The receipt handle is not valid (never issued, or of a message that is gone).
+    #[error("the receipt handle is not valid")]
+    InvalidReceipt,
+    /// The queue or topic does not exist.
+    #[error("`{0}` does not exist")]
+    NoSuchDestination(String),
+}
+
+impl EntryError {
+    /// True when retrying the entry may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, EntryError::Transient(_))
+    }
+}
+
+/// The entries of one batch call that were not done, each with why. Every entry the list
+/// does not name was done (sent, published, deleted, changed): a caller retries exactly the
+/// listed ones, never the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// The call (`SendMessageBatch`, `PublishBatch`, `DeleteMessageBatch`, …).
+    pub operation: &'static str,
+    /// The queue or topic.
+    pub destination: String,
+    /// How many entries the call was given.
+    pub total: usize,
+    /// The entries not done: their index among the entries given, and why; in index order.
+    pub failed: Vec<(usize, EntryError)>,
+}
+
+impl BatchError {
+    /// Every one of `total` entries failed for the same reason (e.g. the call itself failed).
+    pub fn all(
+        operation: &'static str,
+        destination: impl Into<String>,
+        total: usize,
+        error: EntryError,
+    ) -> Self {
+        BatchError {
+            operation,
+            destination: destination.into(),
+            total,
+            failed: (0..total).map(|i| (i, error.clone())).collect(),
+        }
+    }
+
+    /// True when a retry of the failed entries may succeed (every failure is transient).
+    pub fn is_transient(&self) -> bool {
+        self.failed.iter().all(|(_, e)| e.is_transient())
+    }
+
+    /// The indices of the entries that were not done.
+    pub fn failed_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.failed.iter().map(|(i, _)| *i)
+    }
+
+    /// The error of entry `index`, if it failed.
+    pub fn error_of(&self, index: usize) -> Option<&EntryError> {
+        self.failed
+            .binary_search_by_key(&index, |(i, _)| *i)
+            .ok()
+            .map(|pos| &self.failed[pos].1)
+    }
+}
+
+impl fmt::Display for BatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on `{}`: {} of {} entries not done",
+            self.operation,
+            self.destination,
+            self.failed.len(),
+            self.total
+        )?;
+        // The distinct reasons, not one line per entry.
+        let mut reasons: Vec<String> = Vec::new();
+        for (_, e) in &self.failed {
+            let r = e.to_string();
+            if !reasons.contains(&r) {
+                reasons.push(r);
+            }
+        }
+        if !reasons.is_empty() {
+            write!(f, " ({})", reasons.join("; "))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BatchError {}
 
 /// The list of problems found when checking the routes at startup.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -64,6 +64,7 @@ pub mod idempotency;
 mod listener;
 mod message;
 pub mod naming;
+pub mod redrive;
 pub mod registry;
 mod retry;
 mod runtime;

@@ -53,8 +53,7 @@ impl std::ops::AddAssign for DrainReport {
     }
 }
 
-/// The longest a message can be kept invisible from its receive (SQS: 12 hours).
-pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+use crate::transport::MAX_VISIBILITY;
 
 pub(crate) struct Listener {
     pub dispatcher: Arc<Dispatcher>,
@@ -134,7 +133,7 @@ impl Listener {
             let received = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                r = transport.receive(&self.queue, permits.len(), self.receive_wait) => r,
+                r = transport.receive(&self.queue, crate::transport::Receive { max: permits.len(), wait: self.receive_wait, visibility: self.visibility_timeout }) => r,
             };
             let messages = match received {
                 Ok(m) => {
@@ -209,7 +208,7 @@ impl Listener {
         let leftover: Vec<String> = owned.lock().drain().collect();
         for receipt in leftover {
             match transport
-                .change_visibility(&self.queue, &receipt, Duration::ZERO)
+                .change_visibility(&self.queue, vec![receipt], Duration::ZERO)
                 .await
             {
                 Ok(()) => report.returned += 1,
@@ -273,7 +272,7 @@ impl Listener {
                     if idx + 1 == unit.len() {
                         // Nothing queued behind it here: hand it back with the backoff.
                         if let Err(e) = transport
-                            .change_visibility(&self.queue, &msg.receipt, backoff)
+                            .change_visibility(&self.queue, vec![msg.receipt.clone()], backoff)
                             .await
                         {
                             tracing::warn!(queue = %self.queue, error = %e, "could not delay the retry; it comes back after its visibility timeout");
@@ -286,7 +285,7 @@ impl Listener {
                     let hold = backoff + self.visibility_timeout;
                     for m in &unit[idx..] {
                         let _ = transport
-                            .change_visibility(&self.queue, &m.receipt, hold)
+                            .change_visibility(&self.queue, vec![m.receipt.clone()], hold)
                             .await;
                     }
                     tokio::select! {
@@ -334,7 +333,7 @@ impl Listener {
                         }
                     }
                     for m in held {
-                        if let Err(e) = self.dispatcher.transport().change_visibility(&self.queue, &m.receipt, self.visibility_timeout).await {
+                        if let Err(e) = self.dispatcher.transport().change_visibility(&self.queue, vec![m.receipt.clone()], self.visibility_timeout).await {
                             tracing::warn!(queue = %self.queue, broker_id = %m.broker_id, error = %e, "visibility heartbeat failed");
                         }
                     }
@@ -352,7 +351,7 @@ impl Listener {
         let transport = self.dispatcher.transport();
         for m in msgs {
             if let Err(e) = transport
-                .change_visibility(&self.queue, &m.receipt, after)
+                .change_visibility(&self.queue, vec![m.receipt.clone()], after)
                 .await
             {
                 tracing::warn!(queue = %self.queue, error = %e, "could not return a message; it reappears after its visibility timeout");
@@ -371,7 +370,12 @@ impl Listener {
         let result = self
             .dispatcher
             .transport()
-            .dead_letter(&self.queue, msg, reason)
+            .dead_letter(
+                &self.queue,
+                &crate::naming::Naming::dead_letter(&self.queue),
+                msg,
+                reason,
+            )
             .await;
         if result.is_ok() {
             self.dispatcher.metrics().dead_lettered.add(
@@ -559,7 +563,7 @@ impl Listener {
             };
             idem.stats.record(&outcome);
             match outcome {
-                Claim::Acquired { token } => {
+                Claim::Acquired { token, .. } => {
                     *claim_slot.lock() = Some((key.clone(), token.clone()));
                     claim = Some((key, token));
                 }
@@ -580,7 +584,7 @@ impl Listener {
                                 "dispatching the stored messages of a completed duplicate failed: {e}"
                             ));
                         }
-                        if let Err(e) = idem.store.mark_dispatched(&key).await {
+                        if let Err(e) = idem.store.set_outbox(&key, None).await {
                             tracing::warn!(key = %key, error = %e, "could not mark the outbox dispatched; it may be dispatched again (same ids)");
                         }
                     }
@@ -708,7 +712,7 @@ impl Listener {
                 return Outcome::Failed(format!("dispatching the handler's messages failed: {e}"));
             }
             if let (Some((key, _)), Some(idem)) = (&claim, &self.idempotency) {
-                if let Err(e) = idem.store.mark_dispatched(key).await {
+                if let Err(e) = idem.store.set_outbox(key, None).await {
                     tracing::warn!(key = %key, error = %e, "could not mark the outbox dispatched; a duplicate would dispatch it again (same ids)");
                 }
             }
@@ -769,7 +773,11 @@ impl Listener {
 
     async fn release(&self, claim: &Option<(String, String)>) {
         if let (Some((key, token)), Some(idem)) = (claim, &self.idempotency) {
-            if let Err(e) = idem.store.release(key, token).await {
+            if let Err(e) = idem
+                .store
+                .release(key, token, idempotency::Release::Failed)
+                .await
+            {
                 tracing::warn!(key = %key, error = %e, "could not release the idempotency claim; the retry waits for its lease to expire");
             }
         }

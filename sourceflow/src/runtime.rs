@@ -1204,7 +1204,7 @@ impl Handle {
     /// from [`queue_of`](Self::queue_of) or [`subscriber_queue_of`](Self::subscriber_queue_of)),
     /// keeping FIFO group ids; returns how many moved.
     pub async fn redrive(&self, queue: &str) -> Result<usize> {
-        crate::transport::redrive(
+        crate::redrive::redrive(
             self.inner.dispatcher.transport().as_ref(),
             &Naming::dead_letter(queue),
             queue,

@@ -134,7 +134,7 @@ impl Metrics {
         &self,
         kind: MessageKind,
         destination: &std::sync::Arc<str>,
-        wire_names: &[&'static str],
+        wire_names: &[std::borrow::Cow<'static, str>],
         elapsed: Duration,
         ok: bool,
     ) {
@@ -156,13 +156,16 @@ impl Metrics {
         };
         duration.record(elapsed.as_secs_f64(), std::slice::from_ref(&dest));
         // One data point per wire name in the batch.
-        let mut names: Vec<&'static str> = wire_names.to_vec();
+        let mut names: Vec<&std::borrow::Cow<'static, str>> = wire_names.iter().collect();
         names.sort_unstable();
         let mut i = 0;
         while i < names.len() {
             let name = names[i];
             let n = names[i..].iter().take_while(|w| **w == name).count();
-            let attrs = [dest.clone(), KeyValue::new("sourceflow.wire_name", name)];
+            let attrs = [
+                dest.clone(),
+                KeyValue::new("sourceflow.wire_name", name.clone()),
+            ];
             if ok {
                 count.add(n as u64, &attrs);
             } else {

@@ -622,7 +622,7 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
         group_id: None,
         dedup_id: None,
         delay: None,
-        wire_name: "raw",
+        wire_name: "raw".into(),
         message_id: format!("m{}", fastrand::u64(..)),
     };
     // SQS refuses characters outside its allowed set, entry by entry.
@@ -638,7 +638,14 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
     let mut bodies = Vec::new();
     for _ in 0..5 {
         for m in t
-            .receive(&queue, 10, Duration::from_secs(1))
+            .receive(
+                &queue,
+                sourceflow::transport::Receive {
+                    max: 10,
+                    wait: Duration::from_secs(1),
+                    visibility: Duration::from_secs(30),
+                },
+            )
             .await
             .expect("receive")
         {

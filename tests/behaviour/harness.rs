@@ -14,7 +14,7 @@ use tracing_subscriber::Layer;
 
 use sourceflow::encryption::LocalKeyProvider;
 use sourceflow::envelope::{attr, OutgoingMessage};
-use sourceflow::transport::{ReceivedMessage, Transport};
+use sourceflow::transport::{Receive, ReceivedMessage, Transport};
 use sourceflow::{Builder, MemoryTransport, RetryPolicy};
 
 /// The master key every service of the suite shares (tests that count key-provider calls
@@ -93,7 +93,7 @@ impl Harness {
             group_id: group.map(str::to_string),
             dedup_id: group.map(|_| id.clone()),
             delay: None,
-            wire_name: "raw",
+            wire_name: "raw".into(),
             message_id: id,
         };
         self.transport.send(queue, vec![m]).await.expect("raw send");
@@ -107,7 +107,7 @@ impl Harness {
         while out.len() < expected && tokio::time::Instant::now() < deadline {
             let got = self
                 .transport
-                .receive(queue, 10, Duration::from_secs(1))
+                .receive(queue, receive(10, Duration::from_secs(1)))
                 .await
                 .expect("receive");
             if !got.is_empty() {
@@ -126,7 +126,7 @@ impl Harness {
     pub async fn assert_empty(&self, queue: &str, wait: Duration) {
         let got = self
             .transport
-            .receive(queue, 10, wait)
+            .receive(queue, receive(10, wait))
             .await
             .expect("receive");
         assert!(
@@ -194,6 +194,15 @@ impl std::io::Write for CaptureWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A receive of up to `max` messages waiting `wait`, invisible for 30 s.
+pub fn receive(max: usize, wait: Duration) -> Receive {
+    Receive {
+        max,
+        wait,
+        visibility: Duration::from_secs(30),
     }
 }
 

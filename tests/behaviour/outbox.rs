@@ -79,7 +79,9 @@ mod flaky {
     use super::*;
     use async_trait::async_trait;
     use sourceflow::envelope::OutgoingMessage;
-    use sourceflow::transport::{ReceivedMessage, Topology, Transport};
+    use sourceflow::transport::{
+        BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport,
+    };
 
     pub const MODULE: &str = module_path!();
 
@@ -121,40 +123,46 @@ mod flaky {
         async fn provision(&self, t: &Topology) -> sourceflow::Result<()> {
             self.inner.provision(t).await
         }
-        async fn send(&self, q: &str, m: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
+        async fn send(&self, q: &str, m: Vec<OutgoingMessage>) -> Result<(), BatchError> {
             self.inner.send(q, m).await
         }
-        async fn publish(&self, t: &str, m: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
+        async fn publish(&self, t: &str, m: Vec<OutgoingMessage>) -> Result<(), BatchError> {
             if !self.failed.swap(true, Ordering::SeqCst) {
-                return Err(sourceflow::Error::Transport {
-                    transport: "flaky",
-                    operation: "Publish".into(),
-                    source: "throttled".into(),
-                });
+                return Err(BatchError::all(
+                    "PublishBatch",
+                    t,
+                    m.len(),
+                    EntryError::Transient("throttled".into()),
+                ));
             }
             self.inner.publish(t, m).await
         }
         async fn receive(
             &self,
             q: &str,
-            max: usize,
-            wait: Duration,
+            request: Receive,
         ) -> sourceflow::Result<Vec<ReceivedMessage>> {
-            self.inner.receive(q, max, wait).await
+            self.inner.receive(q, request).await
         }
-        async fn delete(&self, q: &str, r: Vec<String>) -> sourceflow::Result<()> {
+        async fn delete(&self, q: &str, r: Vec<String>) -> Result<(), BatchError> {
             self.inner.delete(q, r).await
         }
-        async fn change_visibility(&self, q: &str, r: &str, t: Duration) -> sourceflow::Result<()> {
+        async fn change_visibility(
+            &self,
+            q: &str,
+            r: Vec<String>,
+            t: Duration,
+        ) -> Result<(), BatchError> {
             self.inner.change_visibility(q, r, t).await
         }
         async fn dead_letter(
             &self,
             q: &str,
+            dlq: &str,
             m: &ReceivedMessage,
             reason: &str,
         ) -> sourceflow::Result<()> {
-            self.inner.dead_letter(q, m, reason).await
+            self.inner.dead_letter(q, dlq, m, reason).await
         }
     }
 }

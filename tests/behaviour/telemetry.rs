@@ -13,7 +13,9 @@ use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use serde::{Deserialize, Serialize};
 use sourceflow::envelope::{attr, OutgoingMessage};
 use sourceflow::health::Status;
-use sourceflow::transport::{ReceivedMessage, Topology, Transport};
+use sourceflow::transport::{
+    BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport,
+};
 use sourceflow::{command, event, handler, Context, SendOptions, State};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -458,6 +460,11 @@ impl Switchable {
         }
         Ok(())
     }
+
+    fn check_batch(&self, operation: &'static str, dest: &str, n: usize) -> Result<(), BatchError> {
+        self.check()
+            .map_err(|e| BatchError::all(operation, dest, n, EntryError::Transient(e.to_string())))
+    }
 }
 
 #[async_trait]
@@ -469,44 +476,46 @@ impl Transport for Switchable {
         self.check()?;
         self.inner.provision(topology).await
     }
-    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
-        self.check()?;
+    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
+        self.check_batch("SendMessageBatch", queue, messages.len())?;
         self.inner.send(queue, messages).await
     }
-    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> sourceflow::Result<()> {
-        self.check()?;
+    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
+        self.check_batch("PublishBatch", topic, messages.len())?;
         self.inner.publish(topic, messages).await
     }
     async fn receive(
         &self,
         queue: &str,
-        max: usize,
-        wait: Duration,
+        request: Receive,
     ) -> sourceflow::Result<Vec<ReceivedMessage>> {
         self.check()?;
-        self.inner.receive(queue, max, wait).await
+        self.inner.receive(queue, request).await
     }
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> sourceflow::Result<()> {
-        self.check()?;
+    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<(), BatchError> {
+        self.check_batch("DeleteMessageBatch", queue, receipts.len())?;
         self.inner.delete(queue, receipts).await
     }
     async fn change_visibility(
         &self,
         queue: &str,
-        receipt: &str,
+        receipts: Vec<String>,
         timeout: Duration,
-    ) -> sourceflow::Result<()> {
-        self.check()?;
-        self.inner.change_visibility(queue, receipt, timeout).await
+    ) -> Result<(), BatchError> {
+        self.check_batch("ChangeMessageVisibilityBatch", queue, receipts.len())?;
+        self.inner.change_visibility(queue, receipts, timeout).await
     }
     async fn dead_letter(
         &self,
         queue: &str,
+        dead_letter_queue: &str,
         message: &ReceivedMessage,
         reason: &str,
     ) -> sourceflow::Result<()> {
         self.check()?;
-        self.inner.dead_letter(queue, message, reason).await
+        self.inner
+            .dead_letter(queue, dead_letter_queue, message, reason)
+            .await
     }
     async fn queue_depth(
         &self,

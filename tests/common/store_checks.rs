@@ -13,14 +13,16 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// Completes `done` (with an undispatched outbox) and leaves `busy` in progress; returns the
 /// in-progress token.
 pub async fn completed_and_in_progress(store: &dyn IdempotencyStore) -> String {
-    let Claim::Acquired { token } = store.claim("done", "h", LEASE).await.expect("claim") else {
+    let Claim::Acquired { token, .. } = store.claim("done", "h", LEASE).await.expect("claim")
+    else {
         panic!("claim done");
     };
     assert!(store
         .complete("done", &token, DEFAULT_TTL, Some("[\"out\"]"))
         .await
         .expect("complete"));
-    let Claim::Acquired { token } = store.claim("busy", "h", LEASE).await.expect("claim") else {
+    let Claim::Acquired { token, .. } = store.claim("busy", "h", LEASE).await.expect("claim")
+    else {
         panic!("claim busy");
     };
     token
@@ -62,7 +64,8 @@ where
     // Live records: 10 completed, 5 in progress, one of them with an expired lease.
     for i in 0..10 {
         let key = format!("live:{i}");
-        let Claim::Acquired { token } = store.claim(&key, "h", LEASE).await.expect("claim") else {
+        let Claim::Acquired { token, .. } = store.claim(&key, "h", LEASE).await.expect("claim")
+        else {
             panic!("claim {key}");
         };
         assert!(store
@@ -153,7 +156,8 @@ pub async fn one_winner_per_key(stores: Vec<Arc<dyn IdempotencyStore>>) {
     for k in 0..KEYS {
         for prefix in ["crashed", "expired"] {
             let key = format!("{prefix}:{k}");
-            let Claim::Acquired { token } = stores[0].claim(&key, "h", short).await.expect("claim")
+            let Claim::Acquired { token, .. } =
+                stores[0].claim(&key, "h", short).await.expect("claim")
             else {
                 panic!("claim {key}");
             };

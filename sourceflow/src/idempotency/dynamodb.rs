@@ -42,7 +42,7 @@ use aws_sdk_dynamodb::Client;
 use futures_util::StreamExt;
 
 use super::record::{claim_with, millis, now_millis, Attempt, Existing, COMPLETED, IN_PROGRESS};
-use super::{Claim, IdempotencyStore};
+use super::{Claim, IdempotencyStore, Release};
 use crate::error::{Error, Result};
 use crate::transport::aws::ProvisionMode;
 
@@ -562,23 +562,27 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
         Self::conditional("complete", sent)
     }
 
-    async fn mark_dispatched(&self, key: &str) -> Result<()> {
-        let sent = self
+    async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()> {
+        let update = self
             .client
             .update_item()
             .table_name(&self.table)
             .key(KEY_ATTRIBUTE, s(key))
-            .update_expression("REMOVE #outbox")
             .condition_expression("#state = :completed AND attribute_exists(#outbox)")
             .expression_attribute_names("#state", "state")
             .expression_attribute_names("#outbox", "outbox")
-            .expression_attribute_values(":completed", s(COMPLETED))
-            .send()
-            .await;
-        Self::conditional("mark_dispatched", sent).map(drop)
+            .expression_attribute_values(":completed", s(COMPLETED));
+        let update = match outbox {
+            Some(o) => update
+                .update_expression("SET #outbox = :outbox")
+                .expression_attribute_values(":outbox", s(o)),
+            None => update.update_expression("REMOVE #outbox"),
+        };
+        let sent = update.send().await;
+        Self::conditional("set_outbox", sent).map(drop)
     }
 
-    async fn release(&self, key: &str, token: &str) -> Result<()> {
+    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
         let sent = self
             .client
             .delete_item()

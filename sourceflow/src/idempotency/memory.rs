@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{new_token, Claim, IdempotencyStore};
+use super::{new_token, Claim, IdempotencyStore, Release};
 use crate::error::Result;
 
 /// Default number of records kept.
@@ -135,7 +135,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                     until: now + lease,
                 },
             };
-            return Ok(Claim::Acquired { token });
+            return Ok(Claim::Acquired { token, attempt: 1 });
         }
         Self::make_room(&mut entries, self.capacity, now);
         let token = new_token();
@@ -149,7 +149,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 },
             },
         );
-        Ok(Claim::Acquired { token })
+        Ok(Claim::Acquired { token, attempt: 1 })
     }
 
     async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {
@@ -183,18 +183,18 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         }
     }
 
-    async fn mark_dispatched(&self, key: &str) -> Result<()> {
+    async fn set_outbox(&self, key: &str, remaining: Option<&str>) -> Result<()> {
         if let Some(Entry {
             state: State::Completed { outbox, .. },
             ..
         }) = self.entries.lock().get_mut(key)
         {
-            *outbox = None;
+            *outbox = remaining.map(str::to_string);
         }
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &str) -> Result<()> {
+    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
         let mut entries = self.entries.lock();
         if matches!(entries.get(key).map(|e| &e.state), Some(State::InProgress { token: t, .. }) if t == token)
         {
@@ -249,7 +249,7 @@ mod tests {
         let s = MemoryIdempotencyStore::with_capacity(10);
         for i in 0..25 {
             let key = format!("k{i}");
-            if let Claim::Acquired { token } =
+            if let Claim::Acquired { token, .. } =
                 s.claim(&key, "h", Duration::from_secs(5)).await.unwrap()
             {
                 s.complete(&key, &token, Duration::from_secs(60), None)

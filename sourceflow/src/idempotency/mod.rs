@@ -56,6 +56,22 @@ pub use sql::PostgresIdempotencyStore;
 #[cfg(feature = "sqlite")]
 pub use sql::SqliteIdempotencyStore;
 
+/// Why a claim is given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The handlers failed: the next claim is the next attempt (the count is kept).
+    Failed,
+    /// The message goes back untouched (an infrastructure fault, shutdown): the attempt
+    /// does not count.
+    Returned,
+    /// The message went to the dead-letter queue: the record is deleted, so that a redrive
+    /// starts with a fresh count.
+    DeadLettered,
+}
+
+/// How long after its lease ran out an abandoned in-progress claim is purged.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(60 * 60);
+
 /// Default time a completed record is kept.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -66,6 +82,10 @@ pub enum Claim {
     Acquired {
         /// Proof of ownership for `renew`, `complete` and `release`.
         token: String,
+        /// Which attempt of the handlers this is: 1, plus the failed attempts recorded with
+        /// [`Release::Failed`], plus the claims taken over from workers that died holding
+        /// them. Receives that never reached the handlers do not count.
+        attempt: u32,
     },
     /// Another worker is processing the message under a live lease.
     InProgress {
@@ -106,13 +126,17 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         outbox: Option<&str>,
     ) -> Result<bool>;
 
-    /// Records that the completed key's outbox went out.
-    async fn mark_dispatched(&self, key: &str) -> Result<()>;
+    /// Replaces the undispatched outbox of a completed key: `None` once everything went out,
+    /// or the messages still to go after a partial dispatch.
+    async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()>;
 
-    /// Deletes a claim after a failed attempt, so that the retry can run.
-    async fn release(&self, key: &str, token: &str) -> Result<()>;
+    /// Gives up a claim so that a later delivery can claim it again; `why` says whether the
+    /// attempt counts (see [`Release`]).
+    async fn release(&self, key: &str, token: &str, why: Release) -> Result<()>;
 
-    /// Deletes up to `batch` expired completed records; returns how many.
+    /// Deletes up to `batch` expired records — completed records past their expiry, and
+    /// abandoned in-progress claims whose lease ran out more than [`ABANDONED_AFTER`] ago —
+    /// and returns how many.
     async fn purge_expired(&self, batch: usize) -> Result<usize>;
 
     /// Number of records currently stored (approximate where
@@ -298,7 +322,7 @@ pub mod conformance {
         let lease = Duration::from_secs(30);
 
         // First claim wins; a second sees it in progress.
-        let Claim::Acquired { token } = store.claim(&k("a"), "h1", lease).await.expect("claim")
+        let Claim::Acquired { token, .. } = store.claim(&k("a"), "h1", lease).await.expect("claim")
         else {
             panic!("first claim must be acquired");
         };
@@ -326,7 +350,7 @@ pub mod conformance {
                 undispatched: Some("[1]".into())
             }
         );
-        store.mark_dispatched(&k("a")).await.expect("dispatched");
+        store.set_outbox(&k("a"), None).await.expect("dispatched");
         assert_eq!(
             store.claim(&k("a"), "h1", lease).await.expect("claim"),
             Claim::Completed { undispatched: None }
@@ -340,18 +364,21 @@ pub mod conformance {
         );
 
         // Release lets the retry claim again.
-        let Claim::Acquired { token } = store.claim(&k("b"), "h", lease).await.expect("claim")
+        let Claim::Acquired { token, .. } = store.claim(&k("b"), "h", lease).await.expect("claim")
         else {
             panic!("claim b");
         };
-        store.release(&k("b"), &token).await.expect("release");
+        store
+            .release(&k("b"), &token, Release::Failed)
+            .await
+            .expect("release");
         assert!(matches!(
             store.claim(&k("b"), "h", lease).await.expect("claim"),
             Claim::Acquired { .. }
         ));
 
         // An expired lease is taken over, and the old token is worthless.
-        let Claim::Acquired { token: old } = store
+        let Claim::Acquired { token: old, .. } = store
             .claim(&k("c"), "h", Duration::from_millis(50))
             .await
             .expect("claim")
@@ -359,7 +386,8 @@ pub mod conformance {
             panic!("claim c");
         };
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let Claim::Acquired { token: new } = store.claim(&k("c"), "h", lease).await.expect("claim")
+        let Claim::Acquired { token: new, .. } =
+            store.claim(&k("c"), "h", lease).await.expect("claim")
         else {
             panic!("expired lease must be taken over");
         };
@@ -374,7 +402,7 @@ pub mod conformance {
             .expect("complete"));
 
         // Expired completed records are purged; live ones stay.
-        let Claim::Acquired { token } = store.claim(&k("d"), "h", lease).await.expect("claim")
+        let Claim::Acquired { token, .. } = store.claim(&k("d"), "h", lease).await.expect("claim")
         else {
             panic!("claim d");
         };

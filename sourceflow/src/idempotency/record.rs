@@ -97,7 +97,7 @@ where
     for _ in 0..CLAIM_ATTEMPTS {
         let token = new_token();
         match attempt(token.clone()).await? {
-            Attempt::Won => return Ok(Claim::Acquired { token }),
+            Attempt::Won => return Ok(Claim::Acquired { token, attempt: 1 }),
             Attempt::Blocked(existing) => match classify(existing, payload_hash) {
                 Verdict::Answer(claim) => return Ok(claim),
                 Verdict::Retry => {}

@@ -25,14 +25,15 @@ use aws_sdk_sqs::types::{
 use parking_lot::RwLock;
 use tokio::sync::OnceCell;
 
-use super::{QueueDepth, QueueSpec, ReceivedMessage, Topology, Transport};
+use super::{
+    BatchError, EntryError, QueueDepth, QueueSpec, Receive, ReceivedMessage, Topology, Transport,
+};
 use super::{SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
 use crate::envelope::{attr, OutgoingMessage};
 use crate::error::{BoxError, Error, Result};
-use crate::naming::Naming;
 
 /// Longest visibility timeout SQS accepts.
-const MAX_VISIBILITY_SECS: u64 = 12 * 60 * 60;
+const MAX_VISIBILITY_SECS: u64 = super::MAX_VISIBILITY.as_secs();
 /// Retention of a dead-letter queue (the SQS maximum): time to look and redrive.
 const DLQ_RETENTION_SECS: u64 = 14 * 24 * 60 * 60;
 /// Retention of other queues (the SQS default).
@@ -938,16 +939,120 @@ impl Transport for AwsTransport {
         Ok(())
     }
 
-    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
+    async fn send(
+        &self,
+        queue: &str,
+        messages: Vec<OutgoingMessage>,
+    ) -> std::result::Result<(), BatchError> {
+        let total = messages.len();
         // Sizes first: one oversize message must not fail the batch it would share.
         for m in &messages {
-            m.check_size(queue, SQS_MAX_MESSAGE_BYTES)?;
+            if let Err(e) = m.check_size(queue, SQS_MAX_MESSAGE_BYTES) {
+                return Err(BatchError::all(
+                    "SendMessageBatch",
+                    queue,
+                    total,
+                    EntryError::Refused(e.to_string()),
+                ));
+            }
         }
         self.coalesce(&self.inner.sends, queue, messages, Batch::Send)
             .await
+            .map_err(|e| whole("SendMessageBatch", queue, total, e))
     }
 
-    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
+    async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<OutgoingMessage>,
+    ) -> std::result::Result<(), BatchError> {
+        let total = messages.len();
+        self.publish_now(topic, messages)
+            .await
+            .map_err(|e| whole("PublishBatch", topic, total, e))
+    }
+
+    async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>> {
+        self.receive_now(queue, request).await
+    }
+
+    async fn delete(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+    ) -> std::result::Result<(), BatchError> {
+        let total = receipts.len();
+        self.coalesce(&self.inner.deletes, queue, receipts, Batch::Delete)
+            .await
+            .map_err(|e| whole("DeleteMessageBatch", queue, total, e))
+    }
+
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+        timeout: Duration,
+    ) -> std::result::Result<(), BatchError> {
+        let total = receipts.len();
+        let mut failed = Vec::new();
+        for (i, r) in receipts.iter().enumerate() {
+            if let Err(e) = self.change_visibility_now(queue, r, timeout).await {
+                failed.push((i, entry_error(e)));
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(BatchError {
+            operation: "ChangeMessageVisibility",
+            destination: queue.to_string(),
+            total,
+            failed,
+        })
+    }
+
+    async fn dead_letter(
+        &self,
+        queue: &str,
+        dead_letter_queue: &str,
+        message: &ReceivedMessage,
+        reason: &str,
+    ) -> Result<()> {
+        self.dead_letter_now(queue, dead_letter_queue, message, reason)
+            .await
+    }
+
+    async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+        self.queue_depth_now(queue).await
+    }
+
+    async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
+        self.missing_now(topology).await
+    }
+}
+
+/// A failure of a whole call, reported for each of its `total` entries.
+fn whole(operation: &'static str, destination: &str, total: usize, e: Error) -> BatchError {
+    match e {
+        Error::Batch(b) => b,
+        other => BatchError::all(operation, destination, total, entry_error(other)),
+    }
+}
+
+/// The entry error for a failed call.
+fn entry_error(e: Error) -> EntryError {
+    match e {
+        Error::InvalidReceipt(_) => EntryError::InvalidReceipt,
+        Error::QueueDoesNotExist(q) | Error::TopicDoesNotExist(q) => {
+            EntryError::NoSuchDestination(q)
+        }
+        Error::MessageTooLarge { .. } | Error::Unsupported(_) => EntryError::Refused(e.to_string()),
+        other => EntryError::Transient(other.to_string()),
+    }
+}
+
+impl AwsTransport {
+    async fn publish_now(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
         use aws_sdk_sns::types::{MessageAttributeValue as SnsAttr, PublishBatchRequestEntry};
         let arn = self.topic_arn(topic).await?;
         for chunk in messages.chunks(10) {
@@ -997,12 +1102,8 @@ impl Transport for AwsTransport {
         Ok(())
     }
 
-    async fn receive(
-        &self,
-        queue: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<ReceivedMessage>> {
+    async fn receive_now(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>> {
+        let (max, wait) = (request.max, request.wait);
         let url = self.queue_url(queue).await?;
         let out = self
             .inner
@@ -1011,12 +1112,14 @@ impl Transport for AwsTransport {
             .queue_url(&url)
             .max_number_of_messages(max.clamp(1, 10) as i32)
             .wait_time_seconds(secs_ceil(wait).min(20) as i32)
+            .visibility_timeout(secs_ceil(request.visibility).min(MAX_VISIBILITY_SECS) as i32)
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .send()
             .await
             .map_err(|e| sdk_error("ReceiveMessage", e))?;
+        let received_at = tokio::time::Instant::now();
         Ok(out
             .messages()
             .iter()
@@ -1024,6 +1127,7 @@ impl Transport for AwsTransport {
                 let system = m.attributes();
                 let get = |n: MessageSystemAttributeName| system.and_then(|s| s.get(&n)).cloned();
                 ReceivedMessage {
+                    received_at,
                     broker_id: m.message_id().unwrap_or_default().to_string(),
                     receipt: m.receipt_handle().unwrap_or_default().to_string(),
                     body: m.body().unwrap_or_default().to_string(),
@@ -1049,12 +1153,12 @@ impl Transport for AwsTransport {
             .collect())
     }
 
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<()> {
-        self.coalesce(&self.inner.deletes, queue, receipts, Batch::Delete)
-            .await
-    }
-
-    async fn change_visibility(&self, queue: &str, receipt: &str, timeout: Duration) -> Result<()> {
+    async fn change_visibility_now(
+        &self,
+        queue: &str,
+        receipt: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let url = self.queue_url(queue).await?;
         self.inner
             .sqs
@@ -1068,14 +1172,14 @@ impl Transport for AwsTransport {
         Ok(())
     }
 
-    async fn dead_letter(
+    async fn dead_letter_now(
         &self,
         queue: &str,
+        dlq: &str,
         message: &ReceivedMessage,
         reason: &str,
     ) -> Result<()> {
-        let dlq = Naming::dead_letter(queue);
-        let dlq_url = self.queue_url(&dlq).await?;
+        let dlq_url = self.queue_url(dlq).await?;
         let mut attributes: HashMap<String, MessageAttributeValue> = HashMap::new();
         for (k, v) in message
             .attributes
@@ -1113,10 +1217,16 @@ impl Transport for AwsTransport {
                 .message_deduplication_id(&message.broker_id);
         }
         req.send().await.map_err(|e| sdk_error("SendMessage", e))?;
-        self.delete(queue, vec![message.receipt.clone()]).await
+        self.coalesce(
+            &self.inner.deletes,
+            queue,
+            vec![message.receipt.clone()],
+            Batch::Delete,
+        )
+        .await
     }
 
-    async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
+    async fn queue_depth_now(&self, queue: &str) -> Result<Option<QueueDepth>> {
         let url = self.queue_url(queue).await?;
         let out = self
             .inner
@@ -1142,7 +1252,7 @@ impl Transport for AwsTransport {
         }))
     }
 
-    async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
+    async fn missing_now(&self, topology: &Topology) -> Result<Vec<String>> {
         let mut missing = Vec::new();
         for q in &topology.queues {
             // A fresh lookup: the cache would hide a deleted queue.

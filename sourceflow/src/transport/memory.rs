@@ -28,8 +28,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    ReceivedMessage, Topology, Transport, FIFO_DEDUP_WINDOW, SNS_MAX_MESSAGE_BYTES,
-    SQS_MAX_MESSAGE_BYTES,
+    BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport, FIFO_DEDUP_WINDOW,
+    SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES,
 };
 use crate::envelope::{attr, OutgoingMessage};
 use crate::error::{Error, Result};
@@ -317,14 +317,13 @@ impl Queue {
 
     /// Takes up to `max` deliverable messages. Messages over the receive limit are moved to
     /// the dead-letter queue instead (returned separately so they are enqueued unlocked).
-    fn take(&self, max: usize, now: Instant) -> (Vec<ReceivedMessage>, Vec<Stored>) {
-        let (visibility, dlq_limit) = {
-            let c = self.config.read();
-            (
-                c.visibility_timeout,
-                c.dead_letter.as_ref().map(|(_, n)| *n),
-            )
-        };
+    fn take(
+        &self,
+        max: usize,
+        visibility: Duration,
+        now: Instant,
+    ) -> (Vec<ReceivedMessage>, Vec<Stored>) {
+        let dlq_limit = self.config.read().dead_letter.as_ref().map(|(_, n)| *n);
         let mut st = self.state.lock();
         promote(self, &mut st, now);
         let mut out = Vec::new();
@@ -366,7 +365,7 @@ impl Queue {
                             continue;
                         };
                         begin_flight(m);
-                        out.push(received(seq, m));
+                        out.push(received(seq, m, now));
                         m.deadline_version
                     };
                     st.deadlines.push(Reverse((deadline, seq, version)));
@@ -411,7 +410,7 @@ impl Queue {
                     continue;
                 };
                 begin_flight(m);
-                out.push(received(seq, m));
+                out.push(received(seq, m, now));
                 let version = m.deadline_version;
                 st.deadlines.push(Reverse((deadline, seq, version)));
             }
@@ -456,6 +455,35 @@ impl Queue {
             self.notify.notify_waiters();
         }
         Ok(m)
+    }
+
+    /// Changes the visibility of an in-flight message identified by its receipt.
+    fn set_visibility(&self, receipt: &str, timeout: Duration) -> Result<()> {
+        let (seq, generation) =
+            parse_receipt(receipt).ok_or_else(|| Error::InvalidReceipt(self.name.clone()))?;
+        let mut st = self.state.lock();
+        let valid = st
+            .messages
+            .get(&seq)
+            .is_some_and(|m| m.generation == generation && m.visibility == Visibility::InFlight);
+        if !valid {
+            return Err(Error::InvalidReceipt(self.name.clone()));
+        }
+        if timeout.is_zero() {
+            make_visible(self, &mut st, seq);
+        } else {
+            // A new deadline; the old heap entry no longer matches the version and is skipped.
+            let version = match st.messages.get_mut(&seq) {
+                Some(m) => {
+                    m.deadline_version = m.deadline_version.wrapping_add(1);
+                    m.deadline_version
+                }
+                None => return Err(Error::InvalidReceipt(self.name.clone())),
+            };
+            st.deadlines
+                .push(Reverse((Instant::now() + timeout, seq, version)));
+        }
+        Ok(())
     }
 
     /// Appends a message moved here from another queue (dead-lettering).
@@ -531,8 +559,9 @@ fn begin_flight(m: &mut Stored) {
     m.visibility = Visibility::InFlight;
 }
 
-fn received(seq: u64, m: &Stored) -> ReceivedMessage {
+fn received(seq: u64, m: &Stored, now: Instant) -> ReceivedMessage {
     ReceivedMessage {
+        received_at: now,
         broker_id: m.broker_id.clone(),
         receipt: format!("{seq}:{}", m.generation),
         body: m.body.clone(),
@@ -654,66 +683,89 @@ impl Transport for MemoryTransport {
         Ok(())
     }
 
-    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
-        let q = self.queue(queue)?;
+    async fn send(
+        &self,
+        queue: &str,
+        messages: Vec<OutgoingMessage>,
+    ) -> std::result::Result<(), BatchError> {
+        let total = messages.len();
+        let q = self.queue(queue).map_err(|_| {
+            BatchError::all(
+                "SendMessageBatch",
+                queue,
+                total,
+                EntryError::NoSuchDestination(queue.to_string()),
+            )
+        })?;
         let now = Instant::now();
-        for m in messages {
-            q.enqueue(m, now)?;
+        let mut failed = Vec::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            if let Err(e) = q.enqueue(m, now) {
+                failed.push((i, EntryError::Refused(e.to_string())));
+            }
         }
-        Ok(())
+        batch_result("SendMessageBatch", queue, total, failed)
     }
 
-    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()> {
+    async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<OutgoingMessage>,
+    ) -> std::result::Result<(), BatchError> {
+        let total = messages.len();
         let t = self
             .broker
             .topics
             .read()
             .get(topic)
             .cloned()
-            .ok_or_else(|| Error::TopicDoesNotExist(topic.to_string()))?;
-        for m in &messages {
-            m.check_size(topic, SNS_MAX_MESSAGE_BYTES)?;
-            if t.fifo && m.group_id.is_none() {
-                return Err(Error::Unsupported(format!(
-                    "{} published to FIFO topic `{topic}` without a message group id",
-                    m.wire_name
-                )));
+            .ok_or_else(|| {
+                BatchError::all(
+                    "PublishBatch",
+                    topic,
+                    total,
+                    EntryError::NoSuchDestination(topic.to_string()),
+                )
+            })?;
+        let mut failed = Vec::new();
+        let mut accepted = Vec::with_capacity(total);
+        for (i, m) in messages.into_iter().enumerate() {
+            if let Err(e) = m.check_size(topic, SNS_MAX_MESSAGE_BYTES) {
+                failed.push((i, EntryError::Refused(e.to_string())));
+            } else if t.fifo && m.group_id.is_none() {
+                failed.push((
+                    i,
+                    EntryError::Refused(format!(
+                        "{} published to FIFO topic `{topic}` without a message group id",
+                        m.wire_name
+                    )),
+                ));
+            } else {
+                accepted.push(m);
             }
         }
         let now = Instant::now();
         let subscribers = t.subscribers.read();
-        let mut messages = messages;
-        let last = subscribers.len().saturating_sub(1);
-        for (i, s) in subscribers.iter().enumerate() {
-            if i == last {
-                // The last subscriber takes the messages themselves.
-                for m in messages.drain(..).filter(|m| s.accepts(m)) {
-                    s.queue.enqueue(m, now)?;
-                }
-            } else {
-                for m in messages.iter().filter(|m| s.accepts(m)) {
-                    s.queue.enqueue(m.clone(), now)?;
+        for s in subscribers.iter() {
+            for m in accepted.iter().filter(|m| s.accepts(m)) {
+                if let Err(e) = s.queue.enqueue(m.clone(), now) {
+                    tracing::warn!(topic, queue = %s.queue.name, error = %e, "a subscriber queue refused a published message");
                 }
             }
         }
-        Ok(())
+        batch_result("PublishBatch", topic, total, failed)
     }
 
-    async fn receive(
-        &self,
-        queue: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<ReceivedMessage>> {
+    async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>> {
         let q = self.queue(queue)?;
-        let max = max.clamp(1, 10);
-        let until = Instant::now() + wait;
+        let max = request.max.clamp(1, 10);
+        let until = Instant::now() + request.wait;
         loop {
             let notified = q.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let (out, moved) = q.take(max, now);
+            let (out, moved) = q.take(max, request.visibility, now);
             if !moved.is_empty() {
                 if let Some(dlq) = q.dead_letter_queue() {
                     for m in moved {
@@ -739,49 +791,52 @@ impl Transport for MemoryTransport {
         }
     }
 
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<()> {
-        let q = self.queue(queue)?;
-        let mut first_err = None;
-        for r in receipts {
-            if let Err(e) = q.remove_in_flight(&r) {
-                first_err.get_or_insert(e);
+    async fn delete(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+    ) -> std::result::Result<(), BatchError> {
+        let total = receipts.len();
+        let q = self.queue(queue).map_err(|_| {
+            BatchError::all(
+                "DeleteMessageBatch",
+                queue,
+                total,
+                EntryError::NoSuchDestination(queue.to_string()),
+            )
+        })?;
+        let mut failed = Vec::new();
+        for (i, r) in receipts.iter().enumerate() {
+            if q.remove_in_flight(r).is_err() {
+                failed.push((i, EntryError::InvalidReceipt));
             }
         }
-        first_err.map_or(Ok(()), Err)
+        batch_result("DeleteMessageBatch", queue, total, failed)
     }
 
-    async fn change_visibility(&self, queue: &str, receipt: &str, timeout: Duration) -> Result<()> {
-        let q = self.queue(queue)?;
-        let (seq, generation) =
-            parse_receipt(receipt).ok_or_else(|| Error::InvalidReceipt(queue.to_string()))?;
-        let mut st = q.state.lock();
-        let valid = st
-            .messages
-            .get(&seq)
-            .is_some_and(|m| m.generation == generation && m.visibility == Visibility::InFlight);
-        if !valid {
-            return Err(Error::InvalidReceipt(queue.to_string()));
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+        timeout: Duration,
+    ) -> std::result::Result<(), BatchError> {
+        let total = receipts.len();
+        let q = self.queue(queue).map_err(|_| {
+            BatchError::all(
+                "ChangeMessageVisibilityBatch",
+                queue,
+                total,
+                EntryError::NoSuchDestination(queue.to_string()),
+            )
+        })?;
+        let mut failed = Vec::new();
+        for (i, r) in receipts.iter().enumerate() {
+            if q.set_visibility(r, timeout).is_err() {
+                failed.push((i, EntryError::InvalidReceipt));
+            }
         }
-        if timeout.is_zero() {
-            make_visible(&q, &mut st, seq);
-            drop(st);
-            q.notify.notify_waiters();
-        } else {
-            // A new deadline; the old heap entry no longer matches the version and is skipped.
-            let version = match st.messages.get_mut(&seq) {
-                Some(m) => {
-                    m.deadline_version = m.deadline_version.wrapping_add(1);
-                    m.deadline_version
-                }
-                None => return Err(Error::InvalidReceipt(queue.to_string())),
-            };
-            st.deadlines
-                .push(Reverse((Instant::now() + timeout, seq, version)));
-            drop(st);
-            // Pollers sleeping past the new deadline must look again.
-            q.notify.notify_waiters();
-        }
-        Ok(())
+        q.notify.notify_waiters();
+        batch_result("ChangeMessageVisibilityBatch", queue, total, failed)
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
@@ -821,18 +876,40 @@ impl Transport for MemoryTransport {
     async fn dead_letter(
         &self,
         queue: &str,
+        dead_letter_queue: &str,
         message: &ReceivedMessage,
         reason: &str,
     ) -> Result<()> {
         let q = self.queue(queue)?;
-        let dlq = q
-            .dead_letter_queue()
-            .ok_or_else(|| Error::Config(format!("queue `{queue}` has no dead-letter queue")))?;
+        let dlq = self.queue(dead_letter_queue)?;
         let m = q.remove_in_flight(&message.receipt)?;
-        tracing::debug!(queue, dead_letter_queue = %dlq.name, reason, "moved to dead-letter queue");
+        tracing::debug!(
+            queue,
+            dead_letter_queue,
+            reason,
+            "moved to dead-letter queue"
+        );
         dlq.accept_moved(m, Some(reason));
         Ok(())
     }
+}
+
+/// `Ok` when nothing failed, else the failures.
+fn batch_result(
+    operation: &'static str,
+    destination: &str,
+    total: usize,
+    failed: Vec<(usize, EntryError)>,
+) -> std::result::Result<(), BatchError> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(BatchError {
+        operation,
+        destination: destination.to_string(),
+        total,
+        failed,
+    })
 }
 
 #[cfg(test)]
@@ -847,7 +924,7 @@ mod tests {
             group_id: group.map(str::to_string),
             dedup_id: None,
             delay: None,
-            wire_name: "T",
+            wire_name: "T".into(),
             message_id: uuid::Uuid::new_v4().to_string(),
         }
     }
@@ -885,23 +962,28 @@ mod tests {
 
     const NO_WAIT: Duration = Duration::ZERO;
 
+    fn rx(max: usize, wait: Duration) -> Receive {
+        Receive {
+            max,
+            wait,
+            visibility: Duration::from_secs(30),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn visibility_timeout_redelivers_with_receive_count() {
         let (t, q, _) = setup(false, 5).await;
         t.send(&q, vec![msg("a", None)]).await.unwrap();
-        let first = t.receive(&q, 10, NO_WAIT).await.unwrap();
+        let first = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].receive_count, 1);
-        assert!(t.receive(&q, 10, NO_WAIT).await.unwrap().is_empty());
+        assert!(t.receive(&q, rx(10, NO_WAIT)).await.unwrap().is_empty());
         tokio::time::advance(Duration::from_secs(31)).await;
-        let again = t.receive(&q, 10, NO_WAIT).await.unwrap();
+        let again = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].receive_count, 2);
         // The first receipt is stale now.
-        assert!(matches!(
-            t.delete(&q, vec![first[0].receipt.clone()]).await,
-            Err(Error::InvalidReceipt(_))
-        ));
+        assert!(t.delete(&q, vec![first[0].receipt.clone()]).await.is_err());
         t.delete(&q, vec![again[0].receipt.clone()]).await.unwrap();
         assert_eq!(t.depth(&q).unwrap().total(), 0);
     }
@@ -911,14 +993,14 @@ mod tests {
         let (t, q, dlq) = setup(false, 2).await;
         t.send(&q, vec![msg("poison", None)]).await.unwrap();
         for _ in 0..2 {
-            let got = t.receive(&q, 10, NO_WAIT).await.unwrap();
+            let got = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
             assert_eq!(got.len(), 1);
-            t.change_visibility(&q, &got[0].receipt, Duration::ZERO)
+            t.change_visibility(&q, vec![got[0].receipt.clone()], Duration::ZERO)
                 .await
                 .unwrap();
         }
-        assert!(t.receive(&q, 10, NO_WAIT).await.unwrap().is_empty());
-        let dead = t.receive(&dlq, 10, NO_WAIT).await.unwrap();
+        assert!(t.receive(&q, rx(10, NO_WAIT)).await.unwrap().is_empty());
+        let dead = t.receive(&dlq, rx(10, NO_WAIT)).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].body, "poison");
     }
@@ -936,15 +1018,15 @@ mod tests {
         )
         .await
         .unwrap();
-        let got = t.receive(&q, 1, NO_WAIT).await.unwrap();
+        let got = t.receive(&q, rx(1, NO_WAIT)).await.unwrap();
         assert_eq!(got[0].body, "a1");
-        let got2 = t.receive(&q, 10, NO_WAIT).await.unwrap();
+        let got2 = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
         let bodies: Vec<_> = got2.iter().map(|m| m.body.as_str()).collect();
         assert_eq!(bodies, vec!["b1"], "a2 must wait while a1 is in flight");
-        t.change_visibility(&q, &got[0].receipt, Duration::ZERO)
+        t.change_visibility(&q, vec![got[0].receipt.clone()], Duration::ZERO)
             .await
             .unwrap();
-        let got3 = t.receive(&q, 10, NO_WAIT).await.unwrap();
+        let got3 = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
         let bodies: Vec<_> = got3.iter().map(|m| m.body.as_str()).collect();
         assert_eq!(bodies, vec!["a1", "a2"]);
     }
@@ -967,8 +1049,11 @@ mod tests {
         let mut m = msg("later", None);
         m.delay = Some(Duration::from_secs(5));
         t.send(&q, vec![m]).await.unwrap();
-        assert!(t.receive(&q, 10, NO_WAIT).await.unwrap().is_empty());
-        let got = t.receive(&q, 10, Duration::from_secs(20)).await.unwrap();
+        assert!(t.receive(&q, rx(10, NO_WAIT)).await.unwrap().is_empty());
+        let got = t
+            .receive(&q, rx(10, Duration::from_secs(20)))
+            .await
+            .unwrap();
         assert_eq!(got.len(), 1);
     }
 
@@ -1008,20 +1093,17 @@ mod tests {
         let big = msg(&"x".repeat(SNS_MAX_MESSAGE_BYTES), None);
         assert!(matches!(
             t.publish("t", vec![big.clone()]).await,
-            Err(Error::MessageTooLarge {
-                limit: SNS_MAX_MESSAGE_BYTES,
-                ..
-            })
+            Err(BatchError { failed, .. }) if matches!(failed[..], [(0, EntryError::Refused(_))])
         ));
         t.send("a", vec![big]).await.unwrap();
         let huge = msg(&"x".repeat(SQS_MAX_MESSAGE_BYTES), None);
         assert!(matches!(
             t.send("a", vec![huge]).await,
-            Err(Error::MessageTooLarge { .. })
+            Err(BatchError { failed, .. }) if matches!(failed[..], [(0, EntryError::Refused(_))])
         ));
         assert!(matches!(
             t.send("missing", vec![msg("x", None)]).await,
-            Err(Error::QueueDoesNotExist(_))
+            Err(BatchError { failed, .. }) if matches!(failed[..], [(0, EntryError::NoSuchDestination(_))])
         ));
     }
 }

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 
 use crate::envelope::OutgoingMessage;
 use crate::error::Result;
+pub use crate::error::{BatchError, EntryError};
 
 /// Largest message an SQS queue accepts (body plus attributes), in bytes.
 pub const SQS_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -94,9 +95,38 @@ pub struct ReceivedMessage {
     pub receive_count: u32,
     /// FIFO message group id.
     pub group_id: Option<String>,
+    /// When this receive returned it: the 12-hour visibility limit counts from here.
+    pub received_at: tokio::time::Instant,
 }
 
+/// What a [`Transport::receive`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receive {
+    /// At most this many messages (1 to 10).
+    pub max: usize,
+    /// How long to wait for the first message (long polling; at most 20 s on SQS).
+    pub wait: Duration,
+    /// How long the received messages stay invisible (the receive's own
+    /// `VisibilityTimeout`, whatever the queue's default is).
+    pub visibility: Duration,
+}
+
+/// Longest delivery delay SQS accepts for a message (`DelaySeconds` 900).
+pub const MAX_DELAY: Duration = Duration::from_secs(15 * 60);
+
+/// Longest a message can be kept invisible from its receive (SQS: 12 hours).
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// Most entries an SQS or SNS batch call takes.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+
 /// A message broker with SQS/SNS semantics.
+///
+/// The calls that take several entries (`send`, `publish`, `delete`, `change_visibility`)
+/// report per entry: `Ok(())` when every entry was done, else a [`BatchError`] listing the
+/// entries that were not, each with why; every entry it does not list was done. An
+/// implementation retries what may succeed on retry before it gives up on an entry, and
+/// never does an entry twice because a neighbour failed.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Short name for logs and errors (`memory`, `aws`).
@@ -105,30 +135,55 @@ pub trait Transport: Send + Sync + 'static {
     /// Creates what is missing of `topology`; must be idempotent.
     async fn provision(&self, topology: &Topology) -> Result<()>;
 
-    /// Sends messages to a queue. Either all are accepted or an error says which were not.
-    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<()>;
-
-    /// Publishes messages to a topic.
-    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<()>;
-
-    /// Receives up to `max` messages, waiting up to `wait` for the first one.
-    async fn receive(
+    /// Sends messages to a queue. A message over the size limit, or with a delay longer
+    /// than [`MAX_DELAY`], is refused (that entry only).
+    async fn send(
         &self,
         queue: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<ReceivedMessage>>;
+        messages: Vec<OutgoingMessage>,
+    ) -> std::result::Result<(), BatchError>;
+
+    /// Publishes messages to a topic, which delivers a copy to every subscribed queue whose
+    /// filter accepts it. Topics take no per-message delay: a message with one is refused.
+    async fn publish(
+        &self,
+        topic: &str,
+        messages: Vec<OutgoingMessage>,
+    ) -> std::result::Result<(), BatchError>;
+
+    /// Receives up to `request.max` messages, waiting up to `request.wait` for the first
+    /// one; they stay invisible for `request.visibility`.
+    ///
+    /// Like SQS, a receive that is abandoned (its future dropped) may still take messages
+    /// on the broker's side, which then stay invisible for the visibility timeout: await a
+    /// receive that is in flight rather than dropping it.
+    async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>>;
 
     /// Deletes received messages by receipt.
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<()>;
+    async fn delete(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+    ) -> std::result::Result<(), BatchError>;
 
-    /// Makes a received message invisible for `timeout` from now (zero: visible at once).
-    async fn change_visibility(&self, queue: &str, receipt: &str, timeout: Duration) -> Result<()>;
+    /// Makes received messages invisible for `timeout` from now (zero: visible at once).
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+        timeout: Duration,
+    ) -> std::result::Result<(), BatchError>;
 
-    /// Moves a received message to the queue's dead-letter queue with `reason` attached as
-    /// the [`attr::DLQ_REASON`](crate::envelope::attr::DLQ_REASON) attribute.
-    async fn dead_letter(&self, queue: &str, message: &ReceivedMessage, reason: &str)
-        -> Result<()>;
+    /// Moves a received message to `dead_letter_queue` with `reason` attached as the
+    /// [`attr::DLQ_REASON`](crate::envelope::attr::DLQ_REASON) attribute, and removes it
+    /// from `queue`.
+    async fn dead_letter(
+        &self,
+        queue: &str,
+        dead_letter_queue: &str,
+        message: &ReceivedMessage,
+        reason: &str,
+    ) -> Result<()>;
 
     /// Approximate message counts of a queue (SQS `ApproximateNumberOfMessages*`), for
     /// metrics and health; `None` when the transport cannot tell.
@@ -160,61 +215,5 @@ impl QueueDepth {
     /// All messages in the queue.
     pub fn total(&self) -> usize {
         self.visible + self.in_flight + self.delayed
-    }
-}
-
-/// Moves every message of `dead_letter_queue` back to `source_queue` — body, attributes
-/// (without the dead-letter reason) and FIFO group id kept — and returns how many moved.
-/// Each message is sent before it is deleted, so a failure midway duplicates rather than
-/// loses; receivers are idempotent by message id.
-pub async fn redrive(
-    transport: &dyn Transport,
-    dead_letter_queue: &str,
-    source_queue: &str,
-) -> Result<usize> {
-    use crate::envelope::attr;
-    let mut moved = 0;
-    loop {
-        let batch = transport
-            .receive(dead_letter_queue, 10, Duration::from_secs(1))
-            .await?;
-        if batch.is_empty() {
-            return Ok(moved);
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        let mut receipts = Vec::with_capacity(batch.len());
-        for m in batch {
-            let wire_name = crate::envelope::attribute(&m.attributes, attr::TYPE)
-                .and_then(|t| crate::registry::message_routes().find(|r| r.name == t))
-                .map_or("redriven", |r| r.name);
-            out.push(OutgoingMessage {
-                body: m.body,
-                attributes: m
-                    .attributes
-                    .into_iter()
-                    .filter(|(k, _)| k != attr::DLQ_REASON)
-                    .collect(),
-                // A fresh deduplication id: the original one may still be in the window.
-                dedup_id: m
-                    .group_id
-                    .as_ref()
-                    .map(|_| format!("redrive-{}", m.broker_id)),
-                group_id: m.group_id,
-                delay: None,
-                wire_name,
-                message_id: m.broker_id,
-            });
-            receipts.push(m.receipt);
-        }
-        let n = out.len();
-        transport.send(source_queue, out).await?;
-        transport.delete(dead_letter_queue, receipts).await?;
-        moved += n;
-        tracing::info!(
-            from = dead_letter_queue,
-            to = source_queue,
-            moved = n,
-            "redrove messages"
-        );
     }
 }

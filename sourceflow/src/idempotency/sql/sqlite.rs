@@ -13,7 +13,7 @@ use sqlx::{ConnectOptions, Connection, Row};
 use super::{migrate_error, store_error, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
 use crate::idempotency::record::{claim_with, millis, now_millis, Attempt, Existing};
-use crate::idempotency::{Claim, IdempotencyStore};
+use crate::idempotency::{Claim, IdempotencyStore, Release};
 
 const STORE: &str = "sqlite";
 
@@ -215,19 +215,20 @@ impl IdempotencyStore for SqliteIdempotencyStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn mark_dispatched(&self, key: &str) -> Result<()> {
+    async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()> {
         sqlx::query(
-            "UPDATE sourceflow_idempotency SET outbox = NULL
+            "UPDATE sourceflow_idempotency SET outbox = ?2
              WHERE key = ?1 AND state = 'completed' AND outbox IS NOT NULL",
         )
         .bind(key)
+        .bind(outbox)
         .execute(&self.pool)
         .await
-        .map_err(store_error(STORE, "mark_dispatched"))?;
+        .map_err(store_error(STORE, "set_outbox"))?;
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &str) -> Result<()> {
+    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
         sqlx::query(
             "DELETE FROM sourceflow_idempotency
              WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
