@@ -183,9 +183,9 @@ impl Context {
 
     #[doc(hidden)]
     pub fn __decode<M: Message>(&self) -> Result<M, InvokeError> {
-        serde_json::from_str(self.envelope.payload.get()).map_err(|e| InvokeError::Decode {
+        crate::payload::decode(self.envelope.payload.get()).map_err(|reason| InvokeError::Decode {
             wire_name: self.envelope.wire_name.clone(),
-            reason: e.to_string(),
+            reason,
         })
     }
 }

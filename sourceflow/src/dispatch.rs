@@ -8,15 +8,12 @@ use std::sync::Arc;
 
 use crate::encryption;
 use crate::envelope::{self, OutgoingMessage};
-use crate::error::{Error, Result};
+use crate::error::{BatchError, Error, Result};
 use crate::message::{Message, MessageKind};
 use crate::naming::Naming;
 use crate::telemetry::{self, Metrics};
-use crate::transport::{Transport, SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
+use crate::transport::{Transport, MAX_DELAY, SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
 use tracing::Instrument;
-
-/// Most messages the SQS and SNS batch APIs take in one call.
-pub const MAX_BATCH: usize = 10;
 
 /// A message waiting to be dispatched.
 #[derive(Debug, Clone)]
@@ -120,7 +117,8 @@ impl Dispatcher {
         self.states.get(&TypeId::of::<T>())?.downcast_ref::<T>()
     }
 
-    /// Resolves the destination of `M` and checks the size limit before anything is sent.
+    /// Resolves the destination of `M` and checks the size and delay limits before
+    /// anything is sent.
     pub(crate) fn pending<M: Message>(&self, message: OutgoingMessage) -> Result<Pending> {
         let destination = match self.destinations.get(M::NAME) {
             Some(d) => d.clone(),
@@ -131,6 +129,9 @@ impl Dispatcher {
             MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
         };
         message.check_size(&destination, limit)?;
+        if let Some(delay) = message.delay {
+            check_delay(M::NAME, M::KIND, &destination, delay)?;
+        }
         Ok(Pending {
             kind: M::KIND,
             destination,
@@ -140,28 +141,34 @@ impl Dispatcher {
 
     /// Sends one message now.
     pub(crate) async fn dispatch(&self, p: Pending) -> Result<()> {
-        self.call(p.kind, &p.destination, vec![p.message]).await
+        self.call(p.kind, &p.destination, vec![p.message])
+            .await
+            .map_err(Error::from)
     }
 
-    /// Sends what a handler produced, in order, batching consecutive messages to the same
-    /// destination (at most [`MAX_BATCH`] per call).
-    pub(crate) async fn flush(&self, pending: Vec<Pending>) -> Result<()> {
-        let mut batch: Vec<OutgoingMessage> = Vec::new();
-        let mut current: Option<(MessageKind, Arc<str>)> = None;
-        for p in pending {
-            let same = current
-                .as_ref()
-                .is_some_and(|(k, d)| *k == p.kind && *d == p.destination);
-            if !same || batch.len() == MAX_BATCH {
-                if let Some((k, d)) = current.take() {
-                    self.call(k, &d, std::mem::take(&mut batch)).await?;
-                }
-                current = Some((p.kind, p.destination.clone()));
+    /// Sends what a handler produced, in order, one call per run of messages to the same
+    /// destination (the transport splits it into batches). On failure, the messages not
+    /// sent — the refused or failed entries of the failing call, then everything after it —
+    /// come back in their order; nothing that was accepted is among them.
+    pub(crate) async fn flush(
+        &self,
+        pending: Vec<Pending>,
+    ) -> std::result::Result<(), Undispatched> {
+        let mut runs = runs(pending).into_iter();
+        while let Some(run) = runs.next() {
+            let (kind, dest) = (run[0].kind, run[0].destination.clone());
+            let messages: Vec<OutgoingMessage> = run.iter().map(|p| p.message.clone()).collect();
+            if let Err(error) = self.call(kind, &dest, messages).await {
+                let failed: std::collections::HashSet<usize> = error.failed_indices().collect();
+                let mut remaining: Vec<Pending> = run
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| failed.contains(i))
+                    .map(|(_, p)| p)
+                    .collect();
+                remaining.extend(runs.flatten());
+                return Err(Undispatched { remaining, error });
             }
-            batch.push(p.message);
-        }
-        if let Some((k, d)) = current {
-            self.call(k, &d, batch).await?;
         }
         Ok(())
     }
@@ -171,7 +178,7 @@ impl Dispatcher {
         kind: MessageKind,
         dest: &Arc<str>,
         batch: Vec<OutgoingMessage>,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), BatchError> {
         let span = tracing::info_span!(
             "sourceflow.dispatch",
             otel.kind = "producer",
@@ -192,13 +199,68 @@ impl Dispatcher {
                 MessageKind::Command => self.transport.send(dest, batch).await,
                 MessageKind::Event => self.transport.publish(dest, batch).await,
             }
-            .map_err(Error::from)
         }
         .instrument(span)
         .await;
+        let failed: Vec<usize> = match &result {
+            Ok(()) => Vec::new(),
+            Err(e) => e.failed_indices().collect(),
+        };
         self.metrics
-            .dispatched(kind, dest, &wire_names, started.elapsed(), result.is_ok());
+            .dispatched(kind, dest, &wire_names, started.elapsed(), &failed);
         result
+    }
+}
+
+/// Splits messages into runs of consecutive messages to the same destination.
+fn runs(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
+    let mut runs: Vec<Vec<Pending>> = Vec::new();
+    for p in pending {
+        match runs.last_mut() {
+            Some(run) if run[0].kind == p.kind && run[0].destination == p.destination => {
+                run.push(p)
+            }
+            _ => runs.push(vec![p]),
+        }
+    }
+    runs
+}
+
+/// Refuses a delay SQS or SNS would not honour, at the call, with what to do instead.
+fn check_delay(
+    wire_name: &str,
+    kind: MessageKind,
+    destination: &str,
+    delay: std::time::Duration,
+) -> Result<()> {
+    match kind {
+        MessageKind::Event => Err(Error::Unsupported(format!(
+            "{wire_name} is an event: SNS topics (`{destination}`) take no per-message delay; delay the command that reacts to it instead"
+        ))),
+        MessageKind::Command if delay > MAX_DELAY => Err(Error::Unsupported(format!(
+            "{wire_name} to `{destination}`: a delay of {} s exceeds SQS's 15-minute maximum (DelaySeconds 900)",
+            delay.as_secs()
+        ))),
+        MessageKind::Command => Ok(()),
+    }
+}
+
+/// Messages a flush could not send, and why.
+#[derive(Debug)]
+pub(crate) struct Undispatched {
+    /// What is still to go, in order (the failed entries first, then the rest).
+    pub remaining: Vec<Pending>,
+    /// The call that failed.
+    pub error: BatchError,
+}
+
+impl Undispatched {
+    /// True when an entry was refused: retrying cannot send it.
+    pub(crate) fn refused(&self) -> bool {
+        self.error
+            .failed
+            .iter()
+            .any(|(_, e)| matches!(e, crate::error::EntryError::Refused(_)))
     }
 }
 

@@ -286,8 +286,8 @@ pub fn decode(
         .find(|(k, _)| k == attr::TYPE)
         .map(|(_, v)| v.as_str())
         .ok_or(DecodeError::MissingType)?;
-    let env: Envelope =
-        serde_json::from_str(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let env: Envelope = serde_json::from_str(body)
+        .map_err(|e| DecodeError::Malformed(crate::payload::describe(&e, ".")))?;
     if env.v != VERSION {
         return Err(DecodeError::Version(env.v));
     }

@@ -11,9 +11,11 @@
 //!
 //! The overall status is the worst of the checks: `unhealthy` when the broker is unreachable
 //! or a resource is missing, a listener has not polled successfully within its bound, or the
-//! idempotency store fails; `degraded` when a dead-letter queue holds messages.
+//! idempotency store fails; `degraded` when a dead-letter queue holds messages. A listener
+//! whose handler slots are all taken by long handlers is healthy while their heartbeat runs:
+//! busy is not dead.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,10 +77,14 @@ impl HealthReport {
     }
 }
 
-/// When a listener last polled its queue successfully.
+/// Whether a listener's loop is alive: it polls, or all its handler slots are taken by
+/// handlers whose heartbeat runs.
 #[derive(Debug, Default)]
 pub(crate) struct Liveness {
-    last_ok_millis: AtomicU64,
+    last_poll_millis: AtomicU64,
+    last_beat_millis: AtomicU64,
+    /// Pollers waiting for a free handler slot.
+    waiting: AtomicUsize,
 }
 
 pub(crate) fn now_millis() -> u64 {
@@ -88,21 +94,61 @@ pub(crate) fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
+fn age(millis: &AtomicU64) -> Duration {
+    Duration::from_millis(now_millis().saturating_sub(millis.load(Ordering::Relaxed)))
+}
+
 impl Liveness {
     pub(crate) fn new() -> Arc<Self> {
         let l = Liveness::default();
         l.polled();
+        l.beat();
         Arc::new(l)
     }
 
+    /// A receive returned (messages or not).
     pub(crate) fn polled(&self) {
-        self.last_ok_millis.store(now_millis(), Ordering::Relaxed);
+        self.last_poll_millis.store(now_millis(), Ordering::Relaxed);
     }
 
-    /// Time since the last successful poll.
-    pub(crate) fn age(&self) -> Duration {
-        Duration::from_millis(
-            now_millis().saturating_sub(self.last_ok_millis.load(Ordering::Relaxed)),
+    /// The heartbeat ran while handlers held messages.
+    pub(crate) fn beat(&self) {
+        self.last_beat_millis.store(now_millis(), Ordering::Relaxed);
+    }
+
+    /// A poller starts (`true`) or stops (`false`) waiting for a free handler slot.
+    pub(crate) fn waiting_for_slot(&self, waiting: bool) {
+        if waiting {
+            self.beat();
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Healthy when a poll returned within `bound`, or when every slot is taken by
+    /// handlers and the heartbeat beat within `bound`; with a line saying which.
+    pub(crate) fn judge(&self, bound: Duration) -> (Status, String) {
+        let poll = age(&self.last_poll_millis);
+        if poll <= bound {
+            return (
+                Status::Healthy,
+                format!("last successful poll {:.1} s ago", poll.as_secs_f64()),
+            );
+        }
+        let beat = age(&self.last_beat_millis);
+        if self.waiting.load(Ordering::Relaxed) > 0 && beat <= bound {
+            return (
+                Status::Healthy,
+                format!(
+                    "busy: every handler slot is taken; heartbeat {:.1} s ago",
+                    beat.as_secs_f64()
+                ),
+            );
+        }
+        (
+            Status::Unhealthy,
+            format!("no successful poll for {:.1} s", poll.as_secs_f64()),
         )
     }
 }

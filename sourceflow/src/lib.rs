@@ -64,6 +64,8 @@ pub mod idempotency;
 mod listener;
 mod message;
 pub mod naming;
+mod outcome;
+mod payload;
 pub mod redrive;
 pub mod registry;
 mod retry;
@@ -76,6 +78,7 @@ pub use context::{Context, State};
 pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
 pub use listener::DrainReport;
 pub use message::{Command, EntityId, Event, Message, MessageKind};
+pub use outcome::{Reject, RetryAfter};
 pub use retry::RetryPolicy;
 pub use runtime::{
     builder, run, Builder, Handle, SendOptions, DEFAULT_CONCURRENCY, DEFAULT_MAX_RECEIVE_COUNT,

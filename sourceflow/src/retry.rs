@@ -24,6 +24,14 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The default backoff after infrastructure faults: 500 ms, doubling, capped at 30 s.
+    pub fn infrastructure() -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+
     /// A policy with the given base and cap.
     pub fn exponential(base: Duration, max: Duration) -> Self {
         RetryPolicy { base, max }

@@ -24,11 +24,11 @@
 //! | `sourceflow.command.dispatched` / `.dispatch_duration` / `.dispatch_error` | counter / histogram / counter | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.event.published` / `.publish_duration` / `.publish_error` | counter / histogram / counter | same |
 //! | `sourceflow.message.received` | counter | `messaging.destination.name` |
-//! | `sourceflow.message.processed` | counter | `messaging.destination.name`, `sourceflow.wire_name`, `sourceflow.outcome` (`success`, `duplicate`, `error`, `dead_lettered`; a failed attempt counts as `error` and, when it was the last one, also in `dead_lettered`) |
+//! | `sourceflow.message.processed` | counter | `messaging.destination.name`, `sourceflow.wire_name`, `sourceflow.outcome`: what happened to the delivery — `success`, `duplicate`, `error` (a handler failed; retried), `infrastructure_error` (a store, broker or dispatch fault; retried without spending an attempt), `dead_lettered` (including a last failed attempt), `returned` (handed back at shutdown) |
 //! | `sourceflow.message.processing_duration` | histogram | `messaging.destination.name`, `sourceflow.wire_name` |
-//! | `sourceflow.message.processing_error` | counter | `messaging.destination.name`, `sourceflow.wire_name` |
+//! | `sourceflow.message.processing_error` | counter | `messaging.destination.name`, `sourceflow.wire_name`: handler runs that failed (retried, rejected, or the last attempt) |
 //! | `sourceflow.message.duplicate` | counter | `messaging.destination.name`, `sourceflow.wire_name` |
-//! | `sourceflow.message.dead_lettered` | counter | `messaging.destination.name`, `sourceflow.reason` (`undecodable`, `unknown_type`, `no_handler`, `payload`, `failures`, `mismatch`) |
+//! | `sourceflow.message.dead_lettered` | counter | `messaging.destination.name`, `sourceflow.reason` (`undecodable`, `unknown_type`, `no_handler`, `decrypt`, `payload`, `mismatch`, `failures`, `rejected`, `refused`) |
 //! | `sourceflow.handler.in_flight` | up-down counter | `messaging.destination.name` |
 //! | `sourceflow.queue.depth` | gauge, sampled | `messaging.destination.name`, `sourceflow.queue.kind` (`source`/`dead_letter`), `sourceflow.state` (`visible`/`in_flight`/`delayed`) |
 //!
@@ -136,7 +136,7 @@ impl Metrics {
         destination: &std::sync::Arc<str>,
         wire_names: &[std::borrow::Cow<'static, str>],
         elapsed: Duration,
-        ok: bool,
+        failed: &[usize],
     ) {
         let dest = KeyValue::new(
             "messaging.destination.name",
@@ -155,21 +155,26 @@ impl Metrics {
             ),
         };
         duration.record(elapsed.as_secs_f64(), std::slice::from_ref(&dest));
-        // One data point per wire name in the batch.
-        let mut names: Vec<&std::borrow::Cow<'static, str>> = wire_names.iter().collect();
+        // One data point per wire name and outcome in the batch.
+        let mut names: Vec<(bool, &std::borrow::Cow<'static, str>)> = wire_names
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (failed.contains(&i), w))
+            .collect();
         names.sort_unstable();
         let mut i = 0;
         while i < names.len() {
-            let name = names[i];
-            let n = names[i..].iter().take_while(|w| **w == name).count();
+            let key = names[i];
+            let n = names[i..].iter().take_while(|w| **w == key).count();
+            let (is_failed, name) = key;
             let attrs = [
                 dest.clone(),
                 KeyValue::new("sourceflow.wire_name", name.clone()),
             ];
-            if ok {
-                count.add(n as u64, &attrs);
-            } else {
+            if is_failed {
                 error.add(n as u64, &attrs);
+            } else {
+                count.add(n as u64, &attrs);
             }
             i += n;
         }

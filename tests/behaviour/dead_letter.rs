@@ -73,7 +73,18 @@ async fn message_goes_to_dlq_after_max_receive_count_with_body_intact() {
     assert_eq!(count.0.load(Ordering::SeqCst), 3);
     h.assert_empty(&app.queue_of::<ChargeCard>(), Duration::from_millis(200))
         .await;
-    eventually("listener still running", || async { !app.is_shut_down() }).await;
+    // The listener goes on: a message sent after the poison is handled.
+    app.send(ChargeCard {
+        order_id: 43,
+        amount_cents: 1,
+        note: "after".into(),
+    })
+    .await
+    .expect("send");
+    eventually("the next message is handled", || async {
+        count.0.load(Ordering::SeqCst) >= 4
+    })
+    .await;
     app.shutdown().await.expect("shutdown");
 }
 

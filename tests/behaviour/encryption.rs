@@ -461,3 +461,93 @@ async fn data_keys_are_cached_on_both_sides() {
     assert_eq!(uncached.decrypted.load(Ordering::SeqCst), 20);
     app.shutdown().await.expect("shutdown");
 }
+
+mod pins {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "enc-pins", name = "tests.SetPin.enc.v1", encrypt)]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct SetPin {
+        pub account: u64,
+        #[sensitive]
+        pub pin: u64,
+    }
+
+    #[handler]
+    async fn set_pin(_cmd: SetPin, State(s): State<Seen>) -> sourceflow::Result<()> {
+        s.0.lock().expect("seen").push("set".into());
+        Ok(())
+    }
+}
+
+/// A payload whose `#[sensitive]` field has the wrong type: serde_json's own error would
+/// quote the value (`invalid type: string "4111 …", expected u64`) into the dead-letter
+/// reason and the log. The reason names the field and the expected type only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_sensitive_field_never_reaches_the_dead_letter_reason_or_the_logs() {
+    use pins::{SetPin, MODULE};
+    let h = Harness::new().await;
+    let seen = Seen::default();
+    let app = h
+        .service("enc-pins", MODULE)
+        .state(seen.clone())
+        .max_receive_count(1)
+        .start()
+        .await
+        .expect("start");
+    let queue = app.queue_of::<SetPin>();
+    const SECRET: &str = "4111 1111 1111 1111";
+    // Sealed exactly as a sender would, with the service's key and context.
+    let encryptor = encryption::Encryptor::new(
+        Arc::new(LocalKeyProvider::new(
+            crate::harness::TEST_MASTER_KEY,
+            "test-local",
+        )),
+        encryption::CacheLimits::default(),
+    );
+    let plaintext = format!(r#"{{"account":1,"pin":"{SECRET}"}}"#);
+    let sealed = encryptor
+        .seal(
+            plaintext.as_bytes(),
+            &encryption::context("tests.SetPin.enc.v1", &queue),
+        )
+        .await
+        .expect("seal");
+    let body = serde_json::json!({
+        "v": 1, "type": "tests.SetPin.enc.v1", "id": uuid::Uuid::new_v4().to_string(),
+        "payload": sealed,
+    })
+    .to_string();
+    h.send_raw(
+        &queue,
+        &body,
+        &[
+            (attr::TYPE, "tests.SetPin.enc.v1"),
+            (encryption::ATTRIBUTE, encryption::FORMAT_V1),
+        ],
+        None,
+    )
+    .await;
+    let dead = h.drain(&Naming::dead_letter(&queue), 1).await;
+    assert_eq!(dead.len(), 1, "the mistyped payload is dead-lettered");
+    let reason = dlq_reason(&dead[0]).expect("reason").to_string();
+    assert!(
+        reason.contains("at `pin`") && reason.contains("expected u64"),
+        "the reason names the field and the type: {reason}"
+    );
+    assert!(
+        !reason.contains("4111"),
+        "the value leaked into the reason: {reason}"
+    );
+    let logs = crate::harness::telemetry()
+        .logs
+        .lock()
+        .expect("logs")
+        .clone();
+    assert!(logs.contains("at `pin`"), "the dead-letter line was logged");
+    assert!(!logs.contains("4111"), "the value leaked into the logs");
+    assert!(seen.all().is_empty(), "the handler never ran");
+    app.shutdown().await.expect("shutdown");
+}

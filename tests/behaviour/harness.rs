@@ -59,13 +59,14 @@ impl Harness {
         Harness { transport, prefix }
     }
 
-    /// A service of this world running only the handlers of `module`.
+    /// A service of this world running only the handlers defined in `module` itself (not
+    /// its submodules, which other tests use).
     pub fn service(&self, name: &str, module: &'static str) -> Builder {
         sourceflow::builder()
             .service(name)
             .prefix(self.prefix.clone())
             .transport_arc(self.transport.clone())
-            .handlers_in(module)
+            .handlers(move |h| h.module_path == module)
             .retry(RetryPolicy::exponential(
                 Duration::from_millis(20),
                 Duration::from_millis(200),

@@ -1,5 +1,6 @@
 //! A handler that runs longer than the visibility timeout keeps its message: the listener's
-//! heartbeat extends the visibility, so it is not delivered a second time.
+//! heartbeat extends the visibility, so it is not delivered a second time (idempotency is
+//! off, so a second delivery would run the handler again).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -40,6 +41,9 @@ async fn long_handler_keeps_its_message_invisible() {
         .service("heartbeat", module_path!())
         .state(runs.clone())
         .visibility_timeout(Duration::from_secs(1))
+        // Idempotency would acknowledge a redelivery as a duplicate and hide a broken
+        // heartbeat; without it a redelivery runs the handler a second time.
+        .without_idempotency()
         .start()
         .await
         .expect("start");

@@ -20,6 +20,7 @@ mod heartbeat;
 mod idempotency;
 mod ordering;
 mod outbox;
+mod outcomes;
 mod poison;
 mod retry;
 mod shutdown;

@@ -68,7 +68,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_loses_nothing() {
         "in-flight jobs finished during the drain: {report:?}"
     );
     assert!(done_at_stop < 30, "shutdown happened mid-way");
-    assert_eq!(report.returned, 0, "nothing had to be abandoned");
+    assert_eq!(report.abandoned, 0, "nothing had to be abandoned");
     assert!(
         first.send(Job { id: 99 }).await.is_err(),
         "a shut-down handle refuses to send"
@@ -95,10 +95,13 @@ async fn shutdown_deadline_returns_unfinished_messages_to_the_queue() {
     let h = Harness::new().await;
     let jobs = Jobs::default();
     jobs.stuck.store(true, Ordering::SeqCst);
+    // A visibility timeout longer than the test's patience: only a hand-back brings the
+    // abandoned messages back in time.
     let first = h
         .service("shutdown-deadline", module_path!())
         .state(jobs.clone())
         .concurrency(3)
+        .visibility_timeout(Duration::from_secs(300))
         .shutdown_timeout(Duration::from_millis(300))
         .start()
         .await
@@ -113,7 +116,7 @@ async fn shutdown_deadline_returns_unfinished_messages_to_the_queue() {
     let report = first.shutdown().await.expect("shutdown");
     assert_eq!(report.finished, 0);
     assert_eq!(
-        report.returned, 3,
+        report.abandoned, 3,
         "abandoned messages were handed back: {report:?}"
     );
 
@@ -121,6 +124,7 @@ async fn shutdown_deadline_returns_unfinished_messages_to_the_queue() {
     let second = h
         .service("shutdown-deadline", module_path!())
         .state(jobs.clone())
+        .visibility_timeout(Duration::from_secs(300))
         .start()
         .await
         .expect("restart");
@@ -128,5 +132,80 @@ async fn shutdown_deadline_returns_unfinished_messages_to_the_queue() {
         jobs.done_count() == 3
     })
     .await;
+    second.shutdown().await.expect("shutdown");
+}
+
+mod in_flight_receive {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "shutdown-late")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Late {
+        pub id: u32,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Seen(pub Arc<Mutex<Vec<u32>>>);
+
+    #[handler]
+    async fn late(cmd: Late, State(s): State<Seen>) -> sourceflow::Result<()> {
+        s.0.lock().expect("lock").push(cmd.id);
+        Ok(())
+    }
+}
+
+/// SQS keeps an abandoned long poll alive and hands it what arrives: a listener that
+/// dropped its receive at shutdown would leave such a message invisible for the whole
+/// visibility timeout. The receive in flight is awaited and what it got handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_taken_by_the_receive_in_flight_at_shutdown_is_handed_back() {
+    use in_flight_receive::{Late, Seen, MODULE};
+    let h = Harness::new().await;
+    let seen = Seen::default();
+    let service = |seen: Seen| {
+        h.service("shutdown-late", MODULE)
+            .state(seen)
+            .concurrency(1)
+            // Longer than the test's patience: only a hand-back brings the message back.
+            .visibility_timeout(Duration::from_secs(300))
+            .receive_wait(Duration::from_secs(3))
+    };
+    let first = service(Seen::default()).start().await.expect("start");
+    let queue = first.queue_of::<Late>();
+    // Let the listener's long poll begin on an empty queue.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = tokio::spawn({
+        let first = first.clone();
+        async move { first.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Sent while the stopping listener's receive is still waiting on the broker.
+    let body = serde_json::json!({"id": 7});
+    h.send_raw(
+        &queue,
+        &format!(
+            r#"{{"v":1,"type":"Late","id":"{}","payload":{body}}}"#,
+            uuid::Uuid::new_v4()
+        ),
+        &[("sourceflow.type", "Late")],
+        None,
+    )
+    .await;
+    let report = stopping.await.expect("join").expect("shutdown");
+    if let Ok(Some(depth)) = h.transport.queue_depth(&queue).await {
+        assert_eq!(
+            depth.in_flight, 0,
+            "nothing is invisible because of the stopped process: {depth:?} ({report:?})"
+        );
+    }
+    let second = service(seen.clone()).start().await.expect("restart");
+    eventually(
+        "the late message is handled by the next instance",
+        || async { seen.0.lock().expect("lock").len() == 1 },
+    )
+    .await;
+    assert_eq!(*seen.0.lock().expect("lock"), vec![7]);
     second.shutdown().await.expect("shutdown");
 }

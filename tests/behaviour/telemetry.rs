@@ -397,7 +397,8 @@ async fn metrics_count_a_known_workload() {
             "sourceflow.message.processed",
             &[wqa, ("sourceflow.outcome", "error")]
         ),
-        4
+        3,
+        "the retried failure and the first two of the three failures"
     );
     assert_eq!(
         c(
@@ -411,7 +412,8 @@ async fn metrics_count_a_known_workload() {
             "sourceflow.message.processed",
             &[wqa, ("sourceflow.outcome", "dead_lettered")]
         ),
-        1
+        2,
+        "the poison message and the third failure"
     );
     assert_eq!(c("sourceflow.message.processing_error", &[wqa, work]), 4);
     assert_eq!(c("sourceflow.message.duplicate", &[wqa, work]), 1);

@@ -1,0 +1,207 @@
+//! The one place that settles a message: a [`Disposition`] becomes the broker call
+//! (delete, change visibility, move to the dead-letter queue), the release of the claim
+//! the delivery still holds, the metrics and the log line. No other code deletes,
+//! dead-letters or changes the visibility of a message.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+
+use super::disposition::{Ack, Cause, DeadLetter, Disposition, Retry};
+use super::stages::Track;
+use super::Listener;
+use crate::idempotency::Release;
+use crate::transport::ReceivedMessage;
+
+/// How a settled retry is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Apply {
+    /// Through the broker (visibility, delete, move).
+    Broker,
+    /// Kept in hand: a FIFO unit retries its head in place so that the messages behind it
+    /// cannot overtake it; only the claim, the metrics and the log line are settled.
+    InPlace,
+}
+
+impl Listener {
+    /// Settles one message.
+    pub(crate) async fn settle(
+        &self,
+        msg: &ReceivedMessage,
+        d: &Disposition,
+        track: &Track,
+        elapsed: Duration,
+        apply: Apply,
+    ) {
+        self.release_claim(d, track).await;
+        let moved = match (d, apply) {
+            (Disposition::Retry(_), Apply::InPlace) => false,
+            (Disposition::Ack(_), _) => {
+                self.delete(msg).await;
+                false
+            }
+            (Disposition::Retry(r), Apply::Broker) => {
+                self.come_back(msg, r).await;
+                false
+            }
+            (Disposition::DeadLetter(dl), _) => self.move_to_dead_letters(msg, dl).await,
+            (Disposition::Return, _) => {
+                self.give_back(std::slice::from_ref(msg)).await;
+                false
+            }
+        };
+        self.record(msg, d, track, elapsed, moved);
+    }
+
+    /// Hands messages back untouched, visible at once, in one call (their order kept).
+    pub(crate) async fn give_back(&self, msgs: &[ReceivedMessage]) {
+        if msgs.is_empty() {
+            return;
+        }
+        let receipts = msgs.iter().map(|m| m.receipt.clone()).collect();
+        if let Err(e) = self
+            .transport()
+            .change_visibility(&self.queue, receipts, Duration::ZERO)
+            .await
+        {
+            tracing::warn!(queue = %self.queue, error = %e, "could not hand messages back; they reappear after their visibility timeout");
+        }
+        for m in msgs {
+            self.ledger.returned(m);
+            if self.stop.is_cancelled() {
+                self.drain.returned();
+            }
+            tracing::debug!(queue = %self.queue, broker_id = %m.broker_id, "handed back to the queue");
+        }
+    }
+
+    /// Releases the claim a delivery still holds, as its disposition says.
+    async fn release_claim(&self, d: &Disposition, track: &Track) {
+        let (Some(claim), Some(idem)) = (&track.claim, &self.idempotency) else {
+            return;
+        };
+        let why = match d {
+            // A completed claim is no longer held; a taken-over one is not ours.
+            Disposition::Ack(_) => return,
+            Disposition::Retry(Retry {
+                cause: Cause::Handler { .. },
+                ..
+            }) => Release::Failed,
+            Disposition::Retry(_) | Disposition::Return => Release::Returned,
+            Disposition::DeadLetter(_) => Release::DeadLettered,
+        };
+        if let Err(e) = idem.store.release(&claim.key, &claim.token, why).await {
+            tracing::warn!(key = %claim.key, error = %e, "could not release the idempotency claim; the next delivery waits for its lease to run out");
+        }
+    }
+
+    async fn delete(&self, msg: &ReceivedMessage) {
+        self.ledger.forget(msg);
+        if let Err(e) = self
+            .transport()
+            .delete(&self.queue, vec![msg.receipt.clone()])
+            .await
+        {
+            tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "handled, but the delete failed; the message will be delivered again and acknowledged as a duplicate");
+        }
+    }
+
+    async fn come_back(&self, msg: &ReceivedMessage, r: &Retry) {
+        if r.cause == Cause::Infrastructure {
+            self.ledger.returned(msg);
+        }
+        let receipts = vec![msg.receipt.clone()];
+        if let Err(e) = self
+            .transport()
+            .change_visibility(&self.queue, receipts, r.after)
+            .await
+        {
+            tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not delay the retry; the message comes back after its visibility timeout");
+        }
+    }
+
+    /// Moves the message to the dead-letter queue; true once the broker confirmed it.
+    async fn move_to_dead_letters(&self, msg: &ReceivedMessage, dl: &DeadLetter) -> bool {
+        self.ledger.forget(msg);
+        let moved = self
+            .transport()
+            .dead_letter(&self.queue, &self.dead_letter_queue, msg, &dl.reason)
+            .await;
+        match moved {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not move the message to the dead-letter queue; it stays and will be received again");
+                false
+            }
+        }
+    }
+
+    /// Metrics and the log line of a settled message.
+    fn record(
+        &self,
+        msg: &ReceivedMessage,
+        d: &Disposition,
+        track: &Track,
+        elapsed: Duration,
+        moved: bool,
+    ) {
+        let metrics = self.dispatcher.metrics();
+        let attrs = [
+            self.dest_attr(),
+            KeyValue::new("sourceflow.wire_name", track.wire),
+        ];
+        if d.handler_failed() {
+            metrics.processing_error.add(1, &attrs);
+        }
+        if matches!(d, Disposition::Ack(Ack::Duplicate | Ack::TakenOver)) {
+            metrics.duplicate.add(1, &attrs);
+        }
+        if let (Disposition::DeadLetter(dl), true) = (d, moved) {
+            metrics.dead_lettered.add(
+                1,
+                &[
+                    self.dest_attr(),
+                    KeyValue::new("sourceflow.reason", dl.kind.label()),
+                ],
+            );
+        }
+        metrics
+            .processing_duration
+            .record(elapsed.as_secs_f64(), &attrs);
+        let [dest, wire] = attrs;
+        metrics.processed.add(
+            1,
+            &[dest, wire, KeyValue::new("sourceflow.outcome", d.outcome())],
+        );
+        if self.stop.is_cancelled() && matches!(d, Disposition::Ack(_) | Disposition::DeadLetter(_))
+        {
+            self.drain.finished();
+        }
+        log(&self.queue, msg, d, track);
+    }
+}
+
+/// The log line of a disposition (inside the message's `sourceflow.process` span).
+fn log(queue: &str, msg: &ReceivedMessage, d: &Disposition, track: &Track) {
+    let id = msg.broker_id.as_str();
+    match d {
+        Disposition::Ack(Ack::Success) => tracing::debug!(queue, broker_id = id, "handled"),
+        Disposition::Ack(Ack::Duplicate) => {
+            tracing::debug!(queue, broker_id = id, "duplicate of a completed message acknowledged")
+        }
+        Disposition::Ack(Ack::TakenOver) => tracing::warn!(queue, broker_id = id, "the idempotency claim was taken over before completion; the new owner completes the message"),
+        Disposition::Retry(Retry { cause: Cause::Handler { attempt }, after, reason }) => tracing::warn!(
+            queue, broker_id = id, attempt, retry_in_ms = after.as_millis() as u64, error = %reason,
+            "handler failed; the message will be retried"
+        ),
+        Disposition::Retry(Retry { after, reason, .. }) => tracing::warn!(
+            queue, broker_id = id, retry_in_ms = after.as_millis() as u64, error = %reason,
+            "infrastructure fault; the message goes back without spending an attempt"
+        ),
+        Disposition::DeadLetter(dl) => tracing::error!(
+            queue, broker_id = id, reason = %dl.reason, kind = dl.kind.label(), attempt = track.attempt,
+            "moving the message to the dead-letter queue"
+        ),
+        Disposition::Return => tracing::debug!(queue, broker_id = id, "handed back to the queue"),
+    }
+}

@@ -1,0 +1,531 @@
+//! The stages a received message goes through:
+//! `decode → route → decrypt → claim → invoke → commit`.
+//!
+//! Each stage returns the next stage's input, or the [`Disposition`] that ends the
+//! message's way (`Err`, so that `?` chains them). No stage calls the broker to settle a
+//! message: that is [`settle`](super::settle)'s job alone.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tracing::Instrument;
+
+use super::disposition::{Ack, Cause, DeadLetterKind, Disposition, Retry};
+use super::heartbeat::{ClaimRef, Hold};
+use super::Listener;
+use crate::context::Context;
+use crate::dispatch::{self, Pending, Undispatched};
+use crate::encryption::{self, DecryptError};
+use crate::envelope::{self, attr, Envelope};
+use crate::error::{BoxError, InvokeError};
+use crate::idempotency::{self, Claim};
+use crate::outcome::Verdict;
+use crate::registry::HandlerRoute;
+use crate::transport::ReceivedMessage;
+
+type Stage<T> = Result<T, Disposition>;
+
+/// What a message's way left for [`settle`](super::settle) besides the disposition.
+#[derive(Debug)]
+pub(crate) struct Track {
+    /// The wire name as a metric attribute (`unknown` for types not linked in).
+    pub wire: &'static str,
+    /// The claim this delivery holds and has not completed.
+    pub claim: Option<ClaimRef>,
+    /// The handler attempt this delivery is.
+    pub attempt: u32,
+    /// Retries of this delivery that kept the message (FIFO, later messages in hand).
+    pub in_place: u32,
+}
+
+impl Track {
+    pub(crate) fn new(in_place: u32) -> Self {
+        Track {
+            wire: "unknown",
+            claim: None,
+            attempt: 1,
+            in_place,
+        }
+    }
+}
+
+/// Why a handler run did not succeed.
+enum Failure {
+    /// The payload does not decode as the handler's type.
+    Decode(String),
+    /// The handler returned an error (or asked for state it was not given).
+    Error { handler: String, error: BoxError },
+    /// The handler panicked.
+    Panic { handler: String, message: String },
+}
+
+impl Listener {
+    /// Runs the stages; `Ok` and `Err` both carry the disposition.
+    pub(crate) async fn pipeline(
+        &self,
+        msg: &ReceivedMessage,
+        hold: &Hold,
+        track: &mut Track,
+    ) -> Stage<Disposition> {
+        let env = decode(msg)?;
+        let handlers = self.route(&env, track)?;
+        let env = self.decrypt(msg, env).await?;
+        self.claim(msg, &env, hold, track).await?;
+        let outbox = self.invoke(msg, env, handlers, track).await?;
+        Ok(self.commit(outbox, hold, track).await)
+    }
+
+    /// Finds this service's handlers for the message's type on this queue.
+    fn route(&self, env: &Envelope, track: &mut Track) -> Stage<&[&'static HandlerRoute]> {
+        let name = env.wire_name.as_str();
+        let known = self.known.get(name).copied();
+        if let Some(k) = known {
+            track.wire = k;
+        }
+        if let Some(h) = self.handlers.get(name) {
+            return Ok(h);
+        }
+        let service = self.dispatcher.service();
+        Err(match known {
+            Some(_) => Disposition::dead_letter(
+                DeadLetterKind::NoHandler,
+                format!(
+                    "service `{service}` has no handler for `{name}` on queue `{}`",
+                    self.queue
+                ),
+            ),
+            None => Disposition::dead_letter(
+                DeadLetterKind::UnknownType,
+                format!("unknown message type `{name}`: no type with this wire name is linked into service `{service}`"),
+            ),
+        })
+    }
+
+    /// Opens an encrypted payload; a type that requires encryption is refused in clear.
+    /// Nothing after this stage sees a ciphertext.
+    async fn decrypt(&self, msg: &ReceivedMessage, mut env: Envelope) -> Stage<Envelope> {
+        match self.open(msg, &mut env).await {
+            Ok(()) => Ok(env),
+            Err(e) => Err(Disposition::dead_letter(
+                DeadLetterKind::Decrypt,
+                format!("decryption failed: {e}"),
+            )),
+        }
+    }
+
+    async fn open(&self, msg: &ReceivedMessage, env: &mut Envelope) -> Result<(), DecryptError> {
+        let settings = self.dispatcher.encryption();
+        let Some(format) = envelope::attribute(&msg.attributes, encryption::ATTRIBUTE) else {
+            let required =
+                self.encrypted.contains(env.wire_name.as_str()) || settings.is_some_and(|s| s.all);
+            return match required {
+                true => Err(DecryptError::Plaintext(env.wire_name.clone())),
+                false => Ok(()),
+            };
+        };
+        if format != encryption::FORMAT_V1 {
+            return Err(DecryptError::Format(format!(
+                "encryption format `{format}` is not supported (this build reads `{}`)",
+                encryption::FORMAT_V1
+            )));
+        }
+        let settings = settings.ok_or(DecryptError::NoKeyProvider)?;
+        let sealed: encryption::Sealed = serde_json::from_str(env.payload.get())
+            .map_err(|e| DecryptError::Format(crate::payload::describe(&e, ".")))?;
+        let destination = self
+            .dispatcher
+            .destination_of(&env.wire_name)
+            .ok_or_else(|| DecryptError::Format(format!("unknown type `{}`", env.wire_name)))?;
+        let context = encryption::context(&env.wire_name, destination);
+        let plaintext = settings.encryptor.open(&sealed, &context).await?;
+        let json = String::from_utf8(plaintext.to_vec())
+            .map_err(|_| DecryptError::Format("plaintext is not UTF-8 JSON".into()))?;
+        env.payload = serde_json::value::RawValue::from_string(json).map_err(|e| {
+            DecryptError::Format(format!(
+                "plaintext is not JSON: {}",
+                crate::payload::describe(&e, ".")
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// Claims the message in the idempotency store (or counts the attempt without one).
+    /// A duplicate of a message in progress elsewhere waits here, kept invisible by the
+    /// heartbeat, until the original completes (acknowledge), fails (run it) or its lease
+    /// runs out (take over): handing it back would spend a receive on waiting.
+    async fn claim(
+        &self,
+        msg: &ReceivedMessage,
+        env: &Envelope,
+        hold: &Hold,
+        track: &mut Track,
+    ) -> Stage<()> {
+        let Some(idem) = &self.idempotency else {
+            track.attempt = self.ledger.attempt(msg, track.in_place);
+            return Ok(());
+        };
+        let service = self.dispatcher.service();
+        let key = idem
+            .key_for(service, &env.wire_name, &env.id, env.payload.get())
+            .map_err(|reason| {
+                Disposition::dead_letter(
+                    DeadLetterKind::Payload,
+                    format!("payload does not decode as `{}` (needed for its idempotency key): {reason}", env.wire_name),
+                )
+            })?;
+        let hash = idempotency::payload_hash(env.payload.get());
+        let mut waits = 0u32;
+        loop {
+            let claimed = idem
+                .store
+                .claim(&key, &hash, self.visibility_timeout)
+                .await
+                .map_err(|e| {
+                    self.infrastructure(
+                        msg,
+                        format!("idempotency store `{}` unavailable: {e}", idem.store.name()),
+                    )
+                })?;
+            let Claim::InProgress { lease_left } = claimed else {
+                idem.stats.record(&claimed);
+                return self.claimed(claimed, key, env, hold, track).await;
+            };
+            if waits == 0 {
+                idem.stats.record(&claimed);
+                tracing::info!(queue = %self.queue, key = %key, "duplicate of a message in progress elsewhere; waiting for it");
+            }
+            waits += 1;
+            let pause = self
+                .retry
+                .delay(waits)
+                .min(lease_left)
+                .max(Duration::from_millis(10));
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(Disposition::Return),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn claimed(
+        &self,
+        claim: Claim,
+        key: String,
+        env: &Envelope,
+        hold: &Hold,
+        track: &mut Track,
+    ) -> Stage<()> {
+        match claim {
+            Claim::Acquired { token, attempt } => {
+                let claim = ClaimRef { key, token };
+                hold.claimed(claim.clone());
+                track.claim = Some(claim);
+                track.attempt = attempt;
+                Ok(())
+            }
+            Claim::Completed { undispatched } => Err(self.duplicate(&key, undispatched).await),
+            Claim::Mismatch => Err(Disposition::dead_letter(
+                DeadLetterKind::Mismatch,
+                format!(
+                    "message id `{}` was already processed with a different payload (idempotency key `{key}`): refusing to treat it as a duplicate or to run it again",
+                    env.id
+                ),
+            )),
+            // `claim` loops until another answer.
+            Claim::InProgress { .. } => Err(Disposition::infrastructure(
+                self.infrastructure_retry.base,
+                "the idempotency claim is still in progress",
+            )),
+        }
+    }
+
+    /// A duplicate of a completed message: acknowledge it, after dispatching what the first
+    /// worker stored but may not have sent (same ids, so receivers deduplicate).
+    async fn duplicate(&self, key: &str, undispatched: Option<String>) -> Disposition {
+        let Some(json) = undispatched else {
+            return Disposition::Ack(Ack::Duplicate);
+        };
+        let outbox = match dispatch::decode_outbox(&json) {
+            Ok(o) => o,
+            Err(e) => {
+                return Disposition::dead_letter(
+                    DeadLetterKind::Refused,
+                    format!(
+                        "the stored messages of its completed first delivery cannot be read: {e}"
+                    ),
+                )
+            }
+        };
+        match self.dispatcher.flush(outbox).await {
+            Ok(()) => {
+                self.store_outbox(key, None).await;
+                Disposition::Ack(Ack::Duplicate)
+            }
+            Err(u) => {
+                self.store_outbox(key, Some(&u.remaining)).await;
+                self.undispatched(u)
+            }
+        }
+    }
+
+    /// Runs the handlers; a failure decides the disposition.
+    async fn invoke(
+        &self,
+        msg: &ReceivedMessage,
+        env: Envelope,
+        handlers: &[&'static HandlerRoute],
+        track: &Track,
+    ) -> Stage<Vec<Pending>> {
+        let trace = envelope::attribute(&msg.attributes, attr::TRACEPARENT).map(|tp| {
+            let state = envelope::attribute(&msg.attributes, attr::TRACESTATE);
+            (tp.to_string(), state.map(str::to_string))
+        });
+        let ctx = Context::new(
+            self.dispatcher.clone(),
+            env,
+            msg.receive_count,
+            self.queue.clone(),
+            trace,
+        );
+        for h in handlers {
+            if let Err(failure) = self.run_handler(h, &ctx).await {
+                return Err(self.judge(failure, &ctx, track.attempt));
+            }
+        }
+        Ok(ctx.take_outbox())
+    }
+
+    async fn run_handler(&self, h: &HandlerRoute, ctx: &Context) -> Result<(), Failure> {
+        let metrics = self.dispatcher.metrics();
+        let in_flight = [self.dest_attr()];
+        metrics.in_flight.add(1, &in_flight);
+        let run = AssertUnwindSafe((h.invoke)(ctx))
+            .catch_unwind()
+            .instrument(tracing::info_span!(
+                "sourceflow.handler",
+                sourceflow.handler = h.name
+            ))
+            .await;
+        metrics.in_flight.add(-1, &in_flight);
+        match run {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(InvokeError::Decode { reason, .. })) => Err(Failure::Decode(reason)),
+            Ok(Err(InvokeError::Failed(error))) => Err(Failure::Error {
+                handler: h.qualified_name(),
+                error,
+            }),
+            Ok(Err(e @ InvokeError::MissingState(_))) => Err(Failure::Error {
+                handler: h.qualified_name(),
+                error: Box::new(e),
+            }),
+            Err(panic) => Err(Failure::Panic {
+                handler: h.qualified_name(),
+                message: panic_message(&panic),
+            }),
+        }
+    }
+
+    /// What a failed handler run means for the message.
+    fn judge(&self, failure: Failure, ctx: &Context, attempt: u32) -> Disposition {
+        match failure {
+            Failure::Decode(reason) => Disposition::dead_letter(
+                DeadLetterKind::Payload,
+                format!("payload does not decode as `{}`: {reason}", ctx.wire_name()),
+            ),
+            Failure::Panic { handler, message } => {
+                self.handler_retry(attempt, None, format!("{handler} panicked: {message}"))
+            }
+            Failure::Error { handler, error } => match self.permanent.verdict(error.as_ref()) {
+                Verdict::Reject => Disposition::dead_letter(
+                    DeadLetterKind::Rejected,
+                    format!("{handler} rejected the message: {error}"),
+                ),
+                Verdict::RetryAfter(after) => {
+                    self.handler_retry(attempt, Some(after), format!("{handler}: {error}"))
+                }
+                Verdict::Retry => self.handler_retry(attempt, None, format!("{handler}: {error}")),
+            },
+        }
+    }
+
+    /// A failed attempt: retried after the backoff (or `after`), or dead-lettered when it
+    /// was the last one allowed.
+    fn handler_retry(&self, attempt: u32, after: Option<Duration>, error: String) -> Disposition {
+        if attempt >= self.max_attempts {
+            return Disposition::dead_letter(
+                DeadLetterKind::Failures,
+                format!(
+                    "handler failed {attempt} times (limit {}); last error: {error}",
+                    self.max_attempts
+                ),
+            );
+        }
+        Disposition::Retry(Retry {
+            cause: Cause::Handler { attempt },
+            after: after
+                .unwrap_or_else(|| self.retry.delay(attempt))
+                .min(crate::transport::MAX_VISIBILITY),
+            reason: error,
+        })
+    }
+
+    /// Records the completion and sends what the handlers produced. A store that outlives
+    /// the process is completed first, with the outbox, so a crash before the dispatch
+    /// loses nothing (the retry finds the outbox and sends it); a store that dies with the
+    /// process is completed after a successful dispatch (same guarantee, no serialized
+    /// outbox on the happy path).
+    async fn commit(&self, outbox: Vec<Pending>, hold: &Hold, track: &mut Track) -> Disposition {
+        let (Some(idem), Some(claim)) = (&self.idempotency, track.claim.clone()) else {
+            return match self.dispatcher.flush(outbox).await {
+                Ok(()) => Disposition::Ack(Ack::Success),
+                Err(u) => self.undispatched(u),
+            };
+        };
+        let ttl = idem.ttl_for(track.wire);
+        if !idem.store.durable() {
+            let result = self.dispatcher.flush(outbox).await;
+            let left = result
+                .as_ref()
+                .err()
+                .map(|u| dispatch::encode_outbox(&u.remaining));
+            return match self
+                .complete(&claim, ttl, left.as_deref(), hold, track)
+                .await
+            {
+                Ok(true) => result.map_or_else(
+                    |u| self.undispatched(u),
+                    |()| Disposition::Ack(Ack::Success),
+                ),
+                Ok(false) => Disposition::Ack(Ack::TakenOver),
+                Err(d) => d,
+            };
+        }
+        let stored = (!outbox.is_empty()).then(|| dispatch::encode_outbox(&outbox));
+        match self
+            .complete(&claim, ttl, stored.as_deref(), hold, track)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Disposition::Ack(Ack::TakenOver),
+            Err(d) => return d,
+        }
+        if outbox.is_empty() {
+            return Disposition::Ack(Ack::Success);
+        }
+        match self.dispatcher.flush(outbox).await {
+            Ok(()) => {
+                self.store_outbox(&claim.key, None).await;
+                Disposition::Ack(Ack::Success)
+            }
+            Err(u) => {
+                self.store_outbox(&claim.key, Some(&u.remaining)).await;
+                self.undispatched(u)
+            }
+        }
+    }
+
+    /// Completes the claim, retrying a failing store in place: the handlers' work is done
+    /// and must not be repeated, and the heartbeat keeps the message meanwhile. Only the
+    /// shutdown deadline ends the wait (the message is then handed back).
+    async fn complete(
+        &self,
+        claim: &ClaimRef,
+        ttl: Duration,
+        outbox: Option<&str>,
+        hold: &Hold,
+        track: &mut Track,
+    ) -> Result<bool, Disposition> {
+        let Some(idem) = &self.idempotency else {
+            return Ok(true);
+        };
+        let mut failures = 0u32;
+        loop {
+            match idem
+                .store
+                .complete(&claim.key, &claim.token, ttl, outbox)
+                .await
+            {
+                Ok(done) => {
+                    hold.unclaimed();
+                    track.claim = None;
+                    return Ok(done);
+                }
+                Err(e) => {
+                    failures += 1;
+                    let pause = self.infrastructure_retry.delay(failures);
+                    tracing::warn!(queue = %self.queue, key = %claim.key, error = %e, retry_in_ms = pause.as_millis() as u64, "the handlers succeeded but the idempotency store cannot record it; retrying in place");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    /// Replaces the stored outbox of a completed claim (`None`: all sent).
+    async fn store_outbox(&self, key: &str, remaining: Option<&[Pending]>) {
+        let Some(idem) = &self.idempotency else {
+            return;
+        };
+        let json = remaining.map(dispatch::encode_outbox);
+        if let Err(e) = idem.store.set_outbox(key, json.as_deref()).await {
+            tracing::warn!(key, error = %e, "could not record what is left of the outbox; a duplicate may send it again (same ids)");
+        }
+    }
+
+    /// What a failed dispatch means: refused entries can never go (dead-letter, with the
+    /// outbox kept in the store for a redrive); anything else is retried without running
+    /// the handlers again where a store remembers the outbox.
+    fn undispatched(&self, u: Undispatched) -> Disposition {
+        if u.refused() {
+            return Disposition::dead_letter(
+                DeadLetterKind::Refused,
+                format!(
+                    "the messages its handlers produced were refused: {}",
+                    u.error
+                ),
+            );
+        }
+        Disposition::infrastructure(
+            self.infrastructure_retry.delay(1),
+            format!("dispatching the handlers' messages failed: {}", u.error),
+        )
+    }
+
+    /// A retry after an infrastructure fault, paced by how often this message came back so.
+    pub(crate) fn infrastructure(&self, msg: &ReceivedMessage, reason: String) -> Disposition {
+        let n = self.ledger.returns(msg) + 1;
+        Disposition::infrastructure(self.infrastructure_retry.delay(n), reason)
+    }
+}
+
+/// Decodes the envelope (undecodable: dead-letter, with the reason) and names the message
+/// in the current (`sourceflow.process`) span.
+fn decode(msg: &ReceivedMessage) -> Stage<Envelope> {
+    let env = envelope::decode(&msg.body, &msg.attributes).map_err(|e| {
+        Disposition::dead_letter(
+            DeadLetterKind::Undecodable,
+            format!("undecodable message: {e}"),
+        )
+    })?;
+    let span = tracing::Span::current();
+    span.record("messaging.message.id", env.id.as_str());
+    span.record(
+        "messaging.message.conversation_id",
+        env.correlation_id.as_deref().unwrap_or(env.id.as_str()),
+    );
+    span.record("sourceflow.wire_name", env.wire_name.as_str());
+    if let Some(e) = &env.entity_id {
+        span.record("sourceflow.entity_id", e.as_str());
+    }
+    Ok(env)
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}

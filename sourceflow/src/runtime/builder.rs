@@ -1,0 +1,487 @@
+//! The builder: what a service is configured with, and starting it.
+
+use std::any::{Any, TypeId};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::Dispatcher;
+use crate::encryption::{CacheLimits, KeyProvider};
+use crate::error::{Error, Result};
+use crate::idempotency::{self, IdempotencyStore};
+use crate::listener::{Listener, ListenerConfig};
+use crate::message::Message;
+use crate::naming::Naming;
+use crate::registry::{self, HandlerRoute, MessageRoute};
+use crate::retry::RetryPolicy;
+use crate::transport::Transport;
+
+use super::config::env_var;
+use super::handle::{sample_depths, HandleInner, ListenerInfo, LIVENESS_SLACK};
+use super::plan::plan;
+use super::*;
+
+pub(super) type HandlerFilter = Box<dyn Fn(&HandlerRoute) -> bool + Send + Sync>;
+
+/// Configures and starts a sourceflow service. Anything not set here is read from the
+/// environment (see the README's configuration table), then defaulted.
+///
+/// ```no_run
+/// # async fn demo() -> sourceflow::Result<()> {
+/// #[derive(Clone)]
+/// struct Db;
+/// sourceflow::builder()
+///     .service("orders")
+///     .state(Db)
+///     .concurrency(20)
+///     .run()
+///     .await
+/// # }
+/// ```
+#[must_use]
+#[derive(Default)]
+pub struct Builder {
+    pub(super) service: Option<String>,
+    pub(super) transport: Option<Arc<dyn Transport>>,
+    pub(super) prefix: Option<String>,
+    pub(super) concurrency: Option<usize>,
+    pub(super) max_receive_count: Option<u32>,
+    pub(super) visibility_timeout: Option<Duration>,
+    pub(super) shutdown_timeout: Option<Duration>,
+    pub(super) receive_wait: Option<Duration>,
+    pub(super) retry: Option<RetryPolicy>,
+    pub(super) infrastructure_retry: Option<RetryPolicy>,
+    pub(super) redrive_limit: Option<u32>,
+    pub(super) permanent: crate::outcome::PermanentErrors,
+    pub(super) states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    pub(super) filter: Option<HandlerFilter>,
+    pub(super) idempotency: Option<IdempotencyChoice>,
+    pub(super) idempotency_ttl: Option<Duration>,
+    pub(super) idempotency_ttl_by_type: HashMap<&'static str, Duration>,
+    pub(super) idempotency_key_by_type: HashMap<&'static str, idempotency::KeyFn>,
+    pub(super) meter: Option<opentelemetry::metrics::Meter>,
+    pub(super) depth_sample: Option<Duration>,
+    pub(super) key_provider: Option<Arc<dyn KeyProvider>>,
+    pub(super) encrypt_all: Option<bool>,
+    pub(super) key_cache: Option<CacheLimits>,
+}
+
+pub(super) enum IdempotencyChoice {
+    Off,
+    Store(Arc<dyn IdempotencyStore>),
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("service", &self.service)
+            .field("prefix", &self.prefix)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A new [`Builder`].
+pub fn builder() -> Builder {
+    Builder::default()
+}
+
+/// Runs a service configured from the environment until SIGINT or SIGTERM, then drains.
+///
+/// ```no_run
+/// #[tokio::main]
+/// async fn main() -> sourceflow::Result<()> {
+///     sourceflow::run().await
+/// }
+/// ```
+pub async fn run() -> Result<()> {
+    builder().run().await
+}
+
+impl Builder {
+    /// The service name (default: `SOURCEFLOW_SERVICE`, else the binary's name). Instances
+    /// with one name compete for messages; each name gets every event once.
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.service = Some(name.into());
+        self
+    }
+
+    /// The transport (default: `SOURCEFLOW_TRANSPORT`, else the embedded memory transport).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// The transport, already shared.
+    pub fn transport_arc(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Resource name prefix for an environment: `dev` turns `orders.fifo` into
+    /// `dev-orders.fifo` (default: `SOURCEFLOW_PREFIX`, else none).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// Handler runs in flight per listener (default: `SOURCEFLOW_CONCURRENCY`, else 10).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = Some(n);
+        self
+    }
+
+    /// Handler attempts after which a message moves to the dead-letter queue, with the
+    /// last error as the reason (default: `SOURCEFLOW_MAX_RECEIVE_COUNT`, else 5). Only
+    /// attempts that reached a handler count: receives handed back after an
+    /// infrastructure fault, or that never reached one, do not.
+    pub fn max_receive_count(mut self, n: u32) -> Self {
+        self.max_receive_count = Some(n);
+        self
+    }
+
+    /// Visibility timeout of provisioned queues (default:
+    /// `SOURCEFLOW_VISIBILITY_TIMEOUT_SECS`, else 30 s).
+    pub fn visibility_timeout(mut self, d: Duration) -> Self {
+        self.visibility_timeout = Some(d);
+        self
+    }
+
+    /// Time in-flight handlers get to finish on shutdown (default:
+    /// `SOURCEFLOW_SHUTDOWN_TIMEOUT_SECS`, else 30 s).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = Some(d);
+        self
+    }
+
+    /// Long-poll wait of each receive (default 20 s).
+    pub fn receive_wait(mut self, d: Duration) -> Self {
+        self.receive_wait = Some(d);
+        self
+    }
+
+    /// Backoff between attempts of a failing handler (default: 1 s doubling to 5 min;
+    /// `SOURCEFLOW_RETRY_BASE_MS`, `SOURCEFLOW_RETRY_MAX_MS`).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Backoff of a message handed back after an infrastructure fault (the idempotency
+    /// store, the broker or a dispatch failed), paced by how often it came back so
+    /// (default: 500 ms doubling to 30 s; `SOURCEFLOW_INFRA_RETRY_BASE_MS`,
+    /// `SOURCEFLOW_INFRA_RETRY_MAX_MS`). Such returns spend none of the handler's attempts.
+    pub fn infrastructure_retry(mut self, policy: RetryPolicy) -> Self {
+        self.infrastructure_retry = Some(policy);
+        self
+    }
+
+    /// The `maxReceiveCount` of the queues' redrive policy: the broker's own safety net,
+    /// which moves a message to the dead-letter queue without a reason (default:
+    /// `SOURCEFLOW_REDRIVE_LIMIT`, else ten times the handler attempts, at least 100). It
+    /// must be above [`max_receive_count`](Self::max_receive_count), so that sourceflow
+    /// always dead-letters first, with the reason.
+    pub fn redrive_limit(mut self, receives: u32) -> Self {
+        self.redrive_limit = Some(receives);
+        self
+    }
+
+    /// Treats handler errors of type `E` (anywhere in the error's source chain) as
+    /// permanent: the message goes to the dead-letter queue at once, like
+    /// [`Reject`](crate::Reject), instead of being retried.
+    ///
+    /// ```
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("card expired")]
+    /// struct CardExpired;
+    ///
+    /// let builder = sourceflow::builder().permanent_error::<CardExpired>();
+    /// ```
+    pub fn permanent_error<E: std::error::Error + 'static>(mut self) -> Self {
+        self.permanent.add::<E>();
+        self
+    }
+
+    /// Shared state for handlers that take `State<T>`; one value per type.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(TypeId::of::<T>(), Box::new(value));
+        self
+    }
+
+    /// The idempotency store (default: `SOURCEFLOW_IDEMPOTENCY`, else the in-memory store).
+    /// See [`idempotency`](crate::idempotency).
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Store(Arc::new(store)));
+        self
+    }
+
+    /// The idempotency store, already shared (e.g. by several services in one process).
+    pub fn idempotency_arc(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Store(store));
+        self
+    }
+
+    /// Turns idempotent processing off (`SOURCEFLOW_IDEMPOTENCY=off`): every delivery runs
+    /// the handlers.
+    pub fn without_idempotency(mut self) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Off);
+        self
+    }
+
+    /// How long completed records are kept (default 24 h;
+    /// `SOURCEFLOW_IDEMPOTENCY_TTL_SECS`).
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = Some(ttl);
+        self
+    }
+
+    /// How long completed records of message type `M` are kept.
+    pub fn idempotency_ttl_for<M: Message>(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl_by_type.insert(M::NAME, ttl);
+        self
+    }
+
+    /// Keys the idempotency of message type `M` by a business key instead of the message
+    /// id: messages with equal keys are one operation, whatever their ids. A second one with
+    /// the same payload is acknowledged as a duplicate; with another payload it goes to the
+    /// dead-letter queue (the key was reused for something else).
+    ///
+    /// ```
+    /// # #[sourceflow::command(queue = "doc-payments", name = "doc.CapturePayment.v1")]
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    /// # struct CapturePayment { payment_id: String, cents: u64 }
+    /// let builder = sourceflow::builder()
+    ///     .idempotency_key_for::<CapturePayment, _>(|c| c.payment_id.clone());
+    /// ```
+    pub fn idempotency_key_for<M, K>(
+        mut self,
+        key: impl Fn(&M) -> K + Send + Sync + 'static,
+    ) -> Self
+    where
+        M: Message,
+        K: std::fmt::Display,
+    {
+        let f: idempotency::KeyFn = Arc::new(move |payload: &str| {
+            crate::payload::decode::<M>(payload).map(|m| key(&m).to_string())
+        });
+        self.idempotency_key_by_type.insert(M::NAME, f);
+        self
+    }
+
+    /// Records metrics through this meter provider instead of the global one (see
+    /// [`telemetry`](crate::telemetry) for the instruments).
+    pub fn meter_provider(
+        mut self,
+        provider: &(impl opentelemetry::metrics::MeterProvider + ?Sized),
+    ) -> Self {
+        self.meter = Some(provider.meter("sourceflow"));
+        self
+    }
+
+    /// How often queue and dead-letter queue depths are sampled for the
+    /// `sourceflow.queue.depth` gauge (default: `SOURCEFLOW_DEPTH_SAMPLE_SECS`, else 30 s;
+    /// zero turns sampling off).
+    pub fn depth_sample_interval(mut self, every: Duration) -> Self {
+        self.depth_sample = Some(every);
+        self
+    }
+
+    /// The key provider for payload encryption (default: `SOURCEFLOW_LOCAL_KEY` for a local
+    /// master key; on the embedded transport, a random key of this process). See
+    /// [`encryption`](crate::encryption).
+    pub fn key_provider(mut self, provider: impl KeyProvider) -> Self {
+        self.key_provider = Some(Arc::new(provider));
+        self
+    }
+
+    /// The key provider, already shared.
+    pub fn key_provider_arc(mut self, provider: Arc<dyn KeyProvider>) -> Self {
+        self.key_provider = Some(provider);
+        self
+    }
+
+    /// Encrypts every message type, not only those declared with `encrypt` (default:
+    /// `SOURCEFLOW_ENCRYPT_ALL`, else off).
+    pub fn encrypt_all(mut self, on: bool) -> Self {
+        self.encrypt_all = Some(on);
+        self
+    }
+
+    /// Limits of the data-key caches (default: 5 min, 100,000 messages, 1 GiB per key;
+    /// [`CacheLimits::disabled`] turns caching off).
+    pub fn key_cache(mut self, limits: CacheLimits) -> Self {
+        self.key_cache = Some(limits);
+        self
+    }
+
+    /// Runs only the handlers for which `keep` is true (default: every handler linked into
+    /// the binary). Useful to run several services from one binary, and in tests.
+    pub fn handlers(
+        mut self,
+        keep: impl Fn(&HandlerRoute) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filter = Some(Box::new(keep));
+        self
+    }
+
+    /// Runs only the handlers defined in modules whose path starts with `prefix`.
+    pub fn handlers_in(self, prefix: &'static str) -> Self {
+        self.handlers(move |h| {
+            h.module_path == prefix
+                || h.module_path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        })
+    }
+
+    /// Checks the routes, provisions the topology and starts the listeners. Returns once
+    /// everything listens.
+    pub async fn start(self) -> Result<Handle> {
+        let r = self.resolve().await?;
+        let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
+        let plan = plan(&r, &messages)?;
+        r.transport.provision(&plan.topology).await?;
+        tracing::info!(
+            service = %r.service,
+            transport = r.transport.name(),
+            queues = plan.topology.queues.len(),
+            topics = plan.topology.topics.len(),
+            subscriptions = plan.topology.subscriptions.len(),
+            handlers = r.handlers.len(),
+            "sourceflow provisioned"
+        );
+        let dispatcher = Arc::new(Dispatcher::new(
+            r.transport.clone(),
+            r.service.clone(),
+            r.naming.clone(),
+            plan.destinations,
+            r.states,
+            r.metrics.clone(),
+            r.encryption.clone(),
+        ));
+        let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
+        let encrypted: Arc<HashSet<&'static str>> = Arc::new(
+            messages
+                .iter()
+                .filter(|m| m.encrypt)
+                .map(|m| m.name)
+                .collect(),
+        );
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
+        for lp in plan.listeners {
+            let names: Vec<_> = lp.handlers.values().flatten().map(|h| h.name).collect();
+            tracing::info!(service = %r.service, queue = %lp.queue, fifo = lp.fifo, handlers = ?names, "listening");
+            let listener = Listener::new(ListenerConfig {
+                dispatcher: dispatcher.clone(),
+                dead_letter_queue: Arc::from(Naming::dead_letter(&lp.queue).as_str()),
+                queue: lp.queue,
+                fifo: lp.fifo,
+                handlers: lp.handlers,
+                known: known.clone(),
+                encrypted: encrypted.clone(),
+                concurrency: r.concurrency,
+                retry: r.retry,
+                infrastructure_retry: r.infrastructure_retry,
+                max_attempts: r.max_receive_count,
+                visibility_timeout: r.visibility_timeout,
+                receive_wait: r.receive_wait,
+                shutdown_timeout: r.shutdown_timeout,
+                idempotency: r.idempotency.clone(),
+                permanent: r.permanent.clone(),
+                stop: stop.clone(),
+            });
+            listeners.push(ListenerInfo {
+                queue: listener.queue().to_string(),
+                dead_letter_queue: listener.dead_letter_queue().to_string(),
+                liveness: listener.liveness.clone(),
+                bound: r.receive_wait + LIVENESS_SLACK,
+            });
+            tasks.push(tokio::spawn(listener.run()));
+        }
+        if !r.depth_sample.is_zero() {
+            tokio::spawn(sample_depths(
+                r.transport.clone(),
+                r.metrics.clone(),
+                listeners
+                    .iter()
+                    .map(|l| (l.queue.clone(), l.dead_letter_queue.clone()))
+                    .collect(),
+                r.depth_sample,
+                stop.clone(),
+            ));
+        }
+        Ok(Handle {
+            inner: Arc::new(HandleInner {
+                dispatcher,
+                topology: plan.topology,
+                naming: r.naming,
+                stop,
+                listeners: Mutex::new(tasks),
+                listener_info: listeners,
+                cleanup: Mutex::new(
+                    r.idempotency
+                        .as_ref()
+                        .filter(|i| !i.store.purges_itself())
+                        .map(|i| {
+                            idempotency::spawn_cleanup(
+                                i.store.clone(),
+                                idempotency::DEFAULT_CLEANUP_INTERVAL,
+                                idempotency::DEFAULT_CLEANUP_BATCH,
+                            )
+                        }),
+                ),
+                idempotency: r.idempotency,
+            }),
+        })
+    }
+
+    /// Starts, runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<()> {
+        let handle = self.start().await?;
+        #[cfg(feature = "health-http")]
+        if let Some(addr) = env_var("SOURCEFLOW_HEALTH_ADDR") {
+            let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
+                Error::Config(format!(
+                    "SOURCEFLOW_HEALTH_ADDR={addr:?} is not an address like 127.0.0.1:8080"
+                ))
+            })?;
+            let h = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::health::serve(h, addr).await {
+                    tracing::error!(error = %e, "health endpoint failed");
+                }
+            });
+        }
+        shutdown_signal().await;
+        tracing::info!(service = %handle.service(), "shutdown signal received; draining");
+        handle.shutdown().await?;
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

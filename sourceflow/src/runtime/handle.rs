@@ -1,0 +1,368 @@
+//! The handle of a running service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::Dispatcher;
+use crate::envelope::SendMeta;
+use crate::error::{Error, Result};
+use crate::health::{HealthCheck, HealthReport, Liveness, Status};
+use crate::idempotency::{self, IdempotencyStatsSnapshot, IdempotencyStore};
+use crate::listener::DrainReport;
+use crate::message::{Command, Event, Message};
+use crate::naming::Naming;
+use crate::telemetry::{self, Metrics};
+use crate::transport::{Topology, Transport};
+
+/// Options for [`Handle::send_with`] and [`Handle::raise_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    meta: SendMeta,
+}
+
+impl SendOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts the message into an existing conversation.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.meta.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Pins the message id; a retried send with the same id is deduplicated on FIFO queues.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.meta.message_id = Some(id.into());
+        self
+    }
+
+    /// Delays delivery (standard queues only; at most 15 minutes on SQS).
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.meta.delay = Some(d);
+        self
+    }
+}
+
+pub(super) struct HandleInner {
+    pub(super) dispatcher: Arc<Dispatcher>,
+    pub(super) topology: Topology,
+    pub(super) naming: Naming,
+    pub(super) stop: CancellationToken,
+    pub(super) listeners: Mutex<Vec<JoinHandle<DrainReport>>>,
+    pub(super) listener_info: Vec<ListenerInfo>,
+    /// The periodic purge of expired idempotency records.
+    pub(super) cleanup: Mutex<Option<JoinHandle<()>>>,
+    pub(super) idempotency: Option<Arc<idempotency::Settings>>,
+}
+
+pub(super) struct ListenerInfo {
+    pub(super) queue: String,
+    pub(super) dead_letter_queue: String,
+    pub(super) liveness: Arc<Liveness>,
+    pub(super) bound: Duration,
+}
+
+/// How much longer than one long poll a listener may go without a successful receive
+/// before it counts as unhealthy.
+pub(super) const LIVENESS_SLACK: Duration = Duration::from_secs(30);
+/// How long a health check waits for the broker or a store.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Samples queue and dead-letter queue depths into the `sourceflow.queue.depth` gauge.
+pub(super) async fn sample_depths(
+    transport: Arc<dyn Transport>,
+    metrics: Arc<Metrics>,
+    queues: Vec<(String, String)>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    use opentelemetry::KeyValue;
+    loop {
+        for (queue, dlq) in &queues {
+            for (name, kind) in [(queue, "source"), (dlq, "dead_letter")] {
+                if let Ok(Some(d)) = transport.queue_depth(name).await {
+                    for (state, n) in [
+                        ("visible", d.visible),
+                        ("in_flight", d.in_flight),
+                        ("delayed", d.delayed),
+                    ] {
+                        metrics.queue_depth.record(
+                            n as u64,
+                            &[
+                                KeyValue::new("messaging.destination.name", name.clone()),
+                                KeyValue::new("sourceflow.queue.kind", kind),
+                                KeyValue::new("sourceflow.state", state),
+                            ],
+                        );
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// A running service, for code outside handlers (an HTTP endpoint, a test): send commands,
+/// raise events, inspect the topology, shut down. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    pub(super) inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("service", &self.service())
+            .field("transport", &self.inner.dispatcher.transport().name())
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Sends a command now; returns its message id.
+    pub async fn send<C: Command>(&self, command: C) -> Result<String> {
+        self.send_with(command, SendOptions::default()).await
+    }
+
+    /// Sends a command with options; returns its message id.
+    pub async fn send_with<C: Command>(&self, command: C, options: SendOptions) -> Result<String> {
+        self.dispatch(&command, options).await
+    }
+
+    /// Publishes an event now; returns its message id.
+    pub async fn raise<E: Event>(&self, event: E) -> Result<String> {
+        self.raise_with(event, SendOptions::default()).await
+    }
+
+    /// Publishes an event with options; returns its message id.
+    pub async fn raise_with<E: Event>(&self, event: E, options: SendOptions) -> Result<String> {
+        self.dispatch(&event, options).await
+    }
+
+    async fn dispatch<M: Message>(&self, msg: &M, options: SendOptions) -> Result<String> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::ShutDown);
+        }
+        let mut meta = options.meta;
+        if meta.traceparent.is_none() {
+            if let Some((tp, ts)) = telemetry::current_trace_context() {
+                meta.traceparent = Some(tp);
+                meta.tracestate = ts;
+            }
+        }
+        let out = self.inner.dispatcher.encode(msg, meta).await?;
+        let id = out.message_id.clone();
+        let pending = self.inner.dispatcher.pending::<M>(out)?;
+        self.inner.dispatcher.dispatch(pending).await?;
+        Ok(id)
+    }
+
+    /// This service's name.
+    pub fn service(&self) -> &str {
+        self.inner.dispatcher.service()
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.inner.dispatcher.transport().clone()
+    }
+
+    /// What was provisioned at startup.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Resource naming (prefix) of this service.
+    pub fn naming(&self) -> &Naming {
+        &self.inner.naming
+    }
+
+    /// The full name of the queue a command type is sent to.
+    pub fn queue_of<C: Command>(&self) -> String {
+        self.inner.naming.resource(C::DESTINATION)
+    }
+
+    /// The full name of the topic an event type is published to.
+    pub fn topic_of<E: Event>(&self) -> String {
+        self.inner.naming.resource(E::DESTINATION)
+    }
+
+    /// The full name of the queue through which this service receives `E`.
+    pub fn subscriber_queue_of<E: Event>(&self) -> String {
+        self.inner.naming.subscriber(self.service(), E::DESTINATION)
+    }
+
+    /// Stops receiving, lets in-flight handlers finish within the shutdown timeout, and
+    /// returns unfinished messages to their queues. A second call returns an empty report.
+    pub async fn shutdown(&self) -> Result<DrainReport> {
+        self.inner.stop.cancel();
+        if let Some(cleanup) = self.inner.cleanup.lock().take() {
+            cleanup.abort();
+        }
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.listeners.lock());
+        let mut report = DrainReport::default();
+        for t in tasks {
+            match t.await {
+                Ok(r) => report += r,
+                Err(e) => tracing::error!(error = %e, "a listener task failed"),
+            }
+        }
+        tracing::info!(
+            service = %self.service(),
+            finished = report.finished,
+            returned = report.returned,
+            "sourceflow stopped"
+        );
+        Ok(report)
+    }
+
+    /// Idempotency counters (checks, duplicates, unique, deferred, mismatches), if
+    /// idempotent processing is on.
+    pub fn idempotency_stats(&self) -> Option<IdempotencyStatsSnapshot> {
+        self.inner.idempotency.as_ref().map(|i| i.stats.snapshot())
+    }
+
+    /// The idempotency store in use, if any.
+    pub fn idempotency_store(&self) -> Option<Arc<dyn IdempotencyStore>> {
+        self.inner.idempotency.as_ref().map(|i| i.store.clone())
+    }
+
+    /// Checks the broker, every resource of the topology, each listener, each dead-letter
+    /// queue and the idempotency store. See [`health`](crate::health).
+    pub async fn health(&self) -> HealthReport {
+        let inner = &self.inner;
+        let transport = inner.dispatcher.transport();
+        let mut checks = Vec::new();
+        let t = &inner.topology;
+        let check = match tokio::time::timeout(HEALTH_TIMEOUT, transport.missing(t)).await {
+            Ok(Ok(missing)) if missing.is_empty() => HealthCheck {
+                name: "transport".into(),
+                status: Status::Healthy,
+                detail: format!(
+                    "{} queues, {} topics, {} subscriptions present",
+                    t.queues.len(),
+                    t.topics.len(),
+                    t.subscriptions.len()
+                ),
+            },
+            Ok(Ok(missing)) => HealthCheck {
+                name: "transport".into(),
+                status: Status::Unhealthy,
+                detail: format!("missing: {}", missing.join(", ")),
+            },
+            Ok(Err(e)) => HealthCheck {
+                name: "transport".into(),
+                status: Status::Unhealthy,
+                detail: format!("unreachable: {e}"),
+            },
+            Err(_) => HealthCheck {
+                name: "transport".into(),
+                status: Status::Unhealthy,
+                detail: format!("no answer within {HEALTH_TIMEOUT:?}"),
+            },
+        };
+        checks.push(check);
+        let stopped = self.is_shut_down();
+        for l in &inner.listener_info {
+            let (status, detail) = if stopped {
+                (Status::Unhealthy, "stopped (shutting down)".to_string())
+            } else {
+                l.liveness.judge(l.bound)
+            };
+            checks.push(HealthCheck {
+                name: format!("listener {}", l.queue),
+                status,
+                detail,
+            });
+            let depth =
+                tokio::time::timeout(HEALTH_TIMEOUT, transport.queue_depth(&l.dead_letter_queue))
+                    .await;
+            let (status, detail) = match depth {
+                Ok(Ok(Some(d))) if d.total() > 0 => {
+                    (Status::Degraded, format!("{} messages waiting", d.total()))
+                }
+                Ok(Ok(Some(_))) => (Status::Healthy, "empty".to_string()),
+                Ok(Ok(None)) => (Status::Healthy, "depth unknown".to_string()),
+                Ok(Err(e)) => (Status::Unhealthy, format!("unreachable: {e}")),
+                Err(_) => (Status::Unhealthy, "no answer".to_string()),
+            };
+            checks.push(HealthCheck {
+                name: format!("dead-letter queue {}", l.dead_letter_queue),
+                status,
+                detail,
+            });
+        }
+        if let Some(idem) = &inner.idempotency {
+            let (status, detail) =
+                match tokio::time::timeout(HEALTH_TIMEOUT, idem.store.size()).await {
+                    Ok(Ok(n)) => (Status::Healthy, format!("{n} records")),
+                    Ok(Err(e)) => (Status::Unhealthy, format!("unreachable: {e}")),
+                    Err(_) => (Status::Unhealthy, "no answer".to_string()),
+                };
+            checks.push(HealthCheck {
+                name: format!("idempotency store {}", idem.store.name()),
+                status,
+                detail,
+            });
+        }
+        HealthReport::new(self.service(), transport.name(), checks)
+    }
+
+    /// The IAM policy this service needs (see [`iam`](crate::iam)): its consumed queues,
+    /// dead-letter queues, command queues, topics and KMS key, for `scope`'s account and
+    /// region.
+    pub fn iam_policy(&self, mut scope: crate::iam::IamScope) -> serde_json::Value {
+        if scope.kms_key.is_none() {
+            scope.kms_key = self
+                .inner
+                .dispatcher
+                .encryption()
+                .and_then(|e| e.encryptor.key_arn());
+        }
+        if scope.idempotency_table.is_none() {
+            scope.idempotency_table = self
+                .inner
+                .idempotency
+                .as_ref()
+                .and_then(|i| i.store.dynamodb_table().map(str::to_string));
+        }
+        let consumed: Vec<String> = self
+            .inner
+            .listener_info
+            .iter()
+            .map(|l| l.queue.clone())
+            .collect();
+        crate::iam::policy(&self.inner.topology, &consumed, &scope)
+    }
+
+    /// Moves the messages of `queue`'s dead-letter queue back to `queue` (full name, as
+    /// from [`queue_of`](Self::queue_of) or [`subscriber_queue_of`](Self::subscriber_queue_of)),
+    /// keeping FIFO group ids; returns how many moved.
+    pub async fn redrive(&self, queue: &str) -> Result<usize> {
+        crate::redrive::redrive(
+            self.inner.dispatcher.transport().as_ref(),
+            &Naming::dead_letter(queue),
+            queue,
+        )
+        .await
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn stopped(&self) {
+        self.inner.stop.cancelled().await
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.stop.is_cancelled()
+    }
+}
