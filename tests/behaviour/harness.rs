@@ -14,7 +14,9 @@ use tracing_subscriber::Layer;
 
 use sourceflow::encryption::LocalKeyProvider;
 use sourceflow::envelope::{attr, OutgoingMessage};
-use sourceflow::transport::{Receive, ReceivedMessage, Transport};
+use sourceflow::transport::{
+    BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport,
+};
 use sourceflow::{Builder, MemoryTransport, RetryPolicy};
 
 /// The master key every service of the suite shares (tests that count key-provider calls
@@ -247,4 +249,120 @@ fn check_loopback() {
         Ok("true"),
         "set AWS_EC2_METADATA_DISABLED=true so the SDK never queries instance metadata"
     );
+}
+
+/// A transport around another with switches, standing in for a broker that is away
+/// (`down`: every call fails), a loop that is stuck (`hang_receive`: receives never
+/// return) or a publish that fails (`fail_publishes`: the next N publishes fail).
+#[derive(Clone)]
+pub struct Faulty {
+    pub inner: Arc<dyn Transport>,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    pub hang_receive: Arc<std::sync::atomic::AtomicBool>,
+    pub fail_publishes: Arc<AtomicU32>,
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn Transport>) -> Self {
+        Faulty {
+            inner,
+            down: Arc::default(),
+            hang_receive: Arc::default(),
+            fail_publishes: Arc::default(),
+        }
+    }
+
+    fn check(&self) -> sourceflow::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(sourceflow::Error::Transport {
+                transport: "faulty",
+                operation: "any".into(),
+                source: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, operation: &'static str, dest: &str, n: usize) -> Result<(), BatchError> {
+        self.check()
+            .map_err(|e| BatchError::all(operation, dest, n, EntryError::Transient(e.to_string())))
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Faulty {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn provision(&self, topology: &Topology) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner.provision(topology).await
+    }
+    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
+        self.check_batch("SendMessageBatch", queue, messages.len())?;
+        self.inner.send(queue, messages).await
+    }
+    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
+        self.check_batch("PublishBatch", topic, messages.len())?;
+        let failing = self
+            .fail_publishes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(BatchError::all(
+                "PublishBatch",
+                topic,
+                messages.len(),
+                EntryError::Transient("throttled".into()),
+            ));
+        }
+        self.inner.publish(topic, messages).await
+    }
+    async fn receive(
+        &self,
+        queue: &str,
+        request: Receive,
+    ) -> sourceflow::Result<Vec<ReceivedMessage>> {
+        self.check()?;
+        if self.hang_receive.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.receive(queue, request).await
+    }
+    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<(), BatchError> {
+        self.check_batch("DeleteMessageBatch", queue, receipts.len())?;
+        self.inner.delete(queue, receipts).await
+    }
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipts: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), BatchError> {
+        self.check_batch("ChangeMessageVisibilityBatch", queue, receipts.len())?;
+        self.inner.change_visibility(queue, receipts, timeout).await
+    }
+    async fn dead_letter(
+        &self,
+        queue: &str,
+        dead_letter_queue: &str,
+        message: &ReceivedMessage,
+        reason: &str,
+    ) -> sourceflow::Result<()> {
+        self.check()?;
+        self.inner
+            .dead_letter(queue, dead_letter_queue, message, reason)
+            .await
+    }
+    async fn queue_depth(
+        &self,
+        queue: &str,
+    ) -> sourceflow::Result<Option<sourceflow::transport::QueueDepth>> {
+        self.check()?;
+        self.inner.queue_depth(queue).await
+    }
+    async fn missing(&self, topology: &Topology) -> sourceflow::Result<Vec<String>> {
+        self.check()?;
+        self.inner.missing(topology).await
+    }
 }

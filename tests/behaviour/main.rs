@@ -18,6 +18,7 @@ mod encryption;
 mod fan_out;
 mod heartbeat;
 mod idempotency;
+mod liveness;
 mod ordering;
 mod outbox;
 mod outcomes;

@@ -108,63 +108,6 @@ mod flaky {
         c.events.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-
-    /// Fails the first `publish` it sees, then behaves.
-    pub struct FailFirstPublish {
-        pub inner: std::sync::Arc<dyn Transport>,
-        pub failed: std::sync::atomic::AtomicBool,
-    }
-
-    #[async_trait]
-    impl Transport for FailFirstPublish {
-        fn name(&self) -> &'static str {
-            self.inner.name()
-        }
-        async fn provision(&self, t: &Topology) -> sourceflow::Result<()> {
-            self.inner.provision(t).await
-        }
-        async fn send(&self, q: &str, m: Vec<OutgoingMessage>) -> Result<(), BatchError> {
-            self.inner.send(q, m).await
-        }
-        async fn publish(&self, t: &str, m: Vec<OutgoingMessage>) -> Result<(), BatchError> {
-            if !self.failed.swap(true, Ordering::SeqCst) {
-                return Err(BatchError::all(
-                    "PublishBatch",
-                    t,
-                    m.len(),
-                    EntryError::Transient("throttled".into()),
-                ));
-            }
-            self.inner.publish(t, m).await
-        }
-        async fn receive(
-            &self,
-            q: &str,
-            request: Receive,
-        ) -> sourceflow::Result<Vec<ReceivedMessage>> {
-            self.inner.receive(q, request).await
-        }
-        async fn delete(&self, q: &str, r: Vec<String>) -> Result<(), BatchError> {
-            self.inner.delete(q, r).await
-        }
-        async fn change_visibility(
-            &self,
-            q: &str,
-            r: Vec<String>,
-            t: Duration,
-        ) -> Result<(), BatchError> {
-            self.inner.change_visibility(q, r, t).await
-        }
-        async fn dead_letter(
-            &self,
-            q: &str,
-            dlq: &str,
-            m: &ReceivedMessage,
-            reason: &str,
-        ) -> sourceflow::Result<()> {
-            self.inner.dead_letter(q, dlq, m, reason).await
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,9 +116,10 @@ async fn a_failed_dispatch_is_retried_without_running_the_handler_again() {
     let counts = Counts::default();
     let app = h
         .service("outbox-flaky", flaky::MODULE)
-        .transport(flaky::FailFirstPublish {
-            inner: h.transport.clone(),
-            failed: std::sync::atomic::AtomicBool::new(false),
+        .transport({
+            let t = crate::harness::Faulty::new(h.transport.clone());
+            t.fail_publishes.store(1, Ordering::SeqCst);
+            t
         })
         .state(counts.clone())
         .start()

@@ -445,101 +445,11 @@ async fn metrics_count_a_known_workload() {
 
 // ---- health ------------------------------------------------------------------------------
 
-/// A transport that can be switched off, standing in for an unreachable broker.
-struct Switchable {
-    inner: Arc<dyn Transport>,
-    down: Arc<AtomicBool>,
-}
-
-impl Switchable {
-    fn check(&self) -> sourceflow::Result<()> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(sourceflow::Error::Transport {
-                transport: "switchable",
-                operation: "any".into(),
-                source: "connection refused".into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn check_batch(&self, operation: &'static str, dest: &str, n: usize) -> Result<(), BatchError> {
-        self.check()
-            .map_err(|e| BatchError::all(operation, dest, n, EntryError::Transient(e.to_string())))
-    }
-}
-
-#[async_trait]
-impl Transport for Switchable {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn provision(&self, topology: &Topology) -> sourceflow::Result<()> {
-        self.check()?;
-        self.inner.provision(topology).await
-    }
-    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
-        self.check_batch("SendMessageBatch", queue, messages.len())?;
-        self.inner.send(queue, messages).await
-    }
-    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
-        self.check_batch("PublishBatch", topic, messages.len())?;
-        self.inner.publish(topic, messages).await
-    }
-    async fn receive(
-        &self,
-        queue: &str,
-        request: Receive,
-    ) -> sourceflow::Result<Vec<ReceivedMessage>> {
-        self.check()?;
-        self.inner.receive(queue, request).await
-    }
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<(), BatchError> {
-        self.check_batch("DeleteMessageBatch", queue, receipts.len())?;
-        self.inner.delete(queue, receipts).await
-    }
-    async fn change_visibility(
-        &self,
-        queue: &str,
-        receipts: Vec<String>,
-        timeout: Duration,
-    ) -> Result<(), BatchError> {
-        self.check_batch("ChangeMessageVisibilityBatch", queue, receipts.len())?;
-        self.inner.change_visibility(queue, receipts, timeout).await
-    }
-    async fn dead_letter(
-        &self,
-        queue: &str,
-        dead_letter_queue: &str,
-        message: &ReceivedMessage,
-        reason: &str,
-    ) -> sourceflow::Result<()> {
-        self.check()?;
-        self.inner
-            .dead_letter(queue, dead_letter_queue, message, reason)
-            .await
-    }
-    async fn queue_depth(
-        &self,
-        queue: &str,
-    ) -> sourceflow::Result<Option<sourceflow::transport::QueueDepth>> {
-        self.check()?;
-        self.inner.queue_depth(queue).await
-    }
-    async fn missing(&self, topology: &Topology) -> sourceflow::Result<Vec<String>> {
-        self.check()?;
-        self.inner.missing(topology).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_broker_and_the_dead_letter_queue() {
     let h = Harness::new().await;
-    let down = Arc::new(AtomicBool::new(false));
-    let transport = Switchable {
-        inner: h.transport.clone(),
-        down: down.clone(),
-    };
+    let transport = crate::harness::Faulty::new(h.transport.clone());
+    let down = transport.down.clone();
     let app = h
         .service("health", worker::MODULE)
         .transport(transport)

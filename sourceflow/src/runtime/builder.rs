@@ -20,7 +20,7 @@ use crate::retry::RetryPolicy;
 use crate::transport::Transport;
 
 use super::config::env_var;
-use super::handle::{sample_depths, HandleInner, ListenerInfo, LIVENESS_SLACK};
+use super::handle::{sample_depths, HandleInner, ListenerInfo};
 use super::plan::plan;
 use super::*;
 
@@ -55,6 +55,7 @@ pub struct Builder {
     pub(super) retry: Option<RetryPolicy>,
     pub(super) infrastructure_retry: Option<RetryPolicy>,
     pub(super) redrive_limit: Option<u32>,
+    pub(super) liveness_slack: Option<Duration>,
     pub(super) permanent: crate::outcome::PermanentErrors,
     pub(super) states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     pub(super) filter: Option<HandlerFilter>,
@@ -186,6 +187,14 @@ impl Builder {
     /// always dead-letters first, with the reason.
     pub fn redrive_limit(mut self, receives: u32) -> Self {
         self.redrive_limit = Some(receives);
+        self
+    }
+
+    /// How long past one long poll a listener may go without a poll — or, while all its
+    /// handler slots are taken, without a heartbeat — before health calls it stuck
+    /// (default 30 s).
+    pub fn liveness_slack(mut self, slack: Duration) -> Self {
+        self.liveness_slack = Some(slack);
         self
     }
 
@@ -399,7 +408,7 @@ impl Builder {
                 queue: listener.queue().to_string(),
                 dead_letter_queue: listener.dead_letter_queue().to_string(),
                 liveness: listener.liveness.clone(),
-                bound: r.receive_wait + LIVENESS_SLACK,
+                bound: r.receive_wait + r.liveness_slack,
             });
             tasks.push(tokio::spawn(listener.run()));
         }

@@ -68,9 +68,6 @@ pub(super) struct ListenerInfo {
     pub(super) bound: Duration,
 }
 
-/// How much longer than one long poll a listener may go without a successful receive
-/// before it counts as unhealthy.
-pub(super) const LIVENESS_SLACK: Duration = Duration::from_secs(30);
 /// How long a health check waits for the broker or a store.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 

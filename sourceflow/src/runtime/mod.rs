@@ -24,3 +24,6 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_DEPTH_SAMPLE: Duration = Duration::from_secs(30);
 /// Default long-poll wait of a receive.
 pub const DEFAULT_RECEIVE_WAIT: Duration = Duration::from_secs(20);
+/// Default time past one long poll that a listener may go without a poll (or, when busy,
+/// a heartbeat) before health calls it stuck.
+pub const DEFAULT_LIVENESS_SLACK: Duration = Duration::from_secs(30);
