@@ -58,6 +58,7 @@ mod dispatch;
 pub mod encryption;
 pub mod envelope;
 mod error;
+mod failpoints;
 pub mod health;
 pub mod iam;
 pub mod idempotency;

@@ -6,7 +6,9 @@
 #   tests/support/emulator.sh status
 #   tests/support/emulator.sh stop
 #
-# stdout carries only the `export` lines; progress goes to stderr.
+# stdout carries only the `export` lines; progress goes to stderr. The exports include the
+# emulator's pid file (the fault tests pause the process with SIGSTOP).
+# SOURCEFLOW_EMULATOR_PORT runs a second, separate instance.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD/.cache/emulator-${SOURCEFLOW_EMULATOR_PORT:-4566}
@@ -26,6 +28,7 @@ export AWS_DEFAULT_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=test
 export AWS_EC2_METADATA_DISABLED=true
+export SOURCEFLOW_TEST_EMULATOR_PIDFILE=$pidfile
 EOT
 }
 

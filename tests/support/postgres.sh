@@ -7,6 +7,10 @@
 #   tests/support/postgres.sh status
 #   tests/support/postgres.sh stop
 #
+# SOURCEFLOW_TEST_POSTGRES_PORT and SOURCEFLOW_TEST_POSTGRES_ROOT (the cluster's directory)
+# run a second, separate cluster. The fault tests stop and restart the server with this
+# script (`stop`, then `start`), with the same environment.
+#
 # `start` is idempotent: it reuses the cluster and the database if they exist and leaves a
 # running server alone. Logs go to stderr; stdout carries only the export line.
 set -euo pipefail
@@ -35,7 +39,7 @@ as_pg() {
 # Where the cluster lives: .cache/pg, unless the `postgres` user cannot reach it (a
 # checkout in a private directory), then a directory in /tmp named after the checkout.
 cluster_root() {
-    local root="$REPO/.cache/pg"
+    local root="${SOURCEFLOW_TEST_POSTGRES_ROOT:-$REPO/.cache/pg}"
     if is_root && id postgres >/dev/null 2>&1; then
         mkdir -p "$root"
         chown postgres: "$root"

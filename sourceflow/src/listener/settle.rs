@@ -37,6 +37,7 @@ impl Listener {
         let moved = match (d, apply) {
             (Disposition::Retry(_), Apply::InPlace) => false,
             (Disposition::Ack(_), _) => {
+                crate::failpoints::pause(crate::failpoints::BEFORE_DELETE).await;
                 self.delete(msg).await;
                 false
             }

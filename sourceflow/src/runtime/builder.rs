@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
 use crate::encryption::{CacheLimits, KeyProvider};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::idempotency::{self, IdempotencyStore};
 use crate::listener::{Listener, ListenerConfig};
 use crate::message::Message;
@@ -19,7 +19,6 @@ use crate::registry::{self, HandlerRoute, MessageRoute};
 use crate::retry::RetryPolicy;
 use crate::transport::Transport;
 
-use super::config::env_var;
 use super::handle::{sample_depths, HandleInner, ListenerInfo};
 use super::plan::plan;
 use super::*;
@@ -453,9 +452,9 @@ impl Builder {
     pub async fn run(self) -> Result<()> {
         let handle = self.start().await?;
         #[cfg(feature = "health-http")]
-        if let Some(addr) = env_var("SOURCEFLOW_HEALTH_ADDR") {
+        if let Some(addr) = super::config::env_var("SOURCEFLOW_HEALTH_ADDR") {
             let addr: std::net::SocketAddr = addr.parse().map_err(|_| {
-                Error::Config(format!(
+                crate::Error::Config(format!(
                     "SOURCEFLOW_HEALTH_ADDR={addr:?} is not an address like 127.0.0.1:8080"
                 ))
             })?;

@@ -1,0 +1,530 @@
+//! Fault tests, from outside: the idempotency store stopped and restarted while messages
+//! flow, the broker paused (SIGSTOP) and resumed, a worker process SIGKILLed after its
+//! effect and before its delete.
+//!
+//! They stop PostgreSQL and pause the emulator, which other suites share, so
+//! `tests/run.sh` runs this binary on its own, one test at a time:
+//!
+//! ```text
+//! eval "$(tests/support/emulator.sh start)"; eval "$(tests/support/postgres.sh start)"
+//! SOURCEFLOW_TEST_FAULTS=1 cargo test -p sourceflow --all-features --test faults -- --test-threads=1
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sourceflow::idempotency::IdempotencyStore;
+use sourceflow::naming::Naming;
+use sourceflow::transport::aws::AwsTransport;
+use sourceflow::transport::Transport;
+use sourceflow::{command, event, handler, Context, SendOptions, State};
+
+/// How long any expectation may take.
+const PATIENCE: Duration = Duration::from_secs(180);
+
+fn enabled() -> bool {
+    if std::env::var("SOURCEFLOW_TEST_FAULTS").as_deref() != Ok("1") {
+        println!(
+            "skipped: set SOURCEFLOW_TEST_FAULTS=1 (tests/run.sh does, running this binary alone)"
+        );
+        return false;
+    }
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    assert!(
+        endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost"),
+        "AWS_ENDPOINT_URL={endpoint:?} is not loopback"
+    );
+    assert_eq!(
+        std::env::var("AWS_EC2_METADATA_DISABLED").as_deref(),
+        Ok("true")
+    );
+    true
+}
+
+/// Log lines of this process (sourceflow at `warn` and up), to count what the faults did.
+fn logs() -> Arc<Mutex<String>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<String>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: Arc<Mutex<String>> = Arc::default();
+        let sink = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_env_filter(
+                std::env::var("FAULTS_LOG")
+                    .ok()
+                    .filter(|f| f.contains('='))
+                    .unwrap_or_else(|| "sourceflow=warn".into()),
+            )
+            .with_writer(move || Sink(sink.clone()))
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<String>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("FAULTS_LOG").is_some() {
+            eprint!("{}", String::from_utf8_lossy(buf));
+        }
+        self.0
+            .lock()
+            .expect("logs")
+            .push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Lines of the captured log that contain `needle`.
+fn log_lines(needle: &str) -> usize {
+    logs()
+        .lock()
+        .expect("logs")
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+fn prefix() -> String {
+    format!("flt{}", fastrand::u32(..) % 1_000_000)
+}
+
+async fn aws() -> AwsTransport {
+    AwsTransport::from_env().await.expect("AWS transport")
+}
+
+/// Polls `check` until it holds; panics naming `what` after [`PATIENCE`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Messages in a queue, by state (the emulator counts exactly).
+async fn depth(t: &dyn Transport, queue: &str) -> usize {
+    t.queue_depth(queue)
+        .await
+        .expect("depth")
+        .expect("the AWS transport counts")
+        .total()
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let status = std::process::Command::new(cmd)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(status.success(), "{cmd} {args:?} failed: {status}");
+}
+
+// ---- 1,000 messages through an outage -------------------------------------------------
+
+mod flow {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "faults-jobs", name = "faults.Job.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Job {
+        pub id: u32,
+    }
+
+    /// How often each job's handler ran, and when handlers ran.
+    #[derive(Clone, Default)]
+    pub struct Handled(
+        pub Arc<Mutex<HashMap<u32, u32>>>,
+        pub Arc<Mutex<Vec<std::time::Instant>>>,
+    );
+
+    impl Handled {
+        pub fn distinct(&self) -> usize {
+            self.0.lock().expect("handled").len()
+        }
+
+        /// The longest stretch without any handler run.
+        pub fn longest_gap(&self) -> Duration {
+            let times = self.1.lock().expect("times");
+            times
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max()
+                .unwrap_or_default()
+        }
+    }
+
+    #[handler]
+    async fn job(cmd: Job, State(h): State<Handled>) -> sourceflow::Result<()> {
+        *h.0.lock().expect("handled").entry(cmd.id).or_default() += 1;
+        h.1.lock().expect("times").push(std::time::Instant::now());
+        Ok(())
+    }
+}
+
+const JOBS: u32 = 1_000;
+
+/// Sends 1,000 jobs over ~10 s while `disturb` runs (from 2 s in), then checks that every
+/// job was handled exactly once and that nothing went to the dead-letter queue.
+async fn flow_survives<F, Fut>(store: Option<Arc<dyn IdempotencyStore>>, disturb: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let p = prefix();
+    logs();
+    let handled = flow::Handled::default();
+    let mut worker = sourceflow::builder()
+        .service("faults")
+        .prefix(&p)
+        .transport(aws().await)
+        .handlers(|h| h.module_path == flow::MODULE)
+        .state(handled.clone())
+        .concurrency(20)
+        .receive_wait(Duration::from_secs(1));
+    if let Some(store) = store {
+        worker = worker.idempotency_arc(store);
+    }
+    let worker = worker.start().await.expect("worker");
+    let sender = sourceflow::builder()
+        .service("faults-client")
+        .prefix(&p)
+        .transport(aws().await)
+        .handlers(|_| false)
+        .start()
+        .await
+        .expect("sender");
+    let run = p.clone();
+    let producing = tokio::spawn(async move {
+        for id in 0..JOBS {
+            // A send that fails is repeated under the same message id, as a producer should.
+            let options = SendOptions::new().message_id(format!("{run}-job-{id}"));
+            while let Err(e) = sender.send_with(flow::Job { id }, options.clone()).await {
+                eprintln!("send of job {id} failed, repeating it: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sender
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    disturb().await;
+    let sender = producing.await.expect("producer");
+    let t = worker.transport();
+    let queue = worker.queue_of::<flow::Job>();
+    let dlq = Naming::dead_letter(&queue);
+    eventually("every job handled", || async {
+        let dead = depth(&*t, &dlq).await;
+        assert_eq!(dead, 0, "{dead} healthy jobs were dead-lettered");
+        handled.distinct() == JOBS as usize
+    })
+    .await;
+    // Time for a duplicate run to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let gap = handled.longest_gap();
+    assert!(
+        gap >= Duration::from_secs(15),
+        "the outage was felt: handling stopped for {gap:?}"
+    );
+    let counts = handled.0.lock().expect("handled").clone();
+    let twice: Vec<(u32, u32)> = counts.into_iter().filter(|(_, n)| *n != 1).collect();
+    assert!(twice.is_empty(), "jobs not handled exactly once: {twice:?}");
+    assert_eq!(depth(&*t, &dlq).await, 0, "no job was dead-lettered");
+    eventually("the queue is empty", || async {
+        depth(&*t, &queue).await == 0
+    })
+    .await;
+    worker.shutdown().await.expect("shutdown");
+    sender.shutdown().await.expect("shutdown");
+}
+
+/// The idempotency store (PostgreSQL) is stopped for 30 s while 1,000 jobs flow: claims
+/// fail, messages go back with an infrastructure backoff that spends none of their
+/// attempts, completions the store refuses are retried in place; afterwards every job has
+/// run exactly once and nothing is in the dead-letter queue. (Before the delivery core
+/// was rebuilt, the same run dead-lettered 127 healthy messages.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_store_down_for_30_s_dead_letters_nothing() {
+    if !enabled() {
+        return;
+    }
+    let url = std::env::var("SOURCEFLOW_TEST_POSTGRES_URL").expect("SOURCEFLOW_TEST_POSTGRES_URL");
+    // A pool that gives up on a connection within 1 s: claims fail fast during the outage,
+    // so messages come back several times (each return is a receive for the broker).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&url)
+        .await
+        .expect("pool");
+    let store = sourceflow::idempotency::PostgresIdempotencyStore::from_pool(pool)
+        .await
+        .expect("store");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/postgres.sh");
+    flow_survives(Some(Arc::new(store)), || async {
+        run(script, &["stop"]);
+        eprintln!("PostgreSQL stopped");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        run(script, &["start"]);
+        eprintln!("PostgreSQL started again");
+    })
+    .await;
+    assert!(
+        log_lines("idempotency store `postgres` unavailable") > 0,
+        "the outage was felt: claims failed while the store was down"
+    );
+}
+
+/// Resumes the paused emulator however the test ends.
+struct Paused(String);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
+/// The broker (the emulator process) is paused with SIGSTOP for 20 s while 1,000 jobs flow
+/// (idempotency in memory, the default): calls hang and then complete; every job runs
+/// exactly once and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_paused_for_20_s_dead_letters_nothing() {
+    if !enabled() {
+        return;
+    }
+    let pidfile = std::env::var("SOURCEFLOW_TEST_EMULATOR_PIDFILE")
+        .expect("SOURCEFLOW_TEST_EMULATOR_PIDFILE (tests/support/emulator.sh exports it)");
+    let pid = std::fs::read_to_string(&pidfile)
+        .expect("emulator pid")
+        .trim()
+        .to_string();
+    flow_survives(None, || async {
+        run("kill", &["-STOP", &pid]);
+        let paused = Paused(pid.clone());
+        eprintln!("emulator paused");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        drop(paused);
+        eprintln!("emulator resumed");
+    })
+    .await;
+}
+
+// ---- a worker killed after its effect --------------------------------------------------
+
+mod crash {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "faults-ship", name = "faults.Ship.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Ship {
+        pub parcel: u32,
+    }
+
+    #[event(topic = "faults-shipped", name = "faults.Shipped.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Shipped {
+        pub parcel: u32,
+    }
+
+    /// The effect is outbox-only: the event it raises.
+    #[handler]
+    async fn ship(cmd: Ship, ctx: &Context) -> sourceflow::Result<()> {
+        ctx.raise(Shipped { parcel: cmd.parcel }).await
+    }
+
+    /// The worker, with idempotency off or with its claims in SQLite at `db`.
+    pub async fn worker(prefix: &str, db: Option<&str>) -> sourceflow::Handle {
+        let b = sourceflow::builder()
+            .service("faults-shipper")
+            .prefix(prefix)
+            .transport(aws().await)
+            .handlers(|h| h.module_path == MODULE)
+            // Short, so that the killed worker's message comes back quickly.
+            .visibility_timeout(Duration::from_secs(2))
+            .receive_wait(Duration::from_secs(1));
+        let b = match db {
+            None => b.without_idempotency(),
+            Some(url) => b.idempotency(
+                sourceflow::idempotency::SqliteIdempotencyStore::connect(url)
+                    .await
+                    .expect("store"),
+            ),
+        };
+        b.start().await.expect("worker")
+    }
+}
+
+mod downstream {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    /// The ids of every delivery of the event (duplicates included).
+    #[derive(Clone, Default)]
+    pub struct Deliveries(pub Arc<Mutex<Vec<String>>>);
+
+    impl Deliveries {
+        pub fn all(&self) -> Vec<String> {
+            self.0.lock().expect("deliveries").clone()
+        }
+    }
+
+    #[handler]
+    async fn shipped(
+        _evt: crash::Shipped,
+        ctx: &Context,
+        State(d): State<Deliveries>,
+    ) -> sourceflow::Result<()> {
+        d.0.lock()
+            .expect("deliveries")
+            .push(ctx.message_id().to_string());
+        Ok(())
+    }
+}
+
+/// Runs only as the child process of the crash tests: a worker that pauses after its
+/// effect was committed and dispatched, before the delete, until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the worker process of the crash-after-the-effect tests"]
+async fn crash_worker_process() {
+    let Ok(prefix) = std::env::var("FAULTS_PREFIX") else {
+        return;
+    };
+    let db = std::env::var("FAULTS_DB").ok();
+    fail::cfg("sourceflow::before-delete", "return(120000)").expect("fail point");
+    let _worker = crash::worker(&prefix, db.as_deref()).await;
+    tokio::time::sleep(Duration::from_secs(150)).await;
+}
+
+/// Kills a worker process after its effect (the event it raised went out) and before it
+/// deleted the message, then lets a replacement take the message: returns the deliveries
+/// the downstream service saw, and the replacement.
+async fn kill_after_the_effect(p: &str, db: Option<&str>) -> (Vec<String>, sourceflow::Handle) {
+    let deliveries = downstream::Deliveries::default();
+    let observer = sourceflow::builder()
+        .service("faults-observer")
+        .prefix(p)
+        .transport(aws().await)
+        .handlers(|h| h.module_path == downstream::MODULE)
+        .state(deliveries.clone())
+        // Every delivery counts: nothing may hide a duplicate.
+        .without_idempotency()
+        .receive_wait(Duration::from_secs(1))
+        .start()
+        .await
+        .expect("observer");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_worker_process",
+            "--nocapture",
+        ])
+        .env("FAULTS_PREFIX", p)
+        .envs(db.map(|d| ("FAULTS_DB", d)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("worker process");
+    observer
+        .send(crash::Ship { parcel: 1 })
+        .await
+        .expect("send");
+    eventually("the effect is visible downstream", || async {
+        deliveries.all().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        deliveries.all().len(),
+        1,
+        "the worker is paused before its delete"
+    );
+    // SIGKILL: no delete, no release, no hand-back.
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let replacement = crash::worker(p, db).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    observer.shutdown().await.expect("shutdown");
+    (deliveries.all(), replacement)
+}
+
+/// Without idempotency the redelivered message runs its handler again: the effect is
+/// visible twice (with the same derived event id). This is what the next test's
+/// guarantee is measured against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_after_its_effect_repeats_it_without_idempotency() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let (deliveries, replacement) = kill_after_the_effect(&p, None).await;
+    assert_eq!(
+        deliveries.len(),
+        2,
+        "the effect happened twice: {deliveries:?}"
+    );
+    assert_eq!(
+        deliveries[0], deliveries[1],
+        "the re-run derived the same event id"
+    );
+    let queue = replacement.queue_of::<crash::Ship>();
+    let t = replacement.transport();
+    eventually("the message is done", || async {
+        depth(&*t, &queue).await == 0
+    })
+    .await;
+    replacement.shutdown().await.expect("shutdown");
+}
+
+/// With the claims in SQLite the redelivery of a message whose effect was committed and
+/// dispatched is acknowledged as a duplicate: the effect is visible once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_after_its_effect_does_not_repeat_it_with_idempotency() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let path = std::env::temp_dir().join(format!("sourceflow-faults-{p}.db"));
+    let db = format!("sqlite://{}?mode=rwc", path.display());
+    let (deliveries, replacement) = kill_after_the_effect(&p, Some(&db)).await;
+    assert_eq!(
+        deliveries.len(),
+        1,
+        "the effect happened once: {deliveries:?}"
+    );
+    let stats = replacement.idempotency_stats().expect("stats");
+    assert_eq!(
+        stats.duplicates, 1,
+        "the redelivery was recognised: {stats:?}"
+    );
+    let queue = replacement.queue_of::<crash::Ship>();
+    let t = replacement.transport();
+    eventually("the message is done", || async {
+        depth(&*t, &queue).await == 0
+    })
+    .await;
+    assert_eq!(depth(&*t, &Naming::dead_letter(&queue)).await, 0);
+    replacement.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_file(&path);
+}
