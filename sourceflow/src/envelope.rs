@@ -48,6 +48,10 @@ pub mod attr {
     pub const TRACESTATE: &str = "tracestate";
     /// The correlation id (also in the envelope), for tools that only see attributes.
     pub const CORRELATION_ID: &str = "sourceflow.correlation_id";
+    /// Set on a message whose payload is encrypted: the format (`sfenc/1`).
+    pub const ENCRYPTION: &str = "sourceflow.encryption";
+    /// The value of [`ENCRYPTION`] for the first encryption format.
+    pub const ENCRYPTION_V1: &str = "sfenc/1";
 }
 
 /// The content type of an envelope body.
@@ -208,10 +212,7 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         attributes.push((attr::TRACESTATE.to_string(), ts));
     }
     if encrypted {
-        attributes.push((
-            crate::encryption::ATTRIBUTE.to_string(),
-            crate::encryption::FORMAT_V1.to_string(),
-        ));
+        attributes.push((attr::ENCRYPTION.to_string(), attr::ENCRYPTION_V1.to_string()));
     }
     Ok(OutgoingMessage {
         body,

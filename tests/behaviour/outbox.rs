@@ -77,11 +77,6 @@ async fn a_failed_handler_sends_nothing_and_the_retry_sends_once() {
 
 mod flaky {
     use super::*;
-    use async_trait::async_trait;
-    use sourceflow::envelope::OutgoingMessage;
-    use sourceflow::transport::{
-        BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport,
-    };
 
     pub const MODULE: &str = module_path!();
 

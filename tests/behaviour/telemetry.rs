@@ -1,21 +1,17 @@
 //! Observability: one trace across services through a queue and a topic, metric values
 //! after a known workload, health, and `#[sensitive]` values kept out of spans and logs.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use serde::{Deserialize, Serialize};
-use sourceflow::envelope::{attr, OutgoingMessage};
+use sourceflow::envelope::attr;
 use sourceflow::health::Status;
-use sourceflow::transport::{
-    BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport,
-};
 use sourceflow::{command, event, handler, Context, SendOptions, State};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -58,10 +58,11 @@ use cache::{ReceiverCache, SenderCache};
 pub use kms::KmsKeyProvider;
 pub use local::LocalKeyProvider;
 
-/// The attribute marking an encrypted payload, and its value for format version 1.
-pub const ATTRIBUTE: &str = "sourceflow.encryption";
+/// The attribute marking an encrypted payload (a wire name, kept in
+/// [`envelope::attr`](crate::envelope::attr)).
+pub const ATTRIBUTE: &str = crate::envelope::attr::ENCRYPTION;
 /// The value of [`ATTRIBUTE`] for format version 1.
-pub const FORMAT_V1: &str = "sfenc/1";
+pub const FORMAT_V1: &str = crate::envelope::attr::ENCRYPTION_V1;
 /// What the data keys of message payloads are for (part of the encryption context).
 pub const PURPOSE: &str = "message-payload";
 

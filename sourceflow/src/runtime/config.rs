@@ -57,7 +57,7 @@ fn policy_from_env(prefix: &str, default: RetryPolicy) -> Result<RetryPolicy> {
 /// 100), so that sourceflow always dead-letters first, with a reason, and returns after
 /// infrastructure faults (which SQS counts as receives) do not reach it.
 pub(super) fn default_redrive_limit(max_attempts: u32) -> u32 {
-    max_attempts.saturating_mul(10).max(100).min(1000)
+    max_attempts.saturating_mul(10).clamp(100, 1000)
 }
 
 impl Builder {
