@@ -8,14 +8,20 @@
 //! process clock for SQLite, the database server's clock for PostgreSQL (so that instances
 //! whose clocks disagree still agree on leases).
 //!
-//! A claim is one atomic statement, `INSERT … ON CONFLICT (key) DO UPDATE … WHERE <the
-//! existing record is an expired lease or an expired completion> RETURNING token`: it
-//! inserts a new record or takes over an expired one, or changes nothing; only when it
-//! changed nothing is the record read to tell the caller why. `renew`, `complete` and
-//! `release` only touch the record while it is in progress under the caller's token.
+//! A claim is one atomic statement, `INSERT … ON CONFLICT (key) DO UPDATE SET …, attempts =
+//! CASE … END WHERE <the existing record is a released claim, an expired lease or an
+//! expired completion> RETURNING attempts`: it inserts a new record (attempts 0) or takes
+//! over a claimable one (a dead worker's claim: attempts + 1; a released claim: attempts
+//! kept; an expired completion: 0), or changes nothing; only when it changed nothing is the
+//! record read to tell the caller why. `renew`, `complete` and `release` only touch the
+//! record while it is in progress under the caller's token. A release as failed or returned
+//! keeps the record, in progress without a token (claimable at once), adding one attempt
+//! when failed; a release as dead-lettered deletes it.
 //!
-//! Expired completed records are deleted by [`purge_expired`](super::IdempotencyStore::purge_expired)
-//! in batches; run it periodically with [`spawn_cleanup`](super::spawn_cleanup).
+//! Expired completed records, and claims abandoned for more than
+//! [`ABANDONED_AFTER`](super::ABANDONED_AFTER) after their lease ran out, are deleted by
+//! [`purge_expired`](super::IdempotencyStore::purge_expired) in batches; run it periodically
+//! with [`spawn_cleanup`](super::spawn_cleanup).
 
 use crate::error::Error;
 
