@@ -10,10 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sourceflow::idempotency::conformance::{self, Backdate};
-use sourceflow::idempotency::sql::MIGRATIONS_TABLE;
+use sourceflow::idempotency::sql::{ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use sourceflow::idempotency::{
     Claim, IdempotencyStore, PostgresIdempotencyStore, SqliteIdempotencyStore,
 };
@@ -195,6 +195,10 @@ async fn sqlite_conforms() {
     let file = SqliteFile::new("conforms");
     let store = file.open().await;
     assert_eq!(store.name(), "sqlite");
+    assert_eq!(
+        store.pool().options().get_acquire_timeout(),
+        ACQUIRE_TIMEOUT
+    );
     conformance::run(&store, "t", &SqliteClock(store.pool().clone())).await;
     conformance::race(Arc::new(store), "race").await;
 }
@@ -470,6 +474,125 @@ async fn postgres_upgrades_a_database_of_the_first_release() {
             .expect("versions");
     assert_upgraded(&store, versions).await;
 
+    store.pool().close().await;
+    schema.drop().await;
+}
+
+/// A TCP proxy to the database that can be cut, as a network outage would.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                open.lock().expect("connections").push(relay);
+            }
+        });
+        Proxy {
+            addr,
+            accept,
+            connections,
+        }
+    }
+
+    /// Closes the listening port and every connection through it.
+    async fn cut(self) {
+        self.accept.abort();
+        let _ = self.accept.await;
+        let relays: Vec<_> = self
+            .connections
+            .lock()
+            .expect("connections")
+            .drain(..)
+            .collect();
+        for relay in relays {
+            relay.abort();
+            let _ = relay.await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fails_fast_when_the_database_is_unreachable() {
+    let Some(url) = postgres_url("postgres_fails_fast_when_the_database_is_unreachable") else {
+        return;
+    };
+    let schema = PgSchema::create(url.clone(), "outage").await;
+    let options = PgConnectOptions::from_str(&url).expect("test database URL");
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    let proxy = Proxy::start(server.clone()).await;
+    assert!(url.contains(&server), "{url} names {server}");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let proxied = format!(
+        "{}{separator}options=-c%20search_path%3D{}",
+        url.replacen(&server, &proxy.addr.to_string(), 1),
+        schema.name
+    );
+    let store = PostgresIdempotencyStore::connect(&proxied)
+        .await
+        .expect("connect through the proxy");
+    assert_eq!(
+        store.pool().options().get_acquire_timeout(),
+        ACQUIRE_TIMEOUT
+    );
+    assert!(matches!(
+        store
+            .claim("before", "h", store_checks::LEASE)
+            .await
+            .expect("claim"),
+        Claim::Acquired { .. }
+    ));
+
+    proxy.cut().await;
+    let bound = ACQUIRE_TIMEOUT + Duration::from_secs(3);
+    let started = Instant::now();
+    let error = store
+        .claim("during", "h", store_checks::LEASE)
+        .await
+        .expect_err("the database is unreachable");
+    let took = started.elapsed();
+    assert!(
+        took < bound,
+        "a claim failed after {took:?}, not within {bound:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.starts_with("claim on the postgres idempotency store failed: "),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+
+    let started = Instant::now();
+    let error = PostgresIdempotencyStore::connect(&proxied)
+        .await
+        .expect_err("the database is unreachable");
+    let took = started.elapsed();
+    assert!(
+        took < bound,
+        "connect failed after {took:?}, not within {bound:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("connect on the postgres idempotency store failed: "),
+        "{error}"
+    );
     store.pool().close().await;
     schema.drop().await;
 }

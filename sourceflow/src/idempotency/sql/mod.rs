@@ -22,6 +22,13 @@
 //! [`ABANDONED_AFTER`](super::ABANDONED_AFTER) after their lease ran out, are deleted by
 //! [`purge_expired`](super::IdempotencyStore::purge_expired) in batches; run it periodically
 //! with [`spawn_cleanup`](super::spawn_cleanup).
+//!
+//! The pools that `connect` opens wait at most [`ACQUIRE_TIMEOUT`] for a connection: when
+//! the database is unreachable, a claim fails within seconds (an infrastructure fault, which
+//! returns the message without spending an attempt) instead of holding the message for
+//! sqlx's default of 30 seconds. A pool brought to `from_pool` keeps its own settings.
+
+use std::time::Duration;
 
 use crate::error::Error;
 
@@ -37,6 +44,10 @@ pub use sqlite::SqliteIdempotencyStore;
 
 /// The table that holds the claims (created by the embedded migrations).
 pub const TABLE: &str = "sourceflow_idempotency";
+
+/// How long a store opened by `connect` waits for a pooled connection (to open one, or for
+/// one to come free) before the operation fails.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The table that records which of sourceflow's migrations were applied.
 pub const MIGRATIONS_TABLE: &str = "_sourceflow_migrations";

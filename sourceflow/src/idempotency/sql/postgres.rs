@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
-use super::{migrate_error, store_error, MIGRATIONS_TABLE};
+use super::{migrate_error, store_error, ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
 use crate::idempotency::record::{claim_with, millis, Attempt, Existing};
 use crate::idempotency::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
@@ -31,9 +31,14 @@ impl PostgresIdempotencyStore {
     /// Connects to `url` (e.g. `postgres://user@host:5432/db`) and applies the embedded
     /// migrations. Built without TLS: reach the database over loopback or a private network,
     /// or bring a pool of your own to [`from_pool`](Self::from_pool).
+    ///
+    /// Every operation waits at most [`ACQUIRE_TIMEOUT`](super::ACQUIRE_TIMEOUT) for a
+    /// connection, so an unreachable database fails claims within seconds, and this call
+    /// too.
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await
             .map_err(store_error(STORE, "connect"))?;

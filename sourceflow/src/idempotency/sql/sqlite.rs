@@ -10,7 +10,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection, Row};
 
-use super::{migrate_error, store_error, MIGRATIONS_TABLE};
+use super::{migrate_error, store_error, ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
 use crate::idempotency::record::{claim_with, millis, now_millis, Attempt, Existing};
 use crate::idempotency::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
@@ -43,7 +43,8 @@ pub struct SqliteIdempotencyStore {
 impl SqliteIdempotencyStore {
     /// Opens (creating it if needed with `?mode=rwc`) the database at `url`, e.g.
     /// `sqlite://var/claims.db?mode=rwc`, in WAL mode with a busy timeout, and applies the
-    /// embedded migrations.
+    /// embedded migrations. A claim waits at most [`ACQUIRE_TIMEOUT`](super::ACQUIRE_TIMEOUT)
+    /// for one of the pool's connections.
     pub async fn connect(url: &str) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(store_error(STORE, "connect"))?
@@ -67,6 +68,7 @@ impl SqliteIdempotencyStore {
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(store_error(STORE, "connect"))?;
