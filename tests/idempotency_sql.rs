@@ -112,6 +112,16 @@ const FIRST_RELEASE_ROWS: &str = "
     INSERT INTO sourceflow_idempotency (key, payload_hash, state, expires_at, outbox, created_at)
     VALUES ('done', 'h', 'completed', 9000000000000, '[\"o\"]', 1);";
 
+/// Records a migration applied by a later release than this one (`checksum`: a byte string
+/// in the database's SQL).
+fn later_release(checksum: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!(
+        "INSERT INTO _sourceflow_migrations
+             (version, description, success, checksum, execution_time)
+         VALUES (9999, 'from a later release', TRUE, {checksum}, 0)"
+    ))
+}
+
 /// After the upgrade: the first release's records read as before, the dead worker's claim
 /// counts its attempt, and every migration is recorded once.
 async fn assert_upgraded(store: &dyn IdempotencyStore, versions: Vec<i64>) {
@@ -160,7 +170,14 @@ async fn sqlite_upgrades_a_database_of_the_first_release() {
             .expect("versions");
     assert_upgraded(&store, versions).await;
 
+    // A later release's migration does not stop this one from opening the file (a rolling
+    // deploy, a rollback).
+    sqlx::raw_sql(later_release("X'00'"))
+        .execute(store.pool())
+        .await
+        .expect("later migration");
     store.pool().close().await;
+    file.open().await.pool().close().await;
 }
 
 fn millis_ago(ago: Duration) -> i64 {
@@ -474,7 +491,14 @@ async fn postgres_upgrades_a_database_of_the_first_release() {
             .expect("versions");
     assert_upgraded(&store, versions).await;
 
+    // A later release's migration does not stop this one from starting (a rolling deploy,
+    // a rollback).
+    sqlx::raw_sql(later_release("'\\x00'::bytea"))
+        .execute(store.pool())
+        .await
+        .expect("later migration");
     store.pool().close().await;
+    schema.open().await.pool().close().await;
     schema.drop().await;
 }
 

@@ -23,6 +23,12 @@
 //! [`purge_expired`](super::IdempotencyStore::purge_expired) in batches; run it periodically
 //! with [`spawn_cleanup`](super::spawn_cleanup).
 //!
+//! Migrations only add what older releases can ignore (a column with a default, an index),
+//! and a store opens a database that a later release migrated further: instances of two
+//! releases can share the database during a rolling deploy. (The first release, which
+//! knew only `0001`, refuses to start on a database migrated further: finish the deploy
+//! rather than start instances of it afterwards.)
+//!
 //! The pools that `connect` opens wait at most [`ACQUIRE_TIMEOUT`] for a connection: when
 //! the database is unreachable, a claim fails within seconds (an infrastructure fault, which
 //! returns the message without spending an attempt) instead of holding the message for

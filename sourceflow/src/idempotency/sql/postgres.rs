@@ -50,6 +50,10 @@ impl PostgresIdempotencyStore {
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         let mut migrator = sqlx::migrate!("migrations/postgres");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        // A database a later release migrated stays usable by this one (instances of both
+        // run side by side during a rolling deploy, and a rollback returns to this one):
+        // sourceflow's migrations only ever add what older releases can ignore.
+        migrator.set_ignore_missing(true);
         migrator.run(&pool).await.map_err(migrate_error(STORE))?;
         Ok(PostgresIdempotencyStore { pool })
     }

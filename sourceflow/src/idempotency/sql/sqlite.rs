@@ -81,6 +81,10 @@ impl SqliteIdempotencyStore {
     pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
         let mut migrator = sqlx::migrate!("migrations/sqlite");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        // A database a later release migrated stays usable by this one (instances of both
+        // run side by side during a rolling deploy, and a rollback returns to this one):
+        // sourceflow's migrations only ever add what older releases can ignore.
+        migrator.set_ignore_missing(true);
         // Processes opening a new file at the same time may both try to apply a migration;
         // the loser fails (SQLite has no migration lock) and then finds it applied.
         let mut attempt = 0;
