@@ -31,7 +31,7 @@
 //! periodic cleanup ([`purges_itself`](super::IdempotencyStore::purges_itself)). DynamoDB
 //! deletes expired items lazily (usually within days), so reads judge expiry by the
 //! millisecond attributes, never by the item's presence. An in-progress item's TTL is its
-//! lease (or its release) plus [`ABANDONED_AFTER`](super::ABANDONED_AFTER), so DynamoDB
+//! lease (or its release) plus [`ABANDONED_AFTER`], so DynamoDB
 //! lets go of abandoned claims when [`purge_expired`](super::IdempotencyStore::purge_expired)
 //! would. That call still works, by a filtered `Scan` and conditional deletes, for tables
 //! whose TTL is off.

@@ -484,7 +484,11 @@ pub mod conformance {
         let before = store.size().await.expect("size");
         release(store, &b, &token, Release::DeadLettered).await;
         if store.size_is_exact() {
-            assert_eq!(store.size().await.expect("size"), before - 1);
+            assert_eq!(
+                store.size().await.expect("size"),
+                before - 1,
+                "a dead-lettered release deletes the record"
+            );
         }
         let (token, n) = acquire(store, &b, "redriven-hash", LEASE).await;
         assert_eq!(n, 1, "a dead-lettered record is deleted");
