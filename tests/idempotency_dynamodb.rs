@@ -16,8 +16,11 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TimeToLiveStatus, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
+use sourceflow::idempotency::conformance::{self, Backdate};
 use sourceflow::idempotency::dynamodb::{KEY_ATTRIBUTE, TTL_ATTRIBUTE};
-use sourceflow::idempotency::{conformance, Claim, DynamoDbIdempotencyStore, IdempotencyStore};
+use sourceflow::idempotency::{
+    Claim, DynamoDbIdempotencyStore, IdempotencyStore, Release, ABANDONED_AFTER,
+};
 use sourceflow::transport::aws::ProvisionMode;
 
 #[path = "common/dynamodb.rs"]
@@ -80,6 +83,43 @@ async fn item(client: &Client, table: &str, key: &str) -> HashMap<String, Attrib
         .expect("the item exists")
 }
 
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Ages an item by writing its lease (and its TTL, as the store would) directly.
+struct Clock {
+    client: Client,
+    table: String,
+}
+
+#[async_trait::async_trait]
+impl Backdate for Clock {
+    async fn lease_ran_out(&self, key: &str, ago: Duration) {
+        let lease_until = now_millis() - ago.as_millis() as i64;
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, AttributeValue::S(key.into()))
+            .condition_expression("#state = :in_progress")
+            .update_expression("SET lease_until = :lease_until, #ttl = :ttl")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+            .expression_attribute_values(":in_progress", AttributeValue::S("in_progress".into()))
+            .expression_attribute_values(":lease_until", AttributeValue::N(lease_until.to_string()))
+            .expression_attribute_values(
+                ":ttl",
+                AttributeValue::N((lease_until / 1000 + 1 + 3600).to_string()),
+            )
+            .send()
+            .await
+            .expect("backdate an in-progress item");
+    }
+}
+
 fn number(item: &HashMap<String, AttributeValue>, name: &str) -> i64 {
     match item.get(name) {
         Some(AttributeValue::N(n)) => n.parse().expect("a number"),
@@ -100,7 +140,11 @@ async fn dynamodb_conforms() {
         store.purges_itself(),
         "DynamoDB's TTL deletes expired items"
     );
-    conformance::run(&store, "t").await;
+    let clock = Clock {
+        client: client.clone(),
+        table: table.clone(),
+    };
+    conformance::run(&store, "t", &clock).await;
     conformance::race(Arc::new(store), "race").await;
     dynamodb::drop_table(&client, &table).await;
 }
@@ -313,8 +357,8 @@ async fn dynamodb_purges_in_batches() {
     let client = dynamodb::client(&endpoint);
     let table = dynamodb::table("purge");
     let store = Arc::new(open(&client, &table).await);
-    // Completions that expired long ago and that DynamoDB's TTL has not deleted yet (it
-    // deletes lazily, and emulators not at all).
+    // Completions that expired long ago and claims abandoned long ago, that DynamoDB's TTL
+    // has not deleted yet (it deletes lazily, and emulators not at all).
     let insert = |from: i64, to: i64| {
         let client = client.clone();
         let table = table.clone();
@@ -324,16 +368,32 @@ async fn dynamodb_purges_in_batches() {
                 let writes = chunk
                     .iter()
                     .map(|i| {
-                        let item = HashMap::from([
+                        let mut item = HashMap::from([
                             (
                                 KEY_ATTRIBUTE.to_string(),
                                 AttributeValue::S(format!("expired:{i}")),
                             ),
                             ("payload_hash".into(), AttributeValue::S("h".into())),
-                            ("state".into(), AttributeValue::S("completed".into())),
-                            ("expires_at".into(), AttributeValue::N("1".into())),
                             (TTL_ATTRIBUTE.into(), AttributeValue::N("1".into())),
                         ]);
+                        let state = if i % 2 == 0 {
+                            [("state", "completed"), ("expires_at", "1")]
+                        } else {
+                            [("state", "in_progress"), ("lease_until", "1")]
+                        };
+                        for (name, value) in state {
+                            item.insert(
+                                name.into(),
+                                if name == "state" {
+                                    AttributeValue::S(value.into())
+                                } else {
+                                    AttributeValue::N(value.into())
+                                },
+                            );
+                        }
+                        if i % 2 == 1 {
+                            item.insert("token".into(), AttributeValue::S("dead-worker".into()));
+                        }
                         WriteRequest::builder()
                             .put_request(
                                 PutRequest::builder()
@@ -362,6 +422,87 @@ async fn dynamodb_purges_in_batches() {
         async move { store.count_exact().await.expect("count") }
     };
     cleans_up_in_batches(store.clone(), insert, count).await;
+    dynamodb::drop_table(&client, &table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_items_count_attempts() {
+    let Some(endpoint) = dynamodb::endpoint("dynamodb_items_count_attempts") else {
+        return;
+    };
+    let client = dynamodb::client(&endpoint);
+    let table = dynamodb::table("attempts");
+    let store = open(&client, &table).await;
+
+    // The attribute as each write leaves it.
+    let Claim::Acquired { token, .. } = store.claim("k", "h", LEASE).await.expect("claim") else {
+        panic!("claim");
+    };
+    assert_eq!(number(&item(&client, &table, "k").await, "attempts"), 0);
+    store
+        .release("k", &token, Release::Failed)
+        .await
+        .expect("release");
+    let released = item(&client, &table, "k").await;
+    assert_eq!(number(&released, "attempts"), 1);
+    assert!(
+        !released.contains_key("token"),
+        "a released claim has no token"
+    );
+    // Released now: DynamoDB may let it go an hour after, as purge_expired would.
+    let released_at = number(&released, "lease_until");
+    assert!((released_at - now_millis()).abs() <= 5_000);
+    assert_eq!(
+        number(&released, TTL_ATTRIBUTE),
+        (released_at + 999) / 1000 + ABANDONED_AFTER.as_secs() as i64
+    );
+    let Claim::Acquired { token, attempt } = store.claim("k", "h", LEASE).await.expect("claim")
+    else {
+        panic!("claim again");
+    };
+    assert_eq!(attempt, 2);
+    store
+        .release("k", &token, Release::Returned)
+        .await
+        .expect("release");
+    assert_eq!(number(&item(&client, &table, "k").await, "attempts"), 1);
+
+    // Items written before the attribute existed have no attempts recorded.
+    let old = |key: &str, token: Option<&str>, lease_until: i64| {
+        let mut item = HashMap::from([
+            (KEY_ATTRIBUTE.to_string(), AttributeValue::S(key.into())),
+            ("payload_hash".into(), AttributeValue::S("h".into())),
+            ("state".into(), AttributeValue::S("in_progress".into())),
+            (
+                "lease_until".into(),
+                AttributeValue::N(lease_until.to_string()),
+            ),
+            ("created_at".into(), AttributeValue::N("1".into())),
+        ]);
+        if let Some(t) = token {
+            item.insert("token".into(), AttributeValue::S(t.into()));
+        }
+        client
+            .put_item()
+            .table_name(&table)
+            .set_item(Some(item))
+            .send()
+    };
+    let ago = now_millis() - 1_000;
+    old("old-crashed", Some("dead-worker"), ago)
+        .await
+        .expect("put");
+    old("old-released", None, ago).await.expect("put");
+    for (key, expected) in [("old-crashed", 2), ("old-released", 1)] {
+        match store.claim(key, "h", LEASE).await.expect("claim") {
+            Claim::Acquired { attempt, .. } => assert_eq!(attempt, expected, "{key}"),
+            other => panic!("{key}: {other:?}"),
+        }
+        assert_eq!(
+            number(&item(&client, &table, key).await, "attempts"),
+            i64::from(expected - 1)
+        );
+    }
     dynamodb::drop_table(&client, &table).await;
 }
 

@@ -160,9 +160,22 @@ async fn main() {
 
     match std::env::var("SOURCEFLOW_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => {
-            let pg = PostgresIdempotencyStore::connect(&url)
+            // A schema of its own: the bench leaves the database's other schemas (and their
+            // migration state) as they were.
+            let schema = format!("bench_{}", unique());
+            let admin = sqlx::PgPool::connect(&url)
                 .await
                 .expect("connect to PostgreSQL");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+                .execute(&admin)
+                .await
+                .expect("create the bench schema");
+            let separator = if url.contains('?') { '&' } else { '?' };
+            let pg = PostgresIdempotencyStore::connect(&format!(
+                "{url}{separator}options=-c%20search_path%3D{schema}"
+            ))
+            .await
+            .expect("connect to PostgreSQL");
             rows.push(
                 measure(
                     "postgres (loopback TCP)",
@@ -171,12 +184,14 @@ async fn main() {
                 )
                 .await,
             );
-            // Leave the table as it was.
-            sqlx::query("DELETE FROM sourceflow_idempotency WHERE key LIKE 'bench:%'")
-                .execute(pg.pool())
-                .await
-                .expect("clean up");
             pg.pool().close().await;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA \"{schema}\" CASCADE"
+            )))
+            .execute(&admin)
+            .await
+            .expect("drop the bench schema");
+            admin.close().await;
         }
         _ => eprintln!(
             "postgres: skipped (set SOURCEFLOW_TEST_POSTGRES_URL, e.g. with \

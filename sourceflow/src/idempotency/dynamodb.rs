@@ -5,19 +5,36 @@
 //! (`id`, as in AWS Lambda Powertools' idempotency utility). Every change is a conditional
 //! write, so DynamoDB decides races item by item:
 //!
-//! * a claim is one `PutItem` with the condition *the item does not exist, or its lease ran
-//!   out (same payload hash), or its completion expired*; when the condition fails, DynamoDB
-//!   returns the existing item in the same answer (`ReturnValuesOnConditionCheckFailure`),
-//!   which tells the caller why;
+//! * a claim is one `PutItem` of the in-progress item, conditioned on what it expects to
+//!   replace: at first, *the item does not exist* (`attempts` 0). When the condition fails,
+//!   DynamoDB returns the existing item in the same answer
+//!   (`ReturnValuesOnConditionCheckFailure`), which tells the caller why, or which
+//!   claimable item is in the way; the claim then writes again, with the attempts computed
+//!   from that item and a condition that holds only while the item is still that one: a
+//!   dead worker's claim (*its token, lease over*: `attempts + 1`; a token names one claim,
+//!   whose count does not change while it holds it), a released claim (*in progress, no
+//!   token, same hash, the same `attempts`*: kept) or an expired completion (*completed,
+//!   past expiry*: 0). A write computed from a stale read fails and the claim reads again;
+//!   no count is ever applied to an item it was not computed from. (An update expression
+//!   cannot choose its arithmetic by the item's state, so a single conditional
+//!   `UpdateItem` could not take every kind.) A new key costs one write, a takeover two;
 //! * `renew`, `complete` and `release` are `UpdateItem`/`DeleteItem` calls conditioned on the
-//!   caller's token and the in-progress state.
+//!   caller's token and the in-progress state; a release as failed or returned removes the
+//!   token (claimable at once) and adds one attempt when failed, a release as dead-lettered
+//!   deletes the item.
+//!
+//! `attempts` (a number) counts the handler attempts recorded for a key; an item without it
+//! (written before the attribute existed) has none.
 //!
 //! Expired items are deleted by DynamoDB itself through the table's TTL attribute,
 //! [`TTL_ATTRIBUTE`] (epoch seconds, at no write cost), so a service using this store runs no
 //! periodic cleanup ([`purges_itself`](super::IdempotencyStore::purges_itself)). DynamoDB
 //! deletes expired items lazily (usually within days), so reads judge expiry by the
-//! millisecond attributes, never by the item's presence. [`purge_expired`](super::IdempotencyStore::purge_expired)
-//! still works, by a filtered `Scan` and conditional deletes, for tables whose TTL is off.
+//! millisecond attributes, never by the item's presence. An in-progress item's TTL is its
+//! lease (or its release) plus [`ABANDONED_AFTER`], so DynamoDB
+//! lets go of abandoned claims when [`purge_expired`](super::IdempotencyStore::purge_expired)
+//! would. That call still works, by a filtered `Scan` and conditional deletes, for tables
+//! whose TTL is off.
 //!
 //! Leases and expiries are judged by the instances' clocks (DynamoDB has no server clock in
 //! its expressions): keep them synchronised (NTP, as on EC2, ECS and Lambda); a skew of a
@@ -41,8 +58,10 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use futures_util::StreamExt;
 
-use super::record::{claim_with, millis, now_millis, Attempt, Existing, COMPLETED, IN_PROGRESS};
-use super::{Claim, IdempotencyStore, Release};
+use super::record::{
+    claim_with, millis, now_millis, Attempt, Existing, Takeover, COMPLETED, IN_PROGRESS,
+};
+use super::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
 use crate::error::{Error, Result};
 use crate::transport::aws::ProvisionMode;
 
@@ -59,9 +78,13 @@ pub const TTL_ATTRIBUTE: &str = "expiration";
 /// the item is well under 1 KB.
 pub const MAX_OUTBOX_BYTES: usize = 399 * 1024;
 
-/// How long DynamoDB may keep an in-progress item after its lease ran out before its TTL
-/// lets it go (a lease that ran out is taken over by the next claim anyway).
-const IN_PROGRESS_GRACE_SECS: i64 = 60 * 60;
+/// How long DynamoDB keeps an in-progress item after its lease ran out (or it was
+/// released) before its TTL lets it go: [`ABANDONED_AFTER`], as `purge_expired` does. A
+/// claim takes over such an item anyway; the grace keeps its attempt count meanwhile.
+const IN_PROGRESS_GRACE_SECS: i64 = ABANDONED_AFTER.as_secs() as i64;
+
+/// The attribute counting a key's handler attempts (a number; absent: none).
+const ATTEMPTS: &str = "attempts";
 
 /// How long [`DynamoDbIdempotencyStore::open`] waits for a new table to become active.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -140,6 +163,8 @@ fn existing(item: &HashMap<String, AttributeValue>) -> Result<Existing> {
     Ok(Existing {
         payload_hash: text(item, "payload_hash").ok_or_else(|| missing("payload_hash"))?,
         state: text(item, "state").ok_or_else(|| missing("state"))?,
+        token: text(item, "token"),
+        attempts: number(item, ATTEMPTS)?,
         lease_until: number(item, "lease_until")?,
         expires_at: number(item, "expires_at")?,
         outbox: text(item, "outbox"),
@@ -410,6 +435,113 @@ impl DynamoDbIdempotencyStore {
         out.item.as_ref().map(existing).transpose()
     }
 
+    /// One claim write: a `PutItem` of the in-progress item with the attempts computed from
+    /// what the claim expects to find, conditioned on finding just that (so a count computed
+    /// from a stale read is never written: the condition fails and the item comes back).
+    async fn write_claim(
+        &self,
+        expected: Takeover,
+        key: &str,
+        payload_hash: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Attempt> {
+        let now = now_millis();
+        let lease_until = now + millis(lease);
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(KEY_ATTRIBUTE, s(key))
+            .item("payload_hash", s(payload_hash))
+            .item("state", s(IN_PROGRESS))
+            .item("token", s(token))
+            .item("lease_until", n(lease_until))
+            .item("created_at", n(now))
+            .item(
+                TTL_ATTRIBUTE,
+                n(ttl_secs(lease_until) + IN_PROGRESS_GRACE_SECS),
+            )
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let (put, attempts) = match expected {
+            Takeover::Absent => (
+                put.condition_expression("attribute_not_exists(#id)")
+                    .expression_attribute_names("#id", KEY_ATTRIBUTE),
+                0,
+            ),
+            // Its worker reached the handlers and died holding the claim: that counts. While
+            // its token is there, the claim (and its count) is the one read.
+            Takeover::Crashed {
+                token: dead,
+                attempts,
+            } => (
+                put.condition_expression("#token = :dead AND #lease_until <= :now")
+                    .expression_attribute_names("#token", "token")
+                    .expression_attribute_names("#lease_until", "lease_until")
+                    .expression_attribute_values(":dead", s(&dead))
+                    .expression_attribute_values(":now", n(now)),
+                attempts.unwrap_or(0).saturating_add(1),
+            ),
+            // Released: the release settled the count; taken if it is still the one read.
+            Takeover::Released { attempts } => {
+                let put = put
+                    .expression_attribute_names("#state", "state")
+                    .expression_attribute_names("#token", "token")
+                    .expression_attribute_names("#hash", "payload_hash")
+                    .expression_attribute_names("#attempts", ATTEMPTS)
+                    .expression_attribute_values(":in_progress", s(IN_PROGRESS))
+                    .expression_attribute_values(":hash", s(payload_hash));
+                const RELEASED: &str =
+                    "#state = :in_progress AND attribute_not_exists(#token) AND #hash = :hash";
+                match attempts {
+                    Some(a) => (
+                        put.condition_expression(format!("{RELEASED} AND #attempts = :attempts"))
+                            .expression_attribute_values(":attempts", n(a)),
+                        a,
+                    ),
+                    None => (
+                        put.condition_expression(format!(
+                            "{RELEASED} AND attribute_not_exists(#attempts)"
+                        )),
+                        0,
+                    ),
+                }
+            }
+            // Expired: the key starts again, whatever payload it had.
+            Takeover::Expired => (
+                put.condition_expression("#state = :completed AND #expires_at <= :now")
+                    .expression_attribute_names("#state", "state")
+                    .expression_attribute_names("#expires_at", "expires_at")
+                    .expression_attribute_values(":completed", s(COMPLETED))
+                    .expression_attribute_values(":now", n(now)),
+                0,
+            ),
+        };
+        match put.item(ATTEMPTS, n(attempts)).send().await {
+            Ok(_) => Ok(Attempt::Won { attempts }),
+            Err(e) => match e.as_service_error() {
+                // The item in the way, returned with the refusal.
+                Some(PutItemError::ConditionalCheckFailedException(c)) => {
+                    self.blocked(key, c.item()).await
+                }
+                _ => Err(sdk_error("claim")(e)),
+            },
+        }
+    }
+
+    /// The item that refused a claim's write, as returned with the refusal, or read (an
+    /// absent item, or an emulator that does not return it).
+    async fn blocked(
+        &self,
+        key: &str,
+        item: Option<&HashMap<String, AttributeValue>>,
+    ) -> Result<Attempt> {
+        match item {
+            Some(item) if !item.is_empty() => Ok(Attempt::Blocked(Some(existing(item)?))),
+            _ => Ok(Attempt::Blocked(self.read(key).await?)),
+        }
+    }
+
     /// The answer of a conditional write: `Ok(false)` when its condition failed.
     fn conditional<T, E, R>(
         operation: &'static str,
@@ -439,53 +571,9 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
-        claim_with(payload_hash, |token| async move {
-            let now = now_millis();
-            let lease_until = now + millis(lease);
-            let put = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .item(KEY_ATTRIBUTE, s(key))
-                .item("payload_hash", s(payload_hash))
-                .item("state", s(IN_PROGRESS))
-                .item("token", s(&token))
-                .item("lease_until", n(lease_until))
-                .item("created_at", n(now))
-                .item(
-                    TTL_ATTRIBUTE,
-                    n(ttl_secs(lease_until) + IN_PROGRESS_GRACE_SECS),
-                )
-                .condition_expression(
-                    "attribute_not_exists(#id) \
-                     OR (#state = :in_progress AND #lease_until <= :now AND #hash = :hash) \
-                     OR (#state = :completed AND #expires_at <= :now)",
-                )
-                .expression_attribute_names("#id", KEY_ATTRIBUTE)
-                .expression_attribute_names("#state", "state")
-                .expression_attribute_names("#lease_until", "lease_until")
-                .expression_attribute_names("#expires_at", "expires_at")
-                .expression_attribute_names("#hash", "payload_hash")
-                .expression_attribute_values(":in_progress", s(IN_PROGRESS))
-                .expression_attribute_values(":completed", s(COMPLETED))
-                .expression_attribute_values(":now", n(now))
-                .expression_attribute_values(":hash", s(payload_hash))
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                )
-                .send()
-                .await;
-            match put {
-                Ok(_) => Ok(Attempt::Won),
-                Err(e) => match e.as_service_error() {
-                    // The item that failed the condition, returned with the refusal.
-                    Some(PutItemError::ConditionalCheckFailedException(c)) => match c.item() {
-                        Some(item) => Ok(Attempt::Blocked(Some(existing(item)?))),
-                        None => Ok(Attempt::Blocked(self.read(key).await?)),
-                    },
-                    _ => Err(sdk_error("claim")(e)),
-                },
-            }
+        claim_with(payload_hash, |token, expected| async move {
+            self.write_claim(expected, key, payload_hash, &token, lease)
+                .await
         })
         .await
     }
@@ -582,25 +670,64 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
         Self::conditional("set_outbox", sent).map(drop)
     }
 
-    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
-        let sent = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .key(KEY_ATTRIBUTE, s(key))
-            .condition_expression("#token = :token AND #state = :in_progress")
-            .expression_attribute_names("#token", "token")
-            .expression_attribute_names("#state", "state")
-            .expression_attribute_values(":token", s(token))
-            .expression_attribute_values(":in_progress", s(IN_PROGRESS))
-            .send()
-            .await;
-        Self::conditional("release", sent).map(drop)
+    async fn release(&self, key: &str, token: &str, why: Release) -> Result<()> {
+        let released = match why {
+            // A redrive from the dead-letter queue starts with a fresh count.
+            Release::DeadLettered => {
+                let sent = self
+                    .client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .key(KEY_ATTRIBUTE, s(key))
+                    .condition_expression("#token = :token AND #state = :in_progress")
+                    .expression_attribute_names("#token", "token")
+                    .expression_attribute_names("#state", "state")
+                    .expression_attribute_values(":token", s(token))
+                    .expression_attribute_values(":in_progress", s(IN_PROGRESS))
+                    .send()
+                    .await;
+                Self::conditional("release", sent)
+            }
+            // Kept with its count, claimable at once by the next delivery; DynamoDB may let
+            // it go an hour after the release, as after a lease.
+            Release::Failed | Release::Returned => {
+                let now = now_millis();
+                let sent = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key(KEY_ATTRIBUTE, s(key))
+                    .condition_expression("#token = :token AND #state = :in_progress")
+                    .update_expression(
+                        "SET #lease_until = :now, #ttl = :ttl, \
+                         #attempts = if_not_exists(#attempts, :zero) + :counted \
+                         REMOVE #token",
+                    )
+                    .expression_attribute_names("#token", "token")
+                    .expression_attribute_names("#state", "state")
+                    .expression_attribute_names("#lease_until", "lease_until")
+                    .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                    .expression_attribute_names("#attempts", ATTEMPTS)
+                    .expression_attribute_values(":token", s(token))
+                    .expression_attribute_values(":in_progress", s(IN_PROGRESS))
+                    .expression_attribute_values(":now", n(now))
+                    .expression_attribute_values(":ttl", n(ttl_secs(now) + IN_PROGRESS_GRACE_SECS))
+                    .expression_attribute_values(":zero", n(0))
+                    .expression_attribute_values(":counted", n(i64::from(why == Release::Failed)))
+                    .send()
+                    .await;
+                Self::conditional("release", sent)
+            }
+        };
+        released.map(drop)
     }
 
     async fn purge_expired(&self, batch: usize) -> Result<usize> {
+        const PURGEABLE: &str = "(#state = :completed AND #expires_at <= :now) \
+             OR (#state = :in_progress AND #lease_until < :abandoned)";
         let now = now_millis();
-        // Find up to `batch` expired completions...
+        let abandoned = now - millis(ABANDONED_AFTER);
+        // Find up to `batch` expired completions and abandoned claims...
         let mut keys = Vec::new();
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         while keys.len() < batch {
@@ -610,12 +737,15 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
                 .table_name(&self.table)
                 .consistent_read(true)
                 .projection_expression("#id")
-                .filter_expression("#state = :completed AND #expires_at <= :now")
+                .filter_expression(PURGEABLE)
                 .expression_attribute_names("#id", KEY_ATTRIBUTE)
                 .expression_attribute_names("#state", "state")
                 .expression_attribute_names("#expires_at", "expires_at")
+                .expression_attribute_names("#lease_until", "lease_until")
                 .expression_attribute_values(":completed", s(COMPLETED))
+                .expression_attribute_values(":in_progress", s(IN_PROGRESS))
                 .expression_attribute_values(":now", n(now))
+                .expression_attribute_values(":abandoned", n(abandoned))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
@@ -631,19 +761,22 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             }
         }
         keys.truncate(batch);
-        // ...and delete each only if it is still an expired completion (a claim may have
-        // taken it over since the scan).
+        // ...and delete each only if it still is one (a claim may have taken it over since
+        // the scan).
         let deletes = futures_util::stream::iter(keys.into_iter().map(|key| async move {
             let sent = self
                 .client
                 .delete_item()
                 .table_name(&self.table)
                 .key(KEY_ATTRIBUTE, s(&key))
-                .condition_expression("#state = :completed AND #expires_at <= :now")
+                .condition_expression(PURGEABLE)
                 .expression_attribute_names("#state", "state")
                 .expression_attribute_names("#expires_at", "expires_at")
+                .expression_attribute_names("#lease_until", "lease_until")
                 .expression_attribute_values(":completed", s(COMPLETED))
+                .expression_attribute_values(":in_progress", s(IN_PROGRESS))
                 .expression_attribute_values(":now", n(now))
+                .expression_attribute_values(":abandoned", n(abandoned))
                 .send()
                 .await;
             Self::conditional("purge_expired", sent)

@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{new_token, Claim, IdempotencyStore, Release};
+use super::{new_token, Claim, IdempotencyStore, Release, ABANDONED_AFTER};
 use crate::error::Result;
 
 /// Default number of records kept.
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
 enum State {
+    /// Claimed until `until` by the holder of `token`; released (claimable at once) when
+    /// `token` is `None`, `until` being then the time of the release.
     InProgress {
-        token: String,
+        token: Option<String>,
         until: Instant,
     },
     Completed {
@@ -23,14 +25,35 @@ enum State {
     },
 }
 
+impl State {
+    /// Past expiry (completed), or abandoned (in progress, its lease over for more than
+    /// [`ABANDONED_AFTER`]).
+    fn purgeable(&self, now: Instant) -> bool {
+        match self {
+            State::Completed { until, .. } => *until <= now,
+            State::InProgress { until, .. } => {
+                now.saturating_duration_since(*until) > ABANDONED_AFTER
+            }
+        }
+    }
+}
+
+impl State {
+    fn held_by(&self, token: &str) -> bool {
+        matches!(self, State::InProgress { token: Some(t), .. } if t == token)
+    }
+}
+
 struct Entry {
     hash: String,
+    /// Handler attempts recorded: failed releases and claims taken over from dead workers.
+    attempts: u32,
     state: State,
 }
 
 /// Claims in a `HashMap`, for a single process (the default). Holds at most `capacity`
-/// records: when full, expired records are swept, then the completed records closest to
-/// expiry are dropped (in-progress claims are never dropped).
+/// records: when full, expired completions and abandoned claims are swept, then the
+/// completed records closest to expiry are dropped (live claims are never dropped).
 pub struct MemoryIdempotencyStore {
     entries: Mutex<HashMap<String, Entry>>,
     capacity: usize,
@@ -69,10 +92,7 @@ impl MemoryIdempotencyStore {
         if entries.len() < capacity {
             return;
         }
-        entries.retain(|_, e| match &e.state {
-            State::Completed { until, .. } => *until > now,
-            State::InProgress { .. } => true,
-        });
+        entries.retain(|_, e| !e.state.purgeable(now));
         if entries.len() < capacity {
             return;
         }
@@ -106,56 +126,74 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
         let now = Instant::now();
         let mut entries = self.entries.lock();
-        if let Some(e) = entries.get_mut(key) {
-            let expired_completed =
-                matches!(e.state, State::Completed { until, .. } if until <= now);
-            if !expired_completed {
-                if e.hash != payload_hash {
-                    return Ok(Claim::Mismatch);
-                }
-                match &e.state {
-                    State::Completed { outbox, .. } => {
-                        return Ok(Claim::Completed {
-                            undispatched: outbox.clone(),
-                        })
-                    }
-                    State::InProgress { until, .. } if *until > now => {
-                        return Ok(Claim::InProgress {
-                            lease_left: *until - now,
-                        })
-                    }
-                    State::InProgress { .. } => {} // lease expired: take over below
-                }
+        let attempts = match entries.get(key) {
+            None => {
+                Self::make_room(&mut entries, self.capacity, now);
+                0
             }
-            let token = new_token();
-            *e = Entry {
-                hash: payload_hash.to_string(),
-                state: State::InProgress {
-                    token: token.clone(),
-                    until: now + lease,
-                },
-            };
-            return Ok(Claim::Acquired { token, attempt: 1 });
-        }
-        Self::make_room(&mut entries, self.capacity, now);
+            // Expired: the key starts again, whatever payload it had.
+            Some(Entry {
+                state: State::Completed { until, .. },
+                ..
+            }) if *until <= now => 0,
+            Some(e) if e.hash != payload_hash => return Ok(Claim::Mismatch),
+            Some(Entry {
+                state: State::Completed { outbox, .. },
+                ..
+            }) => {
+                return Ok(Claim::Completed {
+                    undispatched: outbox.clone(),
+                })
+            }
+            Some(Entry {
+                state:
+                    State::InProgress {
+                        token: Some(_),
+                        until,
+                    },
+                attempts,
+                ..
+            }) => {
+                if *until > now {
+                    return Ok(Claim::InProgress {
+                        lease_left: *until - now,
+                    });
+                }
+                // Its worker reached the handlers and died holding the claim: that counts.
+                attempts.saturating_add(1)
+            }
+            // Released: the release settled the count.
+            Some(Entry {
+                state: State::InProgress { token: None, .. },
+                attempts,
+                ..
+            }) => *attempts,
+        };
         let token = new_token();
         entries.insert(
             key.to_string(),
             Entry {
                 hash: payload_hash.to_string(),
+                attempts,
                 state: State::InProgress {
-                    token: token.clone(),
+                    token: Some(token.clone()),
                     until: now + lease,
                 },
             },
         );
-        Ok(Claim::Acquired { token, attempt: 1 })
+        Ok(Claim::Acquired {
+            token,
+            attempt: attempts.saturating_add(1),
+        })
     }
 
     async fn renew(&self, key: &str, token: &str, lease: Duration) -> Result<bool> {
         let mut entries = self.entries.lock();
         match entries.get_mut(key).map(|e| &mut e.state) {
-            Some(State::InProgress { token: t, until }) if t == token => {
+            Some(State::InProgress {
+                token: Some(t),
+                until,
+            }) if t == token => {
                 *until = Instant::now() + lease;
                 Ok(true)
             }
@@ -172,7 +210,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     ) -> Result<bool> {
         let mut entries = self.entries.lock();
         match entries.get_mut(key) {
-            Some(e) if matches!(&e.state, State::InProgress { token: t, .. } if t == token) => {
+            Some(e) if e.state.held_by(token) => {
                 e.state = State::Completed {
                     until: Instant::now() + ttl,
                     outbox: outbox.map(str::to_string),
@@ -184,8 +222,14 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     }
 
     async fn set_outbox(&self, key: &str, remaining: Option<&str>) -> Result<()> {
+        // Only an outbox still there is replaced: once a worker cleared it, a slower one
+        // that dispatched part of it does not bring it back.
         if let Some(Entry {
-            state: State::Completed { outbox, .. },
+            state:
+                State::Completed {
+                    outbox: outbox @ Some(_),
+                    ..
+                },
             ..
         }) = self.entries.lock().get_mut(key)
         {
@@ -194,11 +238,24 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
+    async fn release(&self, key: &str, token: &str, why: Release) -> Result<()> {
         let mut entries = self.entries.lock();
-        if matches!(entries.get(key).map(|e| &e.state), Some(State::InProgress { token: t, .. }) if t == token)
-        {
-            entries.remove(key);
+        let Some(e) = entries.get_mut(key).filter(|e| e.state.held_by(token)) else {
+            return Ok(());
+        };
+        match why {
+            Release::DeadLettered => {
+                entries.remove(key);
+            }
+            Release::Failed | Release::Returned => {
+                if why == Release::Failed {
+                    e.attempts = e.attempts.saturating_add(1);
+                }
+                e.state = State::InProgress {
+                    token: None,
+                    until: Instant::now(),
+                };
+            }
         }
         Ok(())
     }
@@ -208,7 +265,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         let mut entries = self.entries.lock();
         let expired: Vec<String> = entries
             .iter()
-            .filter(|(_, e)| matches!(e.state, State::Completed { until, .. } if until <= now))
+            .filter(|(_, e)| e.state.purgeable(now))
             .map(|(k, _)| k.clone())
             .take(batch)
             .collect();
@@ -232,11 +289,62 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::idempotency::conformance;
+    use crate::idempotency::conformance::{self, Backdate};
+
+    /// Old records for the conformance suite, without waiting for them to age.
+    #[async_trait]
+    impl Backdate for MemoryIdempotencyStore {
+        async fn lease_ran_out(&self, key: &str, ago: Duration) {
+            let mut entries = self.entries.lock();
+            let Some(Entry {
+                state: State::InProgress { until, .. },
+                ..
+            }) = entries.get_mut(key)
+            else {
+                panic!("{key} is not in progress");
+            };
+            *until = Instant::now()
+                .checked_sub(ago)
+                .expect("the monotonic clock reaches back that far");
+        }
+    }
 
     #[tokio::test]
     async fn conforms() {
-        conformance::run(&MemoryIdempotencyStore::new(), "t").await;
+        let store = MemoryIdempotencyStore::new();
+        conformance::run(&store, "t", &store).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_store_sweeps_abandoned_claims_but_keeps_live_ones() {
+        let s = MemoryIdempotencyStore::with_capacity(3);
+        let lease = Duration::from_secs(30);
+        for key in ["abandoned", "young", "live"] {
+            assert!(matches!(
+                s.claim(key, "h", lease).await.unwrap(),
+                Claim::Acquired { attempt: 1, .. }
+            ));
+        }
+        s.lease_ran_out("abandoned", ABANDONED_AFTER + Duration::from_secs(60))
+            .await;
+        s.lease_ran_out("young", ABANDONED_AFTER - Duration::from_secs(60))
+            .await;
+        assert!(matches!(
+            s.claim("new", "h", lease).await.unwrap(),
+            Claim::Acquired { attempt: 1, .. }
+        ));
+        assert_eq!(s.size().await.unwrap(), 3, "the abandoned claim made room");
+        assert!(matches!(
+            s.claim("live", "h", lease).await.unwrap(),
+            Claim::InProgress { .. }
+        ));
+        assert!(
+            matches!(
+                s.claim("young", "h", lease).await.unwrap(),
+                Claim::Acquired { attempt: 2, .. }
+            ),
+            "the young abandoned claim stayed, and its takeover counts"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,18 @@
 //!   on success the record becomes `COMPLETED` (with an expiry, and with the messages the
 //!   handler sent or raised), then those messages are dispatched, then marked dispatched;
 //!   on failure the claim is released so the retry can run;
+//! * the record counts **handler attempts**: a claim is told which attempt it is
+//!   ([`Claim::Acquired`]`::attempt`); a release as [`Release::Failed`] and the takeover of
+//!   a claim whose worker died holding it count one, while a claim given back untouched
+//!   ([`Release::Returned`]: an infrastructure fault, shutdown) and receives that never
+//!   reached a claim count nothing, so only the handlers spend a message's retry budget;
 //! * the key is `IN_PROGRESS` under another worker's live lease: the duplicate waits, kept
 //!   invisible by the visibility heartbeat, polling the claim with backoff, until the
 //!   original completes (then it is acknowledged) or fails (then it runs); it is neither
 //!   dropped nor run twice, and waiting does not spend its receive count;
-//! * the lease has expired (the worker crashed): the claim is taken over;
+//! * the lease has expired (the worker crashed): the claim is taken over, and the dead
+//!   worker's attempt counts; an in-progress record abandoned for more than
+//!   [`ABANDONED_AFTER`] after its lease ran out is purged (its message long gone);
 //! * the key is `COMPLETED`: the message is acknowledged and counted as a duplicate; if the
 //!   original worker died between completing and dispatching, the stored messages are
 //!   dispatched first (with their original ids, so nothing is lost and receivers dedupe);
@@ -127,11 +134,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> Result<bool>;
 
     /// Replaces the undispatched outbox of a completed key: `None` once everything went out,
-    /// or the messages still to go after a partial dispatch.
+    /// or the messages still to go after a partial dispatch. A key without an outbox (none
+    /// stored, or cleared by another worker's dispatch) or not completed is left alone.
     async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()>;
 
-    /// Gives up a claim so that a later delivery can claim it again; `why` says whether the
-    /// attempt counts (see [`Release`]).
+    /// Gives up a claim so that a later delivery can claim it again at once; `why` says
+    /// whether the attempt counts (see [`Release`]). Only the holder of `token` releases:
+    /// with another token, or once the claim was taken over or completed, nothing changes.
     async fn release(&self, key: &str, token: &str, why: Release) -> Result<()>;
 
     /// Deletes up to `batch` expired records — completed records past their expiry, and
@@ -252,8 +261,9 @@ pub struct Cleanup {
     pub batches: usize,
 }
 
-/// Deletes every expired completed record of `store`, `batch` records per call, until a
-/// call deletes fewer than `batch`. Small batches keep each statement (and the locks it
+/// Deletes every expired completed record and abandoned claim of `store` (see
+/// [`IdempotencyStore::purge_expired`]), `batch` records per call, until a call deletes
+/// fewer than `batch`. Small batches keep each statement (and the locks it
 /// holds) short while claims go on.
 pub async fn purge_expired_in_batches<S>(store: &S, batch: usize) -> Result<Cleanup>
 where
@@ -314,140 +324,316 @@ where
 /// A conformance suite every store must pass; stores call it from their tests.
 #[doc(hidden)]
 pub mod conformance {
+    use std::sync::Arc;
+
     use super::*;
 
-    /// Runs every semantic check against `store` (keys are made unique with `prefix`).
-    pub async fn run(store: &dyn IdempotencyStore, prefix: &str) {
+    /// Ages records for the checks that need old ones: each store's test writes the time
+    /// directly (SQL, DynamoDB) or through a test-only hook (memory), rather than waiting an
+    /// hour.
+    #[async_trait]
+    pub trait Backdate: Send + Sync {
+        /// Makes the lease of `key`'s in-progress record (held or released) end `ago` ago.
+        async fn lease_ran_out(&self, key: &str, ago: Duration);
+    }
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const SHORT: Duration = Duration::from_millis(50);
+
+    /// Claims `key`, which must be acquired; returns the token and the attempt number.
+    async fn acquire(
+        store: &dyn IdempotencyStore,
+        key: &str,
+        hash: &str,
+        lease: Duration,
+    ) -> (String, u32) {
+        match store.claim(key, hash, lease).await.expect("claim") {
+            Claim::Acquired { token, attempt } => (token, attempt),
+            other => panic!("{key}: expected the claim to be acquired, got {other:?}"),
+        }
+    }
+
+    /// Claims `key`, which must be acquired as attempt `expected`; returns the token.
+    async fn attempt(
+        store: &dyn IdempotencyStore,
+        key: &str,
+        lease: Duration,
+        expected: u32,
+        why: &str,
+    ) -> String {
+        let (token, attempt) = acquire(store, key, "h", lease).await;
+        assert_eq!(attempt, expected, "{key}: {why}");
+        token
+    }
+
+    async fn in_progress(store: &dyn IdempotencyStore, key: &str, why: &str) {
+        match store.claim(key, "h", LEASE).await.expect("claim") {
+            Claim::InProgress { lease_left } => assert!(lease_left <= LEASE, "{key}: {why}"),
+            other => panic!("{key}: {why}: expected InProgress, got {other:?}"),
+        }
+    }
+
+    async fn release(store: &dyn IdempotencyStore, key: &str, token: &str, why: Release) {
+        store.release(key, token, why).await.expect("release");
+    }
+
+    /// Runs every semantic check against `store` (keys are made unique with `prefix`);
+    /// `backdate` ages records for the purge checks.
+    pub async fn run(store: &dyn IdempotencyStore, prefix: &str, backdate: &dyn Backdate) {
         let k = |s: &str| format!("{prefix}:{s}");
-        let lease = Duration::from_secs(30);
+        let completed = |undispatched: Option<&str>| Claim::Completed {
+            undispatched: undispatched.map(str::to_string),
+        };
 
         // First claim wins; a second sees it in progress.
-        let Claim::Acquired { token, .. } = store.claim(&k("a"), "h1", lease).await.expect("claim")
-        else {
-            panic!("first claim must be acquired");
-        };
-        match store.claim(&k("a"), "h1", lease).await.expect("claim") {
-            Claim::InProgress { lease_left } => assert!(lease_left <= lease),
-            other => panic!("expected InProgress, got {other:?}"),
-        }
-        assert!(store.renew(&k("a"), &token, lease).await.expect("renew"));
+        let a = k("a");
+        let token = attempt(store, &a, LEASE, 1, "a new key is the first attempt").await;
+        in_progress(store, &a, "a live claim").await;
+        assert!(store.renew(&a, &token, LEASE).await.expect("renew"));
         assert!(!store
-            .renew(&k("a"), "not-the-token", lease)
+            .renew(&a, "not-the-token", LEASE)
             .await
             .expect("renew"));
         // Another token cannot complete it.
         assert!(!store
-            .complete(&k("a"), "not-the-token", DEFAULT_TTL, None)
+            .complete(&a, "not-the-token", DEFAULT_TTL, None)
             .await
             .expect("complete"));
         assert!(store
-            .complete(&k("a"), &token, DEFAULT_TTL, Some("[1]"))
+            .complete(&a, &token, DEFAULT_TTL, Some("[1]"))
             .await
             .expect("complete"));
-        assert_eq!(
-            store.claim(&k("a"), "h1", lease).await.expect("claim"),
-            Claim::Completed {
-                undispatched: Some("[1]".into())
-            }
-        );
-        store.set_outbox(&k("a"), None).await.expect("dispatched");
-        assert_eq!(
-            store.claim(&k("a"), "h1", lease).await.expect("claim"),
-            Claim::Completed { undispatched: None }
+        assert!(
+            !store.renew(&a, &token, LEASE).await.expect("renew"),
+            "a completed claim is not renewed"
         );
         assert_eq!(
-            store
-                .claim(&k("a"), "other-hash", lease)
-                .await
-                .expect("claim"),
+            store.claim(&a, "h", LEASE).await.expect("claim"),
+            completed(Some("[1]"))
+        );
+        // The outbox: what a partial dispatch left, then nothing; a slower worker that
+        // dispatched part of it does not bring back an outbox cleared meanwhile.
+        store.set_outbox(&a, Some("[2]")).await.expect("outbox");
+        assert_eq!(
+            store.claim(&a, "h", LEASE).await.expect("claim"),
+            completed(Some("[2]")),
+            "set_outbox(Some) replaces the outbox"
+        );
+        store.set_outbox(&a, None).await.expect("outbox");
+        assert_eq!(
+            store.claim(&a, "h", LEASE).await.expect("claim"),
+            completed(None),
+            "set_outbox(None) clears it"
+        );
+        store.set_outbox(&a, Some("[3]")).await.expect("outbox");
+        assert_eq!(
+            store.claim(&a, "h", LEASE).await.expect("claim"),
+            completed(None),
+            "a cleared outbox stays cleared"
+        );
+        assert_eq!(
+            store.claim(&a, "other-hash", LEASE).await.expect("claim"),
             Claim::Mismatch
         );
-
-        // Release lets the retry claim again.
-        let Claim::Acquired { token, .. } = store.claim(&k("b"), "h", lease).await.expect("claim")
-        else {
-            panic!("claim b");
-        };
-        store
-            .release(&k("b"), &token, Release::Failed)
+        // set_outbox touches completed records only.
+        let o = k("outbox-in-progress");
+        let token = attempt(store, &o, LEASE, 1, "new").await;
+        store.set_outbox(&o, Some("[9]")).await.expect("outbox");
+        in_progress(store, &o, "set_outbox leaves a claim alone").await;
+        assert!(store
+            .complete(&o, &token, DEFAULT_TTL, None)
             .await
-            .expect("release");
-        assert!(matches!(
-            store.claim(&k("b"), "h", lease).await.expect("claim"),
-            Claim::Acquired { .. }
-        ));
+            .expect("complete"));
+        assert_eq!(
+            store.claim(&o, "h", LEASE).await.expect("claim"),
+            completed(None)
+        );
 
-        // An expired lease is taken over, and the old token is worthless.
-        let Claim::Acquired { token: old, .. } = store
-            .claim(&k("c"), "h", Duration::from_millis(50))
-            .await
-            .expect("claim")
-        else {
-            panic!("claim c");
-        };
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let Claim::Acquired { token: new, .. } =
-            store.claim(&k("c"), "h", lease).await.expect("claim")
-        else {
-            panic!("expired lease must be taken over");
-        };
-        assert_ne!(old, new);
+        // Failed releases count, returned ones do not; a released claim is claimable at
+        // once, keeps its payload, and its token is worthless.
+        let b = k("b");
+        let token = attempt(store, &b, LEASE, 1, "new").await;
+        release(store, &b, &token, Release::Failed).await;
+        assert_eq!(
+            store.claim(&b, "other-hash", LEASE).await.expect("claim"),
+            Claim::Mismatch,
+            "a released record keeps its payload hash"
+        );
+        let again = attempt(store, &b, LEASE, 2, "one failed attempt").await;
+        assert!(!store.renew(&b, &token, LEASE).await.expect("renew"));
         assert!(!store
-            .complete(&k("c"), &old, DEFAULT_TTL, None)
+            .complete(&b, &token, DEFAULT_TTL, None)
             .await
             .expect("complete"));
-        assert!(store
-            .complete(&k("c"), &new, DEFAULT_TTL, None)
-            .await
-            .expect("complete"));
+        release(store, &b, &token, Release::Failed).await; // the old token: no effect
+        in_progress(store, &b, "a release by an old token changes nothing").await;
+        release(store, &b, &again, Release::Failed).await;
+        let token = attempt(store, &b, LEASE, 3, "two failed attempts").await;
+        release(store, &b, &token, Release::Returned).await;
+        assert_eq!(
+            store.claim(&b, "other-hash", LEASE).await.expect("claim"),
+            Claim::Mismatch,
+            "a returned record keeps its payload hash"
+        );
+        let token = attempt(store, &b, LEASE, 3, "a returned attempt does not count").await;
+        release(store, &b, &token, Release::Returned).await;
+        let token = attempt(store, &b, LEASE, 3, "nor does a second one").await;
+        release(store, &b, &token, Release::Failed).await;
+        let token = attempt(store, &b, LEASE, 4, "three failed attempts").await;
+        // Dead-lettered: the record is deleted, so a redrive starts again.
+        let before = store.size().await.expect("size");
+        release(store, &b, &token, Release::DeadLettered).await;
+        if store.size_is_exact() {
+            assert_eq!(
+                store.size().await.expect("size"),
+                before - 1,
+                "a dead-lettered release deletes the record"
+            );
+        }
+        let (token, n) = acquire(store, &b, "redriven-hash", LEASE).await;
+        assert_eq!(n, 1, "a dead-lettered record is deleted");
+        release(store, &b, &token, Release::DeadLettered).await;
 
-        // Expired completed records are purged; live ones stay.
-        let Claim::Acquired { token, .. } = store.claim(&k("d"), "h", lease).await.expect("claim")
-        else {
-            panic!("claim d");
-        };
+        // Claims whose worker died, and completions that expired: one wait for all.
+        let c = k("c"); // dies on its first attempt
+        let dead = attempt(store, &c, SHORT, 1, "new").await;
+        let c2 = k("c2"); // fails once, then dies
+        let token = attempt(store, &c2, LEASE, 1, "new").await;
+        release(store, &c2, &token, Release::Failed).await;
+        attempt(store, &c2, SHORT, 2, "one failed attempt").await;
+        let r = k("r"); // returned once, then dies
+        let token = attempt(store, &r, LEASE, 1, "new").await;
+        release(store, &r, &token, Release::Returned).await;
+        attempt(store, &r, SHORT, 1, "a returned attempt does not count").await;
+        let d = k("d"); // fails twice, then completes for a moment
+        let token = attempt(store, &d, LEASE, 1, "new").await;
+        release(store, &d, &token, Release::Failed).await;
+        let token = attempt(store, &d, LEASE, 2, "one failed attempt").await;
+        release(store, &d, &token, Release::Failed).await;
+        let token = attempt(store, &d, LEASE, 3, "two failed attempts").await;
         assert!(store
-            .complete(&k("d"), &token, Duration::from_millis(10), None)
+            .complete(&d, &token, Duration::from_millis(10), None)
+            .await
+            .expect("complete"));
+        let e = k("e"); // completes for a moment, then is purged
+        let token = attempt(store, &e, LEASE, 1, "new").await;
+        assert!(store
+            .complete(&e, &token, Duration::from_millis(10), None)
             .await
             .expect("complete"));
         tokio::time::sleep(Duration::from_millis(1100)).await;
+
+        let new = attempt(store, &c, LEASE, 2, "the dead worker's attempt counts").await;
+        assert_ne!(dead, new);
+        assert!(!store
+            .complete(&c, &dead, DEFAULT_TTL, None)
+            .await
+            .expect("complete"));
+        assert!(!store.renew(&c, &dead, LEASE).await.expect("renew"));
+        release(store, &c, &dead, Release::Failed).await;
+        in_progress(store, &c, "the dead worker's late release changes nothing").await;
+        release(store, &c, &new, Release::Failed).await;
+        let token = attempt(store, &c, LEASE, 3, "the takeover counted once").await;
+        assert!(store
+            .complete(&c, &token, DEFAULT_TTL, None)
+            .await
+            .expect("complete"));
+        attempt(store, &c2, LEASE, 3, "a failure, then a death").await;
+        attempt(store, &r, LEASE, 2, "a return, then a death").await;
+        let (_, n) = acquire(store, &d, "new-hash", LEASE).await;
+        assert_eq!(n, 1, "an expired completion starts again, for any payload");
+
+        // Purge: expired completions and claims abandoned more than ABANDONED_AFTER ago go;
+        // younger abandoned claims, released claims and live records stay.
+        let long_ago = ABANDONED_AFTER + Duration::from_secs(60);
+        let lately = ABANDONED_AFTER - Duration::from_secs(60);
+        let old_held = k("old-held");
+        attempt(store, &old_held, LEASE, 1, "new").await;
+        backdate.lease_ran_out(&old_held, long_ago).await;
+        let old_released = k("old-released");
+        let token = attempt(store, &old_released, LEASE, 1, "new").await;
+        release(store, &old_released, &token, Release::Failed).await;
+        backdate.lease_ran_out(&old_released, long_ago).await;
+        let young = k("young");
+        attempt(store, &young, LEASE, 1, "new").await;
+        backdate.lease_ran_out(&young, lately).await;
+        let released = k("released");
+        let token = attempt(store, &released, LEASE, 1, "new").await;
+        release(store, &released, &token, Release::Failed).await;
+        let live = k("live");
+        attempt(store, &live, LEASE, 1, "new").await;
+
         let before = store.size().await.expect("size");
         let purged = store.purge_expired(1000).await.expect("purge");
-        assert!(purged >= 1, "the expired record is purged");
-        if store.size_is_exact() {
-            assert_eq!(store.size().await.expect("size"), before - purged as u64);
-        }
-        assert!(matches!(
-            store.claim(&k("d"), "h", lease).await.expect("claim"),
-            Claim::Acquired { .. }
-        ));
         assert_eq!(
-            store.claim(&k("a"), "h1", lease).await.expect("claim"),
-            Claim::Completed { undispatched: None },
+            purged, 3,
+            "the expired completion and the two abandoned claims are purged"
+        );
+        if store.size_is_exact() {
+            assert_eq!(store.size().await.expect("size"), before - 3);
+        }
+        assert_eq!(store.purge_expired(1000).await.expect("purge"), 0);
+        attempt(store, &e, LEASE, 1, "purged").await;
+        attempt(store, &old_held, LEASE, 1, "purged, not taken over").await;
+        attempt(store, &old_released, LEASE, 1, "purged, not taken over").await;
+        attempt(store, &young, LEASE, 2, "kept, and taken over").await;
+        attempt(store, &released, LEASE, 2, "kept").await;
+        in_progress(store, &live, "a live claim survives the purge").await;
+        assert_eq!(
+            store.claim(&a, "h", LEASE).await.expect("claim"),
+            completed(None),
             "a live completed record survives the purge"
         );
     }
 
-    /// Many concurrent claims of one key: exactly one wins.
-    pub async fn race(store: std::sync::Arc<dyn IdempotencyStore>, key: &str) {
-        let mut tasks = Vec::new();
-        for _ in 0..16 {
-            let store = store.clone();
-            let key = key.to_string();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .claim(&key, "h", Duration::from_secs(30))
-                    .await
-                    .expect("claim")
-            }));
-        }
-        let mut won = 0;
+    /// 16 concurrent claims of `key`: exactly one wins, every other one sees it in progress.
+    /// Returns the winner's token and attempt.
+    async fn round(store: &Arc<dyn IdempotencyStore>, key: &str) -> (String, u32) {
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let store = store.clone();
+                let key = key.to_string();
+                tokio::spawn(async move { store.claim(&key, "h", LEASE).await.expect("claim") })
+            })
+            .collect();
+        let mut won = Vec::new();
         for t in tasks {
-            if matches!(t.await.expect("task"), Claim::Acquired { .. }) {
-                won += 1;
+            match t.await.expect("task") {
+                Claim::Acquired { token, attempt } => won.push((token, attempt)),
+                Claim::InProgress { .. } => {}
+                other => panic!("{key}: unexpected {other:?}"),
             }
         }
-        assert_eq!(won, 1, "exactly one concurrent claim wins");
+        assert_eq!(won.len(), 1, "exactly one concurrent claim wins");
+        won.remove(0)
+    }
+
+    /// Many concurrent claims of one key: exactly one wins, on a new key and on every kind
+    /// of record a claim takes over, and the attempt it gets counts the dead worker once.
+    pub async fn race(store: Arc<dyn IdempotencyStore>, key: &str) {
+        let (token, n) = round(&store, key).await;
+        assert_eq!(n, 1, "a new key");
+        release(&*store, key, &token, Release::Failed).await;
+        let (token, n) = round(&store, key).await;
+        assert_eq!(n, 2, "after a failed attempt");
+        release(&*store, key, &token, Release::Returned).await;
+        let (token, n) = round(&store, key).await;
+        assert_eq!(n, 2, "after a returned attempt");
+        // The winner dies: its lease runs out.
+        assert!(store
+            .renew(key, &token, Duration::from_millis(1))
+            .await
+            .expect("renew"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (token, n) = round(&store, key).await;
+        assert_eq!(n, 3, "16 takeovers of a dead worker's claim count it once");
+        assert!(store
+            .complete(key, &token, Duration::from_millis(1), None)
+            .await
+            .expect("complete"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, n) = round(&store, key).await;
+        assert_eq!(n, 1, "an expired completion starts again");
     }
 }
 

@@ -6,18 +6,19 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
-use super::{migrate_error, store_error, MIGRATIONS_TABLE};
+use super::{migrate_error, store_error, ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
 use crate::idempotency::record::{claim_with, millis, Attempt, Existing};
-use crate::idempotency::{Claim, IdempotencyStore, Release};
+use crate::idempotency::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
 
 const STORE: &str = "postgres";
 
 /// Connections in the pool opened by [`PostgresIdempotencyStore::connect`].
 const MAX_CONNECTIONS: u32 = 10;
 
-// Makes the compiler track the migration, so that editing it rebuilds the crate.
+// Makes the compiler track the migrations, so that editing them rebuilds the crate.
 const _: &str = include_str!("../../../migrations/postgres/0001_idempotency.sql");
+const _: &str = include_str!("../../../migrations/postgres/0002_attempts.sql");
 
 /// Claims in a PostgreSQL table: for services that run as several instances, on one host
 /// or many. Leases and expiries are judged by the database server's clock.
@@ -30,9 +31,14 @@ impl PostgresIdempotencyStore {
     /// Connects to `url` (e.g. `postgres://user@host:5432/db`) and applies the embedded
     /// migrations. Built without TLS: reach the database over loopback or a private network,
     /// or bring a pool of your own to [`from_pool`](Self::from_pool).
+    ///
+    /// Every operation waits at most [`ACQUIRE_TIMEOUT`](super::ACQUIRE_TIMEOUT) for a
+    /// connection, so an unreachable database fails claims within seconds, and this call
+    /// too.
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await
             .map_err(store_error(STORE, "connect"))?;
@@ -44,6 +50,10 @@ impl PostgresIdempotencyStore {
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         let mut migrator = sqlx::migrate!("migrations/postgres");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        // A database a later release migrated stays usable by this one (instances of both
+        // run side by side during a rolling deploy, and a rollback returns to this one):
+        // sourceflow's migrations only ever add what older releases can ignore.
+        migrator.set_ignore_missing(true);
         migrator.run(&pool).await.map_err(migrate_error(STORE))?;
         Ok(PostgresIdempotencyStore { pool })
     }
@@ -55,7 +65,7 @@ impl PostgresIdempotencyStore {
 
     async fn existing(&self, key: &str) -> Result<Option<Existing>> {
         let row: Option<PgRow> = sqlx::query(
-            "SELECT payload_hash, state, lease_until, expires_at, outbox,
+            "SELECT payload_hash, state, token, attempts, lease_until, expires_at, outbox,
                     (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
              FROM sourceflow_idempotency WHERE key = $1",
         )
@@ -73,6 +83,8 @@ fn read_existing(r: &PgRow) -> std::result::Result<Existing, sqlx::Error> {
     Ok(Existing {
         payload_hash: r.try_get("payload_hash")?,
         state: r.try_get("state")?,
+        token: r.try_get("token")?,
+        attempts: Some(r.try_get::<i32, _>("attempts")?.into()),
         lease_until: r.try_get("lease_until")?,
         expires_at: r.try_get("expires_at")?,
         outbox: r.try_get("outbox")?,
@@ -87,14 +99,16 @@ impl IdempotencyStore for PostgresIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
-        claim_with(payload_hash, |token| async move {
-            // One statement: insert, or take over an expired lease (same payload) or an
-            // expired completion; otherwise change nothing and return no row. A concurrent
-            // insert of the same key waits for the first to commit, then sees its record.
-            let won = sqlx::query(
+        // The statement takes every kind of claimable record itself.
+        claim_with(payload_hash, |token, _| async move {
+            // One statement: insert, or take over a released claim or an expired lease (same
+            // payload) or an expired completion, writing the attempts so far; otherwise
+            // change nothing and return no row. A concurrent insert of the same key waits
+            // for the first to commit, then sees its record. (`t.` is the existing record.)
+            let won: Option<i32> = sqlx::query_scalar(
                 "INSERT INTO sourceflow_idempotency AS t
-                     (key, payload_hash, state, token, lease_until, created_at)
-                 SELECT $1, $2, 'in_progress', $3, clock.ms + $4, clock.ms
+                     (key, payload_hash, state, token, lease_until, created_at, attempts)
+                 SELECT $1, $2, 'in_progress', $3, clock.ms + $4, clock.ms, 0
                  FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms)
                       AS clock
                  ON CONFLICT (key) DO UPDATE SET
@@ -104,11 +118,16 @@ impl IdempotencyStore for PostgresIdempotencyStore {
                      lease_until = EXCLUDED.lease_until,
                      expires_at = NULL,
                      outbox = NULL,
-                     created_at = EXCLUDED.created_at
-                 WHERE (t.state = 'in_progress' AND t.lease_until <= EXCLUDED.created_at
-                        AND t.payload_hash = EXCLUDED.payload_hash)
+                     created_at = EXCLUDED.created_at,
+                     attempts = CASE
+                         WHEN t.state = 'completed' THEN 0
+                         WHEN t.token IS NOT NULL THEN t.attempts + 1
+                         ELSE t.attempts
+                     END
+                 WHERE (t.state = 'in_progress' AND t.payload_hash = EXCLUDED.payload_hash
+                        AND (t.token IS NULL OR t.lease_until <= EXCLUDED.created_at))
                     OR (t.state = 'completed' AND t.expires_at <= EXCLUDED.created_at)
-                 RETURNING t.token",
+                 RETURNING t.attempts",
             )
             .bind(key)
             .bind(payload_hash)
@@ -118,7 +137,9 @@ impl IdempotencyStore for PostgresIdempotencyStore {
             .await
             .map_err(store_error(STORE, "claim"))?;
             Ok(match won {
-                Some(_) => Attempt::Won,
+                Some(attempts) => Attempt::Won {
+                    attempts: attempts.into(),
+                },
                 None => Attempt::Blocked(self.existing(key).await?),
             })
         })
@@ -177,30 +198,50 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM sourceflow_idempotency
-             WHERE key = $1 AND token = $2 AND state = 'in_progress'",
-        )
-        .bind(key)
-        .bind(token)
-        .execute(&self.pool)
-        .await
-        .map_err(store_error(STORE, "release"))?;
+    async fn release(&self, key: &str, token: &str, why: Release) -> Result<()> {
+        let query = match why {
+            // A redrive from the dead-letter queue starts with a fresh count.
+            Release::DeadLettered => sqlx::query(
+                "DELETE FROM sourceflow_idempotency
+                 WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+            )
+            .bind(key)
+            .bind(token),
+            // Kept with its count, claimable at once by the next delivery.
+            Release::Failed | Release::Returned => sqlx::query(
+                "UPDATE sourceflow_idempotency
+                 SET token = NULL,
+                     lease_until = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+                     attempts = attempts + $3
+                 WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+            )
+            .bind(key)
+            .bind(token)
+            .bind(i32::from(why == Release::Failed)),
+        };
+        query
+            .execute(&self.pool)
+            .await
+            .map_err(store_error(STORE, "release"))?;
         Ok(())
     }
 
     async fn purge_expired(&self, batch: usize) -> Result<usize> {
-        // Instances cleaning up at the same time skip each other's rows instead of waiting.
+        // Instances cleaning up at the same time skip each other's rows instead of waiting;
+        // a row a claim takes over meanwhile no longer matches and stays. The statement's
+        // time (stable, unlike `clock_timestamp()`) lets both arms use their index.
         let done = sqlx::query(
             "DELETE FROM sourceflow_idempotency WHERE key IN (
                  SELECT key FROM sourceflow_idempotency
-                 WHERE state = 'completed'
-                   AND expires_at <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                 WHERE (state = 'completed'
+                        AND expires_at <= (extract(epoch FROM statement_timestamp()) * 1000)::bigint)
+                    OR (state = 'in_progress'
+                        AND lease_until < (extract(epoch FROM statement_timestamp()) * 1000)::bigint - $2)
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED)",
         )
         .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+        .bind(millis(ABANDONED_AFTER))
         .execute(&self.pool)
         .await
         .map_err(store_error(STORE, "purge_expired"))?;

@@ -10,10 +10,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection, Row};
 
-use super::{migrate_error, store_error, MIGRATIONS_TABLE};
+use super::{migrate_error, store_error, ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
 use crate::idempotency::record::{claim_with, millis, now_millis, Attempt, Existing};
-use crate::idempotency::{Claim, IdempotencyStore, Release};
+use crate::idempotency::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
 
 const STORE: &str = "sqlite";
 
@@ -24,8 +24,9 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections in the pool opened by [`SqliteIdempotencyStore::connect`].
 const MAX_CONNECTIONS: u32 = 8;
 
-// Makes the compiler track the migration, so that editing it rebuilds the crate.
+// Makes the compiler track the migrations, so that editing them rebuilds the crate.
 const _: &str = include_str!("../../../migrations/sqlite/0001_idempotency.sql");
+const _: &str = include_str!("../../../migrations/sqlite/0002_attempts.sql");
 
 /// Claims in a SQLite database file: for a service on a single host whose idempotency must
 /// survive restarts (several processes on that host may share the file).
@@ -42,7 +43,8 @@ pub struct SqliteIdempotencyStore {
 impl SqliteIdempotencyStore {
     /// Opens (creating it if needed with `?mode=rwc`) the database at `url`, e.g.
     /// `sqlite://var/claims.db?mode=rwc`, in WAL mode with a busy timeout, and applies the
-    /// embedded migrations.
+    /// embedded migrations. A claim waits at most [`ACQUIRE_TIMEOUT`](super::ACQUIRE_TIMEOUT)
+    /// for one of the pool's connections.
     pub async fn connect(url: &str) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(store_error(STORE, "connect"))?
@@ -66,6 +68,7 @@ impl SqliteIdempotencyStore {
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .map_err(store_error(STORE, "connect"))?;
@@ -78,6 +81,10 @@ impl SqliteIdempotencyStore {
     pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
         let mut migrator = sqlx::migrate!("migrations/sqlite");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        // A database a later release migrated stays usable by this one (instances of both
+        // run side by side during a rolling deploy, and a rollback returns to this one):
+        // sourceflow's migrations only ever add what older releases can ignore.
+        migrator.set_ignore_missing(true);
         // Processes opening a new file at the same time may both try to apply a migration;
         // the loser fails (SQLite has no migration lock) and then finds it applied.
         let mut attempt = 0;
@@ -101,7 +108,7 @@ impl SqliteIdempotencyStore {
 
     async fn existing(&self, key: &str) -> Result<Option<Existing>> {
         let row: Option<SqliteRow> = sqlx::query(
-            "SELECT payload_hash, state, lease_until, expires_at, outbox
+            "SELECT payload_hash, state, token, attempts, lease_until, expires_at, outbox
              FROM sourceflow_idempotency WHERE key = ?1",
         )
         .bind(key)
@@ -119,6 +126,8 @@ fn read_existing(r: &SqliteRow, now: i64) -> std::result::Result<Existing, sqlx:
     Ok(Existing {
         payload_hash: r.try_get("payload_hash")?,
         state: r.try_get("state")?,
+        token: r.try_get("token")?,
+        attempts: Some(r.try_get::<i64, _>("attempts")?),
         lease_until: r.try_get("lease_until")?,
         expires_at: r.try_get("expires_at")?,
         outbox: r.try_get("outbox")?,
@@ -141,14 +150,17 @@ impl IdempotencyStore for SqliteIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
-        claim_with(payload_hash, |token| async move {
+        // The statement takes every kind of claimable record itself.
+        claim_with(payload_hash, |token, _| async move {
             let now = now_millis();
-            // One statement: insert, or take over an expired lease (same payload) or an
-            // expired completion; otherwise change nothing and return no row.
-            let won = sqlx::query(
+            // One statement: insert, or take over a released claim or an expired lease (same
+            // payload) or an expired completion, writing the attempts so far; otherwise
+            // change nothing and return no row. (In `DO UPDATE`, bare column names are the
+            // existing record's values.)
+            let won: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO sourceflow_idempotency
-                     (key, payload_hash, state, token, lease_until, created_at)
-                 VALUES (?1, ?2, 'in_progress', ?3, ?4 + ?5, ?4)
+                     (key, payload_hash, state, token, lease_until, created_at, attempts)
+                 VALUES (?1, ?2, 'in_progress', ?3, ?4 + ?5, ?4, 0)
                  ON CONFLICT (key) DO UPDATE SET
                      payload_hash = excluded.payload_hash,
                      state = 'in_progress',
@@ -156,11 +168,16 @@ impl IdempotencyStore for SqliteIdempotencyStore {
                      lease_until = excluded.lease_until,
                      expires_at = NULL,
                      outbox = NULL,
-                     created_at = excluded.created_at
-                 WHERE (state = 'in_progress' AND lease_until <= excluded.created_at
-                        AND payload_hash = excluded.payload_hash)
+                     created_at = excluded.created_at,
+                     attempts = CASE
+                         WHEN state = 'completed' THEN 0
+                         WHEN token IS NOT NULL THEN attempts + 1
+                         ELSE attempts
+                     END
+                 WHERE (state = 'in_progress' AND payload_hash = excluded.payload_hash
+                        AND (token IS NULL OR lease_until <= excluded.created_at))
                     OR (state = 'completed' AND expires_at <= excluded.created_at)
-                 RETURNING token",
+                 RETURNING attempts",
             )
             .bind(key)
             .bind(payload_hash)
@@ -171,7 +188,7 @@ impl IdempotencyStore for SqliteIdempotencyStore {
             .await
             .map_err(store_error(STORE, "claim"))?;
             Ok(match won {
-                Some(_) => Attempt::Won,
+                Some(attempts) => Attempt::Won { attempts },
                 None => Attempt::Blocked(self.existing(key).await?),
             })
         })
@@ -228,27 +245,44 @@ impl IdempotencyStore for SqliteIdempotencyStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str, token: &str, _why: Release) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM sourceflow_idempotency
-             WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
-        )
-        .bind(key)
-        .bind(token)
-        .execute(&self.pool)
-        .await
-        .map_err(store_error(STORE, "release"))?;
+    async fn release(&self, key: &str, token: &str, why: Release) -> Result<()> {
+        let query = match why {
+            // A redrive from the dead-letter queue starts with a fresh count.
+            Release::DeadLettered => sqlx::query(
+                "DELETE FROM sourceflow_idempotency
+                 WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
+            )
+            .bind(key)
+            .bind(token),
+            // Kept with its count, claimable at once by the next delivery.
+            Release::Failed | Release::Returned => sqlx::query(
+                "UPDATE sourceflow_idempotency
+                 SET token = NULL, lease_until = ?3, attempts = attempts + ?4
+                 WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
+            )
+            .bind(key)
+            .bind(token)
+            .bind(now_millis())
+            .bind(i64::from(why == Release::Failed)),
+        };
+        query
+            .execute(&self.pool)
+            .await
+            .map_err(store_error(STORE, "release"))?;
         Ok(())
     }
 
     async fn purge_expired(&self, batch: usize) -> Result<usize> {
+        let now = now_millis();
         let done = sqlx::query(
             "DELETE FROM sourceflow_idempotency WHERE rowid IN (
                  SELECT rowid FROM sourceflow_idempotency
-                 WHERE state = 'completed' AND expires_at <= ?1
-                 LIMIT ?2)",
+                 WHERE (state = 'completed' AND expires_at <= ?1)
+                    OR (state = 'in_progress' AND lease_until < ?2)
+                 LIMIT ?3)",
         )
-        .bind(now_millis())
+        .bind(now)
+        .bind(now - millis(ABANDONED_AFTER))
         .bind(i64::try_from(batch).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await
