@@ -4,8 +4,9 @@
 # installed and started on 127.0.0.1 by tests/support/postgres.sh), the DynamoDB store
 # against moto server (tests/support/moto.sh), the behaviour suite on the embedded
 # transport, then the behaviour suite and the AWS-specific tests against LocalStack
-# (tests/support/emulator.sh). Every server is installed on first use, listens on
-# 127.0.0.1 only, and is stopped again at the end.
+# (tests/support/emulator.sh), and last, alone, the fault tests (tests/faults: the store
+# stopped, the broker paused, a worker killed). Every server is installed on first use,
+# listens on 127.0.0.1 only, and is stopped again at the end.
 #
 #   tests/run.sh              # everything
 #   SKIP_AWS=1 tests/run.sh   # no AWS emulators: embedded transport, SQL stores only
@@ -53,3 +54,8 @@ eval "$emulator_env"
 echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
     cargo test -p sourceflow --all-features --test behaviour --test aws
+
+# Last and alone: these stop PostgreSQL and pause the emulator (SIGSTOP) on purpose.
+echo "== fault tests (store stopped, broker paused, worker killed), one at a time"
+SOURCEFLOW_TEST_FAULTS=1 \
+    cargo test -p sourceflow --all-features --test faults -- --test-threads=1

@@ -212,7 +212,10 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         attributes.push((attr::TRACESTATE.to_string(), ts));
     }
     if encrypted {
-        attributes.push((attr::ENCRYPTION.to_string(), attr::ENCRYPTION_V1.to_string()));
+        attributes.push((
+            attr::ENCRYPTION.to_string(),
+            attr::ENCRYPTION_V1.to_string(),
+        ));
     }
     Ok(OutgoingMessage {
         body,

@@ -253,13 +253,15 @@ fn check_loopback() {
 
 /// A transport around another with switches, standing in for a broker that is away
 /// (`down`: every call fails), a loop that is stuck (`hang_receive`: receives never
-/// return) or a publish that fails (`fail_publishes`: the next N publishes fail).
+/// return), a publish that fails (`fail_publishes`: the next N publishes fail on the
+/// broker's side) or that the broker refuses (`refuse_publishes`: the next N).
 #[derive(Clone)]
 pub struct Faulty {
     pub inner: Arc<dyn Transport>,
     pub down: Arc<std::sync::atomic::AtomicBool>,
     pub hang_receive: Arc<std::sync::atomic::AtomicBool>,
     pub fail_publishes: Arc<AtomicU32>,
+    pub refuse_publishes: Arc<AtomicU32>,
 }
 
 impl Faulty {
@@ -269,6 +271,7 @@ impl Faulty {
             down: Arc::default(),
             hang_receive: Arc::default(),
             fail_publishes: Arc::default(),
+            refuse_publishes: Arc::default(),
         }
     }
 
@@ -304,16 +307,25 @@ impl Transport for Faulty {
     }
     async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
         self.check_batch("PublishBatch", topic, messages.len())?;
-        let failing = self
-            .fail_publishes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if failing {
+        let take = |n: &AtomicU32| {
+            n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        let error = if take(&self.fail_publishes) {
+            Some(EntryError::Transient("throttled".into()))
+        } else if take(&self.refuse_publishes) {
+            Some(EntryError::Refused(
+                "InvalidParameterValue: refused by the test".into(),
+            ))
+        } else {
+            None
+        };
+        if let Some(error) = error {
             return Err(BatchError::all(
                 "PublishBatch",
                 topic,
                 messages.len(),
-                EntryError::Transient("throttled".into()),
+                error,
             ));
         }
         self.inner.publish(topic, messages).await

@@ -145,3 +145,76 @@ async fn standard_queue_runs_up_to_the_concurrency_limit() {
     );
     app.shutdown().await.expect("shutdown");
 }
+
+mod retried_head {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "ordering-retry.fifo")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Entry {
+        #[entity_id]
+        pub account: u32,
+        pub seq: u32,
+    }
+
+    /// Successful runs in order, and how often each entry failed.
+    #[derive(Clone, Default)]
+    pub struct Ledger {
+        pub done: Arc<Mutex<Vec<(u32, u32)>>>,
+        pub failed: Arc<Mutex<HashMap<(u32, u32), u32>>>,
+    }
+
+    #[handler]
+    async fn entry(cmd: Entry, State(l): State<Ledger>) -> sourceflow::Result<()> {
+        // Entries 2 and 5 of every account fail twice before they go through.
+        if cmd.seq == 2 || cmd.seq == 5 {
+            let mut failed = l.failed.lock().expect("failed");
+            let n = failed.entry((cmd.account, cmd.seq)).or_default();
+            if *n < 2 {
+                *n += 1;
+                return Err(sourceflow::Error::other("ledger locked"));
+            }
+        }
+        l.done.lock().expect("done").push((cmd.account, cmd.seq));
+        Ok(())
+    }
+}
+
+/// A failing message of a FIFO group is retried before anything behind it in its group,
+/// which neither overtakes it nor spends attempts while it waits; other groups go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_fifo_message_holds_its_group_until_it_succeeds() {
+    use retried_head::{Entry, Ledger, MODULE};
+    let h = Harness::new().await;
+    let ledger = Ledger::default();
+    let app = h
+        .service("ordering-retry", MODULE)
+        .state(ledger.clone())
+        .max_receive_count(3)
+        .start()
+        .await
+        .expect("start");
+    for seq in 0..8 {
+        for account in 0..3 {
+            app.send(Entry { account, seq }).await.expect("send");
+        }
+    }
+    eventually("every entry done", || async {
+        ledger.done.lock().expect("done").len() == 24
+    })
+    .await;
+    let done = ledger.done.lock().expect("done").clone();
+    for account in 0..3 {
+        let order: Vec<u32> = done
+            .iter()
+            .filter(|(a, _)| *a == account)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(order, (0..8).collect::<Vec<_>>(), "account {account}");
+    }
+    let dlq = sourceflow::naming::Naming::dead_letter(&app.queue_of::<Entry>());
+    h.assert_empty(&dlq, Duration::from_millis(300)).await;
+    app.shutdown().await.expect("shutdown");
+}

@@ -140,3 +140,59 @@ async fn a_failed_dispatch_is_retried_without_running_the_handler_again() {
     assert_eq!(stats.duplicates, 1, "the retry was recognised as completed");
     app.shutdown().await.expect("shutdown");
 }
+
+mod refused {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "outbox-refused-commands", name = "tests.Pack.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Pack {
+        pub parcel: u32,
+    }
+
+    #[event(topic = "outbox-refused-events", name = "tests.Packed.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Packed {
+        pub parcel: u32,
+    }
+
+    #[handler]
+    async fn pack(cmd: Pack, ctx: &Context, State(c): State<Counts>) -> sourceflow::Result<()> {
+        c.attempts.fetch_add(1, Ordering::SeqCst);
+        ctx.raise(Packed { parcel: cmd.parcel }).await
+    }
+}
+
+/// What a handler raised and the broker refuses can never go out: the message goes to the
+/// dead-letter queue with the reason, after one run of the handler (retrying cannot help).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dispatch_dead_letters_the_message_with_the_reason() {
+    let h = Harness::new().await;
+    let counts = Counts::default();
+    let transport = crate::harness::Faulty::new(h.transport.clone());
+    transport.refuse_publishes.store(1, Ordering::SeqCst);
+    let app = h
+        .service("outbox-refused", refused::MODULE)
+        .transport(transport)
+        .state(counts.clone())
+        .start()
+        .await
+        .expect("start");
+    app.send(refused::Pack { parcel: 1 }).await.expect("send");
+    let dlq = sourceflow::naming::Naming::dead_letter(&app.queue_of::<refused::Pack>());
+    let dead = h.drain(&dlq, 1).await;
+    assert_eq!(dead.len(), 1);
+    let reason = crate::harness::dlq_reason(&dead[0]).expect("reason");
+    assert!(
+        reason.contains("were refused") && reason.contains("InvalidParameterValue"),
+        "{reason}"
+    );
+    assert_eq!(
+        counts.attempts.load(Ordering::SeqCst),
+        1,
+        "the handler ran once"
+    );
+    app.shutdown().await.expect("shutdown");
+}

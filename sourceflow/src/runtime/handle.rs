@@ -42,7 +42,10 @@ impl SendOptions {
         self
     }
 
-    /// Delays delivery (standard queues only; at most 15 minutes on SQS).
+    /// Delays delivery of a command to a standard queue, by at most 15 minutes (SQS's
+    /// `DelaySeconds` limit). A longer delay, a delay on a FIFO queue and a delay on an
+    /// event (SNS topics take none) are refused at the call with
+    /// [`Error::Unsupported`](crate::Error::Unsupported), on every transport.
     pub fn delay(mut self, d: Duration) -> Self {
         self.meta.delay = Some(d);
         self
