@@ -60,208 +60,260 @@ pub(super) fn default_redrive_limit(max_attempts: u32) -> u32 {
     max_attempts.saturating_mul(10).clamp(100, 1000)
 }
 
+/// The builder's value, else `name` from the environment, else `default`.
+fn setting<T: std::str::FromStr>(value: Option<T>, name: &str, default: T) -> Result<T> {
+    match value {
+        Some(v) => Ok(v),
+        None => Ok(env_parse(name)?.unwrap_or(default)),
+    }
+}
+
+/// Like [`setting`], for durations given in the environment in whole seconds.
+fn seconds(value: Option<Duration>, name: &str, default: Duration) -> Result<Duration> {
+    match value {
+        Some(v) => Ok(v),
+        None => Ok(env_parse::<u64>(name)?
+            .map(Duration::from_secs)
+            .unwrap_or(default)),
+    }
+}
+
+fn config_error(msg: impl Into<String>) -> Error {
+    Error::Config(msg.into())
+}
+
 impl Builder {
-    pub(super) async fn resolve(self) -> Result<Resolved> {
-        let service = match self.service.or_else(|| env_var("SOURCEFLOW_SERVICE")) {
-            Some(s) => {
-                if sanitize_service(&s) != s {
-                    return Err(Error::Config(format!(
-                        "service name `{s}` may only contain ASCII letters, digits, `-` and `_`"
-                    )));
-                }
-                s
-            }
-            None => std::env::current_exe()
-                .ok()
-                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .map(|s| sanitize_service(&s))
-                .unwrap_or_else(|| "sourceflow".to_string()),
-        };
-        let transport: Arc<dyn Transport> = match self.transport {
-            Some(t) => t,
-            None => match env_var("SOURCEFLOW_TRANSPORT").as_deref() {
-                None | Some("memory") => Arc::new(MemoryTransport::new()),
-                #[cfg(feature = "aws")]
-                Some("aws") => Arc::new(crate::transport::aws::AwsTransport::from_env().await?),
-                Some(other) => {
-                    return Err(Error::Config(format!(
-                        "SOURCEFLOW_TRANSPORT={other:?} is not a transport this build has; use `memory`{}",
-                        if cfg!(feature = "aws") { " or `aws`" } else { " (or build with the `aws` feature)" }
-                    )))
-                }
-            },
-        };
-        let prefix = self
-            .prefix
-            .or_else(|| env_var("SOURCEFLOW_PREFIX"))
-            .unwrap_or_default();
-        if prefix
-            .chars()
-            .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-        {
-            return Err(Error::Config(format!(
-                "prefix `{prefix}` may only contain ASCII letters, digits, `-` and `_`"
-            )));
-        }
-        let concurrency = match self.concurrency {
-            Some(n) => n,
-            None => env_parse("SOURCEFLOW_CONCURRENCY")?.unwrap_or(DEFAULT_CONCURRENCY),
-        };
+    /// Everything the service runs with: the builder's settings, then the environment,
+    /// then the defaults; every invalid value is one clear error.
+    pub(super) async fn resolve(mut self) -> Result<Resolved> {
+        let service = resolve_service(self.service.take())?;
+        let transport = resolve_transport(self.transport.take()).await?;
+        let naming = Naming::new(resolve_prefix(self.prefix.take())?);
+        let concurrency = setting(
+            self.concurrency,
+            "SOURCEFLOW_CONCURRENCY",
+            DEFAULT_CONCURRENCY,
+        )?;
         if concurrency == 0 {
-            return Err(Error::Config("concurrency must be at least 1".into()));
+            return Err(config_error("concurrency must be at least 1"));
         }
-        let max_receive_count = match self.max_receive_count {
-            Some(n) => n,
-            None => env_parse("SOURCEFLOW_MAX_RECEIVE_COUNT")?.unwrap_or(DEFAULT_MAX_RECEIVE_COUNT),
-        };
-        if !(1..=1000).contains(&max_receive_count) {
-            return Err(Error::Config(
-                "max receive count must be between 1 and 1000 (the SQS range)".into(),
-            ));
-        }
-        let visibility_timeout = match self.visibility_timeout {
-            Some(d) => d,
-            None => env_parse::<u64>("SOURCEFLOW_VISIBILITY_TIMEOUT_SECS")?
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_VISIBILITY_TIMEOUT),
-        };
-        let shutdown_timeout = match self.shutdown_timeout {
-            Some(d) => d,
-            None => env_parse::<u64>("SOURCEFLOW_SHUTDOWN_TIMEOUT_SECS")?
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
-        };
-        let retry = match self.retry {
-            Some(r) => r,
-            None => policy_from_env("SOURCEFLOW_RETRY", RetryPolicy::default())?,
-        };
-        let infrastructure_retry = match self.infrastructure_retry {
-            Some(r) => r,
-            None => policy_from_env("SOURCEFLOW_INFRA_RETRY", RetryPolicy::infrastructure())?,
-        };
-        let redrive_limit = match self.redrive_limit {
-            Some(n) => n,
-            None => env_parse("SOURCEFLOW_REDRIVE_LIMIT")?
-                .unwrap_or_else(|| default_redrive_limit(max_receive_count)),
-        };
-        if redrive_limit <= max_receive_count && max_receive_count < 1000 {
-            return Err(Error::Config(format!(
-                "the broker's redrive limit ({redrive_limit}) must be above the handler attempts ({max_receive_count}), so that sourceflow dead-letters first, with a reason"
-            )));
-        }
-        if !(1..=1000).contains(&redrive_limit) {
-            return Err(Error::Config(
-                "the redrive limit must be between 1 and 1000 (the SQS range)".into(),
-            ));
-        }
-        let idempotency = match self.idempotency {
-            Some(IdempotencyChoice::Off) => None,
-            Some(IdempotencyChoice::Store(s)) => Some(s),
-            None => match env_var("SOURCEFLOW_IDEMPOTENCY").as_deref() {
-                None | Some("memory") => {
-                    Some(Arc::new(MemoryIdempotencyStore::new()) as Arc<dyn IdempotencyStore>)
-                }
-                Some("off") => None,
-                #[cfg(feature = "sqlite")]
-                Some(url) if url.starts_with("sqlite:") => Some(Arc::new(
-                    idempotency::SqliteIdempotencyStore::connect(url).await?,
-                )
-                    as Arc<dyn IdempotencyStore>),
-                #[cfg(feature = "postgres")]
-                Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
-                    Some(Arc::new(idempotency::PostgresIdempotencyStore::connect(url).await?)
-                        as Arc<dyn IdempotencyStore>)
-                }
-                #[cfg(feature = "dynamodb")]
-                Some(url) if url.starts_with("dynamodb://") => {
-                    Some(Arc::new(idempotency::DynamoDbIdempotencyStore::connect(
-                        &url["dynamodb://".len()..],
-                    )
-                    .await?) as Arc<dyn IdempotencyStore>)
-                }
-                Some(other) => {
-                    return Err(Error::Config(format!(
-                        "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory`, `off`, or (with the `sqlite`/`postgres`/`dynamodb` features) a `sqlite://` or `postgres://` URL or `dynamodb://<table>`"
-                    )))
-                }
-            },
-        };
-        let idempotency_ttl = match self.idempotency_ttl {
-            Some(d) => d,
-            None => env_parse::<u64>("SOURCEFLOW_IDEMPOTENCY_TTL_SECS")?
-                .map(Duration::from_secs)
-                .unwrap_or(idempotency::DEFAULT_TTL),
-        };
-        let idempotency = idempotency.map(|store| {
-            Arc::new(idempotency::Settings {
-                store,
-                stats: Arc::default(),
-                ttl: idempotency_ttl,
-                ttl_by_type: self.idempotency_ttl_by_type,
-                key_by_type: self.idempotency_key_by_type,
-            })
-        });
+        let (max_receive_count, redrive_limit) = self.attempts()?;
+        let idempotency = self.resolve_idempotency().await?;
+        let encryption = self.resolve_encryption(transport.name()).await?;
         let meter = self
             .meter
+            .take()
             .unwrap_or_else(|| opentelemetry::global::meter("sourceflow"));
-        let depth_sample = match self.depth_sample {
-            Some(d) => d,
-            None => env_parse::<u64>("SOURCEFLOW_DEPTH_SAMPLE_SECS")?
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_DEPTH_SAMPLE),
-        };
-        let encrypt_all = match self.encrypt_all {
-            Some(on) => on,
-            None => env_parse::<bool>("SOURCEFLOW_ENCRYPT_ALL")?.unwrap_or(false),
-        };
-        let key_provider: Option<Arc<dyn KeyProvider>> = match self.key_provider {
-            Some(p) => Some(p),
-            None => match env_var("SOURCEFLOW_LOCAL_KEY") {
-                #[cfg(feature = "aws")]
-                _ if env_var("SOURCEFLOW_KMS_KEY_ID").is_some() => {
-                    let key = env_var("SOURCEFLOW_KMS_KEY_ID").unwrap_or_default();
-                    Some(Arc::new(encryption::KmsKeyProvider::from_env(key).await?))
-                }
-                Some(k) => Some(Arc::new(LocalKeyProvider::from_base64(&k)?)),
-                // Messages on the embedded transport never leave the process: a random
-                // key of the process (shared by its runtimes) is enough, and the default
-                // needs no setup.
-                None if transport.name() == "memory" => Some(process_key()),
-                None => None,
-            },
-        };
-        let encryption = key_provider.map(|p| {
-            Arc::new(encryption::Settings {
-                encryptor: Arc::new(Encryptor::new(p, self.key_cache.unwrap_or_default())),
-                all: encrypt_all,
-            })
-        });
         let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
             .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
             .collect();
         Ok(Resolved {
             service,
             transport,
-            naming: Naming::new(prefix),
+            naming,
             concurrency,
             max_receive_count,
-            visibility_timeout,
-            shutdown_timeout,
+            redrive_limit,
+            visibility_timeout: seconds(
+                self.visibility_timeout,
+                "SOURCEFLOW_VISIBILITY_TIMEOUT_SECS",
+                DEFAULT_VISIBILITY_TIMEOUT,
+            )?,
+            shutdown_timeout: seconds(
+                self.shutdown_timeout,
+                "SOURCEFLOW_SHUTDOWN_TIMEOUT_SECS",
+                DEFAULT_SHUTDOWN_TIMEOUT,
+            )?,
             receive_wait: self.receive_wait.unwrap_or(DEFAULT_RECEIVE_WAIT),
             liveness_slack: self.liveness_slack.unwrap_or(DEFAULT_LIVENESS_SLACK),
-            retry,
-            infrastructure_retry,
-            redrive_limit,
+            retry: match self.retry {
+                Some(r) => r,
+                None => policy_from_env("SOURCEFLOW_RETRY", RetryPolicy::default())?,
+            },
+            infrastructure_retry: match self.infrastructure_retry {
+                Some(r) => r,
+                None => policy_from_env("SOURCEFLOW_INFRA_RETRY", RetryPolicy::infrastructure())?,
+            },
             permanent: self.permanent,
             states: self.states,
             handlers,
             idempotency,
             metrics: Arc::new(Metrics::new(&meter)),
-            depth_sample,
+            depth_sample: seconds(
+                self.depth_sample,
+                "SOURCEFLOW_DEPTH_SAMPLE_SECS",
+                DEFAULT_DEPTH_SAMPLE,
+            )?,
+            encrypt_all: self.encrypt_all.unwrap_or(false),
             encryption,
-            encrypt_all,
         })
     }
+
+    /// The handler attempts and the broker's redrive limit above them.
+    fn attempts(&self) -> Result<(u32, u32)> {
+        let attempts = setting(
+            self.max_receive_count,
+            "SOURCEFLOW_MAX_RECEIVE_COUNT",
+            DEFAULT_MAX_RECEIVE_COUNT,
+        )?;
+        if !(1..=1000).contains(&attempts) {
+            return Err(config_error(
+                "max receive count must be between 1 and 1000 (the SQS range)",
+            ));
+        }
+        let limit = setting(
+            self.redrive_limit,
+            "SOURCEFLOW_REDRIVE_LIMIT",
+            default_redrive_limit(attempts),
+        )?;
+        if !(1..=1000).contains(&limit) {
+            return Err(config_error(
+                "the redrive limit must be between 1 and 1000 (the SQS range)",
+            ));
+        }
+        if limit <= attempts && attempts < 1000 {
+            return Err(config_error(format!(
+                "the broker's redrive limit ({limit}) must be above the handler attempts ({attempts}), so that sourceflow dead-letters first, with a reason"
+            )));
+        }
+        Ok((attempts, limit))
+    }
+
+    async fn resolve_idempotency(&mut self) -> Result<Option<Arc<idempotency::Settings>>> {
+        let store = match self.idempotency.take() {
+            Some(IdempotencyChoice::Off) => return Ok(None),
+            Some(IdempotencyChoice::Store(s)) => s,
+            None => match store_from_env().await? {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        let ttl = seconds(
+            self.idempotency_ttl,
+            "SOURCEFLOW_IDEMPOTENCY_TTL_SECS",
+            idempotency::DEFAULT_TTL,
+        )?;
+        Ok(Some(Arc::new(idempotency::Settings {
+            store,
+            stats: Arc::default(),
+            ttl,
+            ttl_by_type: std::mem::take(&mut self.idempotency_ttl_by_type),
+            key_by_type: std::mem::take(&mut self.idempotency_key_by_type),
+        })))
+    }
+
+    async fn resolve_encryption(
+        &mut self,
+        transport: &str,
+    ) -> Result<Option<Arc<encryption::Settings>>> {
+        let all = setting(self.encrypt_all, "SOURCEFLOW_ENCRYPT_ALL", false)?;
+        self.encrypt_all = Some(all);
+        let provider: Arc<dyn KeyProvider> = match self.key_provider.take() {
+            Some(p) => p,
+            None => match key_provider_from_env(transport).await? {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Arc::new(encryption::Settings {
+            encryptor: Arc::new(Encryptor::new(provider, self.key_cache.unwrap_or_default())),
+            all,
+        })))
+    }
+}
+
+fn resolve_service(given: Option<String>) -> Result<String> {
+    match given.or_else(|| env_var("SOURCEFLOW_SERVICE")) {
+        Some(s) if sanitize_service(&s) != s => Err(config_error(format!(
+            "service name `{s}` may only contain ASCII letters, digits, `-` and `_`"
+        ))),
+        Some(s) => Ok(s),
+        None => Ok(std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .map(|s| sanitize_service(&s))
+            .unwrap_or_else(|| "sourceflow".to_string())),
+    }
+}
+
+async fn resolve_transport(given: Option<Arc<dyn Transport>>) -> Result<Arc<dyn Transport>> {
+    if let Some(t) = given {
+        return Ok(t);
+    }
+    match env_var("SOURCEFLOW_TRANSPORT").as_deref() {
+        None | Some("memory") => Ok(Arc::new(MemoryTransport::new())),
+        #[cfg(feature = "aws")]
+        Some("aws") => Ok(Arc::new(
+            crate::transport::aws::AwsTransport::from_env().await?,
+        )),
+        Some(other) => Err(config_error(format!(
+            "SOURCEFLOW_TRANSPORT={other:?} is not a transport this build has; use `memory`{}",
+            if cfg!(feature = "aws") {
+                " or `aws`"
+            } else {
+                " (or build with the `aws` feature)"
+            }
+        ))),
+    }
+}
+
+fn resolve_prefix(given: Option<String>) -> Result<String> {
+    let prefix = given
+        .or_else(|| env_var("SOURCEFLOW_PREFIX"))
+        .unwrap_or_default();
+    if prefix
+        .chars()
+        .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    {
+        return Err(config_error(format!(
+            "prefix `{prefix}` may only contain ASCII letters, digits, `-` and `_`"
+        )));
+    }
+    Ok(prefix)
+}
+
+/// The store `SOURCEFLOW_IDEMPOTENCY` names (memory when unset; `None` for `off`).
+async fn store_from_env() -> Result<Option<Arc<dyn IdempotencyStore>>> {
+    let store: Arc<dyn IdempotencyStore> = match env_var("SOURCEFLOW_IDEMPOTENCY").as_deref() {
+        None | Some("memory") => Arc::new(MemoryIdempotencyStore::new()),
+        Some("off") => return Ok(None),
+        #[cfg(feature = "sqlite")]
+        Some(url) if url.starts_with("sqlite:") => {
+            Arc::new(idempotency::SqliteIdempotencyStore::connect(url).await?)
+        }
+        #[cfg(feature = "postgres")]
+        Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+            Arc::new(idempotency::PostgresIdempotencyStore::connect(url).await?)
+        }
+        #[cfg(feature = "dynamodb")]
+        Some(url) if url.starts_with("dynamodb://") => Arc::new(
+            idempotency::DynamoDbIdempotencyStore::connect(&url["dynamodb://".len()..]).await?,
+        ),
+        Some(other) => {
+            return Err(config_error(format!(
+                "SOURCEFLOW_IDEMPOTENCY={other:?} is not a store this build has; use `memory`, `off`, or (with the `sqlite`/`postgres`/`dynamodb` features) a `sqlite://` or `postgres://` URL or `dynamodb://<table>`"
+            )))
+        }
+    };
+    Ok(Some(store))
+}
+
+/// The key provider the environment names: KMS, a local master key, or on the embedded
+/// transport a random key of the process.
+async fn key_provider_from_env(transport: &str) -> Result<Option<Arc<dyn KeyProvider>>> {
+    #[cfg(feature = "aws")]
+    if let Some(key) = env_var("SOURCEFLOW_KMS_KEY_ID") {
+        return Ok(Some(Arc::new(
+            encryption::KmsKeyProvider::from_env(key).await?,
+        )));
+    }
+    Ok(match env_var("SOURCEFLOW_LOCAL_KEY") {
+        Some(k) => Some(Arc::new(LocalKeyProvider::from_base64(&k)?)),
+        // Messages on the embedded transport never leave the process: a random key of the
+        // process (shared by its runtimes) is enough, and the default needs no setup.
+        None if transport == "memory" => Some(process_key()),
+        None => None,
+    })
 }
 
 pub(super) struct Resolved {
