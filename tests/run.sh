@@ -52,4 +52,4 @@ eval "$emulator_env"
 
 echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
-    cargo test -p sourceflow --all-features --test behaviour --test aws
+    cargo test -p sourceflow --all-features --test behaviour --test transport --test aws
