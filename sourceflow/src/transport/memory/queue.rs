@@ -31,8 +31,8 @@ const DEAD_LETTER_GROUP: &str = "dead-letter";
 
 /// A queue of the embedded broker.
 pub(super) struct Queue {
-    /// This queue's number in its receipts.
-    id: u64,
+    /// What this queue's receipts start with (its process-wide number and `:`).
+    receipt_prefix: String,
     /// Full name.
     pub(super) name: String,
     /// FIFO queue.
@@ -110,7 +110,7 @@ impl Queue {
     /// A new, empty queue.
     pub(super) fn new(name: &str, fifo: bool, dead_letter: Option<(Arc<Queue>, u32)>) -> Self {
         Queue {
-            id: NEXT_QUEUE_ID.fetch_add(1, Ordering::Relaxed),
+            receipt_prefix: format!("{}:", NEXT_QUEUE_ID.fetch_add(1, Ordering::Relaxed)),
             name: name.to_string(),
             fifo,
             dead_letter: RwLock::new(dead_letter),
@@ -552,8 +552,8 @@ impl Queue {
 
     /// What `receipt` refers to; `None` when this queue never issued it.
     fn holder(&self, st: &QueueState, receipt: &str) -> Option<Holder> {
-        let (queue, seq, generation) = parse_receipt(receipt)?;
-        if queue != self.id || generation == 0 || seq >= st.next_seq {
+        let (seq, generation) = parse_receipt(receipt.strip_prefix(&self.receipt_prefix)?)?;
+        if generation == 0 || seq >= st.next_seq {
             return None;
         }
         Some(match st.messages.get(&seq) {
@@ -587,11 +587,22 @@ impl Queue {
         Some(m)
     }
 
+    /// The receipt of receive `generation` of message `seq`: `queue:seq:generation`
+    /// (written by hand: this is on every receive).
+    fn receipt(&self, seq: u64, generation: u32) -> String {
+        let mut r = String::with_capacity(self.receipt_prefix.len() + 32);
+        r.push_str(&self.receipt_prefix);
+        push_decimal(&mut r, seq);
+        r.push(':');
+        push_decimal(&mut r, u64::from(generation));
+        r
+    }
+
     fn received(&self, seq: u64, m: &Stored, now: Instant) -> ReceivedMessage {
         ReceivedMessage {
             received_at: now,
             broker_id: m.broker_id.clone(),
-            receipt: format!("{}:{seq}:{}", self.id, m.generation),
+            receipt: self.receipt(seq, m.generation),
             body: m.body.clone(),
             attributes: m.attributes.clone(),
             receive_count: m.receive_count,
@@ -716,13 +727,27 @@ fn begin_flight(m: &mut Stored, now: Instant) {
     m.received_at = now;
 }
 
-/// A receipt is `queue:seq:generation`.
-fn parse_receipt(receipt: &str) -> Option<(u64, u64, u32)> {
-    let mut parts = receipt.splitn(3, ':');
-    let queue = parts.next()?.parse().ok()?;
-    let seq = parts.next()?.parse().ok()?;
-    let generation = parts.next()?.parse().ok()?;
-    Some((queue, seq, generation))
+/// The `seq:generation` of a receipt, after its queue prefix.
+fn parse_receipt(rest: &str) -> Option<(u64, u32)> {
+    let (seq, generation) = rest.split_once(':')?;
+    Some((seq.parse().ok()?, generation.parse().ok()?))
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[start..] {
+        out.push(char::from(d));
+    }
 }
 
 /// Whole seconds, rounded up, as SQS counts them.
