@@ -53,7 +53,7 @@ eval "$emulator_env"
 
 echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
-    cargo test -p sourceflow --all-features --test behaviour --test aws
+    cargo test -p sourceflow --all-features --test behaviour --test transport --test aws
 
 # Last and alone: these stop PostgreSQL and pause the emulator (SIGSTOP) on purpose.
 echo "== fault tests (store stopped, broker paused, worker killed), one at a time"
