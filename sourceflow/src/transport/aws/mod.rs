@@ -22,10 +22,14 @@
 
 mod batcher;
 mod errors;
+#[cfg(test)]
+mod fake;
 mod provision;
 mod retry;
 mod sns;
 mod sqs;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
