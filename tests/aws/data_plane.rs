@@ -221,6 +221,11 @@ async fn a_delay_on_a_fifo_queue_is_refused() {
         .await
         .expect_err("refused");
     assert_eq!(err.failed_indices().collect::<Vec<_>>(), vec![1], "{err}");
+    // Refused here, before the wire (the emulator's own refusal reads differently).
+    assert!(
+        matches!(err.error_of(1), Some(EntryError::Refused(why)) if why.contains("takes no per-message delay")),
+        "{err}"
+    );
     let bodies: Vec<String> = receive_n(&t, &q, 2)
         .await
         .into_iter()
@@ -444,6 +449,7 @@ async fn broker_errors_read_in_one_line() {
 }
 
 fn assert_one_line(text: &str) {
+    println!("{text}");
     assert!(!text.contains('\n'), "more than one line: {text}");
     assert!(text.len() < 400, "too long: {text}");
     for dump in [
