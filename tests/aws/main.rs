@@ -594,17 +594,27 @@ async fn validate_mode_lists_what_is_missing_or_different_and_assume_mode_calls_
         .send(PlaceOrder { order_id: 1 })
         .await
         .expect_err("the queue was never created");
-    assert!(
-        matches!(err, sourceflow::Error::QueueDoesNotExist(_)),
-        "{err}"
-    );
+    // Per entry since the transport contract reports each entry (the dispatcher may map a
+    // batch of one back to the plain error).
+    let missing = match &err {
+        sourceflow::Error::QueueDoesNotExist(_) => true,
+        sourceflow::Error::Batch(b) => {
+            b.failed.len() == 1
+                && matches!(
+                    b.error_of(0),
+                    Some(sourceflow::transport::EntryError::NoSuchDestination(_))
+                )
+        }
+        _ => false,
+    };
+    assert!(missing, "{err}");
     assume.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
     use sourceflow::envelope::OutgoingMessage;
-    use sourceflow::transport::Transport;
+    use sourceflow::transport::{EntryError, Transport};
     if !enabled() {
         return;
     }
@@ -633,8 +643,22 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
         )
         .await
         .expect_err("one entry is refused");
-    let text = err.to_string();
-    assert!(text.contains("1 of the batch were refused"), "{text}");
+    assert_eq!(err.total, 3);
+    assert_eq!(
+        err.failed_indices().collect::<Vec<_>>(),
+        vec![1],
+        "exactly the bad entry: {err}"
+    );
+    assert!(
+        matches!(err.error_of(1), Some(EntryError::Refused(_))),
+        "a sender fault is refused, not retried: {err}"
+    );
+    // What the caller sees through `?` in a handler.
+    let text = sourceflow::Error::from(err).to_string();
+    assert!(
+        text.contains("1 of 3 entries not done") && !text.contains('\n'),
+        "{text}"
+    );
     let mut bodies = Vec::new();
     for _ in 0..5 {
         for m in t
@@ -662,6 +686,10 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
         "the rest were delivered"
     );
 }
+
+// ---- the data plane: per-entry results, coalescing, checks before the wire ---------------
+
+mod data_plane;
 
 // ---- a worker killed mid-handler ---------------------------------------------------------
 

@@ -1,0 +1,304 @@
+//! Coalescing: one batch call for what concurrent callers hand in for the same queue or
+//! topic.
+//!
+//! Each destination and operation has a worker task. A caller hands it a *job* (its
+//! entries and a reply channel) and waits. The worker takes the first job, gathers more
+//! for up to [`LINGER`] or until [`MAX_BATCH_ENTRIES`] entries wait, lays the entries of
+//! all jobs end to end and flushes them (the flush splits them into batch calls by count
+//! and bytes, see [`chunks`]). The flush reports failures by index into that combined
+//! list; [`split`] hands each caller the failures that fall in its own range, re-indexed
+//! to its own input. A caller never sees a neighbour's failure.
+//!
+//! The worker flushes one gathering at a time: what arrives meanwhile waits in the channel
+//! and makes the next gathering fuller, which is what keeps requests per message low under
+//! load. A worker holds only its SDK client and the destination's URL or ARN, never the
+//! transport, so it ends when the transport (and with it every sender) is dropped.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+use super::LINGER;
+use crate::error::EntryError;
+use crate::transport::MAX_BATCH_ENTRIES;
+
+/// The entries of a call that were not done: index among the entries given, and why.
+pub(crate) type Failures = Vec<(usize, EntryError)>;
+
+/// What a worker does with what it gathered.
+#[async_trait]
+pub(crate) trait Flush: Send + Sync + 'static {
+    /// One entry (a message, a receipt, a receipt and its timeout).
+    type Entry: Send + 'static;
+
+    /// Does `entries`, however many, and reports the failed ones by index into `entries`.
+    async fn flush(&self, entries: Vec<Self::Entry>) -> Failures;
+}
+
+struct Job<E> {
+    entries: Vec<E>,
+    reply: oneshot::Sender<Failures>,
+}
+
+/// The workers of one operation, by destination.
+pub(crate) struct Batchers<F: Flush> {
+    workers: parking_lot::Mutex<HashMap<String, mpsc::UnboundedSender<Job<F::Entry>>>>,
+}
+
+impl<F: Flush> Default for Batchers<F> {
+    fn default() -> Self {
+        Batchers {
+            workers: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<F: Flush> Batchers<F> {
+    /// Hands `entries` to the worker of `destination` (started with `make` when there is
+    /// none) and waits for the outcome of exactly these entries, indexed as given.
+    pub(crate) async fn submit(
+        &self,
+        destination: &str,
+        entries: Vec<F::Entry>,
+        make: impl FnOnce() -> F,
+    ) -> Failures {
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let total = entries.len();
+        let (reply, outcome) = oneshot::channel();
+        let mut job = Job { entries, reply };
+        let mut make = Some(make);
+        // Twice at most: a worker that ended (it panicked) is replaced once.
+        for _ in 0..2 {
+            let tx = {
+                let mut workers = self.workers.lock();
+                match workers.get(destination) {
+                    Some(tx) if !tx.is_closed() => tx.clone(),
+                    _ => {
+                        let Some(make) = make.take() else { break };
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        tokio::spawn(worker(make(), rx));
+                        workers.insert(destination.to_string(), tx.clone());
+                        tx
+                    }
+                }
+            };
+            match tx.send(job) {
+                Ok(()) => {
+                    drop(tx);
+                    return outcome
+                        .await
+                        .unwrap_or_else(|_| every(total, "the batcher stopped before answering"));
+                }
+                Err(mpsc::error::SendError(back)) => {
+                    job = back;
+                    self.workers.lock().remove(destination);
+                }
+            }
+        }
+        every(total, "the batcher is not running")
+    }
+}
+
+/// `total` entries, all transient with `why`.
+fn every(total: usize, why: &str) -> Failures {
+    (0..total)
+        .map(|i| (i, EntryError::Transient(why.to_string())))
+        .collect()
+}
+
+/// Gathers jobs and flushes them, until every sender is gone.
+async fn worker<F: Flush>(flush: F, mut rx: mpsc::UnboundedReceiver<Job<F::Entry>>) {
+    while let Some(first) = rx.recv().await {
+        let mut count = first.entries.len();
+        let mut jobs = vec![first];
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while count < MAX_BATCH_ENTRIES {
+            tokio::select! {
+                biased;
+                job = rx.recv() => match job {
+                    Some(job) => {
+                        count += job.entries.len();
+                        jobs.push(job);
+                    }
+                    None => break,
+                },
+                _ = &mut linger => break,
+            }
+        }
+        let mut entries = Vec::with_capacity(count);
+        let mut lens = Vec::with_capacity(jobs.len());
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            lens.push(job.entries.len());
+            entries.extend(job.entries);
+            replies.push(job.reply);
+        }
+        let failures = flush.flush(entries).await;
+        for (reply, mine) in replies.into_iter().zip(split(failures, &lens)) {
+            // A caller that gave up (its future was dropped) has nobody to tell.
+            let _ = reply.send(mine);
+        }
+    }
+}
+
+/// Splits the failures of entries laid end to end into each caller's, re-indexed to the
+/// caller's own entries; `lens` are the callers' entry counts, in the order laid.
+pub(crate) fn split(mut failures: Failures, lens: &[usize]) -> Vec<Failures> {
+    failures.sort_by_key(|(i, _)| *i);
+    let mut out: Vec<Failures> = lens.iter().map(|_| Vec::new()).collect();
+    let mut starts = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for len in lens {
+        starts.push(start);
+        start += len;
+    }
+    for (i, e) in failures {
+        // The caller whose range holds `i`: the last one starting at or before it.
+        let caller = starts.partition_point(|s| *s <= i).saturating_sub(1);
+        if caller < lens.len() && i < starts[caller] + lens[caller] {
+            out[caller].push((i - starts[caller], e));
+        }
+    }
+    out
+}
+
+/// Maps failures indexed among a subset of a caller's entries back to the caller's own
+/// indices: `positions[k]` is where the subset's entry `k` stood.
+pub(crate) fn reindex(failures: Failures, positions: &[usize]) -> Failures {
+    failures
+        .into_iter()
+        .filter_map(|(k, e)| positions.get(k).map(|i| (*i, e)))
+        .collect()
+}
+
+/// Splits entries into batch calls: at most `max_entries` and at most `max_bytes` in total
+/// each, never two entries with the same key (a receipt) in one call, order kept. An entry
+/// larger than `max_bytes` gets a call of its own (and is refused there; callers check
+/// sizes first).
+pub(crate) fn chunks(
+    sizes: &[usize],
+    keys: Option<&[&str]>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, size) in sizes.iter().enumerate() {
+        let full = i - start >= max_entries || (i > start && bytes + size > max_bytes);
+        let repeated = keys.is_some_and(|k| k[start..i].contains(&k[i]));
+        if full || repeated {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn t(why: &str) -> EntryError {
+        EntryError::Transient(why.into())
+    }
+
+    #[test]
+    fn split_hands_each_caller_its_own_failures_reindexed() {
+        // Callers of 3, 2 and 4 entries: combined indices 0-2, 3-4, 5-8.
+        let failures = vec![(6, t("c")), (1, t("a")), (8, t("d")), (3, t("b"))];
+        let out = split(failures, &[3, 2, 4]);
+        assert_eq!(out[0], vec![(1, t("a"))]);
+        assert_eq!(out[1], vec![(0, t("b"))]);
+        assert_eq!(out[2], vec![(1, t("c")), (3, t("d"))]);
+        // An empty caller in the middle gets nothing, and its neighbours stay right.
+        let out = split(vec![(2, t("x"))], &[2, 0, 1]);
+        assert_eq!(out, vec![vec![], vec![], vec![(0, t("x"))]]);
+        // An index past every range is dropped rather than given to someone.
+        assert_eq!(split(vec![(9, t("x"))], &[1, 1]), vec![vec![], vec![]]);
+    }
+
+    #[test]
+    fn reindex_maps_a_subset_back_to_the_callers_positions() {
+        // The caller gave 5 entries; 0 and 3 were refused before the wire, so 1, 2, 4
+        // were sent as 0, 1, 2.
+        let out = reindex(vec![(0, t("a")), (2, t("b"))], &[1, 2, 4]);
+        assert_eq!(out, vec![(1, t("a")), (4, t("b"))]);
+    }
+
+    #[test]
+    fn chunks_respect_count_bytes_and_distinct_keys() {
+        let kib = 1024;
+        // 10 × 200 KiB under a 1 MiB limit: 5 and 5 (5 × 200 = 1000 KiB fits).
+        let sizes = vec![200 * kib; 10];
+        assert_eq!(chunks(&sizes, None, 10, 1024 * kib), vec![0..5, 5..10]);
+        // 25 small: 10, 10, 5.
+        assert_eq!(
+            chunks(&[1; 25], None, 10, 1024 * kib),
+            vec![0..10, 10..20, 20..25]
+        );
+        // Exactly at the limit fits; one byte over starts a new call.
+        assert_eq!(chunks(&[512, 512], None, 10, 1024), vec![0..2]);
+        assert_eq!(chunks(&[512, 513], None, 10, 1024), vec![0..1, 1..2]);
+        // An oversize entry stands alone.
+        assert_eq!(
+            chunks(&[10, 2000, 10], None, 10, 1024),
+            vec![0..1, 1..2, 2..3]
+        );
+        // The same receipt twice never shares a call, order kept.
+        let keys = ["a", "b", "a", "c"];
+        assert_eq!(chunks(&[1; 4], Some(&keys), 10, 1024), vec![0..2, 2..4]);
+        assert!(chunks(&[], None, 10, 1024).is_empty());
+    }
+
+    /// Fails the entries whose value is odd, and records the sizes of its flushes.
+    struct OddFails(Arc<parking_lot::Mutex<Vec<usize>>>);
+
+    #[async_trait]
+    impl Flush for OddFails {
+        type Entry = u32;
+        async fn flush(&self, entries: Vec<u32>) -> Failures {
+            self.0.lock().push(entries.len());
+            entries
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| *v % 2 == 1)
+                .map(|(i, v)| (i, t(&v.to_string())))
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_a_flush_and_get_only_their_own_results() {
+        let flushes = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let batchers: Arc<Batchers<OddFails>> = Arc::new(Batchers::default());
+        let mk = |f: &Arc<parking_lot::Mutex<Vec<usize>>>| {
+            let f = f.clone();
+            move || OddFails(f)
+        };
+        let (a, b, c) = tokio::join!(
+            batchers.submit("q", vec![2, 4, 6], mk(&flushes)),
+            batchers.submit("q", vec![8, 1, 10], mk(&flushes)),
+            batchers.submit("q", vec![3], mk(&flushes)),
+        );
+        assert_eq!(a, vec![], "the first caller's entries all succeeded");
+        assert_eq!(
+            b,
+            vec![(1, t("1"))],
+            "index 1 of the second caller's own input"
+        );
+        assert_eq!(c, vec![(0, t("3"))]);
+        assert_eq!(*flushes.lock(), vec![7], "one flush for the three callers");
+    }
+}
