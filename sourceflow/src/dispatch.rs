@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::encryption;
 use crate::envelope::{self, OutgoingMessage};
-use crate::error::{BatchError, Error, Result};
+use crate::error::{BatchError, EntryError, Error, Result};
 use crate::message::{Message, MessageKind};
 use crate::naming::Naming;
 use crate::telemetry::{self, Metrics};
@@ -129,6 +129,8 @@ impl Dispatcher {
             MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
         };
         message.check_size(&destination, limit)?;
+        let mut message = message;
+        message.delay = message.delay.filter(|d| !d.is_zero());
         if let Some(delay) = message.delay {
             check_delay(M::NAME, M::KIND, &destination, delay)?;
         }
@@ -139,11 +141,20 @@ impl Dispatcher {
         })
     }
 
-    /// Sends one message now.
+    /// Sends one message now. A destination that does not exist is named as such.
     pub(crate) async fn dispatch(&self, p: Pending) -> Result<()> {
-        self.call(p.kind, &p.destination, vec![p.message])
+        let (kind, dest) = (p.kind, p.destination.clone());
+        self.call(kind, &dest, vec![p.message])
             .await
-            .map_err(Error::from)
+            .map_err(|e| match (e.failed.first(), kind) {
+                (Some((_, EntryError::NoSuchDestination(_))), MessageKind::Command) => {
+                    Error::QueueDoesNotExist(dest.to_string())
+                }
+                (Some((_, EntryError::NoSuchDestination(_))), MessageKind::Event) => {
+                    Error::TopicDoesNotExist(dest.to_string())
+                }
+                _ => Error::from(e),
+            })
     }
 
     /// Sends what a handler produced, in order, one call per run of messages to the same
@@ -260,7 +271,7 @@ impl Undispatched {
         self.error
             .failed
             .iter()
-            .any(|(_, e)| matches!(e, crate::error::EntryError::Refused(_)))
+            .any(|(_, e)| matches!(e, EntryError::Refused(_)))
     }
 }
 

@@ -85,7 +85,9 @@ pub struct Topology {
 pub struct ReceivedMessage {
     /// The broker's id for this message (SQS `MessageId`), for logs.
     pub broker_id: String,
-    /// The receipt handle, valid until the message is deleted, returned or received again.
+    /// The receipt handle. The latest receipt of a message deletes it until someone
+    /// receives it again; an earlier receipt, or one of a deleted message, is accepted by
+    /// `delete` and may do nothing (as on SQS).
     pub receipt: String,
     /// The body (a JSON envelope, unless something else wrote to the queue).
     pub body: String,
@@ -126,7 +128,13 @@ pub const MAX_BATCH_ENTRIES: usize = 10;
 /// report per entry: `Ok(())` when every entry was done, else a [`BatchError`] listing the
 /// entries that were not, each with why; every entry it does not list was done. An
 /// implementation retries what may succeed on retry before it gives up on an entry, and
-/// never does an entry twice because a neighbour failed.
+/// never does an entry twice because a neighbour failed. Entries handed in are done even
+/// if the caller stops waiting for the answer.
+///
+/// Order: the messages of one FIFO group keep the order of a call that succeeds. After a
+/// partial failure, an entry retried later lands behind the entries of its group that
+/// were accepted meanwhile — keep one group's messages in calls of their own where that
+/// matters. A delay of zero is no delay.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Short name for logs and errors (`memory`, `aws`).
@@ -159,14 +167,19 @@ pub trait Transport: Send + Sync + 'static {
     /// receive that is in flight rather than dropping it.
     async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>>;
 
-    /// Deletes received messages by receipt.
+    /// Deletes received messages by receipt. A receipt that was never issued fails with
+    /// [`EntryError::InvalidReceipt`]; deleting twice, or with an earlier receipt, is
+    /// accepted (and may do nothing).
     async fn delete(
         &self,
         queue: &str,
         receipts: Vec<String>,
     ) -> std::result::Result<(), BatchError>;
 
-    /// Makes received messages invisible for `timeout` from now (zero: visible at once).
+    /// Makes received messages invisible for `timeout` from now (zero: visible at once; at
+    /// most [`MAX_VISIBILITY`], more is refused). Applies to the latest receipt of a message
+    /// in flight; for a message that became visible meanwhile it is accepted and changes
+    /// nothing; for a deleted message, or a receipt never issued, that entry fails.
     async fn change_visibility(
         &self,
         queue: &str,
@@ -176,7 +189,11 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Moves a received message to `dead_letter_queue` with `reason` attached as the
     /// [`attr::DLQ_REASON`](crate::envelope::attr::DLQ_REASON) attribute, and removes it
-    /// from `queue`.
+    /// from `queue`. On a FIFO queue its group id is kept. With a receipt that is no
+    /// longer the latest, the embedded transport moves nothing and fails; on AWS (a copy
+    /// sent, then a delete) the copy may be in the dead-letter queue while the message
+    /// comes back to `queue` — it is then dead-lettered again, by its broker id deduplicated
+    /// on a FIFO dead-letter queue.
     async fn dead_letter(
         &self,
         queue: &str,
