@@ -194,29 +194,8 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         wire_name: M::NAME,
         source,
     })?;
-    let mut attributes = Vec::with_capacity(7);
-    attributes.push((attr::TYPE.to_string(), M::NAME.to_string()));
-    attributes.push((
-        attr::CONTENT_TYPE.to_string(),
-        CONTENT_TYPE_JSON.to_string(),
-    ));
-    attributes.push((attr::SEQUENCE.to_string(), seq.to_string()));
-    if let Some(e) = &entity_id {
-        attributes.push((attr::ENTITY_ID.to_string(), e.clone()));
-    }
-    attributes.push((attr::CORRELATION_ID.to_string(), correlation_id.to_string()));
-    if let Some(tp) = meta.traceparent {
-        attributes.push((attr::TRACEPARENT.to_string(), tp));
-    }
-    if let Some(ts) = meta.tracestate {
-        attributes.push((attr::TRACESTATE.to_string(), ts));
-    }
-    if encrypted {
-        attributes.push((
-            attr::ENCRYPTION.to_string(),
-            attr::ENCRYPTION_V1.to_string(),
-        ));
-    }
+    let trace = (meta.traceparent.as_deref(), meta.tracestate.as_deref());
+    let attributes = attributes::<M>(seq, entity_id.as_deref(), correlation_id, trace, encrypted);
     Ok(OutgoingMessage {
         body,
         attributes,
@@ -226,6 +205,40 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         wire_name: std::borrow::Cow::Borrowed(M::NAME),
         message_id: id,
     })
+}
+
+/// The message attributes of an envelope of `M`.
+fn attributes<M: Message>(
+    seq: u64,
+    entity_id: Option<&str>,
+    correlation_id: &str,
+    (traceparent, tracestate): (Option<&str>, Option<&str>),
+    encrypted: bool,
+) -> Vec<(String, String)> {
+    let mut attributes = Vec::with_capacity(7);
+    attributes.push((attr::TYPE.to_string(), M::NAME.to_string()));
+    attributes.push((
+        attr::CONTENT_TYPE.to_string(),
+        CONTENT_TYPE_JSON.to_string(),
+    ));
+    attributes.push((attr::SEQUENCE.to_string(), seq.to_string()));
+    if let Some(e) = entity_id {
+        attributes.push((attr::ENTITY_ID.to_string(), e.to_string()));
+    }
+    attributes.push((attr::CORRELATION_ID.to_string(), correlation_id.to_string()));
+    if let Some(tp) = traceparent {
+        attributes.push((attr::TRACEPARENT.to_string(), tp.to_string()));
+    }
+    if let Some(ts) = tracestate {
+        attributes.push((attr::TRACESTATE.to_string(), ts.to_string()));
+    }
+    if encrypted {
+        attributes.push((
+            attr::ENCRYPTION.to_string(),
+            attr::ENCRYPTION_V1.to_string(),
+        ));
+    }
+    attributes
 }
 
 /// A decoded envelope; the payload stays raw JSON until a handler decodes it.
