@@ -116,12 +116,15 @@ impl Liveness {
         self.last_beat_millis.store(now_millis(), Ordering::Relaxed);
     }
 
-    /// A poller starts (`true`) or stops (`false`) waiting for a free handler slot.
+    /// A poller starts (`true`) or stops (`false`) waiting for a free handler slot. Getting
+    /// one is progress of the loop, like a poll: the receive it starts next is judged from
+    /// here, not from the poll before the wait.
     pub(crate) fn waiting_for_slot(&self, waiting: bool) {
         if waiting {
             self.beat();
             self.waiting.fetch_add(1, Ordering::Relaxed);
         } else {
+            self.polled();
             self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }

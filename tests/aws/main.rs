@@ -165,9 +165,11 @@ async fn provisioning_creates_exactly_what_the_routes_need() {
         redrive["deadLetterTargetArn"],
         id.queue_arn(&Naming::dead_letter(&orders))
     );
+    // The broker's own limit is the safety net above the 7 handler attempts (ten times,
+    // at least 100): sourceflow dead-letters first, with a reason.
     assert_eq!(
         redrive["maxReceiveCount"].to_string().trim_matches('"'),
-        "7"
+        "100"
     );
     let dlq = attributes(&t, &Naming::dead_letter(&orders)).await;
     assert_eq!(

@@ -48,8 +48,9 @@ async fn a_listener_whose_slots_are_all_held_by_heartbeating_handlers_is_healthy
         started.0.load(Ordering::SeqCst) == 1
     })
     .await;
+    // Through the handler's 5 s and past its end, while the listener polls again.
     let mut busy_seen = false;
-    for _ in 0..16 {
+    for _ in 0..28 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let report = app.health().await;
         let check = report.check(&name).expect("listener check").clone();
