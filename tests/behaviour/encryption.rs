@@ -548,7 +548,10 @@ async fn a_mistyped_sensitive_field_never_reaches_the_dead_letter_reason_or_the_
         .expect("logs")
         .clone();
     assert!(logs.contains("at `pin`"), "the dead-letter line was logged");
-    assert!(!logs.contains("1111 1111"), "the value leaked into the logs");
+    assert!(
+        !logs.contains("1111 1111"),
+        "the value leaked into the logs"
+    );
     assert!(seen.all().is_empty(), "the handler never ran");
     app.shutdown().await.expect("shutdown");
 }

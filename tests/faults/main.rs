@@ -180,10 +180,30 @@ mod flow {
 
 const JOBS: u32 = 1_000;
 
-/// Sends 1,000 jobs over ~10 s while `disturb` runs (from 2 s in), then checks that every
-/// job was handled exactly once and that nothing went to the dead-letter queue.
-async fn flow_survives<F, Fut>(store: Option<Arc<dyn IdempotencyStore>>, disturb: F)
-where
+/// A transport whose calls give up quickly (one retry, 3 s per attempt), so that a broker
+/// that stops answering makes receives, deletes and heartbeats fail instead of wait.
+async fn impatient() -> AwsTransport {
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .operation_attempt_timeout(Duration::from_secs(3))
+                .build(),
+        )
+        .load()
+        .await;
+    AwsTransport::from_sdk_config(&cfg)
+}
+
+/// Sends 1,000 jobs over ~10 s through `transport` while `disturb` runs (from 2 s in), then
+/// checks that every job was handled exactly once and that nothing went to the
+/// dead-letter queue.
+async fn flow_survives<F, Fut>(
+    transport: AwsTransport,
+    store: Option<Arc<dyn IdempotencyStore>>,
+    disturb: F,
+) where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
@@ -193,7 +213,7 @@ where
     let mut worker = sourceflow::builder()
         .service("faults")
         .prefix(&p)
-        .transport(aws().await)
+        .transport(transport.clone())
         .handlers(|h| h.module_path == flow::MODULE)
         .state(handled.clone())
         .concurrency(20)
@@ -205,7 +225,7 @@ where
     let sender = sourceflow::builder()
         .service("faults-client")
         .prefix(&p)
-        .transport(aws().await)
+        .transport(transport)
         .handlers(|_| false)
         .start()
         .await
@@ -277,7 +297,7 @@ async fn the_idempotency_store_down_for_30_s_dead_letters_nothing() {
         .await
         .expect("store");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/postgres.sh");
-    flow_survives(Some(Arc::new(store)), || async {
+    flow_survives(aws().await, Some(Arc::new(store)), || async {
         run(script, &["stop"]);
         eprintln!("PostgreSQL stopped");
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -303,8 +323,9 @@ impl Drop for Paused {
 }
 
 /// The broker (the emulator process) is paused with SIGSTOP for 20 s while 1,000 jobs flow
-/// (idempotency in memory, the default): calls hang and then complete; every job runs
-/// exactly once and nothing is dead-lettered.
+/// (idempotency in memory, the default), with SDK calls that give up after 3 s: receives,
+/// deletes and heartbeats fail meanwhile; every job runs exactly once and nothing is
+/// dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_paused_for_20_s_dead_letters_nothing() {
     if !enabled() {
@@ -316,7 +337,7 @@ async fn the_broker_paused_for_20_s_dead_letters_nothing() {
         .expect("emulator pid")
         .trim()
         .to_string();
-    flow_survives(None, || async {
+    flow_survives(impatient().await, None, || async {
         run("kill", &["-STOP", &pid]);
         let paused = Paused(pid.clone());
         eprintln!("emulator paused");
@@ -325,6 +346,10 @@ async fn the_broker_paused_for_20_s_dead_letters_nothing() {
         eprintln!("emulator resumed");
     })
     .await;
+    assert!(
+        log_lines("receive failed") > 0,
+        "the pause was felt: receives failed while the broker did not answer"
+    );
 }
 
 // ---- a worker killed after its effect --------------------------------------------------
