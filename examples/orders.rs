@@ -273,8 +273,8 @@ async fn main() -> sourceflow::Result<()> {
     }
     let report = app.shutdown().await?;
     println!(
-        "\nshut down: {} in-flight message(s) finished, {} returned to their queues",
-        report.finished, report.returned
+        "\nshut down: {} in-flight message(s) finished, {} handed back unstarted, {} abandoned at the deadline",
+        report.finished, report.returned, report.abandoned
     );
     Ok(())
 }

@@ -1,42 +1,5 @@
 //! What a handler's error says about its message: retry it (the default), never retry it
 //! ([`Reject`]), or retry it after a given delay ([`RetryAfter`]).
-//!
-//! A handler returns `Result<(), E>` for any error type. An ordinary error is a failed
-//! attempt: the message comes back after the configured backoff, and the attempt that
-//! reaches `max_receive_count` moves it to the dead-letter queue. Two error types steer it
-//! otherwise:
-//!
-//! ```
-//! use std::time::Duration;
-//! use sourceflow::{command, handler, Reject, RetryAfter};
-//!
-//! #[command(queue = "doc-outcome-payments")]
-//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-//! pub struct ChargeCard {
-//!     pub cents: u64,
-//!     pub expired: bool,
-//!     pub gateway_busy: bool,
-//! }
-//!
-//! #[handler]
-//! async fn charge(cmd: ChargeCard) -> sourceflow::Result<()> {
-//!     if cmd.expired {
-//!         // Retrying cannot help: to the dead-letter queue at once, with this reason.
-//!         return Err(Reject::new("card expired").into());
-//!     }
-//!     if cmd.gateway_busy {
-//!         // A failed attempt, retried after the delay the gateway asked for.
-//!         return Err(RetryAfter::new(Duration::from_secs(30), "gateway rate limit").into());
-//!     }
-//!     Ok(())
-//! }
-//! ```
-//!
-//! An error type of your own can be marked permanent once, for every handler, with
-//! [`Builder::permanent_error`](crate::Builder::permanent_error): a handler that returns it
-//! (or an error whose [`source`](std::error::Error::source) chain contains it) is rejected
-//! like [`Reject`]. The dead-letter reason is the error's `Display` text: keep payload
-//! values out of it.
 
 use std::any::TypeId;
 use std::fmt;
@@ -47,6 +10,43 @@ use crate::error::{BoxError, Error};
 
 /// A handler's verdict that its message can never succeed: it goes to the dead-letter
 /// queue at once, with this reason in `sourceflow.dlq_reason`, without further attempts.
+///
+/// A handler returns `Result<(), E>` for any error type. An ordinary error is a failed
+/// attempt: the message comes back after the configured backoff, and the attempt that
+/// reaches `max_receive_count` moves it to the dead-letter queue. Two error types steer it
+/// otherwise:
+///
+/// ```
+/// use std::time::Duration;
+/// use sourceflow::{command, handler, Reject, RetryAfter};
+///
+/// #[command(queue = "doc-outcome-payments")]
+/// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// pub struct ChargeCard {
+///     pub cents: u64,
+///     pub expired: bool,
+///     pub gateway_busy: bool,
+/// }
+///
+/// #[handler]
+/// async fn charge(cmd: ChargeCard) -> sourceflow::Result<()> {
+///     if cmd.expired {
+///         // Retrying cannot help: to the dead-letter queue at once, with this reason.
+///         return Err(Reject::new("card expired").into());
+///     }
+///     if cmd.gateway_busy {
+///         // A failed attempt, retried after the delay the gateway asked for.
+///         return Err(RetryAfter::new(Duration::from_secs(30), "gateway rate limit").into());
+///     }
+///     Ok(())
+/// }
+/// ```
+///
+/// An error type of your own can be marked permanent once, for every handler, with
+/// [`Builder::permanent_error`](crate::Builder::permanent_error): a handler that returns it
+/// (or an error whose [`source`](std::error::Error::source) chain contains it) is rejected
+/// like [`Reject`]. The dead-letter reason is the error's `Display` text: keep payload
+/// values out of it.
 #[derive(Debug)]
 pub struct Reject {
     reason: String,
@@ -101,6 +101,7 @@ impl From<Reject> for Error {
 
 /// A failed attempt that asks to be retried after `after` instead of the configured
 /// backoff (a rate limit that says when to come back, say). It still counts as an attempt.
+/// See [`Reject`] for an example.
 #[derive(Debug)]
 pub struct RetryAfter {
     after: Duration,

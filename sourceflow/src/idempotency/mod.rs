@@ -9,7 +9,8 @@
 //!
 //! * the claim is won: handlers run; the lease is renewed with the visibility heartbeat;
 //!   on success the record becomes `COMPLETED` (with an expiry, and with the messages the
-//!   handler sent or raised), then those messages are dispatched, then marked dispatched;
+//!   handler sent or raised), then those messages are dispatched, then marked dispatched
+//!   (a completion the store refuses is retried in place: the handlers do not run again);
 //!   on failure the claim is released so the retry can run;
 //! * the record counts **handler attempts**: a claim is told which attempt it is
 //!   ([`Claim::Acquired`]`::attempt`); a release as [`Release::Failed`] and the takeover of

@@ -220,6 +220,7 @@ impl Handle {
             service = %self.service(),
             finished = report.finished,
             returned = report.returned,
+            abandoned = report.abandoned,
             "sourceflow stopped"
         );
         Ok(report)
