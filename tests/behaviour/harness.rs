@@ -377,4 +377,7 @@ impl Transport for Faulty {
         self.check()?;
         self.inner.missing(topology).await
     }
+    async fn end_receives(&self, queue: &str) {
+        self.inner.end_receives(queue).await
+    }
 }

@@ -44,7 +44,6 @@ struct HeldMessage {
 struct HeldUnit {
     messages: Vec<HeldMessage>,
     claim: Option<ClaimRef>,
-    claim_lost: bool,
     extended_at: Instant,
 }
 
@@ -100,7 +99,6 @@ impl Heartbeat {
                 })
                 .collect(),
             claim: None,
-            claim_lost: false,
             extended_at: messages
                 .iter()
                 .map(|m| m.received_at)
@@ -235,7 +233,6 @@ impl Heartbeat {
                     if let Some(u) = held.units.get_mut(&id) {
                         if u.claim.as_ref() == Some(&c) {
                             u.claim = None;
-                            u.claim_lost = true;
                         }
                     }
                     drop(held);
@@ -268,7 +265,6 @@ impl Hold {
     pub(crate) fn claimed(&self, claim: ClaimRef) {
         if let Some(u) = self.shared.held.lock().units.get_mut(&self.id) {
             u.claim = Some(claim);
-            u.claim_lost = false;
         }
     }
 
@@ -331,6 +327,41 @@ mod tests {
             .is_empty());
         drop(hold);
         assert_eq!(hb.held_messages(), 0);
+    }
+
+    /// A renewal the store refuses (another worker took the claim over) stops the renewals
+    /// of that claim; a renewal that succeeds keeps it.
+    #[tokio::test]
+    async fn a_refused_renewal_is_a_lost_claim_and_is_not_renewed_again() {
+        use crate::idempotency::{Claim, IdempotencyStore, MemoryIdempotencyStore};
+        let store = MemoryIdempotencyStore::new();
+        let lease = Duration::from_secs(30);
+        let Ok(Claim::Acquired { token, .. }) = store.claim("mine", "h", lease).await else {
+            panic!("claim");
+        };
+        let hb = Heartbeat::new(lease);
+        let kept = hb.hold(&[msg("a", Instant::now())]);
+        kept.claimed(ClaimRef {
+            key: "mine".into(),
+            token,
+        });
+        let lost = hb.hold(&[msg("b", Instant::now())]);
+        lost.claimed(ClaimRef {
+            key: "mine".into(),
+            token: "someone else's".into(),
+        });
+        let due = hb.due(Instant::now() + lease);
+        assert_eq!(due.claims.len(), 2);
+        hb.renew(&store, "q", due.claims).await;
+        let due = hb.due(Instant::now() + lease * 2);
+        let renewed: Vec<&str> = due.claims.iter().map(|(_, c)| c.token.as_str()).collect();
+        assert_eq!(
+            renewed.len(),
+            1,
+            "only the live claim is renewed again: {renewed:?}"
+        );
+        assert_ne!(renewed[0], "someone else's");
+        drop((kept, lost));
     }
 
     #[tokio::test(start_paused = true)]

@@ -45,6 +45,8 @@ impl Listener {
                 _ = self.stop.cancelled() => {
                     // The broker keeps an abandoned long poll alive and hands it messages,
                     // which would then stay invisible: await it, and give back what it got.
+                    // (The embedded broker can end it at once; SQS cannot.)
+                    transport.end_receives(&self.queue).await;
                     match tokio::time::timeout(self.receive_wait + RECEIVE_SLACK, receive).await {
                         Ok(Ok(got)) => self.give_back(&got).await,
                         Ok(Err(e)) => tracing::debug!(queue = %self.queue, error = %e, "the receive in flight at shutdown failed"),

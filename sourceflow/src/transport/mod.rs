@@ -167,6 +167,14 @@ pub trait Transport: Send + Sync + 'static {
     /// receive that is in flight rather than dropping it.
     async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>>;
 
+    /// Ends the long polls in flight on `queue` now: they return what they took, maybe
+    /// nothing. The listener calls it at shutdown before it awaits its receive in flight,
+    /// so that stopping does not wait out a whole long poll. SQS has no such call — there a
+    /// long poll runs to the end of its wait, and the default does nothing.
+    async fn end_receives(&self, queue: &str) {
+        let _ = queue;
+    }
+
     /// Deletes received messages by receipt. A receipt that was never issued fails with
     /// [`EntryError::InvalidReceipt`]; deleting twice, or with an earlier receipt, is
     /// accepted (and may do nothing).

@@ -262,6 +262,12 @@ impl Transport for MemoryTransport {
         batch_result("PublishBatch", topic, total, failed)
     }
 
+    async fn end_receives(&self, queue: &str) {
+        if let Ok(q) = self.queue(queue) {
+            q.end_polls();
+        }
+    }
+
     async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>> {
         let q = self.queue(queue)?;
         // What the AWS transport sends: SQS takes 1 to 10 messages, waits at most 20 s, and

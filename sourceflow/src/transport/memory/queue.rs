@@ -43,6 +43,8 @@ pub(super) struct Queue {
     /// Wakes waiting receives when something may have become deliverable, or when a
     /// visibility deadline moved.
     notify: Notify,
+    /// Bumped by [`Queue::end_polls`]: a long poll that started before returns at once.
+    polls_ended: AtomicU64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -116,7 +118,14 @@ impl Queue {
             dead_letter: RwLock::new(dead_letter),
             state: Mutex::new(QueueState::default()),
             notify: Notify::new(),
+            polls_ended: AtomicU64::new(0),
         }
+    }
+
+    /// Ends the long polls waiting now: they return what they have (nothing).
+    pub(super) fn end_polls(&self) {
+        self.polls_ended.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
     }
 
     /// Replaces the redrive policy (provisioning an existing queue again).
@@ -358,6 +367,7 @@ impl Queue {
         visibility: Duration,
         until: Instant,
     ) -> Vec<ReceivedMessage> {
+        let epoch = self.polls_ended.load(Ordering::SeqCst);
         loop {
             // Registered before looking, so a send between the look and the wait wakes us.
             let notified = self.notify.notified();
@@ -365,7 +375,8 @@ impl Queue {
             notified.as_mut().enable();
             let now = Instant::now();
             let (out, next_due) = self.receive_now(max, visibility, now);
-            if !out.is_empty() || now >= until {
+            let ended = self.polls_ended.load(Ordering::SeqCst) != epoch;
+            if !out.is_empty() || now >= until || ended {
                 return out;
             }
             let wake = next_due.map_or(until, |due| due.min(until));
