@@ -15,31 +15,61 @@ enum Extra {
 
 pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream> {
     let mut queue: Option<LitStr> = None;
+    let mut filter: Option<LitStr> = None;
+    let mut options = crate::options::QueueOptions::default();
     let parser = syn::meta::parser(|meta| {
-        if meta.path.is_ident("queue") {
-            if queue.is_some() {
-                return Err(meta.error("`queue` is given twice"));
-            }
-            queue = Some(meta.value()?.parse()?);
-            Ok(())
-        } else {
-            let given = quote::ToTokens::to_token_stream(&meta.path)
-                .to_string()
-                .replace(' ', "");
-            let hint = match crate::message::did_you_mean(&given, &["queue"]) {
-                Some(k) => format!("did you mean `{k}`? "),
-                None => String::new(),
-            };
-            Err(meta.error(format!(
-                "unknown #[handler] argument `{given}`; {hint}the only one is `queue = \"...\"`, \
-                 which names this service's subscriber queue for an event handler"
-            )))
+        let key = meta
+            .path
+            .get_ident()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        if options.parse(&key, &meta)? {
+            return Ok(());
         }
+        let slot = match key.as_str() {
+            "queue" => &mut queue,
+            "filter" => &mut filter,
+            _ => {
+                let given = quote::ToTokens::to_token_stream(&meta.path)
+                    .to_string()
+                    .replace(' ', "");
+                let known: Vec<&str> = ["queue", "filter"]
+                    .into_iter()
+                    .chain(crate::options::KEYS.iter().copied())
+                    .collect();
+                let hint = match crate::message::did_you_mean(&given, &known) {
+                    Some(k) => format!("did you mean `{k}`? "),
+                    None => String::new(),
+                };
+                return Err(meta.error(format!(
+                    "unknown #[handler] argument `{given}`; {hint}an event handler takes \
+                     `queue = \"...\"` (its subscriber queue), `filter = \"{{..}}\"` (an SNS \
+                     filter policy on message attributes) and queue settings \
+                     (`visibility_timeout`, `retention`, `delay`, `max_receive_count`, \
+                     `high_throughput`, `sse`, `tags(..)`)"
+                )));
+            }
+        };
+        if slot.is_some() {
+            return Err(meta.error(format!("`{key}` is given twice")));
+        }
+        *slot = Some(meta.value()?.parse()?);
+        Ok(())
     });
     syn::parse::Parser::parse2(parser, args)?;
     if let Some(q) = &queue {
-        crate::names::check_queue(&q.value()).map_err(|m| syn::Error::new(q.span(), m))?;
+        let fifo =
+            crate::names::check_queue(&q.value()).map_err(|m| syn::Error::new(q.span(), m))?;
+        options.check_fifo(Some(fifo))?;
     }
+    if let Some(f) = &filter {
+        crate::options::check_filter(f)?;
+    }
+    let options_tokens = options.tokens();
+    let filter_tokens = match &filter {
+        Some(f) => quote!(::core::option::Option::Some(#f)),
+        None => quote!(::core::option::Option::None),
+    };
 
     let func: ItemFn = syn::parse2(input).map_err(|e| {
         syn::Error::new(
@@ -174,6 +204,8 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
                 ::core::line!(),
                 #queue_tokens,
                 &[#(#states),*],
+                #options_tokens,
+                #filter_tokens,
                 |__ctx| {
                     ::std::boxed::Box::pin(async move {
                         let __message: #msg_ty = #decode?;

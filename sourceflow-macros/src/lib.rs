@@ -7,6 +7,7 @@
 mod handler;
 mod message;
 mod names;
+mod options;
 
 use proc_macro::TokenStream;
 
@@ -26,6 +27,13 @@ use proc_macro::TokenStream;
 /// * `queue` (required): the SQS queue name. A `.fifo` suffix makes it a FIFO queue, which
 ///   requires one `#[entity_id]` field (its value becomes the `MessageGroupId`).
 /// * `name` (optional): the stable wire name; defaults to the type's name.
+/// * `encrypt` (optional): the payload always travels encrypted.
+/// * queue settings (optional), checked against SQS's limits: `visibility_timeout`,
+///   `retention`, `delay` (whole seconds, or `"90s"`, `"5m"`, `"2h"`, `"4d"`),
+///   `max_receive_count` (handler attempts), `high_throughput` (FIFO only), `sse` (`"sqs"`,
+///   `"kms:<key>"` or `"none"`) and `tags(team = "orders")`. The consuming service
+///   provisions its queue with them; a service that only sends creates the queue with them
+///   if it is missing, and never changes it.
 #[proc_macro_attribute]
 pub fn command(args: TokenStream, input: TokenStream) -> TokenStream {
     message::expand(message::Kind::Command, args.into(), input.into())

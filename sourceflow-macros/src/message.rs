@@ -30,6 +30,7 @@ struct Args {
     topic: Option<LitStr>,
     name: Option<LitStr>,
     encrypt: bool,
+    options: crate::options::QueueOptions,
 }
 
 fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
@@ -40,6 +41,15 @@ fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
             .get_ident()
             .map(|i| i.to_string())
             .unwrap_or_default();
+        if kind == Kind::Command && out.options.parse(&key, &meta)? {
+            return Ok(());
+        }
+        if kind == Kind::Event && crate::options::KEYS.contains(&key.as_str()) {
+            return Err(meta.error(format!(
+                "`{key}` is a queue setting; an event's queues are its handlers' subscriber \
+                 queues: put it on the #[handler] that handles this event"
+            )));
+        }
         match (key.as_str(), kind) {
             ("queue", Kind::Command) => set_once(&mut out.queue, &meta),
             ("topic", Kind::Event) => set_once(&mut out.topic, &meta),
@@ -64,13 +74,18 @@ fn parse_args(kind: Kind, args: TokenStream) -> syn::Result<Args> {
                  (each handling service gets its own subscriber queue automatically)",
             )),
             _ => {
-                let (known, expected) = match kind {
+                let (known, expected): (Vec<&str>, &str) = match kind {
                     Kind::Command => (
-                        ["queue", "name", "encrypt"],
-                        "`queue = \"...\"`, `name = \"...\"` or `encrypt`",
+                        ["queue", "name", "encrypt"]
+                            .into_iter()
+                            .chain(crate::options::KEYS.iter().copied())
+                            .collect(),
+                        "`queue = \"...\"`, `name = \"...\"`, `encrypt`, or a queue setting \
+                         (`visibility_timeout`, `retention`, `delay`, `max_receive_count`, \
+                         `high_throughput`, `sse`, `tags(..)`)",
                     ),
                     Kind::Event => (
-                        ["topic", "name", "encrypt"],
+                        vec!["topic", "name", "encrypt"],
                         "`topic = \"...\"`, `name = \"...\"` or `encrypt`",
                     ),
                 };
@@ -189,6 +204,7 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
         Kind::Event => names::check_topic(&dest),
     }
     .map_err(|msg| syn::Error::new(dest_lit.span(), msg))?;
+    args.options.check_fifo(Some(fifo))?;
 
     let ident = item.ident.clone();
     let wire_name = match &args.name {
@@ -294,6 +310,12 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
     };
     let type_name = ident.to_string();
     let encrypt = args.encrypt;
+    let queue_options = if args.options.any() {
+        let o = args.options.tokens();
+        quote!(const QUEUE_OPTIONS: ::sourceflow::__private::QueueOptions = #o;)
+    } else {
+        TokenStream::new()
+    };
 
     Ok(quote! {
         #item
@@ -307,6 +329,7 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
             const FIFO: bool = #fifo;
             const HAS_ENTITY_ID: bool = #has_entity;
             const ENCRYPT: bool = #encrypt;
+            #queue_options
             #entity_fn
         }
 

@@ -1,25 +1,48 @@
-//! Least privilege: the exact IAM policy a running service needs, generated from its
-//! compiled routes.
+//! Least privilege: the exact IAM policy a service needs, generated from its topology (the
+//! same model provisioning, validation and the exports use).
 //!
-//! Each statement names its actions and the ARNs of exactly the resources involved:
+//! Each statement names the actions the code calls and the ARNs of exactly the resources
+//! involved — no wildcard resource, except where AWS offers none (see below):
 //!
-//! * `ConsumeQueues`: receive, delete, change visibility on the queues this service listens on;
-//! * `DeadLetter`: send to, receive from and delete on their dead-letter queues (moving
-//!   undecodable messages aside, redrive);
-//! * `SendCommands`: send to the command queues of the binary;
-//! * `PublishEvents`: publish to its topics;
-//! * `Provision` (only in `create` mode): create and configure those queues, topics and
-//!   subscriptions;
-//! * `Encryption` (only with a KMS key): `kms:GenerateDataKey` and `kms:Decrypt` on the key;
-//! * `Idempotency` (only with the DynamoDB idempotency store): item reads and conditional
-//!   writes on its table, plus creating it and enabling its TTL in `create` mode.
+//! * `ConsumeQueues`: receive, delete, change visibility and read the depth of the queues
+//!   the service consumes, and send to them (a redrive moves dead letters back);
+//! * `DeadLetter`: send to (dead-lettering), receive from and delete on (redrive) their
+//!   dead-letter queues, and read their depth;
+//! * `SendCommands`: send to the other command queues of the binary;
+//! * `PublishEvents`: publish to its topics (and read a topic's attributes, for health);
+//! * `ProvisionQueues`, `ProvisionTopics` (`create` mode): create and correct the queues
+//!   it owns and the subscriptions of its queues; create the queues it sends to when they
+//!   are missing, never change them (`sqs:TagQueue` only where routes declare tags);
+//! * `Inspect` (`validate` mode): read the same, change nothing; finding stale
+//!   subscriptions needs `sns:ListSubscriptions`, which AWS only grants on `*`;
+//! * `Encryption` (a KMS key for payloads): `kms:GenerateDataKey`, `kms:Decrypt`, and
+//!   `kms:DescribeKey` (checked at startup and by health);
+//! * `QueueKeys` (queues declared with `sse = "kms:..."`): what SQS needs of their keys to
+//!   send to (`GenerateDataKey`, `Decrypt`) and receive from (`Decrypt`) them; a key given
+//!   by alias is matched with the `kms:ResourceAliases` condition, as AWS recommends;
+//! * `Idempotency` (the DynamoDB store): item reads and conditional writes on its table,
+//!   plus creating it and enabling its TTL in `create` mode.
 //!
-//! `sts:GetCallerIdentity` needs no permission.
+//! `sts:GetCallerIdentity` needs no permission. `prune` and the dead-letter commands of the
+//! operator command line are an operator's actions, not the service's: their permissions
+//! are not in the service's policy.
+
+use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
 
-use crate::naming::Naming;
-use crate::transport::Topology;
+use crate::topology::{Ownership, ServerSideEncryption, Topology};
+
+/// What the service's provisioning mode calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioning {
+    /// `create`: creates what is missing and corrects what it owns.
+    Create,
+    /// `validate`: reads and compares, changes nothing.
+    Validate,
+    /// `assume`: no provisioning calls.
+    Assume,
+}
 
 /// Where the resources live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,27 +55,28 @@ pub struct IamScope {
     pub account: String,
     /// The KMS key ARN used for payload encryption, if any.
     pub kms_key: Option<String>,
-    /// Include the provisioning permissions (`create` mode).
-    pub provision: bool,
+    /// The provisioning mode's permissions to include.
+    pub provisioning: Provisioning,
     /// The DynamoDB table of the idempotency store, if it is one.
     pub idempotency_table: Option<String>,
 }
 
 impl IamScope {
-    /// A scope in the `aws` partition, with provisioning.
+    /// A scope in the `aws` partition, with `create`-mode provisioning.
     pub fn new(region: impl Into<String>, account: impl Into<String>) -> Self {
         IamScope {
             partition: "aws".into(),
             region: region.into(),
             account: account.into(),
             kms_key: None,
-            provision: true,
+            provisioning: Provisioning::Create,
             idempotency_table: None,
         }
     }
 
-    /// From `AWS_REGION` and `SOURCEFLOW_ACCOUNT_ID`, with CloudFormation-style placeholders
-    /// (`${AWS::Region}`, `${AWS::AccountId}`) for what is unset.
+    /// From `AWS_REGION`, `SOURCEFLOW_ACCOUNT_ID` and `SOURCEFLOW_PROVISION`, with
+    /// CloudFormation-style placeholders (`${AWS::Region}`, `${AWS::AccountId}`) for what
+    /// is unset.
     pub fn from_env() -> Self {
         let get = |k: &str, default: &str| {
             std::env::var(k)
@@ -60,13 +84,20 @@ impl IamScope {
                 .filter(|v| !v.is_empty())
                 .unwrap_or_else(|| default.to_string())
         };
-        Self::new(
+        let mut scope = Self::new(
             get("AWS_REGION", "${AWS::Region}"),
             get("SOURCEFLOW_ACCOUNT_ID", "${AWS::AccountId}"),
-        )
+        );
+        scope.provisioning = match get("SOURCEFLOW_PROVISION", "create").as_str() {
+            "validate" => Provisioning::Validate,
+            "assume" => Provisioning::Assume,
+            _ => Provisioning::Create,
+        };
+        scope
     }
 
-    fn arn(&self, service: &str, name: &str) -> String {
+    /// The ARN of resource `name` of `service` (`sqs`, `sns`, `kms`, `dynamodb`).
+    pub fn arn(&self, service: &str, name: &str) -> String {
         format!(
             "arn:{}:{service}:{}:{}:{name}",
             self.partition, self.region, self.account
@@ -74,233 +105,381 @@ impl IamScope {
     }
 }
 
-/// The policy document for `topology`, where `consumed` are the queues the service listens
-/// on.
-pub fn policy(topology: &Topology, consumed: &[String], scope: &IamScope) -> Value {
-    let sqs = |names: &mut Vec<String>| -> Vec<String> {
-        names.sort();
-        names.dedup();
-        names.iter().map(|n| scope.arn("sqs", n)).collect()
-    };
-    let mut consumed_q: Vec<String> = consumed.to_vec();
-    let mut dlqs: Vec<String> = consumed.iter().map(|q| Naming::dead_letter(q)).collect();
-    let dlq_set: std::collections::HashSet<String> = topology
-        .queues
-        .iter()
-        .filter_map(|q| q.dead_letter.as_ref().map(|d| d.queue.clone()))
-        .collect();
-    let subscriber_queues: std::collections::HashSet<&str> = topology
+/// The queues of a topology by role.
+struct Roles {
+    consumed: BTreeSet<String>,
+    dead_letters: BTreeSet<String>,
+    send_to: BTreeSet<String>,
+    owned: BTreeSet<String>,
+    send_only: BTreeSet<String>,
+    tagged: BTreeSet<String>,
+}
+
+fn roles(topology: &Topology) -> Roles {
+    let subscriber: BTreeSet<&str> = topology
         .subscriptions
         .iter()
         .map(|s| s.queue.as_str())
         .collect();
-    let mut command_queues: Vec<String> = topology
-        .queues
-        .iter()
-        .filter(|q| !dlq_set.contains(&q.name) && !subscriber_queues.contains(q.name.as_str()))
-        .map(|q| q.name.clone())
-        .collect();
-    let mut topics: Vec<String> = topology.topics.iter().map(|t| t.name.clone()).collect();
-    topics.sort();
-    let topic_arns: Vec<String> = topics.iter().map(|t| scope.arn("sns", t)).collect();
+    let mut r = Roles {
+        consumed: BTreeSet::new(),
+        dead_letters: BTreeSet::new(),
+        send_to: BTreeSet::new(),
+        owned: BTreeSet::new(),
+        send_only: BTreeSet::new(),
+        tagged: BTreeSet::new(),
+    };
+    for q in &topology.queues {
+        match q.ownership {
+            Ownership::Consumed => r.owned.insert(q.name.clone()),
+            Ownership::SendOnly => r.send_only.insert(q.name.clone()),
+        };
+        if !q.settings.tags.is_empty() {
+            r.tagged.insert(q.name.clone());
+        }
+        let Some(d) = &q.dead_letter else { continue };
+        if q.ownership == Ownership::Consumed {
+            r.consumed.insert(q.name.clone());
+            r.dead_letters.insert(d.queue.clone());
+        }
+        if !subscriber.contains(q.name.as_str()) {
+            r.send_to.insert(q.name.clone());
+        }
+    }
+    r
+}
 
-    let mut statements = Vec::new();
-    if !consumed_q.is_empty() {
-        statements.push(json!({
-            "Sid": "ConsumeQueues",
-            "Effect": "Allow",
-            "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
-                       "sqs:GetQueueAttributes", "sqs:GetQueueUrl"],
-            "Resource": sqs(&mut consumed_q),
-        }));
-        statements.push(json!({
-            "Sid": "DeadLetter",
-            "Effect": "Allow",
-            "Action": ["sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage",
-                       "sqs:GetQueueAttributes", "sqs:GetQueueUrl"],
-            "Resource": sqs(&mut dlqs),
-        }));
-    }
-    if !command_queues.is_empty() {
-        statements.push(json!({
-            "Sid": "SendCommands",
-            "Effect": "Allow",
-            "Action": ["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
-            "Resource": sqs(&mut command_queues),
-        }));
-    }
-    if !topic_arns.is_empty() {
-        statements.push(json!({
-            "Sid": "PublishEvents",
-            "Effect": "Allow",
-            "Action": ["sns:Publish", "sns:GetTopicAttributes"],
-            "Resource": topic_arns,
-        }));
-    }
-    if scope.provision {
-        let mut all_queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
-        let resources = sqs(&mut all_queues);
+/// The policy document for `topology` in `scope`.
+pub fn policy(topology: &Topology, scope: &IamScope) -> Value {
+    let r = roles(topology);
+    let sqs = |names: &BTreeSet<String>| -> Vec<String> {
+        names.iter().map(|n| scope.arn("sqs", n)).collect()
+    };
+    let topics: Vec<String> = topology
+        .topics
+        .iter()
+        .map(|t| scope.arn("sns", &t.name))
+        .collect();
+    let mut st = Vec::new();
+    let mut add = |sid: &str, actions: &[&str], resources: Vec<String>| {
         if !resources.is_empty() {
-            statements.push(json!({
-                "Sid": "ProvisionQueues",
-                "Effect": "Allow",
-                "Action": ["sqs:CreateQueue", "sqs:GetQueueAttributes", "sqs:SetQueueAttributes",
-                           "sqs:GetQueueUrl"],
-                "Resource": resources,
-            }));
+            st.push(
+                json!({"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": resources}),
+            );
         }
-        if !topics.is_empty() {
-            statements.push(json!({
-                "Sid": "ProvisionTopics",
-                "Effect": "Allow",
-                "Action": ["sns:CreateTopic", "sns:GetTopicAttributes", "sns:Subscribe",
-                           "sns:ListSubscriptionsByTopic", "sns:SetSubscriptionAttributes",
-                           "sns:GetSubscriptionAttributes"],
-                "Resource": topics.iter().map(|t| scope.arn("sns", t)).collect::<Vec<_>>(),
-            }));
+    };
+    add(
+        "ConsumeQueues",
+        &[
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueAttributes",
+            "sqs:GetQueueUrl",
+            "sqs:SendMessage",
+        ],
+        sqs(&r.consumed),
+    );
+    add(
+        "DeadLetter",
+        &[
+            "sqs:SendMessage",
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:GetQueueAttributes",
+            "sqs:GetQueueUrl",
+        ],
+        sqs(&r.dead_letters),
+    );
+    let others: BTreeSet<String> = r.send_to.difference(&r.consumed).cloned().collect();
+    add(
+        "SendCommands",
+        &["sqs:SendMessage", "sqs:GetQueueUrl"],
+        sqs(&others),
+    );
+    add(
+        "PublishEvents",
+        &["sns:Publish", "sns:GetTopicAttributes"],
+        topics.clone(),
+    );
+    provisioning(&mut add, topology, scope, &r, &sqs);
+    st.extend(keys(topology, scope, &r));
+    if let Some(table) = &scope.idempotency_table {
+        st.push(idempotency(scope, table));
+    }
+    json!({ "Version": "2012-10-17", "Statement": st })
+}
+
+fn provisioning(
+    add: &mut impl FnMut(&str, &[&str], Vec<String>),
+    topology: &Topology,
+    scope: &IamScope,
+    r: &Roles,
+    sqs: &dyn Fn(&BTreeSet<String>) -> Vec<String>,
+) {
+    let subscribed: BTreeSet<String> = topology
+        .subscriptions
+        .iter()
+        .map(|s| s.topic.clone())
+        .collect();
+    let topic_arns = |names: &BTreeSet<String>| -> Vec<String> {
+        names.iter().map(|t| scope.arn("sns", t)).collect()
+    };
+    let all_topics: BTreeSet<String> = topology.topics.iter().map(|t| t.name.clone()).collect();
+    let tagged_owned: BTreeSet<String> = r.owned.intersection(&r.tagged).cloned().collect();
+    let tagged_send: BTreeSet<String> = r.send_only.intersection(&r.tagged).cloned().collect();
+    match scope.provisioning {
+        Provisioning::Assume => {}
+        Provisioning::Create => {
+            add(
+                "ProvisionQueues",
+                &[
+                    "sqs:CreateQueue",
+                    "sqs:GetQueueAttributes",
+                    "sqs:SetQueueAttributes",
+                    "sqs:GetQueueUrl",
+                ],
+                sqs(&r.owned),
+            );
+            add(
+                "TagQueues",
+                &["sqs:TagQueue", "sqs:ListQueueTags"],
+                sqs(&tagged_owned),
+            );
+            add(
+                "CreateMissingQueues",
+                &["sqs:CreateQueue", "sqs:GetQueueUrl"],
+                sqs(&r.send_only),
+            );
+            add("TagCreatedQueues", &["sqs:TagQueue"], sqs(&tagged_send));
+            add(
+                "ProvisionTopics",
+                &["sns:CreateTopic"],
+                topic_arns(&all_topics),
+            );
+            add(
+                "ProvisionSubscriptions",
+                &[
+                    "sns:Subscribe",
+                    "sns:ListSubscriptionsByTopic",
+                    "sns:GetSubscriptionAttributes",
+                    "sns:SetSubscriptionAttributes",
+                ],
+                topic_arns(&subscribed),
+            );
+        }
+        Provisioning::Validate => {
+            let all: BTreeSet<String> = r.owned.union(&r.send_only).cloned().collect();
+            add(
+                "InspectQueues",
+                &["sqs:GetQueueAttributes", "sqs:GetQueueUrl"],
+                sqs(&all),
+            );
+            add("InspectTags", &["sqs:ListQueueTags"], sqs(&tagged_owned));
+            add(
+                "InspectSubscriptions",
+                &[
+                    "sns:ListSubscriptionsByTopic",
+                    "sns:GetSubscriptionAttributes",
+                ],
+                topic_arns(&subscribed),
+            );
+            // ListSubscriptions has no resource-level permissions: `*` is the only form.
+            add(
+                "FindStaleSubscriptions",
+                &["sns:ListSubscriptions"],
+                vec!["*".into()],
+            );
         }
     }
+}
+
+/// The payload key and the keys of SSE-KMS queues.
+fn keys(topology: &Topology, scope: &IamScope, r: &Roles) -> Vec<Value> {
+    let mut out = Vec::new();
     if let Some(key) = &scope.kms_key {
-        statements.push(json!({
+        out.push(json!({
             "Sid": "Encryption",
             "Effect": "Allow",
-            "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
+            "Action": ["kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"],
             "Resource": [key],
         }));
     }
-    if let Some(table) = &scope.idempotency_table {
-        let mut actions = vec![
-            "dynamodb:GetItem",
-            "dynamodb:PutItem",
-            "dynamodb:UpdateItem",
-            "dynamodb:DeleteItem",
-            "dynamodb:DescribeTable",
-        ];
-        if scope.provision {
-            actions.extend([
-                "dynamodb:CreateTable",
-                "dynamodb:DescribeTimeToLive",
-                "dynamodb:UpdateTimeToLive",
-            ]);
+    // Sending needs GenerateDataKey and Decrypt; receiving, Decrypt. Every queue of the
+    // topology is sent to (commands, dead letters, redrives), so both.
+    let mut by_key: std::collections::BTreeMap<String, bool> = Default::default();
+    for q in &topology.queues {
+        if let ServerSideEncryption::Kms(key) = &q.settings.encryption {
+            let sends = r.send_to.contains(&q.name)
+                || r.dead_letters.contains(&q.name)
+                || r.consumed.contains(&q.name);
+            *by_key.entry(key.clone()).or_default() |= sends;
         }
-        statements.push(json!({
-            "Sid": "Idempotency",
+    }
+    for (i, (key, sends)) in by_key.into_iter().enumerate() {
+        let actions: Vec<&str> = match sends {
+            true => vec!["kms:GenerateDataKey", "kms:Decrypt"],
+            false => vec!["kms:Decrypt"],
+        };
+        let mut statement = json!({
+            "Sid": format!("QueueKey{i}"),
             "Effect": "Allow",
             "Action": actions,
-            "Resource": [scope.arn("dynamodb", &format!("table/{table}"))],
-        }));
+        });
+        match key.strip_prefix("alias/") {
+            Some(_) => {
+                statement["Resource"] = json!([scope.arn("kms", "key/*")]);
+                statement["Condition"] =
+                    json!({"ForAnyValue:StringEquals": {"kms:ResourceAliases": [key]}});
+            }
+            None if key.starts_with("arn:") => statement["Resource"] = json!([key]),
+            None => statement["Resource"] = json!([scope.arn("kms", &format!("key/{key}"))]),
+        }
+        out.push(statement);
     }
-    json!({ "Version": "2012-10-17", "Statement": statements })
+    out
+}
+
+fn idempotency(scope: &IamScope, table: &str) -> Value {
+    let mut actions = vec![
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:DescribeTable",
+    ];
+    match scope.provisioning {
+        Provisioning::Create => actions.extend([
+            "dynamodb:CreateTable",
+            "dynamodb:DescribeTimeToLive",
+            "dynamodb:UpdateTimeToLive",
+        ]),
+        Provisioning::Validate => actions.push("dynamodb:DescribeTimeToLive"),
+        Provisioning::Assume => {}
+    }
+    json!({
+        "Sid": "Idempotency",
+        "Effect": "Allow",
+        "Action": actions,
+        "Resource": [scope.arn("dynamodb", &format!("table/{table}"))],
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{DeadLetterSpec, QueueSpec, SubscriptionSpec, TopicSpec};
-    use std::time::Duration;
+    use crate::topology::{QueueSpec, SubscriptionSpec, TopicSpec};
+
+    fn topology() -> Topology {
+        Topology {
+            queues: vec![
+                QueueSpec::new("orders-dlq.fifo"),
+                QueueSpec::new("orders.fifo").with_dead_letter("orders-dlq.fifo", 100),
+                QueueSpec::new("payments-dlq").owned_as(Ownership::SendOnly),
+                QueueSpec::new("payments")
+                    .owned_as(Ownership::SendOnly)
+                    .with_dead_letter("payments-dlq", 100),
+                QueueSpec::new("svc-order-events-dlq"),
+                QueueSpec::new("svc-order-events").with_dead_letter("svc-order-events-dlq", 100),
+            ],
+            topics: vec![TopicSpec::new("order-events")],
+            subscriptions: vec![SubscriptionSpec::new("order-events", "svc-order-events")],
+            subscriber_prefix: None,
+        }
+    }
+
+    fn statement(p: &Value, sid: &str) -> Value {
+        p["Statement"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["Sid"] == sid))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
 
     #[test]
-    fn names_exactly_the_resources() {
-        let q = |name: &str, dlq: Option<&str>| QueueSpec {
-            name: name.into(),
-            fifo: name.ends_with(".fifo"),
-            visibility_timeout: Duration::from_secs(30),
-            dead_letter: dlq.map(|d| DeadLetterSpec {
-                queue: d.into(),
-                max_receive_count: 5,
-            }),
-        };
-        let topology = Topology {
-            queues: vec![
-                q("orders-dlq.fifo", None),
-                q("orders.fifo", Some("orders-dlq.fifo")),
-                q("payments-dlq", None),
-                q("payments", Some("payments-dlq")),
-                q("svc-order-events-dlq", None),
-                q("svc-order-events", Some("svc-order-events-dlq")),
-            ],
-            topics: vec![TopicSpec {
-                name: "order-events".into(),
-                fifo: false,
-            }],
-            subscriptions: vec![SubscriptionSpec {
-                topic: "order-events".into(),
-                queue: "svc-order-events".into(),
-                message_types: vec![],
-            }],
-        };
+    fn names_exactly_the_resources_by_ownership() {
         let mut scope = IamScope::new("eu-west-1", "123456789012");
         scope.kms_key = Some("arn:aws:kms:eu-west-1:123456789012:key/k".into());
-        let p = policy(
-            &topology,
-            &["orders.fifo".into(), "svc-order-events".into()],
-            &scope,
-        );
-        let st = |sid: &str| {
-            p["Statement"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["Sid"] == sid)
-                .cloned()
-                .unwrap()
-        };
+        let p = policy(&topology(), &scope);
+        let arn = |n: &str| format!("arn:aws:sqs:eu-west-1:123456789012:{n}");
         assert_eq!(
-            st("ConsumeQueues")["Resource"],
-            json!([
-                "arn:aws:sqs:eu-west-1:123456789012:orders.fifo",
-                "arn:aws:sqs:eu-west-1:123456789012:svc-order-events"
-            ])
+            statement(&p, "ConsumeQueues")["Resource"],
+            json!([arn("orders.fifo"), arn("svc-order-events")])
         );
         assert_eq!(
-            st("SendCommands")["Resource"],
-            json!([
-                "arn:aws:sqs:eu-west-1:123456789012:orders.fifo",
-                "arn:aws:sqs:eu-west-1:123456789012:payments"
-            ])
+            statement(&p, "DeadLetter")["Resource"],
+            json!([arn("orders-dlq.fifo"), arn("svc-order-events-dlq")])
         );
         assert_eq!(
-            st("PublishEvents")["Resource"],
-            json!(["arn:aws:sns:eu-west-1:123456789012:order-events"])
+            statement(&p, "SendCommands")["Resource"],
+            json!([arn("payments")])
         );
         assert_eq!(
-            st("Encryption")["Action"],
-            json!(["kms:GenerateDataKey", "kms:Decrypt"])
+            statement(&p, "SendCommands")["Action"],
+            json!(["sqs:SendMessage", "sqs:GetQueueUrl"]),
+            "nothing a sender never calls"
+        );
+        assert_eq!(
+            statement(&p, "CreateMissingQueues")["Resource"],
+            json!([arn("payments"), arn("payments-dlq")]),
+            "a queue it only sends to is created when missing, never corrected"
+        );
+        assert!(!statement(&p, "ProvisionQueues")["Resource"]
+            .to_string()
+            .contains("payments"));
+        assert_eq!(
+            statement(&p, "Encryption")["Action"],
+            json!(["kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"])
         );
         assert!(!p.to_string().contains("\"*\""), "no wildcard resources");
-        assert!(
-            p["Statement"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|s| s["Sid"] != "Idempotency"),
-            "no DynamoDB statement without the DynamoDB store"
-        );
-
-        scope.idempotency_table = Some("orders-idempotency".into());
-        scope.provision = false;
-        let p = policy(&topology, &["orders.fifo".into()], &scope);
-        let idem = p["Statement"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["Sid"] == "Idempotency")
-            .cloned()
-            .unwrap();
+        assert_eq!(statement(&p, "Idempotency"), Value::Null);
         assert_eq!(
-            idem["Resource"],
+            statement(&p, "TagQueues"),
+            Value::Null,
+            "no tags, no tag permission"
+        );
+    }
+
+    #[test]
+    fn validate_mode_reads_and_changes_nothing() {
+        let mut scope = IamScope::new("eu-west-1", "123456789012");
+        scope.provisioning = Provisioning::Validate;
+        scope.idempotency_table = Some("orders-idempotency".into());
+        let p = policy(&topology(), &scope);
+        let text = p.to_string();
+        for write in [
+            "CreateQueue",
+            "SetQueueAttributes",
+            "Subscribe\"",
+            "CreateTopic",
+            "CreateTable",
+        ] {
+            assert!(!text.contains(write), "{write} in a validate-mode policy");
+        }
+        assert_eq!(
+            statement(&p, "FindStaleSubscriptions")["Resource"],
+            json!(["*"])
+        );
+        assert_eq!(
+            statement(&p, "Idempotency")["Resource"],
             json!(["arn:aws:dynamodb:eu-west-1:123456789012:table/orders-idempotency"])
         );
+    }
+
+    #[test]
+    fn keys_of_sse_kms_queues() {
+        let mut t = topology();
+        t.queues[1].settings.encryption = ServerSideEncryption::Kms("alias/orders".into());
+        t.queues[3].settings.encryption = ServerSideEncryption::Kms("1234-abcd".into());
+        let p = policy(&t, &IamScope::new("eu-west-1", "123456789012"));
+        let alias = statement(&p, "QueueKey1");
         assert_eq!(
-            idem["Action"],
-            json!([
-                "dynamodb:GetItem",
-                "dynamodb:PutItem",
-                "dynamodb:UpdateItem",
-                "dynamodb:DeleteItem",
-                "dynamodb:DescribeTable"
-            ]),
-            "no table creation outside create mode"
+            alias["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"],
+            json!(["alias/orders"])
+        );
+        assert_eq!(
+            statement(&p, "QueueKey0")["Resource"],
+            json!(["arn:aws:kms:eu-west-1:123456789012:key/1234-abcd"])
         );
     }
 }

@@ -59,6 +59,7 @@ pub mod encryption;
 pub mod envelope;
 mod error;
 mod failpoints;
+pub mod filter;
 pub mod health;
 pub mod iam;
 pub mod idempotency;
@@ -73,6 +74,7 @@ mod retry;
 mod runtime;
 pub mod sensitive;
 pub mod telemetry;
+pub mod topology;
 pub mod transport;
 
 pub use context::{Context, State};
@@ -82,8 +84,9 @@ pub use message::{Command, EntityId, Event, Message, MessageKind};
 pub use outcome::{Reject, RetryAfter};
 pub use retry::RetryPolicy;
 pub use runtime::{
-    builder, run, Builder, Handle, SendOptions, DEFAULT_CONCURRENCY, DEFAULT_MAX_RECEIVE_COUNT,
-    DEFAULT_RECEIVE_WAIT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_VISIBILITY_TIMEOUT,
+    builder, run, Builder, Handle, ListenerSummary, SendOptions, ServicePlan, DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_RECEIVE_COUNT, DEFAULT_RECEIVE_WAIT, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_VISIBILITY_TIMEOUT,
 };
 pub use sourceflow_macros::{command, event, handler};
 pub use transport::memory::MemoryTransport;
@@ -91,7 +94,9 @@ pub use transport::memory::MemoryTransport;
 /// Support for the generated code. Not a public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::registry::{BoxFuture, HandlerRoute, MessageRoute, StateRequirement};
+    pub use crate::registry::{
+        BoxFuture, HandlerRoute, MessageRoute, QueueOptions, Sse, StateRequirement,
+    };
     pub use inventory;
 
     use crate::error::BoxError;

@@ -42,6 +42,8 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     const HAS_ENTITY_ID: bool;
     /// True when declared with `encrypt`: the payload is always encrypted.
     const ENCRYPT: bool = false;
+    /// The settings its route declares for its queue (commands).
+    const QUEUE_OPTIONS: crate::registry::QueueOptions = crate::registry::QueueOptions::NONE;
     /// The value of the `#[entity_id]` field, if the type has one.
     fn entity_id(&self) -> Option<String>;
 }

@@ -15,6 +15,61 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 /// the user's function.
 pub type Invoker = for<'a> fn(&'a Context) -> BoxFuture<'a, Result<(), InvokeError>>;
 
+/// Queue settings as a route declares them: on `#[command(..)]` for its queue, on an
+/// event `#[handler(..)]` for its subscriber queue. What is unset comes from the builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// `visibility_timeout`, in seconds.
+    pub visibility_timeout_secs: Option<u32>,
+    /// `retention`, in seconds.
+    pub retention_secs: Option<u32>,
+    /// `max_receive_count`: handler attempts before the dead-letter queue.
+    pub max_receive_count: Option<u32>,
+    /// `delay`, in seconds (the queue's `DelaySeconds`).
+    pub delay_secs: Option<u32>,
+    /// `high_throughput` (FIFO only).
+    pub high_throughput: bool,
+    /// `sse`: server-side encryption.
+    pub sse: Option<Sse>,
+    /// `tags(..)`.
+    pub tags: &'static [(&'static str, &'static str)],
+}
+
+impl QueueOptions {
+    /// Nothing declared.
+    pub const NONE: QueueOptions = QueueOptions {
+        visibility_timeout_secs: None,
+        retention_secs: None,
+        max_receive_count: None,
+        delay_secs: None,
+        high_throughput: false,
+        sse: None,
+        tags: &[],
+    };
+
+    /// True when nothing is declared.
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
+    }
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+/// Server-side encryption as a route declares it (`sse = ".."`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sse {
+    /// `sse = "sqs"`: SQS-managed keys.
+    Sqs,
+    /// `sse = "kms:<key>"`.
+    Kms(&'static str),
+    /// `sse = "none"`.
+    Disabled,
+}
+
 /// A message type as registered by `#[command]` or `#[event]`.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageRoute {
@@ -34,6 +89,8 @@ pub struct MessageRoute {
     pub module_path: &'static str,
     /// The type's name.
     pub type_name: &'static str,
+    /// Settings of its queue (commands).
+    pub queue_options: QueueOptions,
 }
 
 impl MessageRoute {
@@ -48,6 +105,7 @@ impl MessageRoute {
             encrypt: M::ENCRYPT,
             module_path,
             type_name,
+            queue_options: M::QUEUE_OPTIONS,
         }
     }
 
@@ -99,6 +157,10 @@ pub struct HandlerRoute {
     pub queue: Option<&'static str>,
     /// `State<T>` arguments.
     pub states: &'static [StateRequirement],
+    /// Settings of the subscriber queue (event handlers).
+    pub queue_options: QueueOptions,
+    /// `#[handler(filter = "..")]`: an SNS filter policy on message attributes (events).
+    pub filter: Option<&'static str>,
     /// Runs the handler.
     pub invoke: Invoker,
 }
@@ -123,6 +185,8 @@ impl HandlerRoute {
         line: u32,
         queue: Option<&'static str>,
         states: &'static [StateRequirement],
+        queue_options: QueueOptions,
+        filter: Option<&'static str>,
         invoke: Invoker,
     ) -> Self {
         HandlerRoute {
@@ -136,6 +200,8 @@ impl HandlerRoute {
             line,
             queue,
             states,
+            queue_options,
+            filter,
             invoke,
         }
     }

@@ -397,12 +397,7 @@ async fn broker_errors_read_in_one_line() {
     let bad = format!("{}-bad!name", prefix());
     let err = t
         .provision(&Topology {
-            queues: vec![QueueSpec {
-                name: bad.clone(),
-                fifo: false,
-                visibility_timeout: Duration::from_secs(30),
-                dead_letter: None,
-            }],
+            queues: vec![QueueSpec::new(bad.clone())],
             ..Default::default()
         })
         .await

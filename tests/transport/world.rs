@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use sourceflow::envelope::{attr, OutgoingMessage};
 use sourceflow::transport::{
-    BatchError, DeadLetterSpec, EntryError, QueueSpec, Receive, ReceivedMessage, SubscriptionSpec,
-    TopicSpec, Topology, Transport,
+    BatchError, DeadLetterSpec, EntryError, QueueSettings, QueueSpec, Receive, ReceivedMessage,
+    SubscriptionSpec, TopicSpec, Topology, Transport,
 };
 use sourceflow::MemoryTransport;
 
@@ -138,19 +138,15 @@ impl World {
                 .iter()
                 .map(|q| spec(q, fifo, Duration::from_secs(30), None))
                 .collect(),
-            topics: vec![TopicSpec {
-                name: topic.clone(),
-                fifo,
-            }],
+            topics: vec![TopicSpec::new(topic.clone())],
             subscriptions: queues
                 .iter()
                 .zip(subscribers)
-                .map(|(q, (_, types))| SubscriptionSpec {
-                    topic: topic.clone(),
-                    queue: q.clone(),
-                    message_types: types.iter().map(|t| t.to_string()).collect(),
+                .map(|(q, (_, types))| {
+                    SubscriptionSpec::new(topic.clone(), q.clone()).types(types.iter().copied())
                 })
                 .collect(),
+            ..Default::default()
         })
         .await;
         (topic, queues)
@@ -266,12 +262,13 @@ pub fn spec(
     visibility_timeout: Duration,
     dead_letter: Option<DeadLetterSpec>,
 ) -> QueueSpec {
-    QueueSpec {
-        name: name.to_string(),
-        fifo,
+    let mut q = QueueSpec::new(name).with_settings(QueueSettings {
         visibility_timeout,
-        dead_letter,
-    }
+        ..QueueSettings::default()
+    });
+    debug_assert_eq!(q.fifo, fifo, "a FIFO queue's name ends in .fifo");
+    q.dead_letter = dead_letter;
+    q
 }
 
 /// A receive request.

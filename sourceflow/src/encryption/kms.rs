@@ -53,6 +53,13 @@ impl KmsKeyProvider {
 
     /// Looks the key up with `DescribeKey`: fails if it does not exist or is disabled.
     pub async fn described(mut self) -> Result<Self> {
+        self.key_arn = Some(self.describe().await?);
+        Ok(self)
+    }
+
+    /// `DescribeKey`: the key's ARN, or why it is not usable (one line).
+    async fn describe(&self) -> Result<String> {
+        use aws_sdk_kms::error::ProvideErrorMetadata;
         let out = self
             .client
             .describe_key()
@@ -60,11 +67,16 @@ impl KmsKeyProvider {
             .send()
             .await
             .map_err(|e| {
-                Error::Config(format!(
-                    "KMS key `{}` is not usable: {}",
-                    self.key_id,
-                    aws_sdk_kms::error::DisplayErrorContext(&e)
-                ))
+                let why = match e.as_service_error() {
+                    Some(s) => format!(
+                        "{}: {}",
+                        s.code().unwrap_or("error"),
+                        s.message().unwrap_or("")
+                    ),
+                    None => "KMS did not answer".to_string(),
+                };
+                tracing::debug!(error = ?e, "DescribeKey failed");
+                Error::Config(format!("KMS key `{}` is not usable: {why}", self.key_id))
             })?;
         let meta = out.key_metadata();
         if meta.is_some_and(|m| !m.enabled()) {
@@ -73,8 +85,10 @@ impl KmsKeyProvider {
                 self.key_id
             )));
         }
-        self.key_arn = meta.and_then(|m| m.arn()).map(str::to_string);
-        Ok(self)
+        Ok(meta
+            .and_then(|m| m.arn())
+            .unwrap_or(&self.key_id)
+            .to_string())
     }
 }
 
@@ -150,6 +164,11 @@ impl KeyProvider for KmsKeyProvider {
         let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(plain.as_ref());
         Ok(key)
+    }
+
+    async fn check(&self) -> Result<String> {
+        let arn = self.describe().await?;
+        Ok(format!("KMS key {arn} enabled"))
     }
 
     fn key_arn(&self) -> Option<String> {

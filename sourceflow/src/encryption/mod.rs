@@ -112,6 +112,12 @@ pub trait KeyProvider: Send + Sync + 'static {
     fn key_arn(&self) -> Option<String> {
         None
     }
+
+    /// Checks that the master key is usable now (KMS: `DescribeKey`, enabled), for health
+    /// checks; a line saying what was found. The default has nothing to check.
+    async fn check(&self) -> Result<String> {
+        Ok(format!("{} key provider", self.name()))
+    }
 }
 
 /// The context for a message type sent to a (full) destination name.
@@ -208,6 +214,11 @@ impl Encryptor {
     /// The master key's ARN, when it is a KMS key.
     pub fn key_arn(&self) -> Option<String> {
         self.provider.key_arn()
+    }
+
+    /// Checks the master key (see [`KeyProvider::check`]).
+    pub async fn check_key(&self) -> Result<String> {
+        self.provider.check().await
     }
 
     /// Encrypts a JSON payload for `context`.

@@ -345,6 +345,16 @@ impl Builder {
         })
     }
 
+    /// Works out what the service needs and runs — the topology with its settings and
+    /// ownership, the listeners and their handlers — and runs every startup check, without
+    /// contacting anything. See [`ServicePlan`](crate::ServicePlan).
+    pub async fn plan(self) -> Result<super::ServicePlan> {
+        let r = self.resolve_offline().await?;
+        let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
+        let planned = plan(&r, &messages)?;
+        Ok(super::ServicePlan::new(&r, messages, planned))
+    }
+
     /// Checks the routes, provisions the topology and starts the listeners. Returns once
     /// everything listens.
     pub async fn start(self) -> Result<Handle> {
@@ -395,8 +405,8 @@ impl Builder {
                 concurrency: r.concurrency,
                 retry: r.retry,
                 infrastructure_retry: r.infrastructure_retry,
-                max_attempts: r.max_receive_count,
-                visibility_timeout: r.visibility_timeout,
+                max_attempts: lp.max_attempts,
+                visibility_timeout: lp.visibility_timeout,
                 receive_wait: r.receive_wait,
                 shutdown_timeout: r.shutdown_timeout,
                 idempotency: r.idempotency.clone(),

@@ -85,9 +85,22 @@ fn config_error(msg: impl Into<String>) -> Error {
 impl Builder {
     /// Everything the service runs with: the builder's settings, then the environment,
     /// then the defaults; every invalid value is one clear error.
-    pub(super) async fn resolve(mut self) -> Result<Resolved> {
+    pub(super) async fn resolve(self) -> Result<Resolved> {
+        self.resolve_with(true).await
+    }
+
+    /// Like [`resolve`](Self::resolve) without contacting anything: no transport is built
+    /// (an embedded one stands in), no store or key provider is opened. For planning only.
+    pub(super) async fn resolve_offline(self) -> Result<Resolved> {
+        self.resolve_with(false).await
+    }
+
+    async fn resolve_with(mut self, connect: bool) -> Result<Resolved> {
         let service = resolve_service(self.service.take())?;
-        let transport = resolve_transport(self.transport.take()).await?;
+        let transport = match connect {
+            true => resolve_transport(self.transport.take()).await?,
+            false => Arc::new(MemoryTransport::new()),
+        };
         let naming = Naming::new(resolve_prefix(self.prefix.take())?);
         let concurrency = setting(
             self.concurrency,
@@ -98,8 +111,17 @@ impl Builder {
             return Err(config_error("concurrency must be at least 1"));
         }
         let (max_receive_count, redrive_limit) = self.attempts()?;
-        let idempotency = self.resolve_idempotency().await?;
-        let encryption = self.resolve_encryption(transport.name()).await?;
+        let (idempotency, encryption) = match connect {
+            true => (
+                self.resolve_idempotency().await?,
+                self.resolve_encryption(transport.name()).await?,
+            ),
+            false => {
+                self.encrypt_all =
+                    Some(setting(self.encrypt_all, "SOURCEFLOW_ENCRYPT_ALL", false)?);
+                (None, None)
+            }
+        };
         let meter = self
             .meter
             .take()
@@ -146,11 +168,13 @@ impl Builder {
             )?,
             encrypt_all: self.encrypt_all.unwrap_or(false),
             encryption,
+            offline: !connect,
         })
     }
 
-    /// The handler attempts and the broker's redrive limit above them.
-    fn attempts(&self) -> Result<(u32, u32)> {
+    /// The handler attempts, and the broker's redrive limit when one is set (else each
+    /// queue's comes from its attempts).
+    fn attempts(&self) -> Result<(u32, Option<u32>)> {
         let attempts = setting(
             self.max_receive_count,
             "SOURCEFLOW_MAX_RECEIVE_COUNT",
@@ -161,20 +185,21 @@ impl Builder {
                 "max receive count must be between 1 and 1000 (the SQS range)",
             ));
         }
-        let limit = setting(
-            self.redrive_limit,
-            "SOURCEFLOW_REDRIVE_LIMIT",
-            default_redrive_limit(attempts),
-        )?;
-        if !(1..=1000).contains(&limit) {
-            return Err(config_error(
-                "the redrive limit must be between 1 and 1000 (the SQS range)",
-            ));
-        }
-        if limit <= attempts && attempts < 1000 {
-            return Err(config_error(format!(
-                "the broker's redrive limit ({limit}) must be above the handler attempts ({attempts}), so that sourceflow dead-letters first, with a reason"
-            )));
+        let limit = match self.redrive_limit {
+            Some(n) => Some(n),
+            None => env_parse::<u32>("SOURCEFLOW_REDRIVE_LIMIT")?,
+        };
+        if let Some(limit) = limit {
+            if !(1..=1000).contains(&limit) {
+                return Err(config_error(
+                    "the redrive limit must be between 1 and 1000 (the SQS range)",
+                ));
+            }
+            if limit <= attempts && attempts < 1000 {
+                return Err(config_error(format!(
+                    "the broker's redrive limit ({limit}) must be above the handler attempts ({attempts}), so that sourceflow dead-letters first, with a reason"
+                )));
+            }
         }
         Ok((attempts, limit))
     }
@@ -327,7 +352,8 @@ pub(super) struct Resolved {
     pub(super) receive_wait: Duration,
     pub(super) retry: RetryPolicy,
     pub(super) infrastructure_retry: RetryPolicy,
-    pub(super) redrive_limit: u32,
+    /// Set by the builder or the environment; else each queue's is ten times its attempts.
+    pub(super) redrive_limit: Option<u32>,
     pub(super) liveness_slack: Duration,
     pub(super) permanent: crate::outcome::PermanentErrors,
     pub(super) states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
@@ -337,4 +363,6 @@ pub(super) struct Resolved {
     pub(super) depth_sample: Duration,
     pub(super) encryption: Option<Arc<encryption::Settings>>,
     pub(super) encrypt_all: bool,
+    /// Resolved for planning only: nothing was contacted (no store, no key provider).
+    pub(super) offline: bool,
 }

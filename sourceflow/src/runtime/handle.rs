@@ -315,7 +315,46 @@ impl Handle {
                 detail,
             });
         }
+        if let Some(enc) = inner.dispatcher.encryption() {
+            let (status, detail) =
+                match tokio::time::timeout(HEALTH_TIMEOUT, enc.encryptor.check_key()).await {
+                    Ok(Ok(detail)) => (Status::Healthy, detail),
+                    Ok(Err(e)) => (Status::Unhealthy, e.to_string()),
+                    Err(_) => (Status::Unhealthy, "no answer".to_string()),
+                };
+            checks.push(HealthCheck {
+                name: "encryption key".into(),
+                status,
+                detail,
+            });
+        }
         HealthReport::new(self.service(), transport.name(), checks)
+    }
+
+    /// What differs between the broker and this service's topology, changing nothing:
+    /// missing resources, differing attributes of what it owns and of its subscriptions,
+    /// and stale subscriptions of its queues (see [`Finding`](crate::topology::Finding)).
+    pub async fn inspect(&self) -> Result<Vec<crate::topology::Finding>> {
+        self.inner
+            .dispatcher
+            .transport()
+            .inspect(&self.inner.topology)
+            .await
+    }
+
+    /// Removes the stale subscriptions [`inspect`](Self::inspect) finds — subscriptions of
+    /// this service's queues to topics no handler of it needs any more — and returns them
+    /// as `(topic, queue)`. Nothing else is removed; startup never removes anything.
+    pub async fn prune(&self) -> Result<Vec<(String, String)>> {
+        let transport = self.inner.dispatcher.transport();
+        let mut removed = Vec::new();
+        for f in transport.inspect(&self.inner.topology).await? {
+            if let crate::topology::Finding::Stale { topic, queue } = f {
+                transport.unsubscribe(&topic, &queue).await?;
+                removed.push((topic, queue));
+            }
+        }
+        Ok(removed)
     }
 
     /// The IAM policy this service needs (see [`iam`](crate::iam)): its consumed queues,
@@ -336,13 +375,7 @@ impl Handle {
                 .as_ref()
                 .and_then(|i| i.store.dynamodb_table().map(str::to_string));
         }
-        let consumed: Vec<String> = self
-            .inner
-            .listener_info
-            .iter()
-            .map(|l| l.queue.clone())
-            .collect();
-        crate::iam::policy(&self.inner.topology, &consumed, &scope)
+        crate::iam::policy(&self.inner.topology, &scope)
     }
 
     /// Moves the messages of `queue`'s dead-letter queue back to `queue` (full name, as

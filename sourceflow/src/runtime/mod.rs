@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub use builder::{builder, run, Builder};
 pub use handle::{Handle, SendOptions};
+pub use plan::{ListenerSummary, ServicePlan};
 
 /// Default number of handler runs in flight per listener.
 pub const DEFAULT_CONCURRENCY: usize = 10;

@@ -17,6 +17,10 @@ use async_trait::async_trait;
 use crate::envelope::OutgoingMessage;
 use crate::error::Result;
 pub use crate::error::{BatchError, EntryError};
+pub use crate::topology::{
+    DeadLetterSpec, Finding, Ownership, QueueSettings, QueueSpec, ServerSideEncryption,
+    SubscriptionSpec, TopicSpec, Topology,
+};
 
 /// Largest message an SQS queue accepts (body plus attributes), in bytes.
 pub const SQS_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -24,61 +28,6 @@ pub const SQS_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const SNS_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// How long a FIFO queue remembers a deduplication id.
 pub const FIFO_DEDUP_WINDOW: Duration = Duration::from_secs(5 * 60);
-
-/// A queue to provision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueSpec {
-    /// Full name, prefix included.
-    pub name: String,
-    /// FIFO queue (name ends in `.fifo`).
-    pub fifo: bool,
-    /// How long a received message stays invisible.
-    pub visibility_timeout: Duration,
-    /// Its dead-letter queue and the receive count after which messages move there.
-    /// `None` for a dead-letter queue itself.
-    pub dead_letter: Option<DeadLetterSpec>,
-}
-
-/// Where a queue's messages go after too many receives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterSpec {
-    /// The dead-letter queue's full name.
-    pub queue: String,
-    /// Receives after which a message is moved (SQS `maxReceiveCount`).
-    pub max_receive_count: u32,
-}
-
-/// A topic to provision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicSpec {
-    /// Full name, prefix included.
-    pub name: String,
-    /// FIFO topic (name ends in `.fifo`).
-    pub fifo: bool,
-}
-
-/// A subscription of a queue to a topic, with raw message delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubscriptionSpec {
-    /// Topic full name.
-    pub topic: String,
-    /// Queue full name.
-    pub queue: String,
-    /// Wire names delivered through this subscription (an SNS filter policy on the
-    /// `sourceflow.type` attribute); empty for all.
-    pub message_types: Vec<String>,
-}
-
-/// Everything a service needs to exist before it sends or listens.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Topology {
-    /// Queues, dead-letter queues included (listed before the queues that use them).
-    pub queues: Vec<QueueSpec>,
-    /// Topics.
-    pub topics: Vec<TopicSpec>,
-    /// Subscriptions of this service's queues to topics.
-    pub subscriptions: Vec<SubscriptionSpec>,
-}
 
 /// A message as received from a queue.
 #[derive(Debug, Clone)]
@@ -222,6 +171,27 @@ pub trait Transport: Send + Sync + 'static {
     async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
         let _ = topology;
         Ok(Vec::new())
+    }
+
+    /// Everything that differs between the broker and `topology`, changing nothing: missing
+    /// resources, differing attributes of owned queues and of subscriptions, and stale
+    /// subscriptions of the service's queues. The default reports what
+    /// [`missing`](Self::missing) finds.
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        Ok(self
+            .missing(topology)
+            .await?
+            .into_iter()
+            .map(|resource| Finding::Missing { resource })
+            .collect())
+    }
+
+    /// Removes the subscription of `queue` to `topic` (`prune`).
+    async fn unsubscribe(&self, topic: &str, queue: &str) -> Result<()> {
+        Err(crate::error::Error::Unsupported(format!(
+            "the {} transport cannot unsubscribe `{queue}` from `{topic}`",
+            self.name()
+        )))
     }
 }
 

@@ -618,4 +618,12 @@ impl Transport for AwsTransport {
     async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
         self.missing_now(topology).await
     }
+
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<crate::topology::Finding>> {
+        self.inspect_now(topology).await
+    }
+
+    async fn unsubscribe(&self, topic: &str, queue: &str) -> Result<()> {
+        self.unsubscribe_now(topic, queue).await
+    }
 }

@@ -44,6 +44,8 @@ use super::{
 };
 use crate::envelope::OutgoingMessage;
 use crate::error::{Error, Result};
+use crate::filter::FilterPolicy;
+use crate::topology::{Finding, Ownership};
 
 pub use super::QueueDepth;
 
@@ -177,13 +179,16 @@ impl Transport for MemoryTransport {
                             spec.name, q.fifo
                         )));
                     }
-                    q.set_dead_letter(dead_letter);
+                    // Only its consumer corrects a queue; a sender leaves it as it is.
+                    if spec.ownership == Ownership::Consumed {
+                        q.set_dead_letter(dead_letter);
+                        q.set_default_delay(spec.settings.delay);
+                    }
                 }
                 None => {
-                    queues.insert(
-                        spec.name.clone(),
-                        Arc::new(Queue::new(&spec.name, spec.fifo, dead_letter)),
-                    );
+                    let q = Queue::new(&spec.name, spec.fifo, dead_letter);
+                    q.set_default_delay(spec.settings.delay);
+                    queues.insert(spec.name.clone(), Arc::new(q));
                 }
             }
         }
@@ -218,14 +223,23 @@ impl Transport for MemoryTransport {
                     sub.topic
                 )));
             }
-            let types = (!sub.message_types.is_empty())
-                .then(|| sub.message_types.iter().cloned().collect::<HashSet<_>>());
+            let filter = match &sub.filter {
+                Some(f) => Some(FilterPolicy::parse(f).map_err(|e| {
+                    Error::Config(format!(
+                        "the filter policy of `{}` on `{}` is not valid: {e}",
+                        sub.queue, sub.topic
+                    ))
+                })?),
+                None => None,
+            };
+            // An existing subscription is corrected in place, as SetSubscriptionAttributes
+            // does on SNS.
             let mut subs = topic.subscribers.write();
             match subs.iter_mut().find(|s| s.queue.name == sub.queue) {
-                Some(existing) => existing.types = types,
+                Some(existing) => existing.filter = filter,
                 None => subs.push(Subscriber {
                     queue: queue.clone(),
-                    types,
+                    filter,
                 }),
             }
         }
@@ -361,6 +375,68 @@ impl Transport for MemoryTransport {
         Ok(missing)
     }
 
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        let mut findings: Vec<Finding> = self
+            .missing(topology)
+            .await?
+            .into_iter()
+            .map(|resource| Finding::Missing { resource })
+            .collect();
+        let topics = self.broker.topics.read();
+        for sub in &topology.subscriptions {
+            let Some(t) = topics.get(&sub.topic) else {
+                continue;
+            };
+            let subs = t.subscribers.read();
+            if let Some(existing) = subs.iter().find(|s| s.queue.name == sub.queue) {
+                let current = existing.filter.as_ref().map(|f| f.as_json().clone());
+                if current != sub.filter {
+                    findings.push(Finding::Differs {
+                        resource: format!("subscription {} -> {}", sub.topic, sub.queue),
+                        attribute: "FilterPolicy".into(),
+                        current: current.map_or("(unset)".into(), |f| f.to_string()),
+                        wanted: sub
+                            .filter
+                            .as_ref()
+                            .map_or("(unset)".into(), |f| f.to_string()),
+                    });
+                }
+            }
+        }
+        let wanted: HashSet<(&str, &str)> = topology
+            .subscriptions
+            .iter()
+            .map(|s| (s.topic.as_str(), s.queue.as_str()))
+            .collect();
+        let ours: HashSet<&str> = topology.consumed().map(|q| q.name.as_str()).collect();
+        let mut names: Vec<&String> = topics.keys().collect();
+        names.sort();
+        for name in names {
+            for s in topics[name].subscribers.read().iter() {
+                let q = s.queue.name.as_str();
+                let mine = ours.contains(q)
+                    || topology
+                        .subscriber_prefix
+                        .as_deref()
+                        .is_some_and(|p| q.starts_with(p));
+                if mine && !wanted.contains(&(name.as_str(), q)) {
+                    findings.push(Finding::Stale {
+                        topic: name.clone(),
+                        queue: q.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(findings)
+    }
+
+    async fn unsubscribe(&self, topic: &str, queue: &str) -> Result<()> {
+        if let Some(t) = self.broker.topics.read().get(topic) {
+            t.subscribers.write().retain(|s| s.queue.name != queue);
+        }
+        Ok(())
+    }
+
     /// Moves the message to `dead_letter_queue` (body, attributes, broker id and FIFO
     /// group kept; a message without a group gets the group `dead-letter` on a FIFO
     /// dead-letter queue). Only the latest receipt can move a message: an earlier one, or
@@ -409,8 +485,8 @@ fn batch_result(
 #[cfg(test)]
 mod tests {
     use super::super::{
-        DeadLetterSpec, QueueSpec, SubscriptionSpec, TopicSpec, FIFO_DEDUP_WINDOW,
-        SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES,
+        QueueSpec, SubscriptionSpec, TopicSpec, FIFO_DEDUP_WINDOW, SNS_MAX_MESSAGE_BYTES,
+        SQS_MAX_MESSAGE_BYTES,
     };
     use super::*;
     use crate::envelope::attr;
@@ -436,21 +512,8 @@ mod tests {
         };
         let topo = Topology {
             queues: vec![
-                QueueSpec {
-                    name: dlq.clone(),
-                    fifo,
-                    visibility_timeout: Duration::from_secs(30),
-                    dead_letter: None,
-                },
-                QueueSpec {
-                    name: q.clone(),
-                    fifo,
-                    visibility_timeout: Duration::from_secs(30),
-                    dead_letter: Some(DeadLetterSpec {
-                        queue: dlq.clone(),
-                        max_receive_count: max_receive,
-                    }),
-                },
+                QueueSpec::new(dlq.clone()),
+                QueueSpec::new(q.clone()).with_dead_letter(dlq.clone(), max_receive),
             ],
             ..Default::default()
         };
@@ -559,30 +622,15 @@ mod tests {
     #[tokio::test]
     async fn size_limits_and_fan_out() {
         let t = MemoryTransport::new();
-        let spec = |n: &str| QueueSpec {
-            name: n.into(),
-            fifo: false,
-            visibility_timeout: Duration::from_secs(30),
-            dead_letter: None,
-        };
+        let spec = QueueSpec::new;
         t.provision(&Topology {
             queues: vec![spec("a"), spec("b")],
-            topics: vec![TopicSpec {
-                name: "t".into(),
-                fifo: false,
-            }],
+            topics: vec![TopicSpec::new("t")],
             subscriptions: vec![
-                SubscriptionSpec {
-                    topic: "t".into(),
-                    queue: "a".into(),
-                    message_types: vec![],
-                },
-                SubscriptionSpec {
-                    topic: "t".into(),
-                    queue: "b".into(),
-                    message_types: vec!["T".into()],
-                },
+                SubscriptionSpec::new("t", "a"),
+                SubscriptionSpec::new("t", "b").types(["T"]),
             ],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -918,24 +966,13 @@ mod tests {
     #[tokio::test]
     async fn fan_out_goes_on_past_a_subscriber_that_refuses() {
         let t = MemoryTransport::new();
-        let spec = |n: &str| QueueSpec {
-            name: n.into(),
-            fifo: false,
-            visibility_timeout: Duration::from_secs(30),
-            dead_letter: None,
-        };
-        let sub = |q: &str| SubscriptionSpec {
-            topic: "t".into(),
-            queue: q.into(),
-            message_types: vec![],
-        };
+        let spec = QueueSpec::new;
+        let sub = |q: &str| SubscriptionSpec::new("t", q);
         t.provision(&Topology {
             queues: vec![spec("a"), spec("b")],
-            topics: vec![TopicSpec {
-                name: "t".into(),
-                fifo: false,
-            }],
+            topics: vec![TopicSpec::new("t")],
             subscriptions: vec![sub("a"), sub("b")],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -943,7 +980,7 @@ mod tests {
         // middle and last. Provisioning would not allow this; a broken subscription might.
         let refusing = || Subscriber {
             queue: Arc::new(Queue::new("refusing.fifo", true, None)),
-            types: None,
+            filter: None,
         };
         {
             let topics = t.broker.topics.read();

@@ -45,6 +45,9 @@ pub(super) struct Queue {
     notify: Notify,
     /// Bumped by [`Queue::end_polls`]: a long poll that started before returns at once.
     polls_ended: AtomicU64,
+    /// The queue's `DelaySeconds`, in milliseconds: the delay of a message sent without
+    /// one of its own (standard queues).
+    default_delay_ms: AtomicU64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -119,7 +122,14 @@ impl Queue {
             state: Mutex::new(QueueState::default()),
             notify: Notify::new(),
             polls_ended: AtomicU64::new(0),
+            default_delay_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the queue's `DelaySeconds` (standard queues).
+    pub(super) fn set_default_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.default_delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Ends the long polls waiting now: they return what they have (nothing).
@@ -207,7 +217,9 @@ impl Queue {
                 st.ready_groups.push_back(group);
             }
         } else {
-            match m.delay.filter(|d| !d.is_zero()) {
+            let default = self.default_delay_ms.load(Ordering::Relaxed);
+            let queue_delay = (default > 0).then(|| std::time::Duration::from_millis(default));
+            match m.delay.filter(|d| !d.is_zero()).or(queue_delay) {
                 Some(delay) => {
                     let seq = push(st, m, None, Visibility::Delayed, now);
                     st.delayed.push(Reverse((now + delay, seq)));

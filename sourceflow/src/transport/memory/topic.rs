@@ -1,14 +1,14 @@
 //! Topics: SNS's checks on a published message, and the fan-out of a copy to every
 //! subscribed queue whose filter policy accepts it (raw message delivery).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
 use super::queue::Queue;
-use crate::envelope::{attr, OutgoingMessage};
+use crate::envelope::OutgoingMessage;
+use crate::filter::FilterPolicy;
 use crate::transport::{EntryError, SNS_MAX_MESSAGE_BYTES};
 
 /// A topic of the embedded broker.
@@ -23,19 +23,15 @@ pub(super) struct Topic {
 pub(super) struct Subscriber {
     /// The subscribed queue.
     pub(super) queue: Arc<Queue>,
-    /// Filter policy on the type attribute; `None` delivers everything.
-    pub(super) types: Option<HashSet<String>>,
+    /// The subscription's filter policy on message attributes; `None` delivers everything.
+    pub(super) filter: Option<FilterPolicy>,
 }
 
 impl Subscriber {
     fn accepts(&self, m: &OutgoingMessage) -> bool {
-        match &self.types {
-            None => true,
-            Some(types) => m
-                .attributes
-                .iter()
-                .any(|(k, v)| k == attr::TYPE && types.contains(v)),
-        }
+        self.filter
+            .as_ref()
+            .is_none_or(|f| f.matches(&m.attributes))
     }
 }
 
