@@ -27,3 +27,4 @@ mod retry;
 mod shutdown;
 mod size_and_delay;
 mod telemetry;
+mod topology;

@@ -138,7 +138,43 @@ impl AwsError {
 
 impl fmt::Display for AwsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.resource, self.failure)
+        write!(f, "{}: {}", self.resource, self.failure)?;
+        if let Some(hint) = self.hint() {
+            write!(f, " — {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl AwsError {
+    /// What to do, where sourceflow knows.
+    fn hint(&self) -> Option<&'static str> {
+        let Failure::Service { code, message, .. } = &self.failure else {
+            return match self.failure {
+                Failure::Dispatch(_) | Failure::Timeout => {
+                    Some("check AWS_ENDPOINT_URL (or the network) and that the service is up")
+                }
+                _ => None,
+            };
+        };
+        match code.as_str() {
+            "InvalidParameter" if message.contains("already exists with different attributes") => Some(
+                "the subscription exists with other attributes (another deploy changed it meanwhile?): start again; `validate` shows the difference",
+            ),
+            "AccessDenied" | "AccessDeniedException" | "AuthorizationError" => {
+                Some("the role lacks a permission: compare it with the service's `iam-policy`")
+            }
+            "AWS.SimpleQueueService.QueueDeletedRecently" | "QueueDeletedRecently" => {
+                Some("SQS refuses a queue's name for 60 s after it was deleted: wait and start again")
+            }
+            "InvalidClientTokenId" | "UnrecognizedClientException" | "SignatureDoesNotMatch" | "ExpiredToken" => {
+                Some("the AWS credentials are missing, wrong or expired")
+            }
+            c if is_missing_queue_code(c) => Some(
+                "provision it (SOURCEFLOW_PROVISION=create, or deploy the exported template) or check SOURCEFLOW_PREFIX",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -283,6 +319,24 @@ mod tests {
     }
 
     #[test]
+    fn known_failures_say_what_to_do() {
+        let e = AwsError {
+            resource: Resource::Subscription {
+                topic: "order-events".into(),
+                queue: "billing-order-events".into(),
+            },
+            failure: Failure::Service {
+                code: "InvalidParameter".into(),
+                message: "Invalid parameter: Attributes Reason: Subscription already exists with different attributes".into(),
+                status: 400,
+            },
+        };
+        let line = e.to_string();
+        assert!(line.contains("start again; `validate` shows the difference"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
     fn a_service_error_reads_as_resource_code_and_message() {
         let e = AwsError {
             resource: Resource::Queue("shop-orders".into()),
@@ -294,7 +348,8 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "queue `shop-orders`: AWS.SimpleQueueService.NonExistentQueue: The specified queue does not exist."
+            "queue `shop-orders`: AWS.SimpleQueueService.NonExistentQueue: The specified queue does not exist. \
+             — provision it (SOURCEFLOW_PROVISION=create, or deploy the exported template) or check SOURCEFLOW_PREFIX"
         );
         assert!(e.is_missing_queue());
         assert_eq!(
@@ -316,7 +371,8 @@ mod tests {
         let text = throttled.into_error("PublishBatch").to_string();
         assert_eq!(
             text,
-            "PublishBatch on aws failed: topic `events`: no answer within the timeout"
+            "PublishBatch on aws failed: topic `events`: no answer within the timeout \
+             — check AWS_ENDPOINT_URL (or the network) and that the service is up"
         );
     }
 }
