@@ -23,7 +23,7 @@ use sourceflow::naming::Naming;
 use sourceflow::transport::aws::AwsTransport;
 use sourceflow::{command, event, handler};
 
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     if std::env::var("SOURCEFLOW_TEST_AWS").as_deref() != Ok("1") {
         println!("skipped: set SOURCEFLOW_TEST_AWS=1 (tests/run.sh does)");
         return false;
@@ -85,7 +85,7 @@ fn capture_logs() -> Logs {
     .clone()
 }
 
-fn prefix() -> String {
+pub(crate) fn prefix() -> String {
     format!("aws{}", fastrand::u32(..) % 1_000_000)
 }
 
@@ -692,6 +692,7 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
 // ---- the data plane: per-entry results, coalescing, checks before the wire ---------------
 
 mod data_plane;
+mod topology;
 
 // ---- a worker killed mid-handler ---------------------------------------------------------
 

@@ -332,7 +332,10 @@ mod tests {
             },
         };
         let line = e.to_string();
-        assert!(line.contains("start again; `validate` shows the difference"), "{line}");
+        assert!(
+            line.contains("start again; `validate` shows the difference"),
+            "{line}"
+        );
         assert!(!line.contains('\n'));
     }
 
