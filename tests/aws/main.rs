@@ -247,7 +247,7 @@ async fn a_second_start_changes_nothing_and_drift_is_corrected() {
     second.shutdown().await.expect("shutdown");
     let again = logs.take(&p);
     assert!(
-        !again.contains("queue created") && !again.contains("queue attributes updated"),
+        !again.contains("queue created") && !again.contains("queue attributes corrected"),
         "the second start changed something:\n{again}"
     );
 
@@ -269,7 +269,7 @@ async fn a_second_start_changes_nothing_and_drift_is_corrected() {
     );
     let fixed = logs.take(&p);
     assert!(
-        fixed.contains("queue attributes updated") && fixed.contains("VisibilityTimeout"),
+        fixed.contains("queue attributes corrected") && fixed.contains("VisibilityTimeout"),
         "{fixed}"
     );
 }
