@@ -11,6 +11,8 @@ const SHAPE: &str = "a handler looks like `async fn create_order(cmd: CreateOrde
 enum Extra {
     Context,
     State(Box<Type>),
+    /// `&mut Tx<DB>` (or `&mut sqlx::Transaction<'_, DB>`): the database type.
+    Tx(Box<Type>),
 }
 
 pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream> {
@@ -121,6 +123,7 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
 
     let mut extras = Vec::new();
     let mut seen_ctx = false;
+    let mut seen_tx = false;
     for arg in inputs {
         let FnArg::Typed(pt) = arg else {
             return Err(syn::Error::new_spanned(arg, "unexpected `self`"));
@@ -136,7 +139,24 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
                 seen_ctx = true;
                 extras.push(Extra::Context);
             }
+            Some(Extra::Tx(_)) if seen_tx => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    "the transaction is taken twice; a handler runs in one transaction",
+                ))
+            }
+            Some(Extra::Tx(db)) => {
+                seen_tx = true;
+                extras.push(Extra::Tx(db));
+            }
             Some(state) => extras.push(state),
+            None if names_tx(&pt.ty) => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    "take the transaction by mutable reference: `tx: &mut Tx<Postgres>` (the \
+                     listener commits it once the handler has returned)",
+                ))
+            }
             None if names_context(&pt.ty) => {
                 return Err(syn::Error::new_spanned(
                     &pt.ty,
@@ -147,8 +167,8 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
                 return Err(syn::Error::new_spanned(
                     &pt.ty,
                     format!(
-                        "a handler takes one message, then only `&Context` and `State<T>` \
-                         arguments; {SHAPE}"
+                        "a handler takes one message, then only `&Context`, `State<T>` and \
+                         `&mut Tx<DB>` arguments; {SHAPE}"
                     ),
                 ))
             }
@@ -160,9 +180,23 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
     let mut lets = Vec::new();
     let mut call_args = vec![quote!(__message)];
     let mut states = Vec::new();
+    let mut gives = Vec::new();
+    let mut tx_kind = quote!(::core::option::Option::None);
     for (i, extra) in extras.iter().enumerate() {
         match extra {
             Extra::Context => call_args.push(quote!(__ctx)),
+            Extra::Tx(db) => {
+                lets.push(quote_spanned! {db.span()=>
+                    let mut __tx = ::sourceflow::__private::take_tx::<#db>(__ctx)?;
+                });
+                gives.push(quote! {
+                    ::sourceflow::__private::give_tx::<#db>(__ctx, __tx);
+                });
+                tx_kind = quote_spanned! {db.span()=>
+                    ::core::option::Option::Some(<#db as ::sourceflow::__private::TxDatabase>::KIND)
+                };
+                call_args.push(quote!(&mut __tx));
+            }
             Extra::State(inner) => {
                 let var = format_ident!("__state{}", i);
                 lets.push(quote_spanned! {inner.span()=>
@@ -211,10 +245,12 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
                         let __message: #msg_ty = #decode?;
                         #(#lets)*
                         let __out = #fn_name(#(#call_args),*).await;
+                        #(#gives)*
                         #into_result
                     })
                 },
             )
+            .with_tx(#tx_kind)
         }
     })
 }
@@ -228,12 +264,38 @@ fn names_context(ty: &Type) -> bool {
     matches!(ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Context"))
 }
 
+/// `Tx<..>` or `Transaction<..>` taken some other way than `&mut`.
+fn names_tx(ty: &Type) -> bool {
+    let ty = match ty {
+        Type::Reference(r) => &*r.elem,
+        ty => ty,
+    };
+    matches!(ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Tx" || s.ident == "Transaction"))
+}
+
+/// The database of `Tx<DB>` / `Transaction<'_, DB>`: its last type argument.
+fn tx_database(ty: &Type) -> Option<Box<Type>> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Tx" && last.ident != "Transaction" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(a) = &last.arguments else {
+        return None;
+    };
+    a.args.iter().rev().find_map(|arg| match arg {
+        syn::GenericArgument::Type(t) => Some(Box::new(t.clone())),
+        _ => None,
+    })
+}
+
 fn classify(ty: &Type) -> Option<Extra> {
     match ty {
         Type::Reference(r) if r.mutability.is_none() => match &*r.elem {
             Type::Path(p) if p.path.segments.last()?.ident == "Context" => Some(Extra::Context),
             _ => None,
         },
+        Type::Reference(r) => tx_database(&r.elem).map(Extra::Tx),
         Type::Path(p) => {
             let last = p.path.segments.last()?;
             if last.ident != "State" {

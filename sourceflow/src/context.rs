@@ -37,6 +37,9 @@ pub struct Context {
     /// The incoming `traceparent`/`tracestate`, passed on when no OpenTelemetry context
     /// is active.
     trace: Option<(String, Option<String>)>,
+    /// The transaction of a transactional handler, between its runs.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    tx: Mutex<Option<crate::tx::TxSlot>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -67,6 +70,8 @@ impl Context {
             outbox: Mutex::new(Vec::new()),
             produced: std::sync::atomic::AtomicU32::new(0),
             trace,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            tx: Mutex::new(None),
         }
     }
 
@@ -175,6 +180,18 @@ impl Context {
         let pending = self.dispatcher.pending::<M>(out)?;
         self.outbox.lock().push(pending);
         Ok(())
+    }
+
+    /// Takes the transaction out (to hand it to a handler, or to commit it).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn take_tx(&self) -> Option<crate::tx::TxSlot> {
+        self.tx.lock().take()
+    }
+
+    /// Puts the transaction (back) in.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn give_tx(&self, tx: crate::tx::TxSlot) {
+        *self.tx.lock() = Some(tx);
     }
 
     pub(crate) fn take_outbox(&self) -> Vec<Pending> {

@@ -247,6 +247,17 @@ pub enum InvokeError {
     /// The handler asked for `State<T>` that the runtime was not given.
     #[error("no state of type {0} was given to the runtime")]
     MissingState(&'static str),
+    /// The handler takes a transaction, and none was open (run outside a listener).
+    #[error("the handler takes a `{0}`, and no transaction was open for it")]
+    NoTransaction(&'static str),
+    /// The handler takes a transaction on another database than the one open.
+    #[error("the handler takes a `{wanted}`, and the transaction open is a `{found}`")]
+    WrongTransaction {
+        /// What the handler takes.
+        wanted: &'static str,
+        /// What was open.
+        found: &'static str,
+    },
     /// The handler returned an error.
     #[error("{0}")]
     Failed(BoxError),

@@ -6,6 +6,11 @@
 /// After the handlers' work was committed and dispatched, before the message is deleted.
 pub(crate) const BEFORE_DELETE: &str = "sourceflow::before-delete";
 
+/// In a transactional handler's transaction, after the handlers' writes and the inbox
+/// record's completion, before the commit.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+pub(crate) const BEFORE_COMMIT: &str = "sourceflow::before-commit";
+
 /// Pauses for the milliseconds the fail point `name` is configured to return, if any.
 #[cfg(feature = "failpoints")]
 pub(crate) async fn pause(name: &str) {

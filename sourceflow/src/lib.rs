@@ -76,6 +76,8 @@ pub mod sensitive;
 pub mod telemetry;
 pub mod topology;
 pub mod transport;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod tx;
 
 pub use context::{Context, State};
 pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
@@ -90,14 +92,19 @@ pub use runtime::{
 };
 pub use sourceflow_macros::{command, event, handler};
 pub use transport::memory::MemoryTransport;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use tx::Tx;
 
 /// Support for the generated code. Not a public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::{
-        BoxFuture, HandlerRoute, MessageRoute, QueueOptions, Sse, StateRequirement,
+        BoxFuture, HandlerRoute, MessageRoute, QueueOptions, Sse, StateRequirement, TxKind,
     };
     pub use inventory;
+
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub use crate::tx::{give as give_tx, take as take_tx, TxDatabase};
 
     use crate::error::BoxError;
     pub use crate::error::InvokeError;

@@ -134,6 +134,33 @@ impl StateRequirement {
     }
 }
 
+/// The database of a transactional handler's `&mut Tx<DB>` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TxKind {
+    /// `Tx<Postgres>`: needs the PostgreSQL idempotency store.
+    Postgres,
+    /// `Tx<Sqlite>`: needs the SQLite idempotency store.
+    Sqlite,
+}
+
+impl TxKind {
+    /// The argument type as a user writes it.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            TxKind::Postgres => "Tx<Postgres>",
+            TxKind::Sqlite => "Tx<Sqlite>",
+        }
+    }
+
+    /// The idempotency store it needs, as a log or an error names it.
+    pub fn store(self) -> &'static str {
+        match self {
+            TxKind::Postgres => "postgres",
+            TxKind::Sqlite => "sqlite",
+        }
+    }
+}
+
 /// A handler as registered by `#[handler]`.
 #[derive(Clone, Copy)]
 pub struct HandlerRoute {
@@ -161,6 +188,8 @@ pub struct HandlerRoute {
     pub queue_options: QueueOptions,
     /// `#[handler(filter = "..")]`: an SNS filter policy on message attributes (events).
     pub filter: Option<&'static str>,
+    /// The database of its `&mut Tx<DB>` argument: a transactional handler.
+    pub tx: Option<TxKind>,
     /// Runs the handler.
     pub invoke: Invoker,
 }
@@ -202,8 +231,16 @@ impl HandlerRoute {
             states,
             queue_options,
             filter,
+            tx: None,
             invoke,
         }
+    }
+
+    /// The route of a handler that takes a transaction of `kind` (`None`: none); used by
+    /// the generated code.
+    pub const fn with_tx(mut self, kind: Option<TxKind>) -> Self {
+        self.tx = kind;
+        self
     }
 
     /// `module::function`.

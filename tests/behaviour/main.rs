@@ -28,3 +28,4 @@ mod shutdown;
 mod size_and_delay;
 mod telemetry;
 mod topology;
+mod transactional;

@@ -179,6 +179,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     fn durable(&self) -> bool {
         true
     }
+
+    /// The pool of a SQL store (PostgreSQL, SQLite), on which transactional handlers'
+    /// transactions are opened (see [`crate::tx`]); `None` for other stores.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    fn sql_pool(&self) -> Option<crate::tx::SqlPool> {
+        None
+    }
 }
 
 /// Counters of idempotency checks, for metrics.

@@ -150,23 +150,68 @@ where
     F: FnMut(String, Takeover) -> Fut,
     Fut: std::future::Future<Output = Result<Attempt>>,
 {
-    let mut expected = Takeover::Absent;
-    for _ in 0..CLAIM_ATTEMPTS {
-        let token = new_token();
-        match attempt(token.clone(), expected).await? {
-            Attempt::Won { attempts } => {
-                return Ok(Claim::Acquired {
-                    token,
-                    attempt: attempt_number(attempts),
-                })
-            }
-            Attempt::Blocked(existing) => match classify(existing, payload_hash) {
-                Verdict::Answer(claim) => return Ok(claim),
-                Verdict::Take(kind) => expected = kind,
-            },
+    let mut tries = ClaimTries::new(payload_hash);
+    while let Some((token, expected)) = tries.next_try() {
+        let found = attempt(token.clone(), expected).await?;
+        if let Some(claim) = tries.judge(token, found) {
+            return Ok(claim);
         }
     }
     Ok(CONTENDED)
+}
+
+/// The loop of [`claim_with`] turned inside out, for callers whose attempt borrows a
+/// connection mutably (a claim inside a transaction): ask [`next_try`](Self::next_try) for
+/// the token and the expected record, make the attempt, hand its result to
+/// [`judge`](Self::judge); when `next_try` has no more, the answer is [`CONTENDED`].
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) struct ClaimTries<'a> {
+    payload_hash: &'a str,
+    expected: Option<Takeover>,
+    left: usize,
+}
+
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+impl<'a> ClaimTries<'a> {
+    pub(crate) fn new(payload_hash: &'a str) -> Self {
+        ClaimTries {
+            payload_hash,
+            expected: Some(Takeover::Absent),
+            left: CLAIM_ATTEMPTS,
+        }
+    }
+
+    /// A fresh token and the record the attempt expects, or `None` when the tries are spent.
+    pub(crate) fn next_try(&mut self) -> Option<(String, Takeover)> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let expected = self.expected.take().unwrap_or(Takeover::Absent);
+        Some((new_token(), expected))
+    }
+
+    /// The answer of an attempt made with `token`, or `None` to try again.
+    pub(crate) fn judge(&mut self, token: String, found: Attempt) -> Option<Claim> {
+        match found {
+            Attempt::Won { attempts } => Some(Claim::Acquired {
+                token,
+                attempt: attempt_number(attempts),
+            }),
+            Attempt::Blocked(existing) => match classify(existing, self.payload_hash) {
+                Verdict::Answer(claim) => Some(claim),
+                Verdict::Take(kind) => {
+                    self.expected = Some(kind);
+                    None
+                }
+            },
+        }
+    }
+
+    /// The answer when every try raced with a change of the record.
+    pub(crate) fn contended() -> Claim {
+        CONTENDED
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@
 //! decode → route → decrypt → claim → invoke → commit
 //! ```
 //!
+//! (or, for a message whose handlers take a transaction, the [`tx`] stages, which claim,
+//! invoke and complete in one transaction of the idempotency store's database)
+//!
 //! each of which returns the next stage's input or a [`disposition`]: acknowledge, retry
 //! (a handler failure, which spends an attempt, or an infrastructure fault, which does
 //! not), dead-letter with a reason, or give back untouched. [`settle`] alone turns a
@@ -29,6 +32,8 @@ mod ledger;
 mod poll;
 mod settle;
 mod stages;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod tx;
 mod unit;
 
 use std::collections::{HashMap, HashSet};
@@ -112,6 +117,10 @@ pub(crate) struct ListenerConfig {
     pub idempotency: Option<Arc<idempotency::Settings>>,
     pub permanent: PermanentErrors,
     pub stop: CancellationToken,
+    /// Where transactional handlers' transactions are opened: the SQL idempotency store's
+    /// pool (checked at startup to be there when a handler of the queue takes one).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub tx_pool: Option<crate::tx::SqlPool>,
 }
 
 pub(crate) struct Listener {
@@ -132,6 +141,8 @@ pub(crate) struct Listener {
     idempotency: Option<Arc<idempotency::Settings>>,
     permanent: PermanentErrors,
     stop: CancellationToken,
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    tx_pool: Option<crate::tx::SqlPool>,
     pub(crate) liveness: Arc<Liveness>,
     heartbeat: Heartbeat,
     ledger: Ledger,
@@ -159,6 +170,8 @@ impl Listener {
             idempotency: c.idempotency,
             permanent: c.permanent,
             stop: c.stop,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            tx_pool: c.tx_pool,
             liveness: Liveness::new(),
             ledger: Ledger::default(),
             drain: Drain::default(),

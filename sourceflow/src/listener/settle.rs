@@ -78,9 +78,6 @@ impl Listener {
 
     /// Releases the claim a delivery still holds, as its disposition says.
     async fn release_claim(&self, d: &Disposition, track: &Track) {
-        let (Some(claim), Some(idem)) = (&track.claim, &self.idempotency) else {
-            return;
-        };
         let why = match d {
             // A completed claim is no longer held; a taken-over one is not ours.
             Disposition::Ack(_) => return,
@@ -90,6 +87,14 @@ impl Listener {
             }) => Release::Failed,
             Disposition::Retry(_) | Disposition::Return => Release::Returned,
             Disposition::DeadLetter(_) => Release::DeadLettered,
+        };
+        #[cfg(any(feature = "postgres", feature = "sqlite"))]
+        if let Some(claim) = &track.tx_claim {
+            self.release_rolled_back(claim, why).await;
+            return;
+        }
+        let (Some(claim), Some(idem)) = (&track.claim, &self.idempotency) else {
+            return;
         };
         if let Err(e) = idem.store.release(&claim.key, &claim.token, why).await {
             tracing::warn!(key = %claim.key, error = %e, "could not release the idempotency claim; the next delivery waits for its lease to run out");

@@ -37,6 +37,10 @@ pub(crate) struct Track {
     pub attempt: u32,
     /// Retries of this delivery that kept the message (FIFO, later messages in hand).
     pub in_place: u32,
+    /// The claim of a transaction that was rolled back (or never committed): what its
+    /// settling still has to record outside it.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub tx_claim: Option<super::tx::TxClaim>,
 }
 
 impl Track {
@@ -46,6 +50,8 @@ impl Track {
             claim: None,
             attempt: 1,
             in_place,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            tx_claim: None,
         }
     }
 }
@@ -71,6 +77,12 @@ impl Listener {
         let env = decode(msg)?;
         let handlers = self.route(&env, track)?;
         let env = self.decrypt(msg, env).await?;
+        #[cfg(any(feature = "postgres", feature = "sqlite"))]
+        if let Some(pool) = &self.tx_pool {
+            if handlers.iter().any(|h| h.tx.is_some()) {
+                return self.transactional(pool, msg, env, handlers, track).await;
+            }
+        }
         self.claim(msg, &env, hold, track).await?;
         let outbox = self.invoke(msg, env, handlers, track).await?;
         Ok(self.commit(outbox, hold, track).await)
@@ -165,15 +177,7 @@ impl Listener {
             track.attempt = self.ledger.attempt(msg, track.in_place);
             return Ok(());
         };
-        let service = self.dispatcher.service();
-        let key = idem
-            .key_for(service, &env.wire_name, &env.id, env.payload.get())
-            .map_err(|reason| {
-                Disposition::dead_letter(
-                    DeadLetterKind::Payload,
-                    format!("payload does not decode as `{}` (needed for its idempotency key): {reason}", env.wire_name),
-                )
-            })?;
+        let key = self.key_of(idem, env)?;
         let hash = idempotency::payload_hash(env.payload.get());
         let mut waits = 0u32;
         loop {
@@ -196,15 +200,34 @@ impl Listener {
                 tracing::info!(queue = %self.queue, key = %key, "duplicate of a message in progress elsewhere; waiting for it");
             }
             waits += 1;
-            let pause = self
-                .retry
-                .delay(waits)
-                .min(lease_left)
-                .max(Duration::from_millis(10));
-            tokio::select! {
-                _ = self.stop.cancelled() => return Err(Disposition::Return),
-                _ = tokio::time::sleep(pause) => {}
-            }
+            self.wait_for_claim(waits, lease_left).await?;
+        }
+    }
+
+    /// The idempotency key of the message (a business key that does not decode: the
+    /// payload is bad).
+    pub(super) fn key_of(&self, idem: &idempotency::Settings, env: &Envelope) -> Stage<String> {
+        let service = self.dispatcher.service();
+        idem.key_for(service, &env.wire_name, &env.id, env.payload.get())
+            .map_err(|reason| {
+                Disposition::dead_letter(
+                    DeadLetterKind::Payload,
+                    format!("payload does not decode as `{}` (needed for its idempotency key): {reason}", env.wire_name),
+                )
+            })
+    }
+
+    /// Waits before claiming again a message in progress elsewhere (`waits` so far); the
+    /// stop hands it back.
+    pub(super) async fn wait_for_claim(&self, waits: u32, lease_left: Duration) -> Stage<()> {
+        let pause = self
+            .retry
+            .delay(waits)
+            .min(lease_left)
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            _ = self.stop.cancelled() => Err(Disposition::Return),
+            _ = tokio::time::sleep(pause) => Ok(()),
         }
     }
 
@@ -224,19 +247,27 @@ impl Listener {
                 track.attempt = attempt;
                 Ok(())
             }
-            Claim::Completed { undispatched } => Err(self.duplicate(&key, undispatched).await),
-            Claim::Mismatch => Err(Disposition::dead_letter(
+            other => Err(self.not_claimed(other, &key, env).await),
+        }
+    }
+
+    /// What a claim that was not acquired means: a duplicate of a completed message, or
+    /// a mismatch.
+    pub(super) async fn not_claimed(&self, claim: Claim, key: &str, env: &Envelope) -> Disposition {
+        match claim {
+            Claim::Completed { undispatched } => self.duplicate(key, undispatched).await,
+            Claim::Mismatch => Disposition::dead_letter(
                 DeadLetterKind::Mismatch,
                 format!(
                     "message id `{}` was already processed with a different payload (idempotency key `{key}`): refusing to treat it as a duplicate or to run it again",
                     env.id
                 ),
-            )),
-            // `claim` loops until another answer.
-            Claim::InProgress { .. } => Err(Disposition::infrastructure(
+            ),
+            // `claim` loops until another answer; `Acquired` is handled by the caller.
+            Claim::InProgress { .. } | Claim::Acquired { .. } => Disposition::infrastructure(
                 self.infrastructure_retry.base,
                 "the idempotency claim is still in progress",
-            )),
+            ),
         }
     }
 
@@ -277,23 +308,39 @@ impl Listener {
         handlers: &[&'static HandlerRoute],
         track: &Track,
     ) -> Stage<Vec<Pending>> {
+        let ctx = self.context(msg, env);
+        self.run_all(handlers, &ctx, track).await?;
+        Ok(ctx.take_outbox())
+    }
+
+    /// The context the handlers of a message share.
+    pub(super) fn context(&self, msg: &ReceivedMessage, env: Envelope) -> Context {
         let trace = envelope::attribute(&msg.attributes, attr::TRACEPARENT).map(|tp| {
             let state = envelope::attribute(&msg.attributes, attr::TRACESTATE);
             (tp.to_string(), state.map(str::to_string))
         });
-        let ctx = Context::new(
+        Context::new(
             self.dispatcher.clone(),
             env,
             msg.receive_count,
             self.queue.clone(),
             trace,
-        );
+        )
+    }
+
+    /// Runs the handlers in turn; the first failure decides the disposition.
+    pub(super) async fn run_all(
+        &self,
+        handlers: &[&'static HandlerRoute],
+        ctx: &Context,
+        track: &Track,
+    ) -> Stage<()> {
         for h in handlers {
-            if let Err(failure) = self.run_handler(h, &ctx).await {
-                return Err(self.judge(failure, &ctx, track.attempt));
+            if let Err(failure) = self.run_handler(h, ctx).await {
+                return Err(self.judge(failure, ctx, track.attempt));
             }
         }
-        Ok(ctx.take_outbox())
+        Ok(())
     }
 
     async fn run_handler(&self, h: &HandlerRoute, ctx: &Context) -> Result<(), Failure> {
@@ -315,7 +362,7 @@ impl Listener {
                 handler: h.qualified_name(),
                 error,
             }),
-            Ok(Err(e @ InvokeError::MissingState(_))) => Err(Failure::Error {
+            Ok(Err(e)) => Err(Failure::Error {
                 handler: h.qualified_name(),
                 error: Box::new(e),
             }),
@@ -462,7 +509,7 @@ impl Listener {
     }
 
     /// Replaces the stored outbox of a completed claim (`None`: all sent).
-    async fn store_outbox(&self, key: &str, remaining: Option<&[Pending]>) {
+    pub(super) async fn store_outbox(&self, key: &str, remaining: Option<&[Pending]>) {
         let Some(idem) = &self.idempotency else {
             return;
         };
@@ -475,7 +522,7 @@ impl Listener {
     /// What a failed dispatch means: refused entries can never go (dead-letter, with the
     /// outbox kept in the store for a redrive); anything else is retried without running
     /// the handlers again where a store remembers the outbox.
-    fn undispatched(&self, u: Undispatched) -> Disposition {
+    pub(super) fn undispatched(&self, u: Undispatched) -> Disposition {
         if u.refused() {
             return Disposition::dead_letter(
                 DeadLetterKind::Refused,

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
 use crate::encryption::{CacheLimits, KeyProvider};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::idempotency::{self, IdempotencyStore};
 use crate::listener::{Listener, ListenerConfig};
 use crate::message::Message;
@@ -72,6 +72,9 @@ pub struct Builder {
 pub(super) enum IdempotencyChoice {
     Off,
     Store(Arc<dyn IdempotencyStore>),
+    /// A SQL store on the application's pool, opened (migrated) at start.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    Pool(crate::tx::SqlPool),
 }
 
 impl std::fmt::Debug for Builder {
@@ -232,6 +235,27 @@ impl Builder {
         self
     }
 
+    /// Keeps the idempotency records in the application's PostgreSQL database, on its
+    /// pool: transactional handlers (`&mut Tx<Postgres>`, see [`crate::tx`]) then run on
+    /// that pool, in the same database as the rest of the application's data. The
+    /// embedded migrations run at start, in their own migrations table.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(mut self, pool: sqlx::PgPool) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Pool(crate::tx::SqlPool::Postgres(pool)));
+        self
+    }
+
+    /// Keeps the idempotency records in the application's SQLite database, on its pool:
+    /// transactional handlers (`&mut Tx<Sqlite>`, see [`crate::tx`]) then run on that
+    /// pool. Open it in WAL mode with a busy timeout, as
+    /// [`SqliteIdempotencyStore::connect`](crate::idempotency::SqliteIdempotencyStore::connect)
+    /// does. The embedded migrations run at start.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(mut self, pool: sqlx::SqlitePool) -> Self {
+        self.idempotency = Some(IdempotencyChoice::Pool(crate::tx::SqlPool::Sqlite(pool)));
+        self
+    }
+
     /// Turns idempotent processing off (`SOURCEFLOW_IDEMPOTENCY=off`): every delivery runs
     /// the handlers.
     pub fn without_idempotency(mut self) -> Self {
@@ -361,6 +385,8 @@ impl Builder {
         let r = self.resolve().await?;
         let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
         let plan = plan(&r, &messages)?;
+        #[cfg(any(feature = "postgres", feature = "sqlite"))]
+        let tx_pool = transaction_pool(&r)?;
         r.transport.provision(&plan.topology).await?;
         tracing::info!(
             service = %r.service,
@@ -412,6 +438,8 @@ impl Builder {
                 idempotency: r.idempotency.clone(),
                 permanent: r.permanent.clone(),
                 stop: stop.clone(),
+                #[cfg(any(feature = "postgres", feature = "sqlite"))]
+                tx_pool: tx_pool.clone(),
             });
             listeners.push(ListenerInfo {
                 queue: listener.queue().to_string(),
@@ -501,5 +529,46 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The pool transactional handlers' transactions are opened on: the SQL idempotency
+/// store's, which must be on the database the handlers' `Tx<DB>` names.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+fn transaction_pool(r: &super::config::Resolved) -> Result<Option<crate::tx::SqlPool>> {
+    let Some(first) = r.handlers.iter().find(|h| h.tx.is_some()) else {
+        return Ok(None);
+    };
+    let Some(wanted) = first.tx else {
+        return Ok(None);
+    };
+    if let Some(other) = r
+        .handlers
+        .iter()
+        .find(|h| h.tx.is_some_and(|k| k != wanted))
+    {
+        return Err(Error::Config(format!(
+            "handler `{}` takes `{}` and handler `{}` takes `{}`: the transactional handlers of a service share one database, the idempotency store's",
+            first.qualified_name(),
+            wanted.type_name(),
+            other.qualified_name(),
+            other.tx.map_or("", |k| k.type_name()),
+        )));
+    }
+    let store = r.idempotency.as_ref().map(|i| &i.store);
+    match store.and_then(|s| s.sql_pool()) {
+        Some(pool) if pool.kind() == wanted => Ok(Some(pool)),
+        _ => Err(Error::Config(format!(
+            "handler `{}` takes `{}`, whose transaction is opened on the idempotency store's database, and the store is {}: use the {} store (`SOURCEFLOW_IDEMPOTENCY={}`, or `builder().{}(pool)`)",
+            first.qualified_name(),
+            wanted.type_name(),
+            store.map_or("off".to_string(), |s| format!("`{}`", s.name())),
+            wanted.store(),
+            match wanted {
+                crate::tx::TxKind::Postgres => "postgres://…",
+                crate::tx::TxKind::Sqlite => "sqlite://…?mode=rwc",
+            },
+            wanted.store(),
+        ))),
     }
 }

@@ -208,6 +208,8 @@ impl Builder {
         let store = match self.idempotency.take() {
             Some(IdempotencyChoice::Off) => return Ok(None),
             Some(IdempotencyChoice::Store(s)) => s,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            Some(IdempotencyChoice::Pool(pool)) => store_on(pool).await?,
             None => match store_from_env().await? {
                 Some(s) => s,
                 None => return Ok(None),
@@ -365,4 +367,19 @@ pub(super) struct Resolved {
     pub(super) encrypt_all: bool,
     /// Resolved for planning only: nothing was contacted (no store, no key provider).
     pub(super) offline: bool,
+}
+
+/// The SQL store on the application's pool (migrated now).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+async fn store_on(pool: crate::tx::SqlPool) -> Result<Arc<dyn IdempotencyStore>> {
+    Ok(match pool {
+        #[cfg(feature = "postgres")]
+        crate::tx::SqlPool::Postgres(p) => {
+            Arc::new(idempotency::PostgresIdempotencyStore::from_pool(p).await?)
+        }
+        #[cfg(feature = "sqlite")]
+        crate::tx::SqlPool::Sqlite(p) => {
+            Arc::new(idempotency::SqliteIdempotencyStore::from_pool(p).await?)
+        }
+    })
 }

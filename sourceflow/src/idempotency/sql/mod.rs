@@ -75,3 +75,80 @@ fn migrate_error(store: &'static str) -> impl FnOnce(sqlx::migrate::MigrateError
         source: Box::new(e),
     }
 }
+
+/// The claim steps of a transactional handler (see [`crate::tx`]), on whichever database
+/// the store's pool is: open the transaction, claim and complete inside it, and record
+/// afterwards what a rolled-back claim leaves to record.
+pub(crate) mod in_tx {
+    use std::time::Duration;
+
+    use crate::error::Result;
+    use crate::idempotency::{Claim, Release};
+    use crate::tx::{SqlPool, TxSlot};
+
+    /// Opens a transaction on `pool` (on SQLite, holding the write lock from the start).
+    pub(crate) async fn begin(pool: &SqlPool) -> Result<TxSlot> {
+        match pool {
+            #[cfg(feature = "postgres")]
+            SqlPool::Postgres(p) => p
+                .begin()
+                .await
+                .map(TxSlot::Postgres)
+                .map_err(super::store_error("postgres", "begin")),
+            #[cfg(feature = "sqlite")]
+            SqlPool::Sqlite(p) => super::sqlite::begin(p).await.map(TxSlot::Sqlite),
+        }
+    }
+
+    /// Claims `key` inside `tx`: the record is invisible to others until the commit.
+    pub(crate) async fn claim(
+        tx: &mut TxSlot,
+        key: &str,
+        payload_hash: &str,
+        lease: Duration,
+    ) -> Result<Claim> {
+        match tx {
+            #[cfg(feature = "postgres")]
+            TxSlot::Postgres(t) => super::postgres::claim_in(t, key, payload_hash, lease).await,
+            #[cfg(feature = "sqlite")]
+            TxSlot::Sqlite(t) => super::sqlite::claim_in(t, key, payload_hash, lease).await,
+        }
+    }
+
+    /// Marks the claim completed inside `tx`, with the messages still to dispatch.
+    pub(crate) async fn complete(
+        tx: &mut TxSlot,
+        key: &str,
+        token: &str,
+        ttl: Duration,
+        outbox: Option<&str>,
+    ) -> Result<bool> {
+        match tx {
+            #[cfg(feature = "postgres")]
+            TxSlot::Postgres(t) => super::postgres::complete_in(t, key, token, ttl, outbox).await,
+            #[cfg(feature = "sqlite")]
+            TxSlot::Sqlite(t) => super::sqlite::complete_in(t, key, token, ttl, outbox).await,
+        }
+    }
+
+    /// After a rollback: records the failed attempt (`Failed`: the rolled-back transaction
+    /// took its count with it), clears a claimable record (`DeadLettered`), or nothing
+    /// (`Returned`). Never touches a record a live claim holds.
+    pub(crate) async fn release_rolled_back(
+        pool: &SqlPool,
+        key: &str,
+        payload_hash: &str,
+        why: Release,
+    ) -> Result<()> {
+        match pool {
+            #[cfg(feature = "postgres")]
+            SqlPool::Postgres(p) => {
+                super::postgres::release_rolled_back(p, key, payload_hash, why).await
+            }
+            #[cfg(feature = "sqlite")]
+            SqlPool::Sqlite(p) => {
+                super::sqlite::release_rolled_back(p, key, payload_hash, why).await
+            }
+        }
+    }
+}

@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnection, PgExecutor, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
 use super::{migrate_error, store_error, ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
-use crate::idempotency::record::{claim_with, millis, Attempt, Existing};
+use crate::idempotency::record::{claim_with, millis, Attempt, ClaimTries, Existing};
 use crate::idempotency::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
+use crate::tx::SqlPool;
 
 const STORE: &str = "postgres";
 
@@ -62,21 +63,170 @@ impl PostgresIdempotencyStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
 
-    async fn existing(&self, key: &str) -> Result<Option<Existing>> {
-        let row: Option<PgRow> = sqlx::query(
-            "SELECT payload_hash, state, token, attempts, lease_until, expires_at, outbox,
-                    (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
-             FROM sourceflow_idempotency WHERE key = $1",
+/// One claim attempt: insert, or take over a released claim or an expired lease (same
+/// payload) or an expired completion, writing the attempts so far; otherwise change nothing
+/// and return no row. A concurrent insert of the same key waits for the first to commit,
+/// then sees its record. (`t.` is the existing record.) Returns the attempts recorded.
+async fn claim_row<'e>(
+    e: impl PgExecutor<'e>,
+    key: &str,
+    payload_hash: &str,
+    token: &str,
+    lease: Duration,
+) -> Result<Option<i64>> {
+    let won: Option<i32> = sqlx::query_scalar(
+        "INSERT INTO sourceflow_idempotency AS t
+             (key, payload_hash, state, token, lease_until, created_at, attempts)
+         SELECT $1, $2, 'in_progress', $3, clock.ms + $4, clock.ms, 0
+         FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms) AS clock
+         ON CONFLICT (key) DO UPDATE SET
+             payload_hash = EXCLUDED.payload_hash,
+             state = 'in_progress',
+             token = EXCLUDED.token,
+             lease_until = EXCLUDED.lease_until,
+             expires_at = NULL,
+             outbox = NULL,
+             created_at = EXCLUDED.created_at,
+             attempts = CASE
+                 WHEN t.state = 'completed' THEN 0
+                 WHEN t.token IS NOT NULL THEN t.attempts + 1
+                 ELSE t.attempts
+             END
+         WHERE (t.state = 'in_progress' AND t.payload_hash = EXCLUDED.payload_hash
+                AND (t.token IS NULL OR t.lease_until <= EXCLUDED.created_at))
+            OR (t.state = 'completed' AND t.expires_at <= EXCLUDED.created_at)
+         RETURNING t.attempts",
+    )
+    .bind(key)
+    .bind(payload_hash)
+    .bind(token)
+    .bind(millis(lease))
+    .fetch_optional(e)
+    .await
+    .map_err(store_error(STORE, "claim"))?;
+    Ok(won.map(i64::from))
+}
+
+/// The record in the way of a claim.
+async fn existing_row<'e>(e: impl PgExecutor<'e>, key: &str) -> Result<Option<Existing>> {
+    let row: Option<PgRow> = sqlx::query(
+        "SELECT payload_hash, state, token, attempts, lease_until, expires_at, outbox,
+                (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
+         FROM sourceflow_idempotency WHERE key = $1",
+    )
+    .bind(key)
+    .fetch_optional(e)
+    .await
+    .map_err(store_error(STORE, "claim"))?;
+    row.map(|r| read_existing(&r))
+        .transpose()
+        .map_err(store_error(STORE, "claim"))
+}
+
+async fn complete_row<'e>(
+    e: impl PgExecutor<'e>,
+    key: &str,
+    token: &str,
+    ttl: Duration,
+    outbox: Option<&str>,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE sourceflow_idempotency
+         SET state = 'completed', token = NULL, lease_until = NULL,
+             expires_at = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $3,
+             outbox = $4
+         WHERE key = $1 AND token = $2 AND state = 'in_progress'",
+    )
+    .bind(key)
+    .bind(token)
+    .bind(millis(ttl))
+    .bind(outbox)
+    .execute(e)
+    .await
+    .map_err(store_error(STORE, "complete"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Claims `key` inside the transaction on `conn` (see [`crate::tx`]).
+pub(crate) async fn claim_in(
+    conn: &mut PgConnection,
+    key: &str,
+    payload_hash: &str,
+    lease: Duration,
+) -> Result<Claim> {
+    let mut tries = ClaimTries::new(payload_hash);
+    while let Some((token, _)) = tries.next_try() {
+        let found = match claim_row(&mut *conn, key, payload_hash, &token, lease).await? {
+            Some(attempts) => Attempt::Won { attempts },
+            None => Attempt::Blocked(existing_row(&mut *conn, key).await?),
+        };
+        if let Some(claim) = tries.judge(token, found) {
+            return Ok(claim);
+        }
+    }
+    Ok(ClaimTries::contended())
+}
+
+/// Completes a claim inside the transaction on `conn`.
+pub(crate) async fn complete_in(
+    conn: &mut PgConnection,
+    key: &str,
+    token: &str,
+    ttl: Duration,
+    outbox: Option<&str>,
+) -> Result<bool> {
+    complete_row(conn, key, token, ttl, outbox).await
+}
+
+/// Records what a rolled-back claim leaves to record (see [`crate::idempotency::sql`]).
+pub(crate) async fn release_rolled_back(
+    pool: &PgPool,
+    key: &str,
+    payload_hash: &str,
+    why: Release,
+) -> Result<()> {
+    let query = match why {
+        Release::Returned => return Ok(()),
+        // Only a record nobody holds: a claimable one (released, or a dead worker's).
+        Release::DeadLettered => sqlx::query(
+            "DELETE FROM sourceflow_idempotency
+             WHERE key = $1 AND state = 'in_progress' AND (token IS NULL
+                   OR lease_until <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
+        )
+        .bind(key),
+        // The failed attempt, plus the dead worker's whose claim the rolled-back one took
+        // over; a record a live claim holds is left alone.
+        Release::Failed => sqlx::query(
+            "INSERT INTO sourceflow_idempotency AS t
+                 (key, payload_hash, state, token, lease_until, created_at, attempts)
+             SELECT $1, $2, 'in_progress', NULL, clock.ms, clock.ms, 1
+             FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms) AS clock
+             ON CONFLICT (key) DO UPDATE SET
+                 payload_hash = EXCLUDED.payload_hash,
+                 state = 'in_progress',
+                 token = NULL,
+                 lease_until = EXCLUDED.lease_until,
+                 expires_at = NULL,
+                 outbox = NULL,
+                 attempts = CASE
+                     WHEN t.state = 'completed' THEN 1
+                     WHEN t.token IS NOT NULL THEN t.attempts + 2
+                     ELSE t.attempts + 1
+                 END
+             WHERE (t.state = 'in_progress' AND t.payload_hash = EXCLUDED.payload_hash
+                    AND (t.token IS NULL OR t.lease_until <= EXCLUDED.created_at))
+                OR (t.state = 'completed' AND t.expires_at <= EXCLUDED.created_at)",
         )
         .bind(key)
-        .fetch_optional(&self.pool)
+        .bind(payload_hash),
+    };
+    query
+        .execute(pool)
         .await
-        .map_err(store_error(STORE, "claim"))?;
-        row.map(|r| read_existing(&r))
-            .transpose()
-            .map_err(store_error(STORE, "claim"))
-    }
+        .map_err(store_error(STORE, "release"))?;
+    Ok(())
 }
 
 fn read_existing(r: &PgRow) -> std::result::Result<Existing, sqlx::Error> {
@@ -98,50 +248,19 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         STORE
     }
 
+    fn sql_pool(&self) -> Option<SqlPool> {
+        Some(SqlPool::Postgres(self.pool.clone()))
+    }
+
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
         // The statement takes every kind of claimable record itself.
         claim_with(payload_hash, |token, _| async move {
-            // One statement: insert, or take over a released claim or an expired lease (same
-            // payload) or an expired completion, writing the attempts so far; otherwise
-            // change nothing and return no row. A concurrent insert of the same key waits
-            // for the first to commit, then sees its record. (`t.` is the existing record.)
-            let won: Option<i32> = sqlx::query_scalar(
-                "INSERT INTO sourceflow_idempotency AS t
-                     (key, payload_hash, state, token, lease_until, created_at, attempts)
-                 SELECT $1, $2, 'in_progress', $3, clock.ms + $4, clock.ms, 0
-                 FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms)
-                      AS clock
-                 ON CONFLICT (key) DO UPDATE SET
-                     payload_hash = EXCLUDED.payload_hash,
-                     state = 'in_progress',
-                     token = EXCLUDED.token,
-                     lease_until = EXCLUDED.lease_until,
-                     expires_at = NULL,
-                     outbox = NULL,
-                     created_at = EXCLUDED.created_at,
-                     attempts = CASE
-                         WHEN t.state = 'completed' THEN 0
-                         WHEN t.token IS NOT NULL THEN t.attempts + 1
-                         ELSE t.attempts
-                     END
-                 WHERE (t.state = 'in_progress' AND t.payload_hash = EXCLUDED.payload_hash
-                        AND (t.token IS NULL OR t.lease_until <= EXCLUDED.created_at))
-                    OR (t.state = 'completed' AND t.expires_at <= EXCLUDED.created_at)
-                 RETURNING t.attempts",
-            )
-            .bind(key)
-            .bind(payload_hash)
-            .bind(&token)
-            .bind(millis(lease))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error(STORE, "claim"))?;
-            Ok(match won {
-                Some(attempts) => Attempt::Won {
-                    attempts: attempts.into(),
+            Ok(
+                match claim_row(&self.pool, key, payload_hash, &token, lease).await? {
+                    Some(attempts) => Attempt::Won { attempts },
+                    None => Attempt::Blocked(existing_row(&self.pool, key).await?),
                 },
-                None => Attempt::Blocked(self.existing(key).await?),
-            })
+            )
         })
         .await
     }
@@ -168,21 +287,7 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         ttl: Duration,
         outbox: Option<&str>,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sourceflow_idempotency
-             SET state = 'completed', token = NULL, lease_until = NULL,
-                 expires_at = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $3,
-                 outbox = $4
-             WHERE key = $1 AND token = $2 AND state = 'in_progress'",
-        )
-        .bind(key)
-        .bind(token)
-        .bind(millis(ttl))
-        .bind(outbox)
-        .execute(&self.pool)
-        .await
-        .map_err(store_error(STORE, "complete"))?;
-        Ok(done.rows_affected() == 1)
+        complete_row(&self.pool, key, token, ttl, outbox).await
     }
 
     async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()> {

@@ -6,14 +6,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteConnectOptions, SqliteConnection, SqliteExecutor, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteRow,
 };
 use sqlx::{ConnectOptions, Connection, Row};
 
 use super::{migrate_error, store_error, ACQUIRE_TIMEOUT, MIGRATIONS_TABLE};
 use crate::error::{Error, Result};
-use crate::idempotency::record::{claim_with, millis, now_millis, Attempt, Existing};
+use crate::idempotency::record::{claim_with, millis, now_millis, Attempt, ClaimTries, Existing};
 use crate::idempotency::{Claim, IdempotencyStore, Release, ABANDONED_AFTER};
+use crate::tx::SqlPool;
 
 const STORE: &str = "sqlite";
 
@@ -105,21 +107,177 @@ impl SqliteIdempotencyStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
 
-    async fn existing(&self, key: &str) -> Result<Option<Existing>> {
-        let row: Option<SqliteRow> = sqlx::query(
-            "SELECT payload_hash, state, token, attempts, lease_until, expires_at, outbox
-             FROM sourceflow_idempotency WHERE key = ?1",
+/// One claim attempt: insert, or take over a released claim or an expired lease (same
+/// payload) or an expired completion, writing the attempts so far; otherwise change nothing
+/// and return no row. (In `DO UPDATE`, bare column names are the existing record's values.)
+/// Returns the attempts recorded.
+async fn claim_row<'e>(
+    e: impl SqliteExecutor<'e>,
+    key: &str,
+    payload_hash: &str,
+    token: &str,
+    lease: Duration,
+) -> Result<Option<i64>> {
+    sqlx::query_scalar(
+        "INSERT INTO sourceflow_idempotency
+             (key, payload_hash, state, token, lease_until, created_at, attempts)
+         VALUES (?1, ?2, 'in_progress', ?3, ?4 + ?5, ?4, 0)
+         ON CONFLICT (key) DO UPDATE SET
+             payload_hash = excluded.payload_hash,
+             state = 'in_progress',
+             token = excluded.token,
+             lease_until = excluded.lease_until,
+             expires_at = NULL,
+             outbox = NULL,
+             created_at = excluded.created_at,
+             attempts = CASE
+                 WHEN state = 'completed' THEN 0
+                 WHEN token IS NOT NULL THEN attempts + 1
+                 ELSE attempts
+             END
+         WHERE (state = 'in_progress' AND payload_hash = excluded.payload_hash
+                AND (token IS NULL OR lease_until <= excluded.created_at))
+            OR (state = 'completed' AND expires_at <= excluded.created_at)
+         RETURNING attempts",
+    )
+    .bind(key)
+    .bind(payload_hash)
+    .bind(token)
+    .bind(now_millis())
+    .bind(millis(lease))
+    .fetch_optional(e)
+    .await
+    .map_err(store_error(STORE, "claim"))
+}
+
+/// The record in the way of a claim.
+async fn existing_row<'e>(e: impl SqliteExecutor<'e>, key: &str) -> Result<Option<Existing>> {
+    let row: Option<SqliteRow> = sqlx::query(
+        "SELECT payload_hash, state, token, attempts, lease_until, expires_at, outbox
+         FROM sourceflow_idempotency WHERE key = ?1",
+    )
+    .bind(key)
+    .fetch_optional(e)
+    .await
+    .map_err(store_error(STORE, "claim"))?;
+    let now = now_millis();
+    row.map(|r| read_existing(&r, now))
+        .transpose()
+        .map_err(store_error(STORE, "claim"))
+}
+
+async fn complete_row<'e>(
+    e: impl SqliteExecutor<'e>,
+    key: &str,
+    token: &str,
+    ttl: Duration,
+    outbox: Option<&str>,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE sourceflow_idempotency
+         SET state = 'completed', token = NULL, lease_until = NULL,
+             expires_at = ?3, outbox = ?4
+         WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
+    )
+    .bind(key)
+    .bind(token)
+    .bind(now_millis() + millis(ttl))
+    .bind(outbox)
+    .execute(e)
+    .await
+    .map_err(store_error(STORE, "complete"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Opens a transaction that holds the database's write lock from its first statement
+/// (`BEGIN IMMEDIATE`), so that it never fails to upgrade a read lock halfway.
+pub(crate) async fn begin(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    pool.begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(store_error(STORE, "begin"))
+}
+
+/// Claims `key` inside the transaction on `conn` (see [`crate::tx`]).
+pub(crate) async fn claim_in(
+    conn: &mut SqliteConnection,
+    key: &str,
+    payload_hash: &str,
+    lease: Duration,
+) -> Result<Claim> {
+    let mut tries = ClaimTries::new(payload_hash);
+    while let Some((token, _)) = tries.next_try() {
+        let found = match claim_row(&mut *conn, key, payload_hash, &token, lease).await? {
+            Some(attempts) => Attempt::Won { attempts },
+            None => Attempt::Blocked(existing_row(&mut *conn, key).await?),
+        };
+        if let Some(claim) = tries.judge(token, found) {
+            return Ok(claim);
+        }
+    }
+    Ok(ClaimTries::contended())
+}
+
+/// Completes a claim inside the transaction on `conn`.
+pub(crate) async fn complete_in(
+    conn: &mut SqliteConnection,
+    key: &str,
+    token: &str,
+    ttl: Duration,
+    outbox: Option<&str>,
+) -> Result<bool> {
+    complete_row(conn, key, token, ttl, outbox).await
+}
+
+/// Records what a rolled-back claim leaves to record (see [`crate::idempotency::sql`]).
+pub(crate) async fn release_rolled_back(
+    pool: &SqlitePool,
+    key: &str,
+    payload_hash: &str,
+    why: Release,
+) -> Result<()> {
+    let now = now_millis();
+    let query = match why {
+        Release::Returned => return Ok(()),
+        // Only a record nobody holds: a claimable one (released, or a dead worker's).
+        Release::DeadLettered => sqlx::query(
+            "DELETE FROM sourceflow_idempotency
+             WHERE key = ?1 AND state = 'in_progress' AND (token IS NULL OR lease_until <= ?2)",
         )
         .bind(key)
-        .fetch_optional(&self.pool)
+        .bind(now),
+        // The failed attempt, plus the dead worker's whose claim the rolled-back one took
+        // over; a record a live claim holds is left alone.
+        Release::Failed => sqlx::query(
+            "INSERT INTO sourceflow_idempotency
+                 (key, payload_hash, state, token, lease_until, created_at, attempts)
+             VALUES (?1, ?2, 'in_progress', NULL, ?3, ?3, 1)
+             ON CONFLICT (key) DO UPDATE SET
+                 payload_hash = excluded.payload_hash,
+                 state = 'in_progress',
+                 token = NULL,
+                 lease_until = excluded.lease_until,
+                 expires_at = NULL,
+                 outbox = NULL,
+                 attempts = CASE
+                     WHEN state = 'completed' THEN 1
+                     WHEN token IS NOT NULL THEN attempts + 2
+                     ELSE attempts + 1
+                 END
+             WHERE (state = 'in_progress' AND payload_hash = excluded.payload_hash
+                    AND (token IS NULL OR lease_until <= excluded.created_at))
+                OR (state = 'completed' AND expires_at <= excluded.created_at)",
+        )
+        .bind(key)
+        .bind(payload_hash)
+        .bind(now),
+    };
+    query
+        .execute(pool)
         .await
-        .map_err(store_error(STORE, "claim"))?;
-        let now = now_millis();
-        row.map(|r| read_existing(&r, now))
-            .transpose()
-            .map_err(store_error(STORE, "claim"))
-    }
+        .map_err(store_error(STORE, "release"))?;
+    Ok(())
 }
 
 fn read_existing(r: &SqliteRow, now: i64) -> std::result::Result<Existing, sqlx::Error> {
@@ -149,48 +307,19 @@ impl IdempotencyStore for SqliteIdempotencyStore {
         STORE
     }
 
+    fn sql_pool(&self) -> Option<SqlPool> {
+        Some(SqlPool::Sqlite(self.pool.clone()))
+    }
+
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
         // The statement takes every kind of claimable record itself.
         claim_with(payload_hash, |token, _| async move {
-            let now = now_millis();
-            // One statement: insert, or take over a released claim or an expired lease (same
-            // payload) or an expired completion, writing the attempts so far; otherwise
-            // change nothing and return no row. (In `DO UPDATE`, bare column names are the
-            // existing record's values.)
-            let won: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO sourceflow_idempotency
-                     (key, payload_hash, state, token, lease_until, created_at, attempts)
-                 VALUES (?1, ?2, 'in_progress', ?3, ?4 + ?5, ?4, 0)
-                 ON CONFLICT (key) DO UPDATE SET
-                     payload_hash = excluded.payload_hash,
-                     state = 'in_progress',
-                     token = excluded.token,
-                     lease_until = excluded.lease_until,
-                     expires_at = NULL,
-                     outbox = NULL,
-                     created_at = excluded.created_at,
-                     attempts = CASE
-                         WHEN state = 'completed' THEN 0
-                         WHEN token IS NOT NULL THEN attempts + 1
-                         ELSE attempts
-                     END
-                 WHERE (state = 'in_progress' AND payload_hash = excluded.payload_hash
-                        AND (token IS NULL OR lease_until <= excluded.created_at))
-                    OR (state = 'completed' AND expires_at <= excluded.created_at)
-                 RETURNING attempts",
+            Ok(
+                match claim_row(&self.pool, key, payload_hash, &token, lease).await? {
+                    Some(attempts) => Attempt::Won { attempts },
+                    None => Attempt::Blocked(existing_row(&self.pool, key).await?),
+                },
             )
-            .bind(key)
-            .bind(payload_hash)
-            .bind(&token)
-            .bind(now)
-            .bind(millis(lease))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error(STORE, "claim"))?;
-            Ok(match won {
-                Some(attempts) => Attempt::Won { attempts },
-                None => Attempt::Blocked(self.existing(key).await?),
-            })
         })
         .await
     }
@@ -216,20 +345,7 @@ impl IdempotencyStore for SqliteIdempotencyStore {
         ttl: Duration,
         outbox: Option<&str>,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sourceflow_idempotency
-             SET state = 'completed', token = NULL, lease_until = NULL,
-                 expires_at = ?3, outbox = ?4
-             WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
-        )
-        .bind(key)
-        .bind(token)
-        .bind(now_millis() + millis(ttl))
-        .bind(outbox)
-        .execute(&self.pool)
-        .await
-        .map_err(store_error(STORE, "complete"))?;
-        Ok(done.rows_affected() == 1)
+        complete_row(&self.pool, key, token, ttl, outbox).await
     }
 
     async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()> {
