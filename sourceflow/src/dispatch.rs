@@ -23,6 +23,13 @@ pub(crate) struct Pending {
     message: OutgoingMessage,
 }
 
+impl Pending {
+    /// Its message id.
+    pub(crate) fn message_id(&self) -> &str {
+        &self.message.message_id
+    }
+}
+
 /// Everything needed to dispatch: the transport, resolved destinations, shared state.
 pub(crate) struct Dispatcher {
     transport: Arc<dyn Transport>,
@@ -124,21 +131,7 @@ impl Dispatcher {
             Some(d) => d.clone(),
             None => Arc::from(self.naming.resource(M::DESTINATION)),
         };
-        let limit = match M::KIND {
-            MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
-            MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
-        };
-        message.check_size(&destination, limit)?;
-        let mut message = message;
-        message.delay = message.delay.filter(|d| !d.is_zero());
-        if let Some(delay) = message.delay {
-            check_delay(M::NAME, M::KIND, &destination, delay)?;
-        }
-        Ok(Pending {
-            kind: M::KIND,
-            destination,
-            message,
-        })
+        pending_to(M::KIND, M::NAME, destination, message)
     }
 
     /// Sends one message now. A destination that does not exist is named as such.
@@ -235,6 +228,41 @@ fn runs(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
         }
     }
     runs
+}
+
+/// A message to `destination` (its full name), checked against the size and delay limits.
+pub(crate) fn pending_to(
+    kind: MessageKind,
+    wire_name: &str,
+    destination: Arc<str>,
+    mut message: OutgoingMessage,
+) -> Result<Pending> {
+    message.delay = message.delay.filter(|d| !d.is_zero());
+    check_outgoing(wire_name, kind, &destination, &message)?;
+    Ok(Pending {
+        kind,
+        destination,
+        message,
+    })
+}
+
+/// Checks the size and the delay of a message to `destination` against what SQS or SNS
+/// accept.
+pub(crate) fn check_outgoing(
+    wire_name: &str,
+    kind: MessageKind,
+    destination: &str,
+    message: &OutgoingMessage,
+) -> Result<()> {
+    let limit = match kind {
+        MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
+        MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
+    };
+    message.check_size(destination, limit)?;
+    match message.delay.filter(|d| !d.is_zero()) {
+        Some(delay) => check_delay(wire_name, kind, destination, delay),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a delay SQS or SNS would not honour, at the call, with what to do instead.

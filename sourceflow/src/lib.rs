@@ -66,6 +66,8 @@ pub mod idempotency;
 mod listener;
 mod message;
 pub mod naming;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod outbox;
 mod outcome;
 mod payload;
 pub mod redrive;

@@ -73,6 +73,12 @@ pub trait TxDatabase: sqlx::Database + sealed::Sealed {
 
     #[doc(hidden)]
     fn from_slot(slot: TxSlot) -> Result<Tx<Self>, TxSlot>;
+
+    #[doc(hidden)]
+    fn insert_outbox<'a>(
+        tx: &'a mut Tx<Self>,
+        row: &'a crate::outbox::Row,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), sqlx::Error>>;
 }
 
 mod sealed {
@@ -137,6 +143,13 @@ impl TxDatabase for sqlx::Postgres {
         TxSlot::Postgres(tx)
     }
 
+    fn insert_outbox<'a>(
+        tx: &'a mut Tx<Self>,
+        row: &'a crate::outbox::Row,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(crate::outbox::insert_postgres(tx, row))
+    }
+
     fn from_slot(slot: TxSlot) -> Result<Tx<Self>, TxSlot> {
         #[allow(unreachable_patterns)]
         match slot {
@@ -152,6 +165,13 @@ impl TxDatabase for sqlx::Sqlite {
 
     fn into_slot(tx: Tx<Self>) -> TxSlot {
         TxSlot::Sqlite(tx)
+    }
+
+    fn insert_outbox<'a>(
+        tx: &'a mut Tx<Self>,
+        row: &'a crate::outbox::Row,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(crate::outbox::insert_sqlite(tx, row))
     }
 
     fn from_slot(slot: TxSlot) -> Result<Tx<Self>, TxSlot> {

@@ -29,3 +29,4 @@ mod size_and_delay;
 mod telemetry;
 mod topology;
 mod transactional;
+mod transactional_outbox;

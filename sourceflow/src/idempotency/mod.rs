@@ -45,7 +45,7 @@
 pub mod dynamodb;
 mod memory;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
-mod record;
+pub(crate) mod record;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod sql;
 

@@ -67,6 +67,9 @@ pub struct Builder {
     pub(super) key_provider: Option<Arc<dyn KeyProvider>>,
     pub(super) encrypt_all: Option<bool>,
     pub(super) key_cache: Option<CacheLimits>,
+    /// The outbox relay: `None` the default settings, `Some(None)` off.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(super) relay: Option<Option<crate::outbox::RelaySettings>>,
 }
 
 pub(super) enum IdempotencyChoice {
@@ -253,6 +256,21 @@ impl Builder {
     #[cfg(feature = "sqlite")]
     pub fn sqlite(mut self, pool: sqlx::SqlitePool) -> Self {
         self.idempotency = Some(IdempotencyChoice::Pool(crate::tx::SqlPool::Sqlite(pool)));
+        self
+    }
+
+    /// How the relay of the transactional outbox ([`crate::outbox`]) works. A service whose
+    /// idempotency store is on PostgreSQL or SQLite runs one by default.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub fn outbox_relay(mut self, settings: crate::outbox::RelaySettings) -> Self {
+        self.relay = Some(Some(settings));
+        self
+    }
+
+    /// Runs no outbox relay in this service (another service on the database relays).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub fn without_outbox_relay(mut self) -> Self {
+        self.relay = Some(None);
         self
     }
 
@@ -461,8 +479,18 @@ impl Builder {
                 stop.clone(),
             ));
         }
+        #[cfg(any(feature = "postgres", feature = "sqlite"))]
+        let relay = spawn_relay(
+            r.relay.clone(),
+            r.idempotency.as_deref(),
+            &dispatcher,
+            &stop,
+        );
+        #[cfg(not(any(feature = "postgres", feature = "sqlite")))]
+        let relay = None;
         Ok(Handle {
             inner: Arc::new(HandleInner {
+                relay: Mutex::new(relay),
                 dispatcher,
                 topology: plan.topology,
                 naming: r.naming,
@@ -571,4 +599,23 @@ fn transaction_pool(r: &super::config::Resolved) -> Result<Option<crate::tx::Sql
             wanted.store(),
         ))),
     }
+}
+
+/// Starts the outbox relay when the store is a SQL one and the relay is not off.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+fn spawn_relay(
+    settings: Option<crate::outbox::RelaySettings>,
+    idempotency: Option<&idempotency::Settings>,
+    dispatcher: &Arc<Dispatcher>,
+    stop: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let settings = settings?;
+    let pool = idempotency?.store.sql_pool()?;
+    let relay = crate::outbox::relay::Relay {
+        pool,
+        dispatcher: dispatcher.clone(),
+        settings,
+        stop: stop.clone(),
+    };
+    Some(tokio::spawn(relay.run()))
 }

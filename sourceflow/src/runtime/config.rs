@@ -169,6 +169,11 @@ impl Builder {
             encrypt_all: self.encrypt_all.unwrap_or(false),
             encryption,
             offline: !connect,
+            #[cfg(any(feature = "postgres", feature = "sqlite"))]
+            relay: match self.relay.take() {
+                None => Some(crate::outbox::RelaySettings::default()),
+                Some(choice) => choice,
+            },
         })
     }
 
@@ -284,7 +289,7 @@ async fn resolve_transport(given: Option<Arc<dyn Transport>>) -> Result<Arc<dyn 
     }
 }
 
-fn resolve_prefix(given: Option<String>) -> Result<String> {
+pub(crate) fn resolve_prefix(given: Option<String>) -> Result<String> {
     let prefix = given
         .or_else(|| env_var("SOURCEFLOW_PREFIX"))
         .unwrap_or_default();
@@ -367,6 +372,9 @@ pub(super) struct Resolved {
     pub(super) encrypt_all: bool,
     /// Resolved for planning only: nothing was contacted (no store, no key provider).
     pub(super) offline: bool,
+    /// The outbox relay's settings; `None`: no relay.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(super) relay: Option<crate::outbox::RelaySettings>,
 }
 
 /// The SQL store on the application's pool (migrated now).

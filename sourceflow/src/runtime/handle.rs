@@ -36,6 +36,12 @@ impl SendOptions {
         self
     }
 
+    /// The send's metadata.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    pub(crate) fn into_meta(self) -> SendMeta {
+        self.meta
+    }
+
     /// Pins the message id; a retried send with the same id is deduplicated on FIFO queues.
     pub fn message_id(mut self, id: impl Into<String>) -> Self {
         self.meta.message_id = Some(id.into());
@@ -62,6 +68,8 @@ pub(super) struct HandleInner {
     /// The periodic purge of expired idempotency records.
     pub(super) cleanup: Mutex<Option<JoinHandle<()>>>,
     pub(super) idempotency: Option<Arc<idempotency::Settings>>,
+    /// The transactional outbox's relay, if one runs.
+    pub(super) relay: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(super) struct ListenerInfo {
@@ -208,6 +216,13 @@ impl Handle {
         if let Some(cleanup) = self.inner.cleanup.lock().take() {
             cleanup.abort();
         }
+        let relay = self.inner.relay.lock().take();
+        if let Some(relay) = relay {
+            // It finishes the cycle under way: what it sent is deleted, not sent again.
+            if let Err(e) = relay.await {
+                tracing::error!(error = %e, "the outbox relay failed");
+            }
+        }
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.listeners.lock());
         let mut report = DrainReport::default();
         for t in tasks {
@@ -224,6 +239,37 @@ impl Handle {
             "sourceflow stopped"
         );
         Ok(report)
+    }
+
+    /// Stores messages in the application's transaction for this service's relay (or any
+    /// relay on the database) to send after the commit, named as this service names them.
+    /// See [`crate::outbox`].
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub fn outbox(&self) -> crate::outbox::Outbox {
+        crate::outbox::Outbox::new(self.inner.naming.clone())
+    }
+
+    /// Messages waiting in the transactional outbox ([`crate::outbox`]) of this service's
+    /// database: stored by committed transactions and not yet accepted by the broker.
+    /// `None` when the idempotency store is not a SQL one.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub async fn outbox_backlog(&self) -> Result<Option<u64>> {
+        let Some(pool) = self
+            .inner
+            .idempotency
+            .as_ref()
+            .and_then(|i| i.store.sql_pool())
+        else {
+            return Ok(None);
+        };
+        let n = crate::outbox::relay::backlog(&pool)
+            .await
+            .map_err(|e| crate::Error::Store {
+                store: pool.kind().store(),
+                operation: "outbox backlog",
+                source: Box::new(e),
+            })?;
+        Ok(Some(u64::try_from(n).unwrap_or(0)))
     }
 
     /// Idempotency counters (checks, duplicates, unique, deferred, mismatches), if

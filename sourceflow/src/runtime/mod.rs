@@ -3,7 +3,7 @@
 //! outside handlers (`handle`).
 
 mod builder;
-mod config;
+pub(crate) mod config;
 mod handle;
 mod plan;
 

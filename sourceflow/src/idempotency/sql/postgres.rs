@@ -20,6 +20,7 @@ const MAX_CONNECTIONS: u32 = 10;
 // Makes the compiler track the migrations, so that editing them rebuilds the crate.
 const _: &str = include_str!("../../../migrations/postgres/0001_idempotency.sql");
 const _: &str = include_str!("../../../migrations/postgres/0002_attempts.sql");
+const _: &str = include_str!("../../../migrations/postgres/0003_outbox.sql");
 
 /// Claims in a PostgreSQL table: for services that run as several instances, on one host
 /// or many. Leases and expiries are judged by the database server's clock.

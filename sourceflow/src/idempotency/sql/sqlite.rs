@@ -29,6 +29,7 @@ const MAX_CONNECTIONS: u32 = 8;
 // Makes the compiler track the migrations, so that editing them rebuilds the crate.
 const _: &str = include_str!("../../../migrations/sqlite/0001_idempotency.sql");
 const _: &str = include_str!("../../../migrations/sqlite/0002_attempts.sql");
+const _: &str = include_str!("../../../migrations/sqlite/0003_outbox.sql");
 
 /// Claims in a SQLite database file: for a service on a single host whose idempotency must
 /// survive restarts (several processes on that host may share the file).
