@@ -134,6 +134,8 @@ fn run(cmd: &str, args: &[&str]) {
     assert!(status.success(), "{cmd} {args:?} failed: {status}");
 }
 
+mod chaos;
+
 // ---- 1,000 messages through an outage -------------------------------------------------
 
 mod flow {
