@@ -153,8 +153,8 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
             None if names_tx(&pt.ty) => {
                 return Err(syn::Error::new_spanned(
                     &pt.ty,
-                    "take the transaction by mutable reference: `tx: &mut Tx<Postgres>` (the \
-                     listener commits it once the handler has returned)",
+                    "take the transaction by mutable reference, `tx: &mut Tx<Postgres>` or \
+                     `tx: &mut Tx<Sqlite>`: the listener commits it once the handler has returned",
                 ))
             }
             None if names_context(&pt.ty) => {

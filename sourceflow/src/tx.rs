@@ -50,6 +50,13 @@
 use crate::error::InvokeError;
 use crate::Context;
 
+/// The PostgreSQL database (sqlx's), for `Tx<Postgres>`.
+#[cfg(feature = "postgres")]
+pub use sqlx::Postgres;
+/// The SQLite database (sqlx's), for `Tx<Sqlite>`.
+#[cfg(feature = "sqlite")]
+pub use sqlx::Sqlite;
+
 /// The transaction a transactional handler is given: `tx: &mut Tx<Postgres>`.
 ///
 /// It is `sqlx`'s own [`Transaction`](sqlx::Transaction): run queries with

@@ -135,6 +135,7 @@ fn run(cmd: &str, args: &[&str]) {
 }
 
 mod chaos;
+mod relay;
 
 // ---- 1,000 messages through an outage -------------------------------------------------
 

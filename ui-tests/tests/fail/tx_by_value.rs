@@ -1,0 +1,16 @@
+// The transaction is lent to the handler: the listener commits it once the handler returns.
+use sourceflow::tx::Sqlite;
+use sourceflow::Tx;
+
+#[sourceflow::command(queue = "orders")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreateOrder {
+    pub order_id: u64,
+}
+
+#[sourceflow::handler]
+async fn create_order(_cmd: CreateOrder, _tx: Tx<Sqlite>) -> sourceflow::Result<()> {
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,20 @@
+// One message, one transaction.
+use sourceflow::tx::Sqlite;
+use sourceflow::Tx;
+
+#[sourceflow::command(queue = "orders")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreateOrder {
+    pub order_id: u64,
+}
+
+#[sourceflow::handler]
+async fn create_order(
+    _cmd: CreateOrder,
+    _a: &mut Tx<Sqlite>,
+    _b: &mut Tx<Sqlite>,
+) -> sourceflow::Result<()> {
+    Ok(())
+}
+
+fn main() {}
