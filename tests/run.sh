@@ -37,6 +37,9 @@ fi
 echo "== unit, doc, compile-fail, idempotency store and embedded-transport behaviour tests"
 cargo test --workspace --all-features
 
+echo "== the SQLite example: transactional handlers and the outbox, end to end (it checks its read model)"
+cargo run -q -p sourceflow --all-features --example orders_sqlite
+
 if [ "${SKIP_AWS:-0}" = "1" ]; then
     echo "== SKIP_AWS=1: not running the AWS suite"
     exit 0
