@@ -53,6 +53,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attribute;
 mod context;
 mod dispatch;
 pub mod encryption;
@@ -77,6 +78,7 @@ pub mod telemetry;
 pub mod topology;
 pub mod transport;
 
+pub use attribute::AttributeValue;
 pub use context::{Context, State};
 pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
 pub use listener::DrainReport;

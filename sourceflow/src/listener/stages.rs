@@ -287,7 +287,8 @@ impl Listener {
             msg.receive_count,
             self.queue.clone(),
             trace,
-        );
+        )
+        .with_attributes(msg.attributes.clone());
         for h in handlers {
             if let Err(failure) = self.run_handler(h, &ctx).await {
                 return Err(self.judge(failure, &ctx, track.attempt));

@@ -44,8 +44,8 @@ fn publish_entry(
     let mut attributes = HashMap::with_capacity(m.attributes.len());
     for (k, v) in &m.attributes {
         let a = MessageAttributeValue::builder()
-            .data_type("String")
-            .string_value(v)
+            .data_type(v.data_type())
+            .string_value(v.as_str())
             .build()
             .map_err(|e| EntryError::Refused(format!("invalid attribute: {e}")))?;
         attributes.insert(k.clone(), a);
