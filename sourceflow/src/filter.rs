@@ -10,15 +10,15 @@
 //! | `"eu"` | a `String` equal to it |
 //! | `42` | a `Number` equal to it (`42`, `42.0`, `4.2e1`) |
 //! | `{"prefix": "eu-"}`, `{"suffix": "-1"}`, `{"equals-ignore-case": "EU"}` | a `String` |
-//! | `{"anything-but": ["a", "b"]}` (or one string) | a `String` that is none of them |
-//! | `{"anything-but": [1, 2]}` (or one number) | a `Number` that is none of them |
+//! | `{"anything-but": ["a", "b"]}` (or one string), `{"anything-but": [1, 2]}` (or one number) | a value that is none of them (a `Number` is none of the strings, a `String` none of the numbers) |
 //! | `{"anything-but": {"prefix": "x"}}`, `{"anything-but": {"suffix": "x"}}` | a `String` without it |
 //! | `{"numeric": [">", 0, "<=", 150]}` (`=`, `<`, `<=`, `>`, `>=`; a range is a lower then an upper bound) | a `Number` |
 //! | `{"exists": true}` / `{"exists": false}` | the attribute is there / is not (and the message has some attribute) |
 //! | `{"cidr": "10.0.0.0/24"}` | a `String` holding an IP address in that network |
 //!
 //! Types matter, as on SNS: a string condition never matches a `Number` attribute and a
-//! numeric condition never matches a `String` one (`"42"` is not `42`). A `String.Array`
+//! numeric condition never matches a `String` one (`"42"` is not `42`); an attribute must be
+//! there for any condition but `exists` to match. A `String.Array`
 //! attribute matches a condition when one of its elements does (strings against string
 //! conditions, numbers against numeric ones) — for `anything-but` too: `["rugby",
 //! "baseball"]` passes `{"anything-but": ["rugby"]}` because it holds a value that is not
@@ -402,10 +402,14 @@ impl Condition {
             (Condition::EqualsIgnoreCase(p), Element::Str(v)) => {
                 p.to_lowercase() == v.to_lowercase()
             }
+            // "Matches any message attribute that doesn't include any of the policy
+            // attribute values": a value of the other type is none of them.
             (Condition::AnythingBut(AnythingBut::Strings(xs)), Element::Str(v)) => {
                 !xs.iter().any(|x| x == v)
             }
+            (Condition::AnythingBut(AnythingBut::Strings(_)), Element::Num(_)) => true,
             (Condition::AnythingBut(AnythingBut::Numbers(xs)), Element::Num(v)) => !xs.contains(v),
+            (Condition::AnythingBut(AnythingBut::Numbers(_)), Element::Str(_)) => true,
             (Condition::AnythingBut(AnythingBut::Prefix(p)), Element::Str(v)) => {
                 !v.starts_with(p.as_str())
             }
@@ -484,13 +488,25 @@ mod tests {
             &[("a", s())]
         ));
         assert!(!passes(json!({"a": [{"prefix": "4"}]}), &[("a", n())]));
-        assert!(!passes(
+        assert!(passes(
             json!({"a": [{"anything-but": ["x"]}]}),
             &[("a", n())]
         ));
-        assert!(!passes(
-            json!({"a": [{"anything-but": [1]}]}),
+        assert!(passes(
+            json!({"a": [{"anything-but": [42]}]}),
             &[("a", s())]
+        ));
+        assert!(!passes(
+            json!({"a": [{"anything-but": [42]}]}),
+            &[("a", n())]
+        ));
+        assert!(!passes(
+            json!({"a": [{"anything-but": {"prefix": "x"}}]}),
+            &[("a", n())]
+        ));
+        assert!(!passes(
+            json!({"a": [{"anything-but": ["x"]}]}),
+            &[("b", n())]
         ));
         let arr = AttributeValue::StringArray(r#"["x", 5]"#.into());
         assert!(passes(json!({"a": ["x"]}), &[("a", arr.clone())]));
