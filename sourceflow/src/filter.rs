@@ -219,7 +219,7 @@ fn conditions(key: &str, value: &Value) -> Result<Vec<Condition>, String> {
 fn number(key: &str, n: &Value) -> Result<f64, String> {
     let x = n
         .as_f64()
-        .ok_or_else(|| format!("`{key}`: {n} is not a number"))?;
+        .ok_or_else(|| format!("`{key}`: {n} is not a number (numbers go without quotes)"))?;
     if x.abs() > MAX_NUMBER {
         return Err(format!(
             "`{key}`: {n} is outside the numbers a filter policy takes (-10^9 to 10^9)"
