@@ -53,8 +53,11 @@ pub const MAX_NUMBER: f64 = 1e9;
 pub struct FilterPolicy {
     source: Value,
     /// The policy with every `$or` expanded: it matches when one branch does.
-    branches: Vec<Vec<(String, Vec<Condition>)>>,
+    branches: Vec<Branch>,
 }
+
+/// One branch of a policy: every key's conditions must match.
+type Branch = Vec<(String, Vec<Condition>)>;
 
 /// Why a filter policy would be refused, in one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,11 +163,11 @@ impl FilterPolicy {
 }
 
 /// The policy `map` with its `$or`s expanded into branches of (key, conditions).
-fn branches(map: &Map<String, Value>) -> Result<Vec<Vec<(String, Vec<Condition>)>>, String> {
+fn branches(map: &Map<String, Value>) -> Result<Vec<Branch>, String> {
     if map.is_empty() {
         return Err("a filter policy (or a policy in `$or`) needs at least one key".into());
     }
-    let mut out: Vec<Vec<(String, Vec<Condition>)>> = vec![Vec::new()];
+    let mut out: Vec<Branch> = vec![Vec::new()];
     for (key, value) in map {
         if key == "$or" {
             let alternatives = value

@@ -29,9 +29,12 @@ pub struct Approved {
     id: u64,
 }
 
-/// What a handler saw: id → (region, amount) as its context read them.
+/// The `region` (a String) and `amount` (a Number) a handler's context read.
+type Read = (Option<String>, Option<f64>);
+
+/// What a handler saw: id → what its context read.
 #[derive(Clone, Default)]
-pub struct Seen(pub Arc<Mutex<BTreeMap<u64, (Option<String>, Option<f64>)>>>);
+pub struct Seen(pub Arc<Mutex<BTreeMap<u64, Read>>>);
 
 impl Seen {
     fn ids(&self) -> Vec<u64> {
@@ -107,7 +110,11 @@ mod approvals {
 
     #[handler]
     async fn approve(cmd: Approve, ctx: &Context) -> sourceflow::Result<()> {
-        let tier = if cmd.id % 2 == 0 { "gold" } else { "basic" };
+        let tier = if cmd.id.is_multiple_of(2) {
+            "gold"
+        } else {
+            "basic"
+        };
         ctx.raise_with(
             Approved { id: cmd.id },
             SendOptions::new().attribute("tier", tier),
