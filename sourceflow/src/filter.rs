@@ -626,33 +626,54 @@ mod tests {
         }
     }
 
-    #[test]
-    fn combinations() {
+    /// Policies at and over the combination limit: (policy, accepted).
+    fn combination_cases() -> Vec<(Value, bool)> {
         let values: Vec<Value> = (0..10).map(|i| json!(format!("v{i}"))).collect();
         let fifteen: Vec<Value> = (0..15).map(|i| json!(i)).collect();
-        // 10 × 15 = 150: the limit itself.
-        assert!(FilterPolicy::parse(&json!({"a": values, "b": fifteen})).is_ok());
         let mut sixteen = fifteen.clone();
         sixteen.push(json!(99));
-        let e = FilterPolicy::parse(&json!({"a": values, "b": sixteen})).unwrap_err();
-        assert!(e.0.contains("160"), "{e}");
-        // `$or` adds its branches: 2 × 75 + 1 > 150.
         let big: Vec<Value> = (0..75).map(|i| json!(i)).collect();
-        let p = json!({"$or": [{"a": big.clone(), "b": ["x", "y"]}, {"c": ["z"]}]});
-        assert!(FilterPolicy::parse(&p).unwrap_err().0.contains("151"));
+        vec![
+            // 10 × 15 = 150: the limit itself.
+            (json!({"a": values, "b": fifteen}), true),
+            (json!({"a": values, "b": sixteen}), false),
+            // `$or` adds its branches: 2 × 75 + 1 > 150.
+            (
+                json!({"$or": [{"a": big, "b": ["x", "y"]}, {"c": ["z"]}]}),
+                false,
+            ),
+        ]
+    }
+
+    #[test]
+    fn combinations() {
+        let cases = combination_cases();
+        assert!(FilterPolicy::parse(&cases[0].0).is_ok());
+        assert!(FilterPolicy::parse(&cases[1].0)
+            .unwrap_err()
+            .0
+            .contains("160"));
+        assert!(FilterPolicy::parse(&cases[2].0)
+            .unwrap_err()
+            .0
+            .contains("151"));
     }
 
     /// The macro crate's copy of the rules accepts and refuses exactly what this parser
     /// does, with the same message.
     #[test]
     fn macro_rules_agree() {
-        let mut all: Vec<&str> = REFUSED.iter().map(|(p, _)| *p).collect();
-        all.extend(ACCEPTED);
-        for p in all {
-            let v: Value = serde_json::from_str(p).unwrap();
+        let mut all: Vec<Value> = REFUSED
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(ACCEPTED.iter().copied())
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect();
+        all.extend(combination_cases().into_iter().map(|(p, _)| p));
+        for v in all {
             let ours = FilterPolicy::parse(&v).map(|_| ()).map_err(|e| e.0);
             let theirs = macro_rules::check(&v);
-            assert_eq!(ours, theirs, "{p}");
+            assert_eq!(ours, theirs, "{v}");
         }
     }
 }
