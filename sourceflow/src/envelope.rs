@@ -96,6 +96,26 @@ impl OutgoingMessage {
         Ok(())
     }
 
+    /// Why SQS or SNS would refuse this message's attributes, if they would: more than
+    /// [`MAX_ATTRIBUTES`](crate::attribute::MAX_ATTRIBUTES), or a value of a form its type
+    /// does not take (an empty string, a number that is not one).
+    pub fn check_attributes(&self) -> std::result::Result<(), String> {
+        use crate::attribute::MAX_ATTRIBUTES;
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(format!(
+                "{} carries {} message attributes; SQS and SNS take at most {MAX_ATTRIBUTES}",
+                self.wire_name,
+                self.attributes.len()
+            ));
+        }
+        for (name, value) in &self.attributes {
+            value
+                .check()
+                .map_err(|e| format!("{}: message attribute `{name}`: {e}", self.wire_name))?;
+        }
+        Ok(())
+    }
+
     /// Size as SQS and SNS count it: body plus attribute names, types and values.
     pub fn size(&self) -> usize {
         self.body.len()

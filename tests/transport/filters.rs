@@ -456,3 +456,48 @@ async fn typed_attributes_keep_their_types_through_a_topic() {
         assert_eq!(arrived, Some(v), "`{k}`");
     }
 }
+
+/// Attributes SQS and SNS refuse — more than ten, a `Number` that is not one, an empty
+/// string — refuse that entry only, on a queue and on a topic. (The AWS transport checks
+/// them before the wire, as it checks sizes, so that one such entry never fails its batch.)
+#[tokio::test]
+async fn attributes_sqs_and_sns_refuse_are_refused_per_entry() {
+    let w = World::new().await;
+    let (topic, queues) = w
+        .topic_with("refusing", false, &[("refusing-all", &[])])
+        .await;
+    let queue = w.queue("refusing-direct", Duration::from_secs(30)).await;
+    let with = |body: &str, extra: Vec<(String, AttributeValue)>| {
+        let mut m = crate::world::msg(body);
+        m.attributes.extend(extra);
+        m
+    };
+    let eleven: Vec<(String, AttributeValue)> = (0..10)
+        .map(|i| (format!("a{i}"), n(&i.to_string())))
+        .collect();
+    let batch = || {
+        vec![
+            with("ok", vec![("amount".into(), n("1.5"))]),
+            with("eleven", eleven.clone()),
+            with("not a number", vec![("amount".into(), n("1,5"))]),
+            with("empty", vec![("region".into(), s(""))]),
+            with("ok too", vec![("tags".into(), arr(r#"["a", 1]"#))]),
+        ]
+    };
+    for (what, result, target) in [
+        ("send", w.t.send(&queue, batch()).await, &queue),
+        ("publish", w.t.publish(&topic, batch()).await, &queues[0]),
+    ] {
+        let failed = crate::world::failures(result);
+        let refused: Vec<usize> = failed
+            .iter()
+            .filter(|(_, e)| matches!(e, sourceflow::transport::EntryError::Refused(_)))
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(refused, [1, 2, 3], "{what}: {failed:?}");
+        let got = w.drain(target, 2, PATIENCE).await;
+        let mut bodies = crate::world::bodies(&got);
+        bodies.sort();
+        assert_eq!(bodies, ["ok", "ok too"], "{what}");
+    }
+}

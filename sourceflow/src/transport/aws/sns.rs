@@ -28,6 +28,7 @@ pub(crate) fn check_publish(
     if let Err(e) = m.check_size(topic, SNS_MAX_MESSAGE_BYTES) {
         return Err(EntryError::Refused(e.to_string()));
     }
+    m.check_attributes().map_err(EntryError::Refused)?;
     if let Some(d) = m.delay {
         return Err(EntryError::Refused(format!(
             "SNS topics take no per-message delay ({} to `{topic}` wants {d:?})",

@@ -45,6 +45,7 @@ pub(crate) fn check_send(queue: &str, m: &OutgoingMessage) -> std::result::Resul
     if let Err(e) = m.check_size(queue, SQS_MAX_MESSAGE_BYTES) {
         return Err(EntryError::Refused(e.to_string()));
     }
+    m.check_attributes().map_err(EntryError::Refused)?;
     if let Some(d) = m.delay {
         if queue.ends_with(".fifo") {
             return Err(EntryError::Refused(format!(

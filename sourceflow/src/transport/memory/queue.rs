@@ -148,6 +148,9 @@ impl Queue {
         if let Err(e) = m.check_size(&self.name, SQS_MAX_MESSAGE_BYTES) {
             return Some(e.to_string());
         }
+        if let Err(e) = m.check_attributes() {
+            return Some(e);
+        }
         let delay = m.delay.filter(|d| !d.is_zero());
         if self.fifo {
             if m.group_id.is_none() {
