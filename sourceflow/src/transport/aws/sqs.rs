@@ -46,6 +46,13 @@ pub(crate) fn check_send(queue: &str, m: &OutgoingMessage) -> std::result::Resul
         return Err(EntryError::Refused(e.to_string()));
     }
     m.check_attributes().map_err(EntryError::Refused)?;
+    // LocalStack fails the whole batch for one such entry.
+    if queue.ends_with(".fifo") && m.group_id.is_none() {
+        return Err(EntryError::Refused(format!(
+            "{} sent to FIFO queue `{queue}` without a message group id",
+            m.wire_name
+        )));
+    }
     if let Some(d) = m.delay {
         if queue.ends_with(".fifo") {
             return Err(EntryError::Refused(format!(
