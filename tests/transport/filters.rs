@@ -434,26 +434,33 @@ async fn every_operator_and_type_rule_as_sns_documents() {
     );
 }
 
-/// A producer's typed attributes arrive with their types through a topic and its
-/// subscribed queue (raw delivery), next to the type attribute.
+/// A producer's typed attributes arrive with their types, sent to a queue and published
+/// through a topic to its subscribed queue (raw delivery), next to the type attribute.
 #[tokio::test]
-async fn typed_attributes_keep_their_types_through_a_topic() {
+async fn typed_attributes_keep_their_types_through_a_queue_and_a_topic() {
     let w = World::new().await;
     let (topic, queues) = w.topic_with("typed", false, &[("typed-all", &[])]).await;
+    let queue = w.queue("typed-direct", Duration::from_secs(30)).await;
     let sent = vec![
         ("region", s("eu-west-1")),
         ("amount", n("42.5")),
         ("tags", AttributeValue::string_array(["gift", "express"])),
     ];
-    let mut m = crate::world::msg("typed");
-    m.attributes
-        .extend(sent.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    w.t.publish(&topic, vec![m]).await.expect("publish");
-    let got = w.drain(&queues[0], 1, PATIENCE).await;
-    assert_eq!(got.len(), 1, "the message arrives");
-    for (k, v) in &sent {
-        let arrived = sourceflow::envelope::attribute_value(&got[0].attributes, k);
-        assert_eq!(arrived, Some(v), "`{k}`");
+    let m = || {
+        let mut m = crate::world::msg("typed");
+        m.attributes
+            .extend(sent.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        m
+    };
+    w.t.send(&queue, vec![m()]).await.expect("send");
+    w.t.publish(&topic, vec![m()]).await.expect("publish");
+    for q in [&queue, &queues[0]] {
+        let got = w.drain(q, 1, PATIENCE).await;
+        assert_eq!(got.len(), 1, "the message arrives on `{q}`");
+        for (k, v) in &sent {
+            let arrived = sourceflow::envelope::attribute_value(&got[0].attributes, k);
+            assert_eq!(arrived, Some(v), "`{k}` on `{q}`");
+        }
     }
 }
 
