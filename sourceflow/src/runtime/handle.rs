@@ -443,3 +443,32 @@ impl Handle {
         self.inner.stop.is_cancelled()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_a_handler_only_attributes_and_a_delay_apply() {
+        let meta = SendOptions::new()
+            .attribute("region", "eu")
+            .delay(Duration::from_secs(1))
+            .for_handler()
+            .expect("attributes and a delay are fine");
+        assert_eq!(meta.attributes.len(), 1);
+        assert_eq!(meta.delay, Some(Duration::from_secs(1)));
+        for pinned in [
+            SendOptions::new().message_id("m"),
+            SendOptions::new().correlation_id("c"),
+        ] {
+            let e = pinned
+                .for_handler()
+                .expect_err("ids come from the handled message");
+            assert!(
+                e.to_string()
+                    .contains("come from the message being handled"),
+                "{e}"
+            );
+        }
+    }
+}
