@@ -31,6 +31,10 @@
 //! `$or`s), and more than 150 combinations (the product of the list lengths, summed over the
 //! branches of `$or`).
 //!
+//! Not modelled: SNS compares numbers to five digits after the decimal point and only within
+//! ±10^9; here they compare as `f64`, so values closer than 10^-5, or beyond that range, may
+//! compare otherwise than on SNS. `Binary` attributes are not carried at all.
+//!
 //! The proc-macro crate checks `#[handler(filter = ..)]` at compile time with a copy of these
 //! rules (`sourceflow-macros/src/filter_rules.rs`: a proc-macro crate cannot use this one);
 //! the test `macro_rules_agree` runs both on one table and fails when they part.
