@@ -105,6 +105,30 @@ pub struct NotHandledHere {
 #[handler]
 async fn handled(_cmd: Handled) {}
 
+// Two types on one subscriber queue whose filters are each fine, but merged into one
+// subscription policy have more combinations than SNS takes (80 + 80 > 150).
+#[event(topic = "checks-prices")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PriceRaised {
+    pub sku: u64,
+}
+
+#[event(topic = "checks-prices")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PriceCut {
+    pub sku: u64,
+}
+
+#[handler(
+    filter = r#"{"store": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]}"#
+)]
+async fn on_raise(_evt: PriceRaised) {}
+
+#[handler(
+    filter = r#"{"store": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]}"#
+)]
+async fn on_cut(_evt: PriceCut) {}
+
 #[tokio::test]
 async fn startup_rejects_inconsistent_routes_before_any_message_moves() {
     let transport = MemoryTransport::new();
@@ -127,6 +151,7 @@ async fn startup_rejects_inconsistent_routes_before_any_message_moves() {
         "sets `queue = \"checks-elsewhere\"`, but it handles the command Refund",
         "takes `State<startup_checks::needs_state::Mailer>`, but the runtime was not given one",
         "consumes queue `checks-shared` (for Handled), which also carries command `NotHandledHere`",
+        "the subscription of `checks-checks-prices` to `checks-prices`: its filter policy (the types its handlers take, merged with their filters) is one SNS refuses: a filter policy has at most 150 combinations of values (the product of its lists' lengths, summed over `$or`), this one has 160",
     ];
     for e in expected {
         assert!(text.contains(e), "missing problem {e:?} in:\n{text}");

@@ -4,6 +4,7 @@
 //! `use sourceflow::{command, event, handler};`. This crate only parses and generates
 //! code; every rule it enforces is reported as a `syn::Error` at the offending token.
 
+mod filter_rules;
 mod handler;
 mod message;
 mod names;

@@ -261,8 +261,9 @@ fn check_tag(k: &str, v: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks that `filter` is an SNS filter policy on message attributes and does not use the
-/// attribute sourceflow filters on itself.
+/// Checks that `filter` is an SNS filter policy on message attributes (the rules of
+/// [`crate::filter_rules`]), leaves room for the type filter sourceflow merges into it, and
+/// does not use the attribute sourceflow filters on itself.
 pub fn check_filter(filter: &LitStr) -> syn::Result<()> {
     let err = |m: String| syn::Error::new(filter.span(), m);
     let v: serde_json::Value = serde_json::from_str(&filter.value())
@@ -271,82 +272,35 @@ pub fn check_filter(filter: &LitStr) -> syn::Result<()> {
 }
 
 fn check_policy(v: &serde_json::Value) -> Result<(), String> {
-    let map = v
-        .as_object()
-        .ok_or("it must be a JSON object of attribute names to conditions")?;
-    if map.is_empty() {
-        return Err("it has no condition".into());
+    crate::filter_rules::check(v)?;
+    let map = v.as_object().ok_or("it must be a JSON object")?;
+    let branches = crate::filter_rules::branches(map)?;
+    if branches
+        .iter()
+        .flatten()
+        .any(|(k, _)| k == "sourceflow.type")
+    {
+        return Err(
+            "`sourceflow.type` is the message type, which sourceflow filters on itself".into(),
+        );
     }
-    for (key, conditions) in map {
-        if key == "$or" {
-            let alts = conditions
-                .as_array()
-                .ok_or("`$or` takes a list of policies")?;
-            for alt in alts {
-                check_policy(alt)?;
-            }
-            continue;
-        }
-        if key == "sourceflow.type" {
-            return Err(
-                "`sourceflow.type` is the message type, which sourceflow filters on itself".into(),
-            );
-        }
-        let list = match conditions {
-            serde_json::Value::Array(a) => a.clone(),
-            other => vec![other.clone()],
-        };
-        if list.is_empty() {
-            return Err(format!("`{key}` has an empty list of conditions"));
-        }
-        for c in &list {
-            check_condition(key, c)?;
-        }
+    let most = branches
+        .iter()
+        .map(|b| {
+            let mut keys: Vec<&str> = b.iter().map(|(k, _)| k.as_str()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.len()
+        })
+        .max()
+        .unwrap_or(0)
+        .max(map.len());
+    if most > 4 {
+        return Err(format!(
+            "it uses {most} keys, and sourceflow adds `sourceflow.type` to them: SNS takes at most 5 keys in all, so use at most 4"
+        ));
     }
     Ok(())
-}
-
-fn check_condition(key: &str, c: &serde_json::Value) -> Result<(), String> {
-    use serde_json::Value;
-    match c {
-        Value::String(_) | Value::Number(_) => Ok(()),
-        Value::Object(o) if o.len() == 1 => {
-            let (op, arg) = o
-                .iter()
-                .next()
-                .map(|(k, v)| (k.as_str(), v))
-                .unwrap_or(("", &Value::Null));
-            let ok = match op {
-                "prefix" | "suffix" | "equals-ignore-case" => arg.is_string(),
-                "exists" => arg.is_boolean(),
-                "anything-but" => {
-                    arg.is_string()
-                        || arg.is_number()
-                        || arg.as_array().is_some_and(|a| a.iter().all(|x| x.is_string() || x.is_number()))
-                        || arg.get("prefix").is_some_and(Value::is_string)
-                }
-                "numeric" => arg.as_array().is_some_and(|a| {
-                    !a.is_empty()
-                        && a.len() % 2 == 0
-                        && a.chunks(2).all(|p| {
-                            p[0].as_str().is_some_and(|o| matches!(o, "=" | "<" | "<=" | ">" | ">="))
-                                && p[1].is_number()
-                        })
-                }),
-                _ => return Err(format!("`{key}` uses the unknown operator `{op}` (use prefix, suffix, equals-ignore-case, anything-but, numeric or exists)")),
-            };
-            if ok {
-                Ok(())
-            } else {
-                Err(format!(
-                    "`{key}`: the argument of `{op}` has the wrong shape"
-                ))
-            }
-        }
-        _ => Err(format!(
-            "`{key}`: a condition is a string, a number, or an object with one operator"
-        )),
-    }
 }
 
 #[cfg(test)]
@@ -375,5 +329,9 @@ mod tests {
         assert!(ok(r#"{"a": [{"regex": "x"}]}"#).is_err());
         assert!(ok(r#"{"a": [{"numeric": [">=", "x"]}]}"#).is_err());
         assert!(ok(r#"["a"]"#).is_err());
+        assert!(ok(r#"{"$or": [{"sourceflow.type": ["x"]}, {"a": ["y"]}]}"#).is_err());
+        assert!(ok(r#"{"a": ["x"], "b": ["x"], "c": ["x"], "d": ["x"]}"#).is_ok());
+        let five = ok(r#"{"a": ["x"], "b": ["x"], "c": ["x"], "d": ["x"], "e": ["x"]}"#);
+        assert!(five.unwrap_err().contains("at most 4"));
     }
 }

@@ -145,12 +145,12 @@ async fn hand_written(queue_url: &str) -> Run {
                     }
                     let mut entries = Vec::new();
                     for (i, m) in msgs.iter().enumerate() {
-                        let attrs: Vec<(String, String)> = m
+                        let attrs: Vec<(String, sourceflow::AttributeValue)> = m
                             .message_attributes()
                             .map(|a| {
                                 a.iter()
                                     .filter_map(|(k, v)| {
-                                        Some((k.clone(), v.string_value()?.to_string()))
+                                        Some((k.clone(), v.string_value()?.into()))
                                     })
                                     .collect()
                             })
@@ -199,8 +199,8 @@ async fn hand_written(queue_url: &str) -> Run {
                                 e = e.message_attributes(
                                     k,
                                     MessageAttributeValue::builder()
-                                        .data_type("String")
-                                        .string_value(v)
+                                        .data_type(v.data_type())
+                                        .string_value(v.as_str())
                                         .build()
                                         .expect("attr"),
                                 );

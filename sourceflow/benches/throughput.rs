@@ -204,8 +204,10 @@ async fn framework(mode: Mode, meters: &SdkMeterProvider) -> Measured {
 async fn baseline() -> Measured {
     use sourceflow::envelope::{self, SendMeta};
     let sink = Sink::new();
-    let (tx1, mut rx1) = tokio::sync::mpsc::channel::<(String, Vec<(String, String)>)>(1024);
-    let (tx2, mut rx2) = tokio::sync::mpsc::channel::<(String, Vec<(String, String)>)>(1024);
+    let (tx1, mut rx1) =
+        tokio::sync::mpsc::channel::<(String, Vec<(String, sourceflow::AttributeValue)>)>(1024);
+    let (tx2, mut rx2) =
+        tokio::sync::mpsc::channel::<(String, Vec<(String, sourceflow::AttributeValue)>)>(1024);
     let start = Instant::now();
     let stage1 = tokio::spawn(async move {
         while let Some((body, attrs)) = rx1.recv().await {

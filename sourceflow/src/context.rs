@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::dispatch::{Dispatcher, Pending};
-use crate::envelope::{Envelope, SendMeta};
+use crate::envelope::{AttributeValue, Envelope, SendMeta};
 use crate::error::{InvokeError, Result};
 use crate::message::{Command, Event, Message};
 
@@ -37,6 +37,8 @@ pub struct Context {
     /// The incoming `traceparent`/`tracestate`, passed on when no OpenTelemetry context
     /// is active.
     trace: Option<(String, Option<String>)>,
+    /// The message attributes it arrived with (sourceflow's and the producer's).
+    attributes: Vec<(String, AttributeValue)>,
     /// The transaction of a transactional handler, between its runs.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     tx: Mutex<Option<crate::tx::TxSlot>>,
@@ -70,9 +72,28 @@ impl Context {
             outbox: Mutex::new(Vec::new()),
             produced: std::sync::atomic::AtomicU32::new(0),
             trace,
+            attributes: Vec::new(),
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             tx: Mutex::new(None),
         }
+    }
+
+    /// With the message attributes the message arrived with.
+    pub(crate) fn with_attributes(mut self, attributes: Vec<(String, AttributeValue)>) -> Self {
+        self.attributes = attributes;
+        self
+    }
+
+    /// A message attribute the message arrived with: one its producer set with
+    /// [`SendOptions::attribute`](crate::SendOptions::attribute), or one of sourceflow's own
+    /// (`sourceflow.*`).
+    pub fn attribute(&self, name: &str) -> Option<&AttributeValue> {
+        crate::envelope::attribute_value(&self.attributes, name)
+    }
+
+    /// Every message attribute the message arrived with.
+    pub fn attributes(&self) -> &[(String, AttributeValue)] {
+        &self.attributes
     }
 
     /// The envelope's message id: stable across redeliveries and retried sends.
@@ -144,7 +165,28 @@ impl Context {
         self.hold(&event).await
     }
 
+    /// Sends a command with options (message attributes, a delay) once this handler has
+    /// returned `Ok`. Its correlation and message ids come from the message being handled:
+    /// options that set them are refused.
+    pub async fn send_with<C: Command>(
+        &self,
+        command: C,
+        options: crate::SendOptions,
+    ) -> Result<()> {
+        self.hold_with(&command, options.for_handler()?).await
+    }
+
+    /// Publishes an event with options (message attributes) once this handler has returned
+    /// `Ok`; see [`send_with`](Self::send_with).
+    pub async fn raise_with<E: Event>(&self, event: E, options: crate::SendOptions) -> Result<()> {
+        self.hold_with(&event, options.for_handler()?).await
+    }
+
     async fn hold<M: Message>(&self, msg: &M) -> Result<()> {
+        self.hold_with(msg, SendMeta::default()).await
+    }
+
+    async fn hold_with<M: Message>(&self, msg: &M, options: SendMeta) -> Result<()> {
         // Ids derived from this message's id and the position make a re-run of the handler
         // (after a failed flush or a crash) produce the same ids, so FIFO deduplication and
         // idempotent receivers recognise the repeats.
@@ -173,7 +215,7 @@ impl Context {
                     message_id: Some(id),
                     traceparent,
                     tracestate,
-                    ..SendMeta::default()
+                    ..options
                 },
             )
             .await?;

@@ -310,7 +310,8 @@ struct StoredPending {
     event: bool,
     destination: String,
     body: String,
-    attributes: Vec<(String, String)>,
+    /// `String` values as plain strings (as before attributes were typed), others tagged.
+    attributes: Vec<(String, envelope::AttributeValue)>,
     group_id: Option<String>,
     dedup_id: Option<String>,
     delay_ms: Option<u64>,

@@ -8,9 +8,10 @@
 //!  "payload":{"order_id":42,"customer_id":7}}
 //! ```
 //!
-//! and it travels with message attributes (all `String`): [`attr::TYPE`] (wire name),
-//! [`attr::ENTITY_ID`], [`attr::SEQUENCE`], [`attr::CONTENT_TYPE`] and, when tracing is on,
-//! `traceparent`. On FIFO destinations the `MessageGroupId` is the entity id and the
+//! and it travels with message attributes: sourceflow's own (all `String`): [`attr::TYPE`]
+//! (wire name), [`attr::ENTITY_ID`], [`attr::SEQUENCE`], [`attr::CONTENT_TYPE`] and, when
+//! tracing is on, `traceparent`; then those the producer set (typed [`AttributeValue`]s, at
+//! most [`MAX_ATTRIBUTES`](crate::attribute::MAX_ATTRIBUTES) in all). On FIFO destinations the `MessageGroupId` is the entity id and the
 //! `MessageDeduplicationId` is the message id, so a retried send is deduplicated while two
 //! distinct commands with equal content are not.
 //!
@@ -24,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub use crate::attribute::AttributeValue;
 use crate::error::{Error, Result};
 use crate::message::{check_group_id, Message};
 
@@ -64,8 +66,8 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(1);
 pub struct OutgoingMessage {
     /// The JSON envelope.
     pub body: String,
-    /// Message attributes, names and string values.
-    pub attributes: Vec<(String, String)>,
+    /// Message attributes: names and typed values.
+    pub attributes: Vec<(String, AttributeValue)>,
     /// The FIFO message group id (the entity id), for FIFO destinations.
     pub group_id: Option<String>,
     /// The FIFO deduplication id (the message id), for FIFO destinations.
@@ -94,13 +96,33 @@ impl OutgoingMessage {
         Ok(())
     }
 
+    /// Why SQS or SNS would refuse this message's attributes, if they would: more than
+    /// [`MAX_ATTRIBUTES`](crate::attribute::MAX_ATTRIBUTES), or a value of a form its type
+    /// does not take (an empty string, a number that is not one).
+    pub fn check_attributes(&self) -> std::result::Result<(), String> {
+        use crate::attribute::MAX_ATTRIBUTES;
+        if self.attributes.len() > MAX_ATTRIBUTES {
+            return Err(format!(
+                "{} carries {} message attributes; SQS and SNS take at most {MAX_ATTRIBUTES}",
+                self.wire_name,
+                self.attributes.len()
+            ));
+        }
+        for (name, value) in &self.attributes {
+            value
+                .check()
+                .map_err(|e| format!("{}: message attribute `{name}`: {e}", self.wire_name))?;
+        }
+        Ok(())
+    }
+
     /// Size as SQS and SNS count it: body plus attribute names, types and values.
     pub fn size(&self) -> usize {
         self.body.len()
             + self
                 .attributes
                 .iter()
-                .map(|(k, v)| k.len() + v.len() + "String".len())
+                .map(|(k, v)| k.len() + v.as_str().len() + v.data_type().len())
                 .sum::<usize>()
     }
 }
@@ -120,6 +142,8 @@ pub struct SendMeta {
     pub traceparent: Option<String>,
     /// W3C tracestate to propagate.
     pub tracestate: Option<String>,
+    /// Message attributes the producer sets, after sourceflow's own.
+    pub attributes: Vec<(String, AttributeValue)>,
 }
 
 #[derive(Serialize)]
@@ -195,7 +219,9 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         source,
     })?;
     let trace = (meta.traceparent.as_deref(), meta.tracestate.as_deref());
-    let attributes = attributes::<M>(seq, entity_id.as_deref(), correlation_id, trace, encrypted);
+    let mut attributes =
+        attributes::<M>(seq, entity_id.as_deref(), correlation_id, trace, encrypted);
+    add_user_attributes(&mut attributes, meta.attributes, M::NAME)?;
     Ok(OutgoingMessage {
         body,
         attributes,
@@ -214,31 +240,68 @@ fn attributes<M: Message>(
     correlation_id: &str,
     (traceparent, tracestate): (Option<&str>, Option<&str>),
     encrypted: bool,
-) -> Vec<(String, String)> {
-    let mut attributes = Vec::with_capacity(7);
-    attributes.push((attr::TYPE.to_string(), M::NAME.to_string()));
-    attributes.push((
-        attr::CONTENT_TYPE.to_string(),
-        CONTENT_TYPE_JSON.to_string(),
-    ));
-    attributes.push((attr::SEQUENCE.to_string(), seq.to_string()));
+) -> Vec<(String, AttributeValue)> {
+    let mut attributes: Vec<(String, AttributeValue)> = Vec::with_capacity(10);
+    let mut put = |k: &str, v: &str| attributes.push((k.to_string(), AttributeValue::from(v)));
+    put(attr::TYPE, M::NAME);
+    put(attr::CONTENT_TYPE, CONTENT_TYPE_JSON);
+    put(attr::SEQUENCE, &seq.to_string());
     if let Some(e) = entity_id {
-        attributes.push((attr::ENTITY_ID.to_string(), e.to_string()));
+        put(attr::ENTITY_ID, e);
     }
-    attributes.push((attr::CORRELATION_ID.to_string(), correlation_id.to_string()));
+    put(attr::CORRELATION_ID, correlation_id);
     if let Some(tp) = traceparent {
-        attributes.push((attr::TRACEPARENT.to_string(), tp.to_string()));
+        put(attr::TRACEPARENT, tp);
     }
     if let Some(ts) = tracestate {
-        attributes.push((attr::TRACESTATE.to_string(), ts.to_string()));
+        put(attr::TRACESTATE, ts);
     }
     if encrypted {
-        attributes.push((
-            attr::ENCRYPTION.to_string(),
-            attr::ENCRYPTION_V1.to_string(),
-        ));
+        put(attr::ENCRYPTION, attr::ENCRYPTION_V1);
     }
     attributes
+}
+
+/// Checks the attributes a producer set (names, values, no name twice, at most
+/// [`MAX_ATTRIBUTES`](crate::attribute::MAX_ATTRIBUTES) with sourceflow's own) and appends
+/// them to sourceflow's.
+fn add_user_attributes(
+    attributes: &mut Vec<(String, AttributeValue)>,
+    user: Vec<(String, AttributeValue)>,
+    wire_name: &'static str,
+) -> Result<()> {
+    use crate::attribute::{check_name, MAX_ATTRIBUTES};
+    let invalid = |name: &str, reason: String| Error::InvalidAttribute {
+        wire_name,
+        name: name.to_string(),
+        reason,
+    };
+    // One more is kept for the dead-letter reason, which sourceflow adds to the copy it
+    // moves to a dead-letter queue: SQS would refuse that copy with eleven.
+    let own = attributes.len() + 1;
+    if own + user.len() > MAX_ATTRIBUTES {
+        let mut names: Vec<&str> = attributes.iter().map(|(k, _)| k.as_str()).collect();
+        names.push(attr::DLQ_REASON);
+        let first = &user[MAX_ATTRIBUTES.saturating_sub(own).min(user.len() - 1)].0;
+        return Err(invalid(
+            first,
+            format!(
+                "a message carries at most {MAX_ATTRIBUTES} attributes on SQS, and sourceflow keeps {own} of them on this one ({}; the last when dead-lettered), so at most {} of yours fit; {} were set",
+                names.join(", "),
+                MAX_ATTRIBUTES.saturating_sub(own),
+                user.len()
+            ),
+        ));
+    }
+    for (i, (name, value)) in user.iter().enumerate() {
+        check_name(name).map_err(|r| invalid(name, r))?;
+        value.check().map_err(|r| invalid(name, r))?;
+        if user[..i].iter().any(|(n, _)| n == name) {
+            return Err(invalid(name, "it is set twice".into()));
+        }
+    }
+    attributes.extend(user);
+    Ok(())
 }
 
 /// A decoded envelope; the payload stays raw JSON until a handler decodes it.
@@ -296,13 +359,9 @@ pub enum DecodeError {
 /// Decodes a received body and checks it against its attributes.
 pub fn decode(
     body: &str,
-    attributes: &[(String, String)],
+    attributes: &[(String, AttributeValue)],
 ) -> std::result::Result<Envelope, DecodeError> {
-    let declared = attributes
-        .iter()
-        .find(|(k, _)| k == attr::TYPE)
-        .map(|(_, v)| v.as_str())
-        .ok_or(DecodeError::MissingType)?;
+    let declared = attribute(attributes, attr::TYPE).ok_or(DecodeError::MissingType)?;
     let env: Envelope = serde_json::from_str(body)
         .map_err(|e| DecodeError::Malformed(crate::payload::describe(&e, ".")))?;
     if env.v != VERSION {
@@ -317,12 +376,17 @@ pub fn decode(
     Ok(env)
 }
 
-/// Looks up an attribute by name.
-pub fn attribute<'a>(attributes: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    attributes
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+/// Looks up an attribute by name: its value as it travels, whatever its type.
+pub fn attribute<'a>(attributes: &'a [(String, AttributeValue)], name: &str) -> Option<&'a str> {
+    attribute_value(attributes, name).map(AttributeValue::as_str)
+}
+
+/// Looks up an attribute by name: its typed value.
+pub fn attribute_value<'a>(
+    attributes: &'a [(String, AttributeValue)],
+    name: &str,
+) -> Option<&'a AttributeValue> {
+    attributes.iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
 #[cfg(test)]
@@ -335,8 +399,9 @@ mod tests {
         #[test]
         fn decode_never_panics(body in any::<Vec<u8>>(), ty in ".{0,40}", extra in proptest::collection::vec((".{0,20}", ".{0,20}"), 0..4)) {
             let body = String::from_utf8_lossy(&body);
-            let mut attrs: Vec<(String, String)> = extra;
-            attrs.push((attr::TYPE.to_string(), ty));
+            let mut attrs: Vec<(String, AttributeValue)> =
+                extra.into_iter().map(|(k, v)| (k, AttributeValue::String(v))).collect();
+            attrs.push((attr::TYPE.to_string(), ty.into()));
             let _ = decode(&body, &attrs);
         }
 
@@ -345,14 +410,14 @@ mod tests {
         fn decode_envelope_shapes(v in any::<u32>(), ty in "[a-zA-Z.]{0,12}", id in ".{0,12}", payload in prop_oneof![Just("{}".to_string()), Just("null".to_string()), "[0-9]{1,5}", "\\[.{0,10}\\]"]) {
             let body = format!(r#"{{"v":{v},"type":{},"id":{},"payload":{payload}}}"#,
                 serde_json::Value::from(ty.clone()), serde_json::Value::from(id));
-            let attrs = vec![(attr::TYPE.to_string(), ty)];
+            let attrs = vec![(attr::TYPE.to_string(), ty.into())];
             let _ = decode(&body, &attrs);
         }
     }
 
     #[test]
     fn rejects_bad_bodies() {
-        let attrs = vec![(attr::TYPE.to_string(), "X".to_string())];
+        let attrs = vec![(attr::TYPE.to_string(), "X".into())];
         assert_eq!(decode("{}", &[]).unwrap_err(), DecodeError::MissingType);
         assert!(matches!(
             decode("not json", &attrs).unwrap_err(),

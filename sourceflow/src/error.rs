@@ -53,6 +53,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// A message attribute set by the producer would be refused by SQS or SNS, or is
+    /// sourceflow's own.
+    #[error("{wire_name}: message attribute `{name}`: {reason}")]
+    InvalidAttribute {
+        /// Wire name of the message type.
+        wire_name: &'static str,
+        /// The attribute's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A message was sent with an option its destination does not support.
     #[error("{0}")]
     Unsupported(String),

@@ -53,6 +53,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attribute;
 mod context;
 mod dispatch;
 pub mod encryption;
@@ -81,6 +82,7 @@ pub mod transport;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod tx;
 
+pub use attribute::AttributeValue;
 pub use context::{Context, State};
 pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
 pub use listener::DrainReport;

@@ -383,7 +383,7 @@ async fn dead_letter_keeps_the_group_deduplicates_and_bounds_the_reason() {
         .find(|(k, _)| k == attr::DLQ_REASON)
         .map(|(_, v)| v.clone())
         .expect("reason attribute");
-    assert_eq!(why.chars().count(), 1000);
+    assert_eq!(why.as_str().chars().count(), 1000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

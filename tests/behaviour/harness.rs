@@ -91,7 +91,7 @@ impl Harness {
             body: body.to_string(),
             attributes: attributes
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), (*v).into()))
                 .collect(),
             group_id: group.map(str::to_string),
             dedup_id: group.map(|_| id.clone()),

@@ -16,6 +16,7 @@ mod dead_letter;
 mod dedup;
 mod encryption;
 mod fan_out;
+mod filters;
 mod heartbeat;
 mod idempotency;
 mod liveness;

@@ -17,6 +17,7 @@ mod batch;
 mod delay;
 mod fan_out;
 mod fifo;
+mod filters;
 mod long_poll;
 mod receipts;
 mod redrive;

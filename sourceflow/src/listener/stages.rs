@@ -326,6 +326,7 @@ impl Listener {
             self.queue.clone(),
             trace,
         )
+        .with_attributes(msg.attributes.clone())
     }
 
     /// Runs the handlers in turn; the first failure decides the disposition.

@@ -48,6 +48,49 @@ impl SendOptions {
         self
     }
 
+    /// Adds a message attribute: a string, a number (`Number`) or a string array
+    /// (`String.Array`), carried as an SQS/SNS message attribute of that type. Subscription
+    /// filters (`#[handler(filter = ..)]`) match on it and the receiving handler reads it
+    /// with [`Context::attribute`](crate::Context::attribute).
+    ///
+    /// Checked at the call ([`Error::InvalidAttribute`](crate::Error::InvalidAttribute)):
+    /// SQS's name rules (up to 256 of `A-Z a-z 0-9 _ - .`, no leading, trailing or double
+    /// period, not `AWS.`/`Amazon.`), names sourceflow sets itself (`sourceflow.*`,
+    /// `content-type`, `traceparent`, `tracestate`), a name set twice, an empty string, a
+    /// number SQS would refuse, and the count: a message carries at most 10 attributes on
+    /// SQS, of which sourceflow keeps 5 to 9 (the type, content type, sequence number,
+    /// correlation id, entity id, trace context, encryption format and the dead-letter
+    /// reason, as they apply).
+    ///
+    /// ```
+    /// use sourceflow::{AttributeValue, SendOptions};
+    ///
+    /// let options = SendOptions::new()
+    ///     .attribute("region", "eu-west-1")
+    ///     .attribute("amount", 42)
+    ///     .attribute("tags", ["gift", "express"]);
+    /// # let _ = options;
+    /// ```
+    pub fn attribute(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<crate::envelope::AttributeValue>,
+    ) -> Self {
+        self.meta.attributes.push((name.into(), value.into()));
+        self
+    }
+
+    /// The attributes set so far, and the delay, for a message produced inside a handler;
+    /// an error when an option that only a [`Handle`] honours was set.
+    pub(crate) fn for_handler(self) -> Result<SendMeta> {
+        if self.meta.correlation_id.is_some() || self.meta.message_id.is_some() {
+            return Err(Error::Unsupported(
+                "inside a handler the correlation id and message id of a produced message come from the message being handled; set only attributes and a delay in these options".into(),
+            ));
+        }
+        Ok(self.meta)
+    }
+
     /// Delays delivery of a command to a standard queue, by at most 15 minutes (SQS's
     /// `DelaySeconds` limit). A longer delay, a delay on a FIFO queue and a delay on an
     /// event (SNS topics take none) are refused at the call with
@@ -444,5 +487,34 @@ impl Handle {
     /// True once shutdown has begun.
     pub fn is_shut_down(&self) -> bool {
         self.inner.stop.is_cancelled()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_a_handler_only_attributes_and_a_delay_apply() {
+        let meta = SendOptions::new()
+            .attribute("region", "eu")
+            .delay(Duration::from_secs(1))
+            .for_handler()
+            .expect("attributes and a delay are fine");
+        assert_eq!(meta.attributes.len(), 1);
+        assert_eq!(meta.delay, Some(Duration::from_secs(1)));
+        for pinned in [
+            SendOptions::new().message_id("m"),
+            SendOptions::new().correlation_id("c"),
+        ] {
+            let e = pinned
+                .for_handler()
+                .expect_err("ids come from the handled message");
+            assert!(
+                e.to_string()
+                    .contains("come from the message being handled"),
+                "{e}"
+            );
+        }
     }
 }

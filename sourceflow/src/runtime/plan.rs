@@ -291,6 +291,12 @@ fn subscriptions(r: &Resolved, problems: &mut Vec<String>) -> Vec<SubscriptionSp
         .into_iter()
         .map(|((topic, queue), handlers)| {
             let filter = filter_policy(&handlers, problems);
+            // What SNS would refuse at `Subscribe` is refused here, before anything moves.
+            if let Err(e) = crate::filter::FilterPolicy::parse(&filter) {
+                problems.push(format!(
+                    "the subscription of `{queue}` to `{topic}`: its filter policy (the types its handlers take, merged with their filters) is one SNS refuses: {e}"
+                ));
+            }
             SubscriptionSpec::new(topic, queue).filtered(Some(filter))
         })
         .collect()

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::envelope::OutgoingMessage;
+use crate::envelope::{AttributeValue, OutgoingMessage};
 use crate::error::Result;
 pub use crate::error::{BatchError, EntryError};
 pub use crate::topology::{
@@ -40,8 +40,8 @@ pub struct ReceivedMessage {
     pub receipt: String,
     /// The body (a JSON envelope, unless something else wrote to the queue).
     pub body: String,
-    /// Message attributes.
-    pub attributes: Vec<(String, String)>,
+    /// Message attributes: names and typed values.
+    pub attributes: Vec<(String, AttributeValue)>,
     /// How many times the message has been received, this time included.
     pub receive_count: u32,
     /// FIFO message group id.

@@ -28,6 +28,7 @@ pub(crate) fn check_publish(
     if let Err(e) = m.check_size(topic, SNS_MAX_MESSAGE_BYTES) {
         return Err(EntryError::Refused(e.to_string()));
     }
+    m.check_attributes().map_err(EntryError::Refused)?;
     if let Some(d) = m.delay {
         return Err(EntryError::Refused(format!(
             "SNS topics take no per-message delay ({} to `{topic}` wants {d:?})",
@@ -44,8 +45,8 @@ fn publish_entry(
     let mut attributes = HashMap::with_capacity(m.attributes.len());
     for (k, v) in &m.attributes {
         let a = MessageAttributeValue::builder()
-            .data_type("String")
-            .string_value(v)
+            .data_type(v.data_type())
+            .string_value(v.as_str())
             .build()
             .map_err(|e| EntryError::Refused(format!("invalid attribute: {e}")))?;
         attributes.insert(k.clone(), a);

@@ -20,7 +20,7 @@ use aws_sdk_sqs::Client;
 use super::batcher::{chunks, Failures, Flush};
 use super::errors::{aws_error, sdk_error, Resource};
 use super::retry::{with_retries, Answer, EntryFailure, POLICY};
-use crate::envelope::{attr, OutgoingMessage};
+use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::error::{EntryError, Result};
 use crate::transport::{
     QueueDepth, Receive, ReceivedMessage, MAX_BATCH_ENTRIES, MAX_DELAY, MAX_VISIBILITY,
@@ -44,6 +44,14 @@ pub(crate) fn secs_ceil(d: Duration) -> u64 {
 pub(crate) fn check_send(queue: &str, m: &OutgoingMessage) -> std::result::Result<(), EntryError> {
     if let Err(e) = m.check_size(queue, SQS_MAX_MESSAGE_BYTES) {
         return Err(EntryError::Refused(e.to_string()));
+    }
+    m.check_attributes().map_err(EntryError::Refused)?;
+    // LocalStack fails the whole batch for one such entry.
+    if queue.ends_with(".fifo") && m.group_id.is_none() {
+        return Err(EntryError::Refused(format!(
+            "{} sent to FIFO queue `{queue}` without a message group id",
+            m.wire_name
+        )));
     }
     if let Some(d) = m.delay {
         if queue.ends_with(".fifo") {
@@ -83,10 +91,11 @@ fn failure(f: &BatchResultErrorEntry) -> EntryFailure {
     }
 }
 
-fn string_attribute(v: &str) -> std::result::Result<MessageAttributeValue, EntryError> {
+/// An SQS attribute of the value's own `DataType` (`String`, `Number`, `String.Array`).
+fn sqs_attribute(v: &AttributeValue) -> std::result::Result<MessageAttributeValue, EntryError> {
     MessageAttributeValue::builder()
-        .data_type("String")
-        .string_value(v)
+        .data_type(v.data_type())
+        .string_value(v.as_str())
         .build()
         .map_err(|e| EntryError::Refused(format!("invalid attribute: {e}")))
 }
@@ -98,7 +107,7 @@ fn send_entry(
 ) -> std::result::Result<SendMessageBatchRequestEntry, EntryError> {
     let mut attributes = HashMap::with_capacity(m.attributes.len());
     for (k, v) in &m.attributes {
-        attributes.insert(k.clone(), string_attribute(v)?);
+        attributes.insert(k.clone(), sqs_attribute(v)?);
     }
     let mut e = SendMessageBatchRequestEntry::builder()
         .id(id.to_string())
@@ -346,15 +355,19 @@ pub(crate) async fn receive(
         .map(|m| {
             let system = m.attributes();
             let get = |n: MessageSystemAttributeName| system.and_then(|s| s.get(&n)).cloned();
-            let mut attributes: Vec<(String, String)> = m
+            // Binary attributes (a foreign producer's) are left out: sourceflow carries none.
+            let mut attributes: Vec<(String, AttributeValue)> = m
                 .message_attributes()
                 .map(|a| {
                     a.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_string())))
+                        .filter_map(|(k, v)| {
+                            let value = v.string_value()?.to_string();
+                            Some((k.clone(), AttributeValue::from_wire(v.data_type(), value)?))
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            attributes.sort();
+            attributes.sort_by(|a, b| a.0.cmp(&b.0));
             ReceivedMessage {
                 received_at,
                 broker_id: m.message_id().unwrap_or_default().to_string(),
@@ -392,11 +405,11 @@ pub(crate) async fn copy_to_dead_letter(
         .iter()
         .filter(|(k, _)| k != attr::DLQ_REASON)
     {
-        attributes.insert(k.clone(), string_attribute(v).map_err(refused)?);
+        attributes.insert(k.clone(), sqs_attribute(v).map_err(refused)?);
     }
     attributes.insert(
         attr::DLQ_REASON.to_string(),
-        string_attribute(&reason).map_err(refused)?,
+        sqs_attribute(&AttributeValue::String(reason)).map_err(refused)?,
     );
     let mut req = sqs
         .send_message()

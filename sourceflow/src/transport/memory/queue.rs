@@ -15,7 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::envelope::{attr, OutgoingMessage};
+use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::transport::{
     EntryError, QueueDepth, ReceivedMessage, FIFO_DEDUP_WINDOW, MAX_DELAY, MAX_VISIBILITY,
     SQS_MAX_MESSAGE_BYTES,
@@ -61,7 +61,7 @@ enum Visibility {
 pub(super) struct Stored {
     broker_id: String,
     body: String,
-    attributes: Vec<(String, String)>,
+    attributes: Vec<(String, AttributeValue)>,
     group: Option<String>,
     receive_count: u32,
     visibility: Visibility,
@@ -147,6 +147,9 @@ impl Queue {
     fn refusal(&self, m: &OutgoingMessage) -> Option<String> {
         if let Err(e) = m.check_size(&self.name, SQS_MAX_MESSAGE_BYTES) {
             return Some(e.to_string());
+        }
+        if let Err(e) = m.check_attributes() {
+            return Some(e);
         }
         let delay = m.delay.filter(|d| !d.is_zero());
         if self.fifo {
@@ -518,7 +521,7 @@ impl Queue {
         let mut attributes = m.attributes;
         if let Some(reason) = reason {
             attributes.retain(|(k, _)| k != attr::DLQ_REASON);
-            attributes.push((attr::DLQ_REASON.to_string(), reason.to_string()));
+            attributes.push((attr::DLQ_REASON.to_string(), AttributeValue::from(reason)));
         }
         let group = match (self.fifo, m.group) {
             (true, None) => Some(DEAD_LETTER_GROUP.to_string()),

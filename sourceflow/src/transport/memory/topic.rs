@@ -49,6 +49,9 @@ impl Topic {
         if let Err(e) = m.check_size(name, SNS_MAX_MESSAGE_BYTES) {
             return Some(e.to_string());
         }
+        if let Err(e) = m.check_attributes() {
+            return Some(e);
+        }
         if m.delay.is_some_and(|d| !d.is_zero()) {
             return Some(format!(
                 "{} published to `{name}` with a delay: SNS topics take no per-message delay",
