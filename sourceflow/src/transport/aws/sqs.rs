@@ -45,6 +45,13 @@ pub(crate) fn check_send(queue: &str, m: &OutgoingMessage) -> std::result::Resul
     if let Err(e) = m.check_size(queue, SQS_MAX_MESSAGE_BYTES) {
         return Err(EntryError::Refused(e.to_string()));
     }
+    // SQS refuses the whole batch when one entry to a FIFO queue has no group.
+    if queue.ends_with(".fifo") && m.group_id.is_none() {
+        return Err(EntryError::Refused(format!(
+            "FIFO queue `{queue}` needs a MessageGroupId ({} has none)",
+            m.wire_name
+        )));
+    }
     if let Some(d) = m.delay {
         if queue.ends_with(".fifo") {
             return Err(EntryError::Refused(format!(
