@@ -90,7 +90,7 @@ pub enum Command {
     ///
     /// Region and account come from AWS_REGION and SOURCEFLOW_ACCOUNT_ID (else
     /// CloudFormation placeholders), the payload key from SOURCEFLOW_KMS_KEY_ID, the
-    /// DynamoDB idempotency table from SOURCEFLOW_IDEMPOTENCY=dynamodb://<table>.
+    /// DynamoDB idempotency table from SOURCEFLOW_IDEMPOTENCY=dynamodb://TABLE.
     IamPolicy {
         /// The provisioning mode the service runs with (default: SOURCEFLOW_PROVISION, else create).
         #[arg(long, value_enum)]
