@@ -46,6 +46,16 @@ tests/support/asyncapi.sh --install
 echo "== unit, doc, compile-fail, command-line, idempotency store and embedded-transport behaviour tests"
 SOURCEFLOW_TEST_TOOLS=1 cargo test --workspace --all-features
 
+# The orders example as a user runs it (built by the line above): the demo runs and exits
+# 0, and its operator commands answer without a broker.
+echo "== the orders example: the demo, then topology and export asyncapi"
+orders=${CARGO_TARGET_DIR:-target}/debug/examples/orders
+env -u AWS_ENDPOINT_URL SOURCEFLOW_TRANSPORT=memory "$orders" >/dev/null
+topology=$("$orders" topology)
+grep -q '^orders.fifo  *consumed' <<<"$topology"
+asyncapi=$("$orders" export asyncapi)
+grep -q '"asyncapi": "3.0.0"' <<<"$asyncapi"
+
 if [ "${SKIP_AWS:-0}" = "1" ]; then
     echo "== SKIP_AWS=1: not running the AWS suite"
     exit 0
