@@ -365,6 +365,27 @@ fn cfn_lint_reports_no_error_on_the_template() {
     }
     let endpoint = Endpoint::new();
     let template = export(&endpoint, "cloudformation");
+    assert!(template["Resources"].get("IdempotencyTable").is_none());
+    // With the DynamoDB idempotency store the template also holds its table.
+    let file = tmp("lint-dynamodb.json");
+    let out = run(fixture(&endpoint.url())
+        .env("SOURCEFLOW_IDEMPOTENCY", "dynamodb://clitest-idempotency")
+        .args(["export", "cloudformation", "--out"])
+        .arg(&file));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let with_table: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
+    assert_eq!(
+        with_table["Resources"]["IdempotencyTable"]["Properties"]["TableName"],
+        "clitest-idempotency"
+    );
+    let out = check("cfn-lint.sh", &file);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || (code > 0 && code & 3 == 0),
+        "cfn-lint exit {code}:\n{}",
+        text(&out.stdout)
+    );
     let file = tmp("lint.json");
     std::fs::write(&file, template.to_string()).expect("write");
     let out = check("cfn-lint.sh", &file);

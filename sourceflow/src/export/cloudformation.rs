@@ -8,6 +8,11 @@ use crate::runtime::ServicePlan;
 use crate::topology::{QueueSpec, ServerSideEncryption};
 use crate::transport::MAX_VISIBILITY;
 
+/// The key attribute of the DynamoDB idempotency table (the store's `KEY_ATTRIBUTE`).
+const IDEMPOTENCY_KEY: &str = "id";
+/// Its TTL attribute (the store's `TTL_ATTRIBUTE`).
+const IDEMPOTENCY_TTL: &str = "expiration";
+
 /// What the template's IAM managed policy covers besides the topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudFormationOptions {
@@ -17,8 +22,9 @@ pub struct CloudFormationOptions {
     pub provisioning: Provisioning,
     /// The KMS key of payload encryption (ARN, key id or `alias/...`), if any.
     pub kms_key: Option<String>,
-    /// The DynamoDB table of the idempotency store, if it is one (the policy names it;
-    /// the table itself is not in the template).
+    /// The DynamoDB table of the idempotency store, if it is one: the template creates it
+    /// as the store's `create` mode would (string key `id`, on-demand, TTL on
+    /// `expiration`; retained when the stack goes) and the policy names it.
     pub idempotency_table: Option<String>,
 }
 
@@ -64,7 +70,8 @@ impl CloudFormationOptions {
 ///   provisioner writes: `sns.amazonaws.com` may `sqs:SendMessage` when `aws:SourceArn` is
 ///   one of its topics;
 /// * `AWS::IAM::ManagedPolicy` with the service's policy (see [`crate::iam`]) for the
-///   provisioning mode in `options`, to attach to the service's role.
+///   provisioning mode in `options`, to attach to the service's role;
+/// * `AWS::DynamoDB::Table` for the DynamoDB idempotency store, when `options` names one.
 ///
 /// Outputs: each queue's URL, each topic's ARN and the managed policy's ARN. Region,
 /// account and partition are the stack's (`${AWS::Region}`, …).
@@ -140,6 +147,28 @@ pub fn cloudformation(plan: &ServicePlan, options: &CloudFormationOptions) -> Va
                 "DependsOn": [format!("{queue_id}Policy")],
                 "Properties": properties,
             }),
+        );
+    }
+    if let Some(table) = &options.idempotency_table {
+        resources.insert(
+            "IdempotencyTable".into(),
+            json!({
+                "Type": "AWS::DynamoDB::Table",
+                // Claims and completions: keep them if the stack is deleted or replaced.
+                "DeletionPolicy": "Retain",
+                "UpdateReplacePolicy": "Retain",
+                "Properties": {
+                    "TableName": table,
+                    "AttributeDefinitions": [{"AttributeName": IDEMPOTENCY_KEY, "AttributeType": "S"}],
+                    "KeySchema": [{"AttributeName": IDEMPOTENCY_KEY, "KeyType": "HASH"}],
+                    "BillingMode": "PAY_PER_REQUEST",
+                    "TimeToLiveSpecification": {"AttributeName": IDEMPOTENCY_TTL, "Enabled": true},
+                },
+            }),
+        );
+        outputs.insert(
+            "IdempotencyTableName".into(),
+            json!({"Description": "The DynamoDB idempotency table", "Value": {"Ref": "IdempotencyTable"}}),
         );
     }
     let mut scope = IamScope::new("${AWS::Region}", "${AWS::AccountId}");
@@ -398,6 +427,42 @@ mod tests {
             st["Condition"],
             json!({"ArnEquals": {"aws:SourceArn": [{"Ref": "TopicDevOrderEvents"}]}})
         );
+    }
+
+    #[test]
+    fn a_dynamodb_idempotency_table_as_the_store_creates_it() {
+        let t = cloudformation(&plan(), &CloudFormationOptions::default());
+        assert_eq!(
+            t["Resources"]["IdempotencyTable"],
+            Value::Null,
+            "none unless configured"
+        );
+        let options = CloudFormationOptions {
+            idempotency_table: Some("svc-idempotency".into()),
+            ..CloudFormationOptions::default()
+        };
+        let t = cloudformation(&plan(), &options);
+        let table = &t["Resources"]["IdempotencyTable"];
+        assert_eq!(table["Type"], "AWS::DynamoDB::Table");
+        assert_eq!(table["DeletionPolicy"], "Retain");
+        let p = &table["Properties"];
+        assert_eq!(p["TableName"], "svc-idempotency");
+        assert_eq!(
+            p["KeySchema"],
+            json!([{"AttributeName": "id", "KeyType": "HASH"}])
+        );
+        assert_eq!(p["BillingMode"], "PAY_PER_REQUEST");
+        assert_eq!(
+            p["TimeToLiveSpecification"],
+            json!({"AttributeName": "expiration", "Enabled": true})
+        );
+        #[cfg(feature = "dynamodb")]
+        {
+            assert_eq!(IDEMPOTENCY_KEY, crate::idempotency::dynamodb::KEY_ATTRIBUTE);
+            assert_eq!(IDEMPOTENCY_TTL, crate::idempotency::dynamodb::TTL_ATTRIBUTE);
+        }
+        let policy = t["Resources"]["ServicePolicy"].to_string();
+        assert!(policy.contains("table/svc-idempotency"), "{policy}");
     }
 
     #[test]
