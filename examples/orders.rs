@@ -4,18 +4,29 @@
 //! `request_payment` sends `ProcessPayment` → `process_payment` raises `PaymentProcessed` →
 //! the read model (`project_*`) keeps an in-memory view of every order.
 //!
+//! Its command line is sourceflow's operator command line (`sourceflow::cli`) plus the
+//! demo, which runs when no command is given:
+//!
 //! ```text
-//! cargo run --example orders              # demo on the embedded transport, then exit
-//! cargo run --example orders -- --serve   # keep serving until Ctrl-C
-//! cargo run --example orders -- --telemetry  # also print the trace tree and the metrics
-//! cargo run --example orders -- --iam-policy # print the IAM policy this service needs
-//! cargo run --example orders -- --redrive orders.fifo  # move dead letters back to a queue
+//! cargo run --example orders                     # demo on the embedded transport, then exit
+//! cargo run --example orders -- --telemetry      # also print the trace tree and the metrics
+//! cargo run --example orders -- serve            # serve until Ctrl-C / SIGTERM
+//! cargo run --example orders -- topology         # queues, topics, subscriptions, listeners
+//! cargo run --example orders -- iam-policy       # the IAM policy this service needs
+//! cargo run --example orders -- export cloudformation --out orders.json
+//! cargo run --example orders -- export asyncapi
+//! SOURCEFLOW_TRANSPORT=aws cargo run --example orders -- validate
+//! SOURCEFLOW_TRANSPORT=aws cargo run --example orders -- dlq redrive orders.fifo
+//! cargo run --example orders -- --help
 //! RUST_LOG=sourceflow=debug cargo run --example orders
 //! ```
 
 use std::collections::BTreeMap;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+use clap::Parser;
 
 use serde::{Deserialize, Serialize};
 use sourceflow::{command, event, handler, Context, State};
@@ -170,39 +181,53 @@ fn short(id: &str) -> &str {
 
 // ---- main ----------------------------------------------------------------------------
 
-#[tokio::main]
-async fn main() -> sourceflow::Result<()> {
-    let serve = std::env::args().any(|a| a == "--serve");
-    let show_telemetry = std::env::args().any(|a| a == "--telemetry");
-    let telemetry = telemetry::install(show_telemetry);
+/// The orders example: runs the demo when no command is given, else the operator command.
+#[derive(Parser)]
+#[command(
+    name = "orders",
+    about = "The sourceflow orders example: without a command, a demo on the embedded transport that exits when done; with one, sourceflow's operator commands",
+    after_help = "Examples:\n  orders                      the demo\n  orders serve                serve until Ctrl-C\n  orders topology             what the routes need\n  orders export asyncapi      the AsyncAPI document"
+)]
+struct Args {
+    /// Print the trace tree and the metrics after the demo.
+    #[arg(long, global = true)]
+    telemetry: bool,
+    #[command(flatten)]
+    options: sourceflow::cli::Options,
+    #[command(subcommand)]
+    command: Option<sourceflow::cli::Command>,
+}
 
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let telemetry = telemetry::install(args.telemetry);
     let projection = Projection::default();
-    let app = sourceflow::builder()
-        .state(projection.clone())
-        .meter_provider(&telemetry.meters)
-        .start()
-        .await?;
-    // `--redrive <queue>`: move that queue's dead letters back, then exit.
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--redrive") {
-        let queue = args
-            .get(i + 1)
-            .cloned()
-            .unwrap_or_else(|| app.queue_of::<CreateOrder>());
-        let moved = app.redrive(&queue).await?;
-        println!("moved {moved} message(s) from the dead-letter queue back to `{queue}`");
-        app.shutdown().await?;
-        return Ok(());
+    let builder = args.options.apply(
+        sourceflow::builder()
+            .state(projection.clone())
+            .meter_provider(&telemetry.meters),
+    );
+    match args.command {
+        Some(command) => sourceflow::cli::execute(command, builder).await,
+        None => match demo(builder, projection, &telemetry, args.telemetry).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
-    if std::env::args().any(|a| a == "--iam-policy") {
-        let policy = app.iam_policy(sourceflow::iam::IamScope::from_env());
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&policy).unwrap_or_default()
-        );
-        app.shutdown().await?;
-        return Ok(());
-    }
+}
+
+/// Sends three orders and waits until the read model shows them paid.
+async fn demo(
+    builder: sourceflow::Builder,
+    projection: Projection,
+    telemetry: &telemetry::Telemetry,
+    show_telemetry: bool,
+) -> sourceflow::Result<()> {
+    let app = builder.start().await?;
     println!(
         "service `{}` running on the `{}` transport",
         app.service(),
@@ -246,9 +271,10 @@ async fn main() -> sourceflow::Result<()> {
         .await
         .is_err()
     {
-        eprintln!("the demo did not complete within 30 s");
         app.shutdown().await?;
-        std::process::exit(1);
+        return Err(sourceflow::Error::Config(
+            "the demo did not complete within 30 s".into(),
+        ));
     }
 
     println!("\nread model:");
@@ -267,10 +293,6 @@ async fn main() -> sourceflow::Result<()> {
         telemetry.print();
     }
 
-    if serve {
-        println!("\nserving; press Ctrl-C to stop");
-        tokio::signal::ctrl_c().await.ok();
-    }
     let report = app.shutdown().await?;
     println!(
         "\nshut down: {} in-flight message(s) finished, {} handed back unstarted, {} abandoned at the deadline",

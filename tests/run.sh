@@ -4,9 +4,12 @@
 # installed and started on 127.0.0.1 by tests/support/postgres.sh), the DynamoDB store
 # against moto server (tests/support/moto.sh), the behaviour suite on the embedded
 # transport, then the behaviour suite and the AWS-specific tests against LocalStack
-# (tests/support/emulator.sh), and last, alone, the fault tests (tests/faults: the store
-# stopped, the broker paused, a worker killed). Every server is installed on first use,
-# listens on 127.0.0.1 only, and is stopped again at the end.
+# (tests/support/emulator.sh, which also serves CloudFormation for the exported template),
+# and last, alone, the fault tests (tests/faults: the store stopped, the broker paused, a
+# worker killed). The exports are checked by cfn-lint (PyPI) and the official AsyncAPI
+# parser (npm), installed under .cache/ by tests/support/{cfn-lint,asyncapi}.sh. Every
+# server and tool is installed on first use, listens on 127.0.0.1 only, and servers are
+# stopped again at the end.
 #
 #   tests/run.sh              # everything
 #   SKIP_AWS=1 tests/run.sh   # no AWS emulators: embedded transport, SQL stores only
@@ -34,8 +37,24 @@ if [ "${SKIP_AWS:-0}" != "1" ]; then
     export SOURCEFLOW_TEST_REQUIRE_DYNAMODB=1
 fi
 
-echo "== unit, doc, compile-fail, idempotency store and embedded-transport behaviour tests"
-cargo test --workspace --all-features
+echo "== installing cfn-lint and @asyncapi/parser under .cache/ (first use only)"
+tests/support/cfn-lint.sh --install >/dev/null
+tests/support/asyncapi.sh --install
+
+# tests/cli runs cfn-lint on the exported template and the AsyncAPI parser on the
+# document (about 3 s together, once installed).
+echo "== unit, doc, compile-fail, command-line, idempotency store and embedded-transport behaviour tests"
+SOURCEFLOW_TEST_TOOLS=1 cargo test --workspace --all-features
+
+# The orders example as a user runs it (built by the line above): the demo runs and exits
+# 0, and its operator commands answer without a broker.
+echo "== the orders example: the demo, then topology and export asyncapi"
+orders=${CARGO_TARGET_DIR:-target}/debug/examples/orders
+env -u AWS_ENDPOINT_URL SOURCEFLOW_TRANSPORT=memory "$orders" >/dev/null
+topology=$("$orders" topology)
+grep -q '^orders.fifo  *consumed' <<<"$topology"
+asyncapi=$("$orders" export asyncapi)
+grep -q '"asyncapi": "3.0.0"' <<<"$asyncapi"
 
 echo "== the SQLite example: transactional handlers and the outbox, end to end (it checks its read model)"
 cargo run -q -p sourceflow --all-features --example orders_sqlite
@@ -54,6 +73,8 @@ echo "== starting the AWS API emulator on 127.0.0.1"
 emulator_env=$(tests/support/emulator.sh start)
 eval "$emulator_env"
 
+# tests/aws/exports.rs deploys the exported template to the emulator's CloudFormation
+# (about 10 s for its two tests).
 echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
     cargo test -p sourceflow --all-features --test behaviour --test transport --test aws

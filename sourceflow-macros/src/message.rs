@@ -271,6 +271,20 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
         debug_impl = masked_debug(&item, &debug_fields);
     }
 
+    // A type deriving `JsonSchema` registers its payload schema for the AsyncAPI export.
+    // Its derive is pointed at the schemars that sourceflow re-exports, so that users need
+    // no schemars dependency of their own (and one of theirs, of the same major version,
+    // is the same crate).
+    let derives_schema = has_derive(&item.attrs, "JsonSchema");
+    if derives_schema && !has_schemars_crate(&item.attrs) {
+        item.attrs
+            .push(syn::parse_quote!(#[schemars(crate = "::sourceflow::schemars")]));
+    }
+    let schema = match derives_schema {
+        true => quote!(.with_schema(::sourceflow::__private::schema_of::<#ident>)),
+        false => TokenStream::new(),
+    };
+
     let kind_tokens = match kind {
         Kind::Command => quote!(::sourceflow::MessageKind::Command),
         Kind::Event => quote!(::sourceflow::MessageKind::Event),
@@ -337,6 +351,7 @@ pub fn expand(kind: Kind, args: TokenStream, input: TokenStream) -> syn::Result<
 
         ::sourceflow::__private::inventory::submit! {
             ::sourceflow::__private::MessageRoute::of::<#ident>(::core::module_path!(), #type_name)
+                #schema
         }
     })
 }
@@ -439,6 +454,47 @@ fn parse_mask(attr: &Attribute) -> syn::Result<Mask> {
             "expected `#[sensitive]`, `#[sensitive(card)]` or `#[sensitive(email)]`",
         )),
     }
+}
+
+/// The derive paths of every `#[derive(...)]` list.
+fn derives(attrs: &[Attribute]) -> Vec<Path> {
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("derive"))
+        .filter_map(|a| {
+            a.parse_args_with(Punctuated::<Path, Token![,]>::parse_terminated)
+                .ok()
+        })
+        .flatten()
+        .collect()
+}
+
+/// True when a `#[derive(...)]` list names `name` (as `name` or `some::path::name`).
+fn has_derive(attrs: &[Attribute], name: &str) -> bool {
+    derives(attrs)
+        .iter()
+        .any(|p| p.segments.last().is_some_and(|s| s.ident == name))
+}
+
+/// True when a `#[schemars(...)]` attribute already names the crate.
+fn has_schemars_crate(attrs: &[Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("schemars")
+            && a.parse_nested_meta(|m| {
+                if m.path.is_ident("crate") {
+                    return Err(m.error("found"));
+                }
+                // Skip the value of other keys.
+                if m.input.peek(Token![=]) {
+                    let _: syn::Expr = m.value()?.parse()?;
+                } else if m.input.peek(syn::token::Paren) {
+                    let _content;
+                    syn::parenthesized!(_content in m.input);
+                }
+                Ok(())
+            })
+            .is_err()
+    })
 }
 
 /// Removes `name` from every `#[derive(...)]` list; true when it was there.

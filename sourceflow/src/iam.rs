@@ -15,8 +15,11 @@
 //!   are missing, never change them (`sqs:TagQueue` only where routes declare tags);
 //! * `Inspect` (`validate` mode): read the same, change nothing; finding stale
 //!   subscriptions needs `sns:ListSubscriptions`, which AWS only grants on `*`;
-//! * `Encryption` (a KMS key for payloads): `kms:GenerateDataKey`, `kms:Decrypt`, and
-//!   `kms:DescribeKey` (checked at startup and by health);
+//! * `CheckQueues`, `CheckSubscriptions` (`assume` mode): what health looks up that the
+//!   statements above do not cover (the dead-letter queues of queues it only sends to;
+//!   `ListSubscriptionsByTopic`);
+//! * `Encryption` (a KMS key for payloads, by ARN, key id or alias): `kms:GenerateDataKey`,
+//!   `kms:Decrypt`, and `kms:DescribeKey` (checked at startup and by health);
 //! * `QueueKeys` (queues declared with `sse = "kms:..."`): what SQS needs of their keys to
 //!   send to (`GenerateDataKey`, `Decrypt`) and receive from (`Decrypt`) them; a key given
 //!   by alias is matched with the `kms:ResourceAliases` condition, as AWS recommends;
@@ -53,7 +56,7 @@ pub struct IamScope {
     pub region: String,
     /// Account id.
     pub account: String,
-    /// The KMS key ARN used for payload encryption, if any.
+    /// The KMS key of payload encryption (ARN, key id or `alias/...`), if any.
     pub kms_key: Option<String>,
     /// The provisioning mode's permissions to include.
     pub provisioning: Provisioning,
@@ -229,7 +232,17 @@ fn provisioning(
     let tagged_owned: BTreeSet<String> = r.owned.intersection(&r.tagged).cloned().collect();
     let tagged_send: BTreeSet<String> = r.send_only.intersection(&r.tagged).cloned().collect();
     match scope.provisioning {
-        Provisioning::Assume => {}
+        Provisioning::Assume => {
+            // Health looks every resource up (the other modes' statements cover these):
+            // the dead-letter queues of queues it only sends to, and its subscriptions.
+            let unlisted: BTreeSet<String> = r.send_only.difference(&r.send_to).cloned().collect();
+            add("CheckQueues", &["sqs:GetQueueUrl"], sqs(&unlisted));
+            add(
+                "CheckSubscriptions",
+                &["sns:ListSubscriptionsByTopic"],
+                topic_arns(&subscribed),
+            );
+        }
         Provisioning::Create => {
             add(
                 "ProvisionQueues",
@@ -298,12 +311,13 @@ fn provisioning(
 fn keys(topology: &Topology, scope: &IamScope, r: &Roles) -> Vec<Value> {
     let mut out = Vec::new();
     if let Some(key) = &scope.kms_key {
-        out.push(json!({
+        let mut statement = json!({
             "Sid": "Encryption",
             "Effect": "Allow",
             "Action": ["kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"],
-            "Resource": [key],
-        }));
+        });
+        key_resource(&mut statement, key, scope);
+        out.push(statement);
     }
     // Sending needs GenerateDataKey and Decrypt; receiving, Decrypt. Every queue of the
     // topology is sent to (commands, dead letters, redrives), so both.
@@ -326,18 +340,25 @@ fn keys(topology: &Topology, scope: &IamScope, r: &Roles) -> Vec<Value> {
             "Effect": "Allow",
             "Action": actions,
         });
-        match key.strip_prefix("alias/") {
-            Some(_) => {
-                statement["Resource"] = json!([scope.arn("kms", "key/*")]);
-                statement["Condition"] =
-                    json!({"ForAnyValue:StringEquals": {"kms:ResourceAliases": [key]}});
-            }
-            None if key.starts_with("arn:") => statement["Resource"] = json!([key]),
-            None => statement["Resource"] = json!([scope.arn("kms", &format!("key/{key}"))]),
-        }
+        key_resource(&mut statement, &key, scope);
         out.push(statement);
     }
     out
+}
+
+/// The `Resource` (and, for an alias, the `Condition`) naming a KMS key given as an ARN,
+/// a key id or `alias/...`. IAM authorizes a call made with an alias on the key it points
+/// to, so an alias is matched with `kms:ResourceAliases`, as AWS recommends.
+fn key_resource(statement: &mut Value, key: &str, scope: &IamScope) {
+    match key.strip_prefix("alias/") {
+        Some(_) => {
+            statement["Resource"] = json!([scope.arn("kms", "key/*")]);
+            statement["Condition"] =
+                json!({"ForAnyValue:StringEquals": {"kms:ResourceAliases": [key]}});
+        }
+        None if key.starts_with("arn:") => statement["Resource"] = json!([key]),
+        None => statement["Resource"] = json!([scope.arn("kms", &format!("key/{key}"))]),
+    }
 }
 
 fn idempotency(scope: &IamScope, table: &str) -> Value {
@@ -463,6 +484,49 @@ mod tests {
         assert_eq!(
             statement(&p, "Idempotency")["Resource"],
             json!(["arn:aws:dynamodb:eu-west-1:123456789012:table/orders-idempotency"])
+        );
+    }
+
+    #[test]
+    fn assume_mode_grants_what_health_looks_up() {
+        let mut scope = IamScope::new("eu-west-1", "123456789012");
+        scope.provisioning = Provisioning::Assume;
+        let p = policy(&topology(), &scope);
+        let arn = |n: &str| format!("arn:aws:sqs:eu-west-1:123456789012:{n}");
+        assert_eq!(
+            statement(&p, "CheckQueues")["Resource"],
+            json!([arn("payments-dlq")]),
+            "the dead-letter queue of a queue it sends to, looked up by health"
+        );
+        assert_eq!(
+            statement(&p, "CheckSubscriptions")["Resource"],
+            json!(["arn:aws:sns:eu-west-1:123456789012:order-events"])
+        );
+        assert!(
+            !p.to_string().contains("Create"),
+            "assume mode creates nothing"
+        );
+    }
+
+    #[test]
+    fn a_payload_key_by_alias_or_id() {
+        let mut scope = IamScope::new("eu-west-1", "123456789012");
+        scope.kms_key = Some("alias/orders".into());
+        let p = policy(&topology(), &scope);
+        let st = statement(&p, "Encryption");
+        assert_eq!(
+            st["Resource"],
+            json!(["arn:aws:kms:eu-west-1:123456789012:key/*"])
+        );
+        assert_eq!(
+            st["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"],
+            json!(["alias/orders"])
+        );
+        scope.kms_key = Some("1234-abcd".into());
+        let p = policy(&topology(), &scope);
+        assert_eq!(
+            statement(&p, "Encryption")["Resource"],
+            json!(["arn:aws:kms:eu-west-1:123456789012:key/1234-abcd"])
         );
     }
 

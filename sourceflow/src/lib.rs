@@ -54,11 +54,14 @@
 #![warn(missing_docs)]
 
 pub mod attribute;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod context;
 mod dispatch;
 pub mod encryption;
 pub mod envelope;
 mod error;
+pub mod export;
 mod failpoints;
 pub mod filter;
 pub mod health;
@@ -99,6 +102,12 @@ pub use transport::memory::MemoryTransport;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use tx::Tx;
 
+/// The [`schemars`](https://docs.rs/schemars) crate (1.x) that sourceflow reads payload
+/// schemas with: derive `sourceflow::schemars::JsonSchema` on a message type and the AsyncAPI
+/// export describes its payload (see [`export`]). `#[command]` and `#[event]` point the
+/// derive at this crate, so a service needs no schemars dependency of its own.
+pub use schemars;
+
 /// Support for the generated code. Not a public API: it may change in any release.
 #[doc(hidden)]
 pub mod __private {
@@ -113,6 +122,14 @@ pub mod __private {
     use crate::error::BoxError;
     pub use crate::error::InvokeError;
     use crate::{Context, State};
+
+    /// The standalone JSON Schema (draft 7) of a message type that derives `JsonSchema`.
+    pub fn schema_of<T: schemars::JsonSchema>() -> serde_json::Value {
+        schemars::generate::SchemaSettings::draft07()
+            .into_generator()
+            .into_root_schema_for::<T>()
+            .to_value()
+    }
 
     /// Fetches `State<T>` for a handler argument.
     pub fn state<T: Clone + Send + Sync + 'static>(ctx: &Context) -> Result<State<T>, InvokeError> {

@@ -91,6 +91,10 @@ pub struct MessageRoute {
     pub type_name: &'static str,
     /// Settings of its queue (commands).
     pub queue_options: QueueOptions,
+    /// The payload's JSON Schema (draft 7, standalone: subschemas under `definitions`),
+    /// registered when the type derives `JsonSchema` (see [`export`](crate::export));
+    /// `None` otherwise.
+    pub schema: Option<fn() -> serde_json::Value>,
 }
 
 impl MessageRoute {
@@ -106,7 +110,15 @@ impl MessageRoute {
             module_path,
             type_name,
             queue_options: M::QUEUE_OPTIONS,
+            schema: None,
         }
+    }
+
+    /// With the payload schema `schema`; used by the generated code when the type derives
+    /// `JsonSchema`.
+    pub const fn with_schema(mut self, schema: fn() -> serde_json::Value) -> Self {
+        self.schema = Some(schema);
+        self
     }
 
     /// `module::Type`, for messages.

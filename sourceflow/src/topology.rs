@@ -42,6 +42,48 @@ impl Topology {
             .iter()
             .filter(|q| q.ownership == Ownership::Consumed && q.dead_letter.is_some())
     }
+
+    /// The topics `queue` is subscribed to, sorted, each once.
+    pub fn topics_of(&self, queue: &str) -> Vec<&str> {
+        let mut topics: Vec<&str> = self
+            .subscriptions
+            .iter()
+            .filter(|s| s.queue == queue)
+            .map(|s| s.topic.as_str())
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        topics
+    }
+
+    /// The access policy of `queue`: one statement letting exactly the topics it is
+    /// subscribed to send to it (`aws:SourceArn`), far below the 20-statement and 8 KB
+    /// limits; `None` for a queue subscribed to nothing. ARNs come from `queue_arn` and
+    /// `topic_arn`, so the provisioner (ARN strings) and the CloudFormation export
+    /// (`Fn::GetAtt`/`Ref`) write the same document.
+    pub fn access_policy(
+        &self,
+        queue: &str,
+        queue_arn: serde_json::Value,
+        topic_arn: impl FnMut(&str) -> serde_json::Value,
+    ) -> Option<serde_json::Value> {
+        let topics = self.topics_of(queue);
+        if topics.is_empty() {
+            return None;
+        }
+        let sources: Vec<serde_json::Value> = topics.into_iter().map(topic_arn).collect();
+        Some(serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Sid": "sourceflow-topics",
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": sources}},
+            }],
+        }))
+    }
 }
 
 /// Who creates and corrects a queue.

@@ -694,6 +694,10 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
 mod data_plane;
 mod topology;
 
+// ---- the exports deployed, and the command line's broker commands ------------------------
+
+mod exports;
+
 // ---- a worker killed mid-handler ---------------------------------------------------------
 
 #[cfg(feature = "sqlite")]

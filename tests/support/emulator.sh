@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A local AWS API emulator for the tests: LocalStack 4.9.2 in host mode (no Docker), from
-# PyPI, in a virtualenv under .cache/, listening on 127.0.0.1:4566 only.
+# PyPI, in a virtualenv under .cache/, listening on 127.0.0.1:4566 only. It serves SQS, SNS,
+# KMS, STS, and CloudFormation (with the S3 and IAM it needs) for the exported template.
 #
 #   eval "$(tests/support/emulator.sh start)"   # installs on first use, starts, prints exports
 #   tests/support/emulator.sh status
@@ -38,7 +39,7 @@ import json, sys, urllib.request
 try:
     with urllib.request.urlopen(sys.argv[1] + "/_localstack/health", timeout=2) as r:
         s = json.load(r).get("services", {})
-    ok = all(s.get(x) in ("running", "available") for x in ("sqs", "sns", "kms", "sts"))
+    ok = all(s.get(x) in ("running", "available") for x in ("sqs", "sns", "kms", "sts", "cloudformation", "s3", "iam"))
     sys.exit(0 if ok else 1)
 except Exception:
     sys.exit(1)
@@ -68,7 +69,7 @@ start() {
     say "starting LocalStack on 127.0.0.1:$port"
     (
         cd "$root"
-        SERVICES=sqs,sns,kms,sts EAGER_SERVICE_LOADING=1 SQS_ENDPOINT_STRATEGY=path \
+        SERVICES=sqs,sns,kms,sts,cloudformation,s3,iam EAGER_SERVICE_LOADING=1 SQS_ENDPOINT_STRATEGY=path \
         GATEWAY_LISTEN=127.0.0.1:$port LOCALSTACK_HOST=127.0.0.1:$port DISABLE_EVENTS=1 \
         SKIP_SSL_CERT_DOWNLOAD=1 FILESYSTEM_ROOT="$root/fs" \
         nohup "$venv/bin/python" -m localstack.runtime.main >"$log" 2>&1 &

@@ -397,6 +397,19 @@ impl Builder {
         Ok(super::ServicePlan::new(&r, messages, planned))
     }
 
+    /// The plan and the transport the service would run on, without provisioning anything
+    /// or starting a listener: for the operator commands that read the broker (`validate`,
+    /// `prune`, `dlq`). Only the transport is built (no idempotency store, no key provider).
+    pub(crate) async fn plan_and_transport(
+        mut self,
+    ) -> Result<(super::ServicePlan, Arc<dyn Transport>, bool)> {
+        let given = self.transport.take();
+        let explicit = given.is_some();
+        let plan = self.plan().await?;
+        let transport = super::config::resolve_transport(given).await?;
+        Ok((plan, transport, explicit))
+    }
+
     /// Checks the routes, provisions the topology and starts the listeners. Returns once
     /// everything listens.
     pub async fn start(self) -> Result<Handle> {

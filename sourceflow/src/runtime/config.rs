@@ -268,7 +268,9 @@ fn resolve_service(given: Option<String>) -> Result<String> {
     }
 }
 
-async fn resolve_transport(given: Option<Arc<dyn Transport>>) -> Result<Arc<dyn Transport>> {
+pub(super) async fn resolve_transport(
+    given: Option<Arc<dyn Transport>>,
+) -> Result<Arc<dyn Transport>> {
     if let Some(t) = given {
         return Ok(t);
     }

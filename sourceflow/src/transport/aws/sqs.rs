@@ -46,10 +46,10 @@ pub(crate) fn check_send(queue: &str, m: &OutgoingMessage) -> std::result::Resul
         return Err(EntryError::Refused(e.to_string()));
     }
     m.check_attributes().map_err(EntryError::Refused)?;
-    // LocalStack fails the whole batch for one such entry.
+    // SQS refuses the whole batch when one entry to a FIFO queue has no group.
     if queue.ends_with(".fifo") && m.group_id.is_none() {
         return Err(EntryError::Refused(format!(
-            "{} sent to FIFO queue `{queue}` without a message group id",
+            "FIFO queue `{queue}` needs a MessageGroupId ({} has none)",
             m.wire_name
         )));
     }

@@ -292,35 +292,15 @@ fn wanted_attributes(
     a
 }
 
-/// One statement letting exactly the topics this queue is subscribed to send to it (far
-/// below the 20-statement and 8 KB limits).
+/// The queue's access policy (see [`Topology::access_policy`]), with this account's ARNs.
 pub(crate) fn access_policy(
     spec: &QueueSpec,
     id: &Identity,
     topology: &Topology,
 ) -> Option<serde_json::Value> {
-    let mut sources: Vec<String> = topology
-        .subscriptions
-        .iter()
-        .filter(|s| s.queue == spec.name)
-        .map(|s| id.topic_arn(&s.topic))
-        .collect();
-    sources.sort();
-    sources.dedup();
-    if sources.is_empty() {
-        return None;
-    }
-    Some(serde_json::json!({
-        "Version": "2012-10-17",
-        "Statement": [{
-            "Sid": "sourceflow-topics",
-            "Effect": "Allow",
-            "Principal": {"Service": "sns.amazonaws.com"},
-            "Action": "sqs:SendMessage",
-            "Resource": id.queue_arn(&spec.name),
-            "Condition": {"ArnEquals": {"aws:SourceArn": sources}},
-        }],
-    }))
+    topology.access_policy(&spec.name, id.queue_arn(&spec.name).into(), |t| {
+        id.topic_arn(t).into()
+    })
 }
 
 /// `(attribute, current, wanted)` for every attribute that differs.
