@@ -25,6 +25,7 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// Its message id.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn message_id(&self) -> &str {
         &self.message.message_id
     }

@@ -23,6 +23,7 @@ pub(crate) fn millis(d: Duration) -> i64 {
 }
 
 /// The process clock, in milliseconds since the Unix epoch.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

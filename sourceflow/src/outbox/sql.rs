@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use super::Row;
-use crate::idempotency::record::{millis, now_millis};
+use crate::idempotency::record::millis;
+#[cfg(feature = "sqlite")]
+use crate::idempotency::record::now_millis;
 use crate::tx::SqlPool;
 
 type SqlResult<T> = std::result::Result<T, sqlx::Error>;
@@ -217,7 +219,6 @@ pub(crate) async fn delete_sent(pool: &SqlPool, token: &str, ids: &[i64]) -> Sql
     if ids.is_empty() {
         return Ok(());
     }
-    let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
     match pool {
         #[cfg(feature = "postgres")]
         SqlPool::Postgres(p) => {
@@ -229,6 +230,7 @@ pub(crate) async fn delete_sent(pool: &SqlPool, token: &str, ids: &[i64]) -> Sql
         }
         #[cfg(feature = "sqlite")]
         SqlPool::Sqlite(p) => {
+            let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
             sqlx::query(
                 "DELETE FROM sourceflow_outbox
                  WHERE lease_token = ?1 AND id IN (SELECT value FROM json_each(?2))",
@@ -254,7 +256,6 @@ pub(crate) async fn back_off(
     if ids.is_empty() {
         return Ok(());
     }
-    let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
     match pool {
         #[cfg(feature = "postgres")]
         SqlPool::Postgres(p) => {
@@ -272,6 +273,7 @@ pub(crate) async fn back_off(
         }
         #[cfg(feature = "sqlite")]
         SqlPool::Sqlite(p) => {
+            let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
             sqlx::query(
                 "UPDATE sourceflow_outbox SET lease_token = NULL, last_error = ?4,
                      leased_until = ?5 + ?3

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
 use crate::encryption::{CacheLimits, KeyProvider};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::idempotency::{self, IdempotencyStore};
 use crate::listener::{Listener, ListenerConfig};
 use crate::message::Message;
@@ -400,6 +400,7 @@ impl Builder {
     /// The plan and the transport the service would run on, without provisioning anything
     /// or starting a listener: for the operator commands that read the broker (`validate`,
     /// `prune`, `dlq`). Only the transport is built (no idempotency store, no key provider).
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     pub(crate) async fn plan_and_transport(
         mut self,
     ) -> Result<(super::ServicePlan, Arc<dyn Transport>, bool)> {
@@ -588,7 +589,7 @@ fn transaction_pool(r: &super::config::Resolved) -> Result<Option<crate::tx::Sql
         .iter()
         .find(|h| h.tx.is_some_and(|k| k != wanted))
     {
-        return Err(Error::Config(format!(
+        return Err(crate::Error::Config(format!(
             "handler `{}` takes `{}` and handler `{}` takes `{}`: the transactional handlers of a service share one database, the idempotency store's",
             first.qualified_name(),
             wanted.type_name(),
@@ -599,7 +600,7 @@ fn transaction_pool(r: &super::config::Resolved) -> Result<Option<crate::tx::Sql
     let store = r.idempotency.as_ref().map(|i| &i.store);
     match store.and_then(|s| s.sql_pool()) {
         Some(pool) if pool.kind() == wanted => Ok(Some(pool)),
-        _ => Err(Error::Config(format!(
+        _ => Err(crate::Error::Config(format!(
             "handler `{}` takes `{}`, whose transaction is opened on the idempotency store's database, and the store is {}: use the {} store (`SOURCEFLOW_IDEMPOTENCY={}`, or `builder().{}(pool)`)",
             first.qualified_name(),
             wanted.type_name(),
