@@ -22,6 +22,9 @@ use sourceflow::tx::Postgres;
 use sourceflow::{command, handler, State, Tx};
 use sqlx::PgPool;
 
+#[path = "../../tests/common/postgres.rs"]
+mod postgres;
+
 #[command(queue = "bench-plain", name = "bench.Plain.v1")]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Plain {
@@ -165,14 +168,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
-    let name = format!("sf_bench_{}", std::process::id());
-    let admin = PgPool::connect(&url).await.expect("postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    let url = format!("{base}/{name}");
+    let url = postgres::fresh_database(&url, "sf_bench").await;
     let pool = PgPool::connect(&url).await.expect("connect");
     sqlx::query("CREATE TABLE bench_effects (n BIGINT NOT NULL)")
         .execute(&pool)
@@ -212,7 +208,10 @@ async fn main() {
         mean(true, |f| f.rate) / mean(false, |f| f.rate),
         mean(true, |f| f.commits_per_message) / mean(false, |f| f.commits_per_message),
     );
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
-        .execute(&admin)
-        .await;
+    let server = std::env::var("SOURCEFLOW_TEST_POSTGRES_URL").unwrap_or_default();
+    if let (Ok(admin), Some((_, name))) = (PgPool::connect(&server).await, url.rsplit_once('/')) {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+            .execute(&admin)
+            .await;
+    }
 }

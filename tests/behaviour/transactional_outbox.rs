@@ -277,29 +277,16 @@ async fn sqlite_db() -> Db {
     Db::Sqlite(pool)
 }
 
+#[cfg(feature = "postgres")]
+#[path = "../common/postgres.rs"]
+mod postgres;
+
 /// A database of its own on the test server.
 #[cfg(feature = "postgres")]
 async fn postgres_db() -> Option<Db> {
-    let url = match std::env::var("SOURCEFLOW_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            assert!(
-                std::env::var("SOURCEFLOW_TEST_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "SOURCEFLOW_TEST_REQUIRE_POSTGRES=1 but SOURCEFLOW_TEST_POSTGRES_URL is unset"
-            );
-            return None;
-        }
-    };
-    let name = format!("sf_outbox_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&url).await.expect("postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    let pool = sqlx::PgPool::connect(&format!("{base}/{name}"))
-        .await
-        .expect("connect");
+    let server = postgres::server_url()?;
+    let url = postgres::fresh_database(&server, "sf_outbox").await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
     sqlx::query("CREATE TABLE ob_orders (customer TEXT NOT NULL, n BIGINT NOT NULL)")
         .execute(&pool)
         .await

@@ -332,15 +332,8 @@ async fn sigkilled_postgres_consumers_apply_every_effect_exactly_once() {
     if !enabled() {
         return;
     }
-    let url = std::env::var("SOURCEFLOW_TEST_POSTGRES_URL").expect("SOURCEFLOW_TEST_POSTGRES_URL");
-    let name = format!("sf_chaos_{}", fastrand::u64(..));
-    let admin = sqlx::PgPool::connect(&url).await.expect("postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    let url = format!("{base}/{name}");
+    let server = postgres::server_url().expect("SOURCEFLOW_TEST_POSTGRES_URL");
+    let url = postgres::fresh_database(&server, "sf_chaos").await;
     let store = sourceflow::idempotency::PostgresIdempotencyStore::connect(&url)
         .await
         .expect("postgres");

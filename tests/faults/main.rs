@@ -135,6 +135,8 @@ fn run(cmd: &str, args: &[&str]) {
 }
 
 mod chaos;
+#[path = "../common/postgres.rs"]
+mod postgres;
 mod relay;
 
 // ---- 1,000 messages through an outage -------------------------------------------------

@@ -120,15 +120,8 @@ async fn the_outbox_relay_survives_a_broker_pause_and_its_own_death() {
     .expect("emulator pid")
     .trim()
     .to_string();
-    let url = std::env::var("SOURCEFLOW_TEST_POSTGRES_URL").expect("SOURCEFLOW_TEST_POSTGRES_URL");
-    let name = format!("sf_relay_{}", fastrand::u64(..));
-    let admin = sqlx::PgPool::connect(&url).await.expect("postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    let db = format!("{base}/{name}");
+    let server = postgres::server_url().expect("SOURCEFLOW_TEST_POSTGRES_URL");
+    let db = postgres::fresh_database(&server, "sf_relay").await;
     let pool = sqlx::PgPool::connect(&db).await.expect("connect");
     // The store's migrations create the outbox table.
     sourceflow::idempotency::PostgresIdempotencyStore::from_pool(pool.clone())

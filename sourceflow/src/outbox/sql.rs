@@ -134,7 +134,7 @@ pub(crate) async fn lease(
                 .await?;
             tx.commit().await?;
             // RETURNING follows the plan, not `id`: send in `id` order.
-            let mut out: Vec<Leased> = rows.iter().map(read_pg).collect::<SqlResult<_>>()?;
+            let mut out: Vec<Leased> = rows.iter().map(read).collect::<SqlResult<_>>()?;
             out.sort_by_key(|l| l.id);
             Ok(out)
         }
@@ -147,7 +147,7 @@ pub(crate) async fn lease(
                      attempts = attempts + 1
                  WHERE id IN ({due}) {RETURNING}"
             );
-            let mut rows: Vec<sqlx::sqlite::SqliteRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let rows: Vec<sqlx::sqlite::SqliteRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(limit)
                 .bind(millis(lease))
                 .bind(token)
@@ -156,39 +156,23 @@ pub(crate) async fn lease(
                 .await?;
             tx.commit().await?;
             // SQLite returns the updated rows in no particular order.
-            let mut out: Vec<Leased> = rows
-                .drain(..)
-                .map(|r| read_sqlite(&r))
-                .collect::<SqlResult<_>>()?;
+            let mut out: Vec<Leased> = rows.iter().map(read).collect::<SqlResult<_>>()?;
             out.sort_by_key(|l| l.id);
             Ok(out)
         }
     }
 }
 
-#[cfg(feature = "postgres")]
-fn read_pg(r: &sqlx::postgres::PgRow) -> SqlResult<Leased> {
-    use sqlx::Row as _;
-    Ok(Leased {
-        id: r.try_get("id")?,
-        row: Row {
-            message_id: r.try_get("message_id")?,
-            kind: kind_of(&r.try_get::<String, _>("kind")?),
-            wire_name: r.try_get("wire_name")?,
-            destination: r.try_get("destination")?,
-            body: r.try_get("body")?,
-            attributes: r.try_get("attributes")?,
-            group_id: r.try_get("group_id")?,
-            dedup_id: r.try_get("dedup_id")?,
-            delay_ms: r.try_get("delay_ms")?,
-            ordering_key: r.try_get("ordering_key")?,
-        },
-    })
-}
-
-#[cfg(feature = "sqlite")]
-fn read_sqlite(r: &sqlx::sqlite::SqliteRow) -> SqlResult<Leased> {
-    use sqlx::Row as _;
+/// A leased row, from either database's row type.
+fn read<'r, R>(r: &'r R) -> SqlResult<Leased>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     Ok(Leased {
         id: r.try_get("id")?,
         row: Row {
