@@ -580,17 +580,7 @@ async fn sqlite_store_survives_a_restart() {
 
 #[cfg(feature = "postgres")]
 fn postgres_url() -> Option<String> {
-    match std::env::var("SOURCEFLOW_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("SOURCEFLOW_TEST_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "SOURCEFLOW_TEST_REQUIRE_POSTGRES=1 but SOURCEFLOW_TEST_POSTGRES_URL is unset: start it with tests/support/postgres.sh"
-            );
-            println!("skipped: set SOURCEFLOW_TEST_POSTGRES_URL (tests/run.sh does)");
-            None
-        }
-    }
+    crate::postgres::server_url()
 }
 
 #[cfg(feature = "postgres")]

@@ -10,6 +10,9 @@
 //! not see each other's messages.
 
 mod harness;
+#[cfg(feature = "postgres")]
+#[path = "../common/postgres.rs"]
+mod postgres;
 
 mod context;
 mod dead_letter;

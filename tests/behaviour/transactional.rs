@@ -259,17 +259,7 @@ async fn sqlite_pool() -> sqlx::SqlitePool {
 
 #[cfg(feature = "postgres")]
 async fn postgres_pool() -> Option<sqlx::PgPool> {
-    let url = match std::env::var("SOURCEFLOW_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            assert!(
-                std::env::var("SOURCEFLOW_TEST_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "SOURCEFLOW_TEST_REQUIRE_POSTGRES=1 but SOURCEFLOW_TEST_POSTGRES_URL is unset"
-            );
-            println!("skipped: set SOURCEFLOW_TEST_POSTGRES_URL (tests/run.sh does)");
-            return None;
-        }
-    };
+    let url = crate::postgres::server_url()?;
     let pool = sqlx::PgPool::connect(&url).await.expect("postgres");
     sqlx::query(TABLE_POSTGRES)
         .execute(&pool)

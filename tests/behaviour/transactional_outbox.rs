@@ -277,15 +277,11 @@ async fn sqlite_db() -> Db {
     Db::Sqlite(pool)
 }
 
-#[cfg(feature = "postgres")]
-#[path = "../common/postgres.rs"]
-mod postgres;
-
 /// A database of its own on the test server.
 #[cfg(feature = "postgres")]
 async fn postgres_db() -> Option<Db> {
-    let server = postgres::server_url()?;
-    let url = postgres::fresh_database(&server, "sf_outbox").await;
+    let server = crate::postgres::server_url()?;
+    let url = crate::postgres::fresh_database(&server, "sf_outbox").await;
     let pool = sqlx::PgPool::connect(&url).await.expect("connect");
     sqlx::query("CREATE TABLE ob_orders (customer TEXT NOT NULL, n BIGINT NOT NULL)")
         .execute(&pool)
