@@ -2,8 +2,9 @@
 //! flow, the broker paused (SIGSTOP) and resumed, a worker process SIGKILLed after its
 //! effect and before its delete.
 //!
-//! They stop PostgreSQL and pause the emulator, which other suites share, so
-//! `tests/run.sh` runs this binary on its own, one test at a time:
+//! They stop PostgreSQL and pause the emulator on purpose, so `tests/run.sh` gives this
+//! binary a second emulator and a second PostgreSQL of its own (beside the AWS suite on
+//! the first ones) and runs it one test at a time:
 //!
 //! ```text
 //! eval "$(tests/support/emulator.sh start)"; eval "$(tests/support/postgres.sh start)"
