@@ -39,6 +39,8 @@
 //!   *achieved* is the rate the sender really kept; when the service cannot keep up, the
 //!   queue grows for the whole period and latency with it (the table says so).
 //!
+//! `SCALING_IDEMPOTENCY=off` runs the same rows without the idempotency store.
+//!
 //! Sizes are bounded so that one run takes under two minutes on 2 cores: the axis rows run
 //! `SCALING_ROUNDS` times (default 3), alternating, and each figure is the median of its
 //! rounds; the memory and offered-rate rows run once.
@@ -240,6 +242,16 @@ mod parked {
     }
 }
 
+/// `SCALING_IDEMPOTENCY=off` runs every row without the idempotency store (the default is
+/// the defaults: idempotency on).
+fn options(b: sourceflow::Builder) -> sourceflow::Builder {
+    if std::env::var("SCALING_IDEMPOTENCY").as_deref() == Ok("off") {
+        b.without_idempotency()
+    } else {
+        b
+    }
+}
+
 /// What one axis row sends.
 #[derive(Clone, Copy)]
 enum Shape {
@@ -328,7 +340,7 @@ async fn axis_row(shape: Shape) -> AxisRun {
         Shape::Standard { .. } => "scaling::standard",
         Shape::Fifo { .. } => "scaling::fifo",
     };
-    let app = sourceflow::builder()
+    let app = options(sourceflow::builder())
         .service("scaling")
         .transport(MemoryTransport::new())
         .handlers_in(prefix)
@@ -443,7 +455,7 @@ async fn offered_rate(rate: Option<u64>, count: usize) -> RateRun {
         command: Sink::new(count),
         event: Sink::new(count),
     };
-    let app = sourceflow::builder()
+    let app = options(sourceflow::builder())
         .service("scaling")
         .transport(MemoryTransport::new())
         .handlers_in("scaling::flow")
