@@ -14,6 +14,9 @@
 //! hand. sourceflow uses its defaults (idempotency on) with concurrency 40 and, like the
 //! hand-written loop, a 1 s receive wait (see below). Rounds alternate;
 //! the median is reported. The emulator's single Python process is the ceiling here.
+//!
+//! `sourceflow/peers/benches/aws_peers.rs` includes this file (`#[path]`) to run the same
+//! two sides next to the `omniqueue` crate, hence the `pub(crate)` items.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,10 +27,10 @@ use sourceflow::envelope::{self, SendMeta};
 use sourceflow::transport::aws::{AwsTransport, RequestCounter};
 use sourceflow::{command, handler, State};
 
-const MESSAGES: usize = 2_000;
+pub(crate) const MESSAGES: usize = 2_000;
 const ROUNDS: usize = 3;
 
-const PRODUCERS: usize = 8;
+pub(crate) const PRODUCERS: usize = 8;
 
 #[command(queue = "bench-aws-work", name = "bench.Work.v1")]
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,25 +48,25 @@ async fn work(_w: Work, State(d): State<Done>) -> sourceflow::Result<()> {
     Ok(())
 }
 
-fn item(n: u64) -> Work {
+pub(crate) fn item(n: u64) -> Work {
     Work {
         n,
         note: "a typical small command payload".into(),
     }
 }
 
-async fn config() -> aws_config::SdkConfig {
+pub(crate) async fn config() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .load()
         .await
 }
 
-struct Run {
-    elapsed: Duration,
-    requests: u64,
+pub(crate) struct Run {
+    pub(crate) elapsed: Duration,
+    pub(crate) requests: u64,
 }
 
-async fn framework(prefix: &str) -> Run {
+pub(crate) async fn framework(prefix: &str) -> Run {
     let counter = RequestCounter::new();
     let transport = AwsTransport::from_sdk_config_counted(&config().await, &counter);
     let done = Done::default();
@@ -112,7 +115,7 @@ async fn framework(prefix: &str) -> Run {
     Run { elapsed, requests }
 }
 
-async fn hand_written(queue_url: &str) -> Run {
+pub(crate) async fn hand_written(queue_url: &str) -> Run {
     use aws_sdk_sqs::types::{
         DeleteMessageBatchRequestEntry, MessageAttributeValue, SendMessageBatchRequestEntry,
     };
@@ -230,7 +233,7 @@ async fn hand_written(queue_url: &str) -> Run {
     }
 }
 
-fn median(mut v: Vec<Run>) -> Run {
+pub(crate) fn median(mut v: Vec<Run>) -> Run {
     v.sort_by_key(|r| r.elapsed);
     v.remove(v.len() / 2)
 }
