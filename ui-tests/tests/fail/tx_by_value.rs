@@ -1,5 +1,5 @@
 // The transaction is lent to the handler: the listener commits it once the handler returns.
-use sourceflow::tx::Sqlite;
+use sourceflow::tx::Postgres;
 use sourceflow::Tx;
 
 #[sourceflow::command(queue = "orders")]
@@ -9,7 +9,7 @@ pub struct CreateOrder {
 }
 
 #[sourceflow::handler]
-async fn create_order(_cmd: CreateOrder, _tx: Tx<Sqlite>) -> sourceflow::Result<()> {
+async fn create_order(_cmd: CreateOrder, _tx: Tx<Postgres>) -> sourceflow::Result<()> {
     Ok(())
 }
 

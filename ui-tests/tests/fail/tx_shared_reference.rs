@@ -1,5 +1,5 @@
 // A handler writes in its transaction: `&mut`, not `&`.
-use sourceflow::tx::Sqlite;
+use sourceflow::tx::Postgres;
 use sourceflow::Tx;
 
 #[sourceflow::command(queue = "orders")]
@@ -9,7 +9,7 @@ pub struct CreateOrder {
 }
 
 #[sourceflow::handler]
-async fn create_order(_cmd: CreateOrder, _tx: &Tx<Sqlite>) -> sourceflow::Result<()> {
+async fn create_order(_cmd: CreateOrder, _tx: &Tx<Postgres>) -> sourceflow::Result<()> {
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 // One message, one transaction.
-use sourceflow::tx::Sqlite;
+use sourceflow::tx::Postgres;
 use sourceflow::Tx;
 
 #[sourceflow::command(queue = "orders")]
@@ -11,8 +11,8 @@ pub struct CreateOrder {
 #[sourceflow::handler]
 async fn create_order(
     _cmd: CreateOrder,
-    _a: &mut Tx<Sqlite>,
-    _b: &mut Tx<Sqlite>,
+    _a: &mut Tx<Postgres>,
+    _b: &mut Tx<Postgres>,
 ) -> sourceflow::Result<()> {
     Ok(())
 }

@@ -1,5 +1,5 @@
 // A transactional handler: its transaction with the context and state, in any order.
-use sourceflow::tx::Sqlite;
+use sourceflow::tx::Postgres;
 use sourceflow::{Context, State, Tx};
 
 #[sourceflow::command(queue = "orders")]
@@ -21,15 +21,15 @@ pub struct Prices;
 async fn create_order(
     cmd: CreateOrder,
     ctx: &Context,
-    tx: &mut Tx<Sqlite>,
+    tx: &mut Tx<Postgres>,
     State(_prices): State<Prices>,
 ) -> sourceflow::Result<()> {
-    let _conn: &mut sqlx::SqliteConnection = tx;
+    let _conn: &mut sqlx::PgConnection = tx;
     ctx.raise(OrderCreated { order_id: cmd.order_id }).await
 }
 
 #[sourceflow::handler]
-async fn project(_evt: OrderCreated, _tx: &mut sqlx::Transaction<'_, Sqlite>) -> sourceflow::Result<()> {
+async fn project(_evt: OrderCreated, _tx: &mut sqlx::Transaction<'_, Postgres>) -> sourceflow::Result<()> {
     Ok(())
 }
 
