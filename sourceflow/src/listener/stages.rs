@@ -24,7 +24,7 @@ use crate::outcome::Verdict;
 use crate::registry::HandlerRoute;
 use crate::transport::ReceivedMessage;
 
-type Stage<T> = Result<T, Disposition>;
+pub(super) type Stage<T> = Result<T, Disposition>;
 
 /// What a message's way left for [`settle`](super::settle) besides the disposition.
 #[derive(Debug)]
@@ -288,10 +288,21 @@ impl Listener {
                 )
             }
         };
+        self.dispatch_stored(key, outbox, Ack::Duplicate).await
+    }
+
+    /// Sends the messages stored with the completed claim `key`, then clears them from the
+    /// store (`done` once all went out); what did not go stays stored for the retry.
+    pub(super) async fn dispatch_stored(
+        &self,
+        key: &str,
+        outbox: Vec<Pending>,
+        done: Ack,
+    ) -> Disposition {
         match self.dispatcher.flush(outbox).await {
             Ok(()) => {
                 self.store_outbox(key, None).await;
-                Disposition::Ack(Ack::Duplicate)
+                Disposition::Ack(done)
             }
             Err(u) => {
                 self.store_outbox(key, Some(&u.remaining)).await;
@@ -461,16 +472,7 @@ impl Listener {
         if outbox.is_empty() {
             return Disposition::Ack(Ack::Success);
         }
-        match self.dispatcher.flush(outbox).await {
-            Ok(()) => {
-                self.store_outbox(&claim.key, None).await;
-                Disposition::Ack(Ack::Success)
-            }
-            Err(u) => {
-                self.store_outbox(&claim.key, Some(&u.remaining)).await;
-                self.undispatched(u)
-            }
-        }
+        self.dispatch_stored(&claim.key, outbox, Ack::Success).await
     }
 
     /// Completes the claim, retrying a failing store in place: the handlers' work is done
@@ -510,7 +512,7 @@ impl Listener {
     }
 
     /// Replaces the stored outbox of a completed claim (`None`: all sent).
-    pub(super) async fn store_outbox(&self, key: &str, remaining: Option<&[Pending]>) {
+    async fn store_outbox(&self, key: &str, remaining: Option<&[Pending]>) {
         let Some(idem) = &self.idempotency else {
             return;
         };
@@ -523,7 +525,7 @@ impl Listener {
     /// What a failed dispatch means: refused entries can never go (dead-letter, with the
     /// outbox kept in the store for a redrive); anything else is retried without running
     /// the handlers again where a store remembers the outbox.
-    pub(super) fn undispatched(&self, u: Undispatched) -> Disposition {
+    fn undispatched(&self, u: Undispatched) -> Disposition {
         if u.refused() {
             return Disposition::dead_letter(
                 DeadLetterKind::Refused,

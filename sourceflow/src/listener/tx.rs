@@ -11,7 +11,7 @@
 //! from [`Track::tx_claim`](super::stages::Track).
 
 use super::disposition::{Ack, Disposition};
-use super::stages::Track;
+use super::stages::{Stage, Track};
 use super::Listener;
 use crate::dispatch::{self, Pending};
 use crate::envelope::Envelope;
@@ -20,8 +20,6 @@ use crate::idempotency::{self, Claim, Release};
 use crate::registry::HandlerRoute;
 use crate::transport::ReceivedMessage;
 use crate::tx::{SqlPool, TxSlot};
-
-type Stage<T> = Result<T, Disposition>;
 
 /// A claim made inside a transaction that did not commit.
 #[derive(Debug, Clone)]
@@ -160,16 +158,7 @@ impl Listener {
         if outbox.is_empty() {
             return Ok(Disposition::Ack(Ack::Success));
         }
-        Ok(match self.dispatcher.flush(outbox).await {
-            Ok(()) => {
-                self.store_outbox(key, None).await;
-                Disposition::Ack(Ack::Success)
-            }
-            Err(u) => {
-                self.store_outbox(key, Some(&u.remaining)).await;
-                self.undispatched(u)
-            }
-        })
+        Ok(self.dispatch_stored(key, outbox, Ack::Success).await)
     }
 
     /// After a rollback: records what the disposition says outside the transaction.

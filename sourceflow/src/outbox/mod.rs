@@ -160,7 +160,7 @@ impl Outbox {
 #[derive(Debug, Clone)]
 pub struct Row {
     pub(crate) message_id: String,
-    pub(crate) kind: &'static str,
+    pub(crate) kind: MessageKind,
     pub(crate) wire_name: String,
     pub(crate) destination: String,
     pub(crate) body: String,
@@ -180,7 +180,7 @@ impl Row {
             })?;
         Ok(Row {
             message_id: out.message_id,
-            kind: kind_label(M::KIND),
+            kind: M::KIND,
             wire_name: M::NAME.to_string(),
             destination,
             body: out.body,
@@ -195,6 +195,7 @@ impl Row {
     }
 }
 
+/// The `kind` column: `command` or `event`.
 fn kind_label(kind: MessageKind) -> &'static str {
     match kind {
         MessageKind::Command => "command",
@@ -202,7 +203,29 @@ fn kind_label(kind: MessageKind) -> &'static str {
     }
 }
 
+/// A `kind` column read back (anything but `event` is a command, as it was stored).
+fn kind_of(label: &str) -> MessageKind {
+    match label {
+        "event" => MessageKind::Event,
+        _ => MessageKind::Command,
+    }
+}
+
+pub(crate) use sql::backlog;
 #[cfg(feature = "postgres")]
 pub(crate) use sql::insert_postgres;
 #[cfg(feature = "sqlite")]
 pub(crate) use sql::insert_sqlite;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_kind_reads_back_as_itself() {
+        for kind in [MessageKind::Command, MessageKind::Event] {
+            assert_eq!(kind_of(kind_label(kind)), kind);
+        }
+        assert_eq!(kind_label(MessageKind::Event), "event");
+    }
+}

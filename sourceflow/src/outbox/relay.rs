@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use super::sql::{self, Leased};
 use crate::dispatch::{Dispatcher, Pending};
 use crate::envelope::OutgoingMessage;
-use crate::message::MessageKind;
 use crate::retry::RetryPolicy;
 use crate::tx::SqlPool;
 
@@ -107,17 +106,9 @@ impl Relay {
         let (pending, unsendable) = self.prepare(rows);
         for (id, reason) in &unsendable {
             tracing::error!(row = id, reason = %reason, "outbox relay: a stored message cannot be sent; it is retried with backoff");
-        }
-        if let Some((_, reason)) = unsendable.first() {
-            let ids: Vec<i64> = unsendable.iter().map(|(id, _)| *id).collect();
-            sql::back_off(
-                &self.pool,
-                &token,
-                &ids,
-                self.settings.backoff.delay(10),
-                reason,
-            )
-            .await?;
+            // Each with its own reason (a rare path: one statement per row).
+            let backoff = self.settings.backoff.delay(10);
+            sql::back_off(&self.pool, &token, &[*id], backoff, reason).await?;
         }
         let ids: Vec<(i64, String)> = pending
             .iter()
@@ -180,10 +171,6 @@ impl Relay {
                     row.wire_name
                 )
             })?;
-        let kind = match row.kind {
-            "event" => MessageKind::Event,
-            _ => MessageKind::Command,
-        };
         let message = OutgoingMessage {
             body: row.body,
             attributes,
@@ -196,8 +183,13 @@ impl Relay {
             wire_name: Cow::Owned(row.wire_name.clone()),
             message_id: row.message_id,
         };
-        crate::dispatch::pending_to(kind, &row.wire_name, Arc::from(row.destination), message)
-            .map_err(|e| e.to_string())
+        crate::dispatch::pending_to(
+            row.kind,
+            &row.wire_name,
+            Arc::from(row.destination),
+            message,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -244,9 +236,4 @@ impl Wake {
             }
         }
     }
-}
-
-/// Rows waiting in the outbox (sent rows are deleted).
-pub(crate) async fn backlog(pool: &SqlPool) -> Result<i64, sqlx::Error> {
-    sql::backlog(pool).await
 }

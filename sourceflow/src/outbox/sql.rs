@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::Row;
+use super::{kind_label, kind_of, Row};
 use crate::idempotency::record::millis;
 #[cfg(feature = "sqlite")]
 use crate::idempotency::record::now_millis;
@@ -48,7 +48,7 @@ pub(crate) async fn insert_postgres(conn: &mut sqlx::PgConnection, row: &Row) ->
                  (extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
     )
     .bind(&row.message_id)
-    .bind(row.kind)
+    .bind(kind_label(row.kind))
     .bind(&row.wire_name)
     .bind(&row.destination)
     .bind(&row.body)
@@ -76,7 +76,7 @@ pub(crate) async fn insert_sqlite(conn: &mut sqlx::SqliteConnection, row: &Row) 
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )
     .bind(&row.message_id)
-    .bind(row.kind)
+    .bind(kind_label(row.kind))
     .bind(&row.wire_name)
     .bind(&row.destination)
     .bind(&row.body)
@@ -190,14 +190,6 @@ where
     })
 }
 
-fn kind_of(label: &str) -> &'static str {
-    if label == "event" {
-        "event"
-    } else {
-        "command"
-    }
-}
-
 /// Deletes the rows the broker accepted (still under this relay's lease).
 pub(crate) async fn delete_sent(pool: &SqlPool, token: &str, ids: &[i64]) -> SqlResult<()> {
     if ids.is_empty() {
@@ -291,7 +283,7 @@ pub(crate) async fn prune_keys(pool: &SqlPool) -> SqlResult<u64> {
     }
 }
 
-/// Rows waiting to be sent.
+/// Rows waiting to be sent (sent rows are deleted).
 pub(crate) async fn backlog(pool: &SqlPool) -> SqlResult<i64> {
     let q = "SELECT count(*) FROM sourceflow_outbox";
     match pool {

@@ -305,7 +305,7 @@ impl Handle {
         else {
             return Ok(None);
         };
-        let n = crate::outbox::relay::backlog(&pool)
+        let n = crate::outbox::backlog(&pool)
             .await
             .map_err(|e| crate::Error::Store {
                 store: pool.kind().store(),

@@ -125,9 +125,13 @@ pub(crate) mod in_tx {
     ) -> Result<bool> {
         match tx {
             #[cfg(feature = "postgres")]
-            TxSlot::Postgres(t) => super::postgres::complete_in(t, key, token, ttl, outbox).await,
+            TxSlot::Postgres(t) => {
+                super::postgres::complete_row(&mut **t, key, token, ttl, outbox).await
+            }
             #[cfg(feature = "sqlite")]
-            TxSlot::Sqlite(t) => super::sqlite::complete_in(t, key, token, ttl, outbox).await,
+            TxSlot::Sqlite(t) => {
+                super::sqlite::complete_row(&mut **t, key, token, ttl, outbox).await
+            }
         }
     }
 

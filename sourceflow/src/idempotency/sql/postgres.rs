@@ -126,7 +126,8 @@ async fn existing_row<'e>(e: impl PgExecutor<'e>, key: &str) -> Result<Option<Ex
         .map_err(store_error(STORE, "claim"))
 }
 
-async fn complete_row<'e>(
+/// Completes a claim (on the pool, or inside a transaction: [`crate::tx`]).
+pub(crate) async fn complete_row<'e>(
     e: impl PgExecutor<'e>,
     key: &str,
     token: &str,
@@ -168,17 +169,6 @@ pub(crate) async fn claim_in(
         }
     }
     Ok(ClaimTries::contended())
-}
-
-/// Completes a claim inside the transaction on `conn`.
-pub(crate) async fn complete_in(
-    conn: &mut PgConnection,
-    key: &str,
-    token: &str,
-    ttl: Duration,
-    outbox: Option<&str>,
-) -> Result<bool> {
-    complete_row(conn, key, token, ttl, outbox).await
 }
 
 /// Records what a rolled-back claim leaves to record (see [`crate::idempotency::sql`]).
