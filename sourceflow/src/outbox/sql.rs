@@ -119,7 +119,10 @@ pub(crate) async fn lease(
                 .bind(LEASE_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            let now = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+            // One instant for the whole statement (`clock_timestamp()` moves while it runs:
+            // a lease expiring between the check of a row and that of its key's blocker let
+            // a later row of the key go ahead of an earlier one).
+            let now = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint";
             let due = DUE.replace(":now", now).replace(":limit", "$1");
             let sql = format!(
                 "UPDATE sourceflow_outbox SET leased_until = {now} + $2, lease_token = $3,
