@@ -1,5 +1,6 @@
 //! FIFO queues: order per message group, a group held back while one of its messages is in
-//! flight, the deduplication window, and the group id they require.
+//! flight, the deduplication window, the group id they require, and a group's order kept
+//! through a partial failure of a call.
 //!
 //! Not tested, on purpose: returning a *later* message of a group (visibility zero) while
 //! the head is still in flight. SQS then still delivers nothing of the group until the head
@@ -10,9 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use sourceflow::transport::EntryError;
+use sourceflow::transport::{EntryError, SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
 
-use crate::world::{bodies, failures, fifo_msg, msg, World, PATIENCE};
+use crate::world::{bodies, failures, fifo_msg, msg, sized, World, PATIENCE};
 
 #[tokio::test]
 async fn fifo_keeps_order_per_group_and_holds_a_group_while_in_flight() {
@@ -144,4 +145,82 @@ async fn a_fifo_message_without_a_group_is_refused() {
     assert!(matches!(s[..], [(1, EntryError::Refused(_))]), "{s:?}");
     let got = w.drain(&q, 2, PATIENCE).await;
     assert_eq!(bodies(&got), ["one", "two"]);
+}
+
+/// A FIFO message of group `group` one byte over `limit`.
+fn oversize(limit: usize, group: &str) -> sourceflow::envelope::OutgoingMessage {
+    let mut m = sized(limit + 1);
+    m.group_id = Some(group.to_string());
+    m.dedup_id = Some(format!("{group}-oversize"));
+    m
+}
+
+/// What a call with a refused message of group `a` in the middle must report: the refused
+/// one, and the later message of its group held back (retryable); group `b` is untouched.
+fn assert_held(s: &[(usize, EntryError)]) {
+    assert!(
+        matches!(
+            s,
+            [(1, EntryError::Refused(_)), (2, EntryError::Transient(why))] if why.contains("held back")
+        ),
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_message_holds_back_the_rest_of_its_group_in_the_call() {
+    let w = World::new().await;
+    let q = w.fifo_queue("hold").await;
+    let s = failures(
+        w.t.send(
+            &q,
+            vec![
+                fifo_msg("a1", "a", "a1"),
+                oversize(SQS_MAX_MESSAGE_BYTES, "a"),
+                fifo_msg("a3", "a", "a3"),
+                fifo_msg("b1", "b", "b1"),
+            ],
+        )
+        .await,
+    );
+    assert_held(&s);
+    let got = w.drain(&q, 2, PATIENCE).await;
+    let mut got = bodies(&got);
+    got.sort();
+    assert_eq!(got, ["a1", "b1"], "a3 did not overtake the refused message");
+    w.nothing_until(
+        &q,
+        Instant::now() + Duration::from_secs(2),
+        "a held message",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_publish_holds_back_the_rest_of_its_group_in_the_call() {
+    let w = World::new().await;
+    let (topic, queues) = w.topic_with("hold", true, &[("held", &[])]).await;
+    let s = failures(
+        w.t.publish(
+            &topic,
+            vec![
+                fifo_msg("a1", "a", "a1"),
+                oversize(SNS_MAX_MESSAGE_BYTES, "a"),
+                fifo_msg("a3", "a", "a3"),
+                fifo_msg("b1", "b", "b1"),
+            ],
+        )
+        .await,
+    );
+    assert_held(&s);
+    let got = w.drain(&queues[0], 2, PATIENCE).await;
+    let mut got = bodies(&got);
+    got.sort();
+    assert_eq!(got, ["a1", "b1"], "a3 did not overtake the refused message");
+    w.nothing_until(
+        &queues[0],
+        Instant::now() + Duration::from_secs(2),
+        "a held message",
+    )
+    .await;
 }

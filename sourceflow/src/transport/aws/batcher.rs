@@ -15,14 +15,16 @@
 //! transport, so it ends when the transport (and with it every sender) is dropped.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::Range;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::LINGER;
+use crate::envelope::OutgoingMessage;
 use crate::error::EntryError;
-use crate::transport::MAX_BATCH_ENTRIES;
+use crate::transport::{GroupHold, MAX_BATCH_ENTRIES};
 
 /// The entries of a call that were not done: index among the entries given, and why.
 pub(crate) type Failures = Vec<(usize, EntryError)>;
@@ -176,6 +178,44 @@ pub(crate) fn reindex(failures: Failures, positions: &[usize]) -> Failures {
         .collect()
 }
 
+/// Does `messages` in the batch calls [`chunks`] cuts (at most [`MAX_BATCH_ENTRIES`] and
+/// `max_bytes` each), one call after the other, keeping each FIFO group's order through
+/// failures: an entry whose group already has an entry not done is held back, not sent.
+/// `call` does one batch call: it gets the indices (into `messages`) to carry and reports
+/// the failed ones by the same indices.
+pub(crate) async fn in_group_order<F, Fut>(
+    messages: &[OutgoingMessage],
+    max_bytes: usize,
+    mut call: F,
+) -> Failures
+where
+    F: FnMut(Vec<usize>) -> Fut,
+    Fut: Future<Output = Failures>,
+{
+    let sizes: Vec<usize> = messages.iter().map(OutgoingMessage::size).collect();
+    let mut hold = GroupHold::default();
+    let mut failures = Vec::new();
+    for range in chunks(&sizes, None, MAX_BATCH_ENTRIES, max_bytes) {
+        let mut carry = Vec::with_capacity(range.len());
+        for i in range {
+            match hold.check(&messages[i]) {
+                Some(held) => failures.push((i, held)),
+                None => carry.push(i),
+            }
+        }
+        if carry.is_empty() {
+            continue;
+        }
+        let done = call(carry).await;
+        for (i, _) in &done {
+            hold.stop(&messages[*i]);
+        }
+        failures.extend(done);
+    }
+    failures.sort_by_key(|(i, _)| *i);
+    failures
+}
+
 /// Splits entries into batch calls: at most `max_entries` and at most `max_bytes` in total
 /// each, never two entries with the same key (a receipt) in one call, order kept. An entry
 /// larger than `max_bytes` gets a call of its own (and is refused there; callers check
@@ -212,6 +252,63 @@ mod tests {
 
     fn t(why: &str) -> EntryError {
         EntryError::Transient(why.into())
+    }
+
+    fn grouped(group: Option<&str>, i: usize) -> OutgoingMessage {
+        OutgoingMessage {
+            body: i.to_string(),
+            attributes: vec![],
+            group_id: group.map(str::to_string),
+            dedup_id: None,
+            delay: None,
+            wire_name: "t".into(),
+            message_id: i.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_holds_back_the_later_messages_of_its_groups() {
+        // 25 messages of groups a, b and none, in calls 0..10, 10..20, 20..25; the first
+        // call fails message 3 (group a) and the second fails as a whole.
+        let group = |i: usize| match i % 3 {
+            0 => Some("a"),
+            1 => Some("b"),
+            _ => None,
+        };
+        let messages: Vec<_> = (0..25).map(|i| grouped(group(i), i)).collect();
+        let mut calls = Vec::new();
+        let failures = in_group_order(&messages, usize::MAX, |carry| {
+            calls.push(carry.clone());
+            let failed: Failures = match calls.len() {
+                1 => vec![(3, t("a fault"))],
+                2 => carry.iter().map(|i| (*i, t("down"))).collect(),
+                _ => Vec::new(),
+            };
+            async move { failed }
+        })
+        .await;
+        let a_after_3 = |i: usize| i > 3 && group(i) == Some("a");
+        let second: Vec<usize> = (10..20).filter(|i| !a_after_3(*i)).collect();
+        let third: Vec<usize> = (20..25).filter(|i| group(*i).is_none()).collect();
+        assert_eq!(
+            calls,
+            vec![(0..10).collect(), second.clone(), third.clone()]
+        );
+        // Failed: 3; held: a's in the later calls (6 and 9 went in the same call as 3);
+        // 10..20 (down) and what they hold back of b.
+        let mut want: Vec<usize> = (0..25)
+            .filter(|i| *i == 3 || (a_after_3(*i) && *i >= 10) || (10..20).contains(i))
+            .chain((20..25).filter(|i| group(*i) == Some("b")))
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        let got: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
+        assert_eq!(got, want);
+        let held = failures
+            .iter()
+            .filter(|(_, e)| matches!(e, EntryError::Transient(w) if w.contains("held back")))
+            .count();
+        assert!(held > 0, "{failures:?}");
     }
 
     #[test]

@@ -46,7 +46,9 @@ use self::batcher::{reindex, Batchers, Failures};
 use self::errors::{aws_error, sdk_error, Resource};
 use self::sns::PublishFlush;
 use self::sqs::{DeleteFlush, SendFlush, VisibilityFlush};
-use super::{BatchError, EntryError, QueueDepth, Receive, ReceivedMessage, Topology, Transport};
+use super::{
+    BatchError, EntryError, GroupHold, QueueDepth, Receive, ReceivedMessage, Topology, Transport,
+};
 use crate::envelope::OutgoingMessage;
 use crate::error::{Error, Result};
 
@@ -430,6 +432,21 @@ fn outcome(
     })
 }
 
+/// [`checked`] for messages to send or publish: a refused message also holds back the
+/// later messages of its FIFO group (see [`GroupHold`]).
+fn checked_messages(
+    messages: Vec<OutgoingMessage>,
+    mut check: impl FnMut(&OutgoingMessage) -> std::result::Result<(), EntryError>,
+) -> (Vec<OutgoingMessage>, Vec<usize>, Failures) {
+    let mut hold = GroupHold::default();
+    checked(messages, |m| {
+        if let Some(held) = hold.check(m) {
+            return Err(held);
+        }
+        check(m).inspect_err(|_| hold.stop(m))
+    })
+}
+
 /// Splits a caller's entries into those to send and those refused by `check`; the first
 /// comes with each kept entry's position in the caller's input.
 fn checked<T>(
@@ -467,7 +484,8 @@ impl Transport for AwsTransport {
         messages: Vec<OutgoingMessage>,
     ) -> std::result::Result<(), BatchError> {
         let total = messages.len();
-        let (kept, positions, mut failed) = checked(messages, |m| sqs::check_send(queue, m));
+        let (kept, positions, mut failed) =
+            checked_messages(messages, |m| sqs::check_send(queue, m));
         if !kept.is_empty() {
             match self.url_for(queue, &positions).await {
                 Ok(url) => {
@@ -495,7 +513,8 @@ impl Transport for AwsTransport {
         messages: Vec<OutgoingMessage>,
     ) -> std::result::Result<(), BatchError> {
         let total = messages.len();
-        let (kept, positions, mut failed) = checked(messages, |m| sns::check_publish(topic, m));
+        let (kept, positions, mut failed) =
+            checked_messages(messages, |m| sns::check_publish(topic, m));
         if !kept.is_empty() {
             match self.topic_arn(topic).await {
                 Ok(arn) => {

@@ -10,12 +10,12 @@ use async_trait::async_trait;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use aws_sdk_sns::Client;
 
-use super::batcher::{chunks, Failures, Flush};
+use super::batcher::{in_group_order, Failures, Flush};
 use super::errors::{aws_error, Resource};
 use super::retry::{with_retries, Answer, EntryFailure, POLICY};
 use crate::envelope::OutgoingMessage;
 use crate::error::EntryError;
-use crate::transport::{MAX_BATCH_ENTRIES, SNS_MAX_MESSAGE_BYTES};
+use crate::transport::SNS_MAX_MESSAGE_BYTES;
 
 /// Most bytes one `PublishBatch` carries, all entries together.
 pub(crate) const SNS_MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -77,65 +77,68 @@ impl Flush for PublishFlush {
     type Entry = OutgoingMessage;
 
     async fn flush(&self, messages: Vec<OutgoingMessage>) -> Failures {
-        let sizes: Vec<usize> = messages.iter().map(OutgoingMessage::size).collect();
-        let mut failures = Vec::new();
-        for range in chunks(&sizes, None, MAX_BATCH_ENTRIES, SNS_MAX_BATCH_BYTES) {
-            let offset = range.start;
-            let chunk = &messages[range];
-            let built: Vec<_> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| publish_entry(i, m))
-                .collect();
-            let done = with_retries(chunk.len(), POLICY, |pending| {
-                let mut entries = Vec::with_capacity(pending.len());
-                let mut unbuilt = Vec::new();
-                for i in pending {
-                    match &built[i] {
-                        Ok(e) => entries.push(e.clone()),
-                        Err(e) => unbuilt.push(EntryFailure {
-                            id: i.to_string(),
-                            code: "InvalidEntry".into(),
-                            message: Some(e.to_string()),
-                            sender_fault: true,
-                        }),
-                    }
+        in_group_order(&messages, SNS_MAX_BATCH_BYTES, |carry| {
+            self.publish_batch(&messages, carry)
+        })
+        .await
+    }
+}
+
+impl PublishFlush {
+    /// One `PublishBatch` call (and its retries) for the entries `carry` of `messages`;
+    /// failures by index into `messages`.
+    async fn publish_batch(&self, messages: &[OutgoingMessage], carry: Vec<usize>) -> Failures {
+        let built: Vec<_> = carry
+            .iter()
+            .enumerate()
+            .map(|(k, i)| publish_entry(k, &messages[*i]))
+            .collect();
+        let done = with_retries(carry.len(), POLICY, |pending| {
+            let mut entries = Vec::with_capacity(pending.len());
+            let mut unbuilt = Vec::new();
+            for k in pending {
+                match &built[k] {
+                    Ok(e) => entries.push(e.clone()),
+                    Err(e) => unbuilt.push(EntryFailure {
+                        id: k.to_string(),
+                        code: "InvalidEntry".into(),
+                        message: Some(e.to_string()),
+                        sender_fault: true,
+                    }),
                 }
-                let call = self
-                    .sns
-                    .publish_batch()
-                    .topic_arn(&self.arn)
-                    .set_publish_batch_request_entries(Some(entries));
-                async move {
-                    let out = call.send().await.map_err(|e| {
-                        aws_error("PublishBatch", Resource::Topic(self.topic.clone()), &e)
-                            .entry_error()
-                    })?;
-                    let mut failed: Vec<EntryFailure> = out
-                        .failed()
-                        .iter()
-                        .map(|f| EntryFailure {
-                            id: f.id().to_string(),
-                            code: f.code().to_string(),
-                            message: f.message().map(str::to_string),
-                            sender_fault: f.sender_fault(),
-                        })
-                        .collect();
-                    failed.extend(unbuilt);
-                    Ok(Answer {
-                        succeeded: out
-                            .successful()
-                            .iter()
-                            .filter_map(|s| s.id().map(str::to_string))
-                            .collect(),
-                        failed,
+            }
+            let call = self
+                .sns
+                .publish_batch()
+                .topic_arn(&self.arn)
+                .set_publish_batch_request_entries(Some(entries));
+            async move {
+                let out = call.send().await.map_err(|e| {
+                    aws_error("PublishBatch", Resource::Topic(self.topic.clone()), &e).entry_error()
+                })?;
+                let mut failed: Vec<EntryFailure> = out
+                    .failed()
+                    .iter()
+                    .map(|f| EntryFailure {
+                        id: f.id().to_string(),
+                        code: f.code().to_string(),
+                        message: f.message().map(str::to_string),
+                        sender_fault: f.sender_fault(),
                     })
-                }
-            })
-            .await;
-            failures.extend(done.into_iter().map(|(i, e)| (i + offset, e)));
-        }
-        failures
+                    .collect();
+                failed.extend(unbuilt);
+                Ok(Answer {
+                    succeeded: out
+                        .successful()
+                        .iter()
+                        .filter_map(|s| s.id().map(str::to_string))
+                        .collect(),
+                    failed,
+                })
+            }
+        })
+        .await;
+        done.into_iter().map(|(k, e)| (carry[k], e)).collect()
     }
 }
 

@@ -17,7 +17,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 
-use super::batcher::{chunks, Failures, Flush};
+use super::batcher::{chunks, in_group_order, Failures, Flush};
 use super::errors::{aws_error, sdk_error, Resource};
 use super::retry::{with_retries, Answer, EntryFailure, POLICY};
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
@@ -143,53 +143,61 @@ impl Flush for SendFlush {
     }
 }
 
-/// `SendMessageBatch` calls for `messages`: at most 10 entries and 1 MiB each, failed
-/// entries retried as [`POLICY`] says.
+/// `SendMessageBatch` calls for `messages`: at most 10 entries and 1 MiB each, one after
+/// the other in group order (see [`in_group_order`]), failed entries retried as [`POLICY`]
+/// says.
 pub(crate) async fn send_batches(
     sqs: &Client,
     queue: &str,
     url: &str,
     messages: &[OutgoingMessage],
 ) -> Failures {
-    let sizes: Vec<usize> = messages.iter().map(OutgoingMessage::size).collect();
-    let mut failures = Vec::new();
-    for range in chunks(&sizes, None, MAX_BATCH_ENTRIES, SQS_MAX_BATCH_BYTES) {
-        let offset = range.start;
-        let chunk = &messages[range];
-        let built: Vec<_> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, m)| send_entry(i, m))
-            .collect();
-        let done = with_retries(chunk.len(), POLICY, |pending| {
-            let mut entries = Vec::with_capacity(pending.len());
-            let mut refused = Vec::new();
-            for i in pending {
-                match &built[i] {
-                    Ok(e) => entries.push(e.clone()),
-                    Err(e) => refused.push((i, e.clone())),
-                }
+    in_group_order(messages, SQS_MAX_BATCH_BYTES, |carry| {
+        send_batch(sqs, queue, url, messages, carry)
+    })
+    .await
+}
+
+/// One `SendMessageBatch` call (and its retries) for the entries `carry` of `messages`;
+/// failures by index into `messages`.
+async fn send_batch(
+    sqs: &Client,
+    queue: &str,
+    url: &str,
+    messages: &[OutgoingMessage],
+    carry: Vec<usize>,
+) -> Failures {
+    let built: Vec<_> = carry
+        .iter()
+        .enumerate()
+        .map(|(k, i)| send_entry(k, &messages[*i]))
+        .collect();
+    let done = with_retries(carry.len(), POLICY, |pending| {
+        let mut entries = Vec::with_capacity(pending.len());
+        let mut refused = Vec::new();
+        for k in pending {
+            match &built[k] {
+                Ok(e) => entries.push(e.clone()),
+                Err(e) => refused.push((k, e.clone())),
             }
-            let call = sqs
-                .send_message_batch()
-                .queue_url(url)
-                .set_entries(Some(entries));
-            async move {
-                let out = call.send().await.map_err(|e| {
-                    aws_error("SendMessageBatch", Resource::Queue(queue.to_string()), &e)
-                        .entry_error()
-                })?;
-                Ok(answer(
-                    out.successful().iter().map(|s| s.id().to_string()),
-                    out.failed(),
-                    refused,
-                ))
-            }
-        })
-        .await;
-        failures.extend(done.into_iter().map(|(i, e)| (i + offset, e)));
-    }
-    failures
+        }
+        let call = sqs
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries));
+        async move {
+            let out = call.send().await.map_err(|e| {
+                aws_error("SendMessageBatch", Resource::Queue(queue.to_string()), &e).entry_error()
+            })?;
+            Ok(answer(
+                out.successful().iter().map(|s| s.id().to_string()),
+                out.failed(),
+                refused,
+            ))
+        }
+    })
+    .await;
+    done.into_iter().map(|(k, e)| (carry[k], e)).collect()
 }
 
 /// The answer of a batch call, with the entries that could not even be built reported as

@@ -939,7 +939,8 @@ mod tests {
         assert_eq!(t.depth(&q).unwrap().total(), 2);
         let mut fifo_delayed = msg("late", Some("g"));
         fifo_delayed.delay = Some(Duration::from_secs(1));
-        let mut zero_delay = msg("zero", Some("g"));
+        // Of another group: a later message of `g` is held back behind the refused one.
+        let mut zero_delay = msg("zero", Some("h"));
         zero_delay.delay = Some(Duration::ZERO);
         let r = failed(
             tf.send(

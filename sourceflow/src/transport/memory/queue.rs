@@ -17,8 +17,8 @@ use tokio::time::Instant;
 
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::transport::{
-    EntryError, QueueDepth, ReceivedMessage, FIFO_DEDUP_WINDOW, MAX_DELAY, MAX_VISIBILITY,
-    SQS_MAX_MESSAGE_BYTES,
+    EntryError, GroupHold, QueueDepth, ReceivedMessage, FIFO_DEDUP_WINDOW, MAX_DELAY,
+    MAX_VISIBILITY, SQS_MAX_MESSAGE_BYTES,
 };
 
 /// Process-wide queue numbers, written into receipts: a receipt only works on the queue
@@ -188,10 +188,15 @@ impl Queue {
         }
         let mut st = self.state.lock();
         promote(self, &mut st, now);
+        let mut hold = GroupHold::default();
         for (i, m) in messages.enumerate() {
-            match self.refusal(&m) {
-                Some(reason) => failed.push((i, EntryError::Refused(reason))),
-                None => self.store(&mut st, m, now),
+            if let Some(held) = hold.check(&m) {
+                failed.push((i, held));
+            } else if let Some(reason) = self.refusal(&m) {
+                hold.stop(&m);
+                failed.push((i, EntryError::Refused(reason)));
+            } else {
+                self.store(&mut st, m, now);
             }
         }
         drop(st);

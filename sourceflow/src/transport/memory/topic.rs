@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::queue::Queue;
 use crate::envelope::OutgoingMessage;
 use crate::filter::FilterPolicy;
-use crate::transport::{EntryError, SNS_MAX_MESSAGE_BYTES};
+use crate::transport::{EntryError, GroupHold, SNS_MAX_MESSAGE_BYTES};
 
 /// A topic of the embedded broker.
 pub(super) struct Topic {
@@ -81,10 +81,15 @@ impl Topic {
     ) -> Vec<(usize, EntryError)> {
         let mut failed = Vec::new();
         let mut accepted = Vec::with_capacity(messages.len());
+        let mut hold = GroupHold::default();
         for (i, m) in messages.into_iter().enumerate() {
-            match self.refusal(name, &m) {
-                Some(reason) => failed.push((i, EntryError::Refused(reason))),
-                None => accepted.push(m),
+            if let Some(held) = hold.check(&m) {
+                failed.push((i, held));
+            } else if let Some(reason) = self.refusal(name, &m) {
+                hold.stop(&m);
+                failed.push((i, EntryError::Refused(reason)));
+            } else {
+                accepted.push(m);
             }
         }
         if !accepted.is_empty() {
