@@ -127,10 +127,11 @@ async fn coalesced_deletes_share_one_call_and_a_garbage_receipt_fails_only_its_c
         t.delete(&q, vec![got[1].receipt.clone()]),
     );
     assert_eq!(
-        counter.total(),
-        1,
+        counter.by_operation(),
+        vec![("DeleteMessageBatch".to_string(), 1)],
         "one DeleteMessageBatch for the three callers"
     );
+    assert_eq!(counter.total(), 1);
     assert_eq!(
         first,
         Ok(()),
@@ -160,7 +161,11 @@ async fn ten_messages_of_200_kib_are_split_by_bytes_and_all_arrive() {
     t.send(&q, messages).await.expect("all ten sent");
     // 10 × 200 KiB is 2 MiB: two SendMessageBatch calls of five (1,000 KiB each). The
     // emulator takes a 2 MiB batch; SQS refuses anything over 1 MiB.
-    assert_eq!(counter.total(), 2, "split by bytes, not only by count");
+    assert_eq!(
+        counter.by_operation(),
+        vec![("SendMessageBatch".to_string(), 2)],
+        "split by bytes, not only by count"
+    );
     let mut got: Vec<String> = receive_n(&t, &q, 10)
         .await
         .into_iter()
@@ -220,10 +225,19 @@ async fn a_delay_on_a_fifo_queue_is_refused() {
         .send(&q, vec![fifo("one"), delayed, fifo("two")])
         .await
         .expect_err("refused");
-    assert_eq!(err.failed_indices().collect::<Vec<_>>(), vec![1], "{err}");
+    // The later message of its group is held back behind it (FIFO order first).
+    assert_eq!(
+        err.failed_indices().collect::<Vec<_>>(),
+        vec![1, 2],
+        "{err}"
+    );
     // Refused here, before the wire (the emulator's own refusal reads differently).
     assert!(
         matches!(err.error_of(1), Some(EntryError::Refused(why)) if why.contains("takes no per-message delay")),
+        "{err}"
+    );
+    assert!(
+        matches!(err.error_of(2), Some(EntryError::Transient(why)) if why.contains("held back")),
         "{err}"
     );
     let bodies: Vec<String> = receive_n(&t, &q, 2)
@@ -231,7 +245,7 @@ async fn a_delay_on_a_fifo_queue_is_refused() {
         .into_iter()
         .map(|m| m.body)
         .collect();
-    assert_eq!(bodies, vec!["one", "two"], "in order");
+    assert_eq!(bodies, vec!["one"], "nothing overtook the refused message");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

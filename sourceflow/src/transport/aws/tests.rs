@@ -245,3 +245,24 @@ async fn publishes_are_split_at_256_kib() {
     assert_eq!(flush.flush(big).await, vec![]);
     assert_eq!(fake.requests().len(), 2, "100 + 100 KiB, then 100 KiB");
 }
+
+#[test]
+fn the_request_counter_reads_the_operation_of_sqs_and_sns_requests() {
+    use super::operation_of;
+    assert_eq!(
+        operation_of(Some("AmazonSQS.ReceiveMessage"), Some(b"{}")),
+        "ReceiveMessage"
+    );
+    assert_eq!(
+        operation_of(
+            None,
+            Some(b"Action=PublishBatch&Version=2010-03-31&TopicArn=x")
+        ),
+        "PublishBatch"
+    );
+    assert_eq!(
+        operation_of(None, Some(b"Version=2010-03-31&Action=Subscribe")),
+        "Subscribe"
+    );
+    assert_eq!(operation_of(None, None), "unknown");
+}
