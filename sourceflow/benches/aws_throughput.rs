@@ -64,6 +64,17 @@ pub(crate) async fn config() -> aws_config::SdkConfig {
 pub(crate) struct Run {
     pub(crate) elapsed: Duration,
     pub(crate) requests: u64,
+    /// Requests by API operation, most first.
+    pub(crate) operations: Vec<(String, u64)>,
+}
+
+/// `SendMessageBatch 0.100, ReceiveMessage 0.120, …`: requests per message by operation.
+pub(crate) fn per_operation(r: &Run) -> String {
+    r.operations
+        .iter()
+        .map(|(op, n)| format!("{op} {:.3}", *n as f64 / MESSAGES as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(crate) async fn framework(prefix: &str) -> Run {
@@ -111,8 +122,13 @@ pub(crate) async fn framework(prefix: &str) -> Run {
     }
     let elapsed = start.elapsed();
     let requests = counter.total();
+    let operations = counter.by_operation();
     app.shutdown().await.expect("shutdown");
-    Run { elapsed, requests }
+    Run {
+        elapsed,
+        requests,
+        operations,
+    }
 }
 
 pub(crate) async fn hand_written(queue_url: &str) -> Run {
@@ -230,6 +246,7 @@ pub(crate) async fn hand_written(queue_url: &str) -> Run {
     Run {
         elapsed: start.elapsed(),
         requests: counter.total(),
+        operations: counter.by_operation(),
     }
 }
 
@@ -283,5 +300,8 @@ fn main() {
             o.requests as f64 / MESSAGES as f64
         );
         println!("ratio: {:.2} of the hand-written loop", rate(&o) / rate(&t));
+        println!("requests/msg by operation:");
+        println!("  hand-written: {}", per_operation(&t));
+        println!("  sourceflow:   {}", per_operation(&o));
     });
 }

@@ -209,3 +209,44 @@ async fn a_message_taken_by_the_receive_in_flight_at_shutdown_is_handed_back() {
     assert_eq!(*seen.0.lock().expect("lock"), vec![7]);
     second.shutdown().await.expect("shutdown");
 }
+
+/// A poller receives a whole batch even when fewer handlers can start; what waits for a
+/// slot is held invisible, so at shutdown it must be handed back at once, untouched — not
+/// left for the visibility timeout (300 s here, past the test's patience).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_received_ahead_and_waiting_for_a_slot_are_handed_back_at_shutdown() {
+    let h = Harness::new().await;
+    let jobs = Jobs::default();
+    let service = || {
+        h.service("shutdown-ahead", module_path!())
+            .state(jobs.clone())
+            .concurrency(1)
+            .visibility_timeout(Duration::from_secs(300))
+    };
+    // A first start provisions the queue; then ten jobs wait in it, sent in one call, so
+    // that the next start's first receive takes them all with one slot free.
+    let provisioned = service().start().await.expect("provision");
+    let queue = provisioned.queue_of::<Job>();
+    provisioned.shutdown().await.expect("shutdown");
+    let batch = (0..10)
+        .map(|id| sourceflow::envelope::encode(&Job { id }, Default::default()).expect("encode"))
+        .collect();
+    h.transport.send(&queue, batch).await.expect("send");
+    let first = service().start().await.expect("start");
+    eventually("a job started", || async {
+        !jobs.started.lock().expect("lock").is_empty()
+    })
+    .await;
+    let report = first.shutdown().await.expect("shutdown");
+    assert_eq!(report.abandoned, 0, "{report:?}");
+    assert!(
+        report.returned >= 1,
+        "what waited for a slot was handed back: {report:?}"
+    );
+    let second = service().start().await.expect("restart");
+    eventually("all 10 jobs done", || async { jobs.done_count() == 10 }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done = jobs.done.lock().expect("lock").clone();
+    assert!(done.values().all(|n| *n == 1), "a job ran twice: {done:?}");
+    second.shutdown().await.expect("shutdown");
+}

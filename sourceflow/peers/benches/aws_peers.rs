@@ -127,6 +127,7 @@ async fn omniqueue_side(queue_url: &str) -> Run {
     Run {
         elapsed: start.elapsed(),
         requests: counter.total(),
+        operations: counter.by_operation(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! The listener: where a received message goes.
 //!
-//! One listener per queue the service consumes. Its pollers ([`poll`]) keep at most
-//! `concurrency` messages in hand and ask the broker for no more than can start now. Each
+//! One listener per queue the service consumes. Its pollers ([`poll`]) run at most
+//! `concurrency` handlers, ask for a full batch whenever one can start (what cannot start
+//! yet waits for a slot, kept invisible by the heartbeat: at most one batch per poller),
+//! and under load are paced ([`pacer`]) so that each receive returns a fuller batch. Each
 //! receive becomes units of work ([`unit`]): a single message, or on a FIFO queue the
 //! messages of one group, in order (groups run in parallel). Every message then goes
 //! through the [`stages`]:
@@ -29,6 +31,7 @@
 mod disposition;
 mod heartbeat;
 mod ledger;
+mod pacer;
 mod poll;
 mod settle;
 mod stages;
@@ -113,6 +116,8 @@ pub(crate) struct ListenerConfig {
     pub max_attempts: u32,
     pub visibility_timeout: Duration,
     pub receive_wait: Duration,
+    /// Longest pause of the pollers under load before a receive (see [`pacer`]).
+    pub receive_linger: Duration,
     pub shutdown_timeout: Duration,
     pub idempotency: Option<Arc<idempotency::Settings>>,
     pub permanent: PermanentErrors,
@@ -145,6 +150,7 @@ pub(crate) struct Listener {
     tx_pool: Option<crate::tx::SqlPool>,
     pub(crate) liveness: Arc<Liveness>,
     heartbeat: Heartbeat,
+    pacer: pacer::Pacer,
     ledger: Ledger,
     drain: Drain,
 }
@@ -153,6 +159,7 @@ impl Listener {
     pub(crate) fn new(c: ListenerConfig) -> Arc<Self> {
         Arc::new(Listener {
             heartbeat: Heartbeat::new(c.visibility_timeout),
+            pacer: pacer::Pacer::new(c.receive_linger),
             dispatcher: c.dispatcher,
             queue: c.queue,
             dead_letter_queue: c.dead_letter_queue,

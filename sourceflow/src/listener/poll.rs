@@ -1,5 +1,12 @@
-//! The poll loop: receive as much as can start now, hand it to units, and at shutdown
-//! await the receive in flight and give back what it got.
+//! The poll loop: receive a full batch whenever a handler slot is free, hand it to units,
+//! and at shutdown await the receive in flight and give back what it got.
+//!
+//! Receive ahead: a poller asks for [`MAX_BATCH_ENTRIES`] as soon as one slot is free, not
+//! for only as many as can start — a receive costs one request however many it returns.
+//! What cannot start yet waits for a slot in order (the slots are a fair semaphore, so the
+//! poller's own next wait queues behind it), its visibility kept by the heartbeat from the
+//! moment it is received. So each poller holds at most one batch beyond the concurrency
+//! limit; at shutdown what waits is handed back at once, untouched.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::heartbeat::Hold;
 use super::unit::group_in_order;
 use super::Listener;
 use crate::transport::{Receive, ReceivedMessage, MAX_BATCH_ENTRIES};
@@ -24,19 +32,25 @@ pub(crate) struct Units {
 }
 
 impl Listener {
-    /// Receives until the service stops. Asks only for as many messages as can start now,
-    /// so nothing waits in memory while invisible on the broker.
+    /// Receives until the service stops: a full batch whenever a slot is free (see the
+    /// module docs).
     pub(crate) async fn poll(self: Arc<Self>, slots: Arc<Semaphore>, units: Units) {
         loop {
             let Some(permits) = self.free_slots(&slots).await else {
                 return;
             };
+            let turn = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return,
+                t = self.pacer.wait() => t,
+            };
             let request = Receive {
-                max: permits.len(),
+                max: MAX_BATCH_ENTRIES,
                 wait: self.receive_wait,
                 visibility: self.visibility_timeout,
             };
             let transport = self.transport().clone();
+            let sent = tokio::time::Instant::now();
             let receive = transport.receive(&self.queue, request);
             tokio::pin!(receive);
             let received = tokio::select! {
@@ -58,7 +72,10 @@ impl Listener {
             match received {
                 Ok(messages) => {
                     self.liveness.polled();
-                    self.start(messages, permits, &units);
+                    self.pacer
+                        .received(MAX_BATCH_ENTRIES, messages.len(), sent.elapsed());
+                    drop(turn);
+                    self.start(messages, permits, &slots, &units);
                 }
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "receive failed; retrying in 1 s");
@@ -101,11 +118,13 @@ impl Listener {
         Some(permits)
     }
 
-    /// Hands received messages to units, one slot each.
+    /// Hands received messages to units: those with a slot start now, the rest wait for
+    /// one in order (their visibility kept by the heartbeat meanwhile).
     fn start(
         self: &Arc<Self>,
         messages: Vec<ReceivedMessage>,
-        mut permits: Vec<OwnedSemaphorePermit>,
+        permits: Vec<OwnedSemaphorePermit>,
+        slots: &Arc<Semaphore>,
         units: &Units,
     ) {
         if messages.is_empty() {
@@ -124,27 +143,46 @@ impl Listener {
         } else {
             messages.into_iter().map(|m| vec![m]).collect()
         };
-        let mut batch = batch.into_iter();
-        for unit in batch.by_ref() {
-            // Units never outnumber messages, and a transport returns at most `max`.
-            let Some(permit) = permits.pop() else {
-                let extra: Vec<ReceivedMessage> = unit.into_iter().chain(batch.flatten()).collect();
-                tracing::warn!(queue = %self.queue, extra = extra.len(), "the transport returned more messages than asked for; handing them back");
-                let this = self.clone();
-                units
-                    .tracker
-                    .spawn(async move { this.give_back(&extra).await });
-                return;
-            };
-            let this = self.clone();
-            let abandon = units.abandon.clone();
+        let mut permits = permits.into_iter();
+        for unit in batch {
+            let hold = self.heartbeat.hold(&unit);
+            let permit = permits.next();
+            let (this, slots, abandon) = (self.clone(), slots.clone(), units.abandon.clone());
             units.tracker.spawn(async move {
                 tokio::select! {
-                    _ = this.run_unit(unit) => {}
+                    _ = this.wait_and_run(unit, hold, permit, slots) => {}
                     _ = abandon.cancelled() => {}
                 }
-                drop(permit);
             });
         }
+    }
+
+    /// Runs a unit with its slot, or first waits for one; at shutdown a unit still waiting
+    /// goes back untouched.
+    async fn wait_and_run(
+        self: Arc<Self>,
+        unit: Vec<ReceivedMessage>,
+        hold: Hold,
+        permit: Option<OwnedSemaphorePermit>,
+        slots: Arc<Semaphore>,
+    ) {
+        let permit = match permit {
+            Some(p) => p,
+            None => {
+                let p = tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => None,
+                    p = slots.acquire_owned() => p.ok(),
+                };
+                let Some(p) = p else {
+                    drop(hold);
+                    self.give_back(&unit).await;
+                    return;
+                };
+                p
+            }
+        };
+        self.run_unit(unit, hold).await;
+        drop(permit);
     }
 }

@@ -19,8 +19,8 @@ use crate::transport::ReceivedMessage;
 impl Listener {
     /// Handles a unit until it is done or the service stops; what has not started by then
     /// goes back to the queue, in order.
-    pub(crate) async fn run_unit(self: Arc<Self>, unit: Vec<ReceivedMessage>) {
-        let hold = self.heartbeat.hold(&unit);
+    /// `hold` is the unit's registration with the heartbeat, made when it was received.
+    pub(crate) async fn run_unit(self: Arc<Self>, unit: Vec<ReceivedMessage>, hold: Hold) {
         let mut i = 0;
         let mut in_place = 0u32;
         while i < unit.len() {

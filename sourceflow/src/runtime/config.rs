@@ -129,6 +129,9 @@ impl Builder {
         let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
             .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
             .collect();
+        let receive_linger = self
+            .receive_linger
+            .unwrap_or_else(|| transport.receive_linger());
         Ok(Resolved {
             service,
             transport,
@@ -147,6 +150,7 @@ impl Builder {
                 DEFAULT_SHUTDOWN_TIMEOUT,
             )?,
             receive_wait: self.receive_wait.unwrap_or(DEFAULT_RECEIVE_WAIT),
+            receive_linger,
             liveness_slack: self.liveness_slack.unwrap_or(DEFAULT_LIVENESS_SLACK),
             retry: match self.retry {
                 Some(r) => r,
@@ -359,6 +363,7 @@ pub(super) struct Resolved {
     pub(super) visibility_timeout: Duration,
     pub(super) shutdown_timeout: Duration,
     pub(super) receive_wait: Duration,
+    pub(super) receive_linger: Duration,
     pub(super) retry: RetryPolicy,
     pub(super) infrastructure_retry: RetryPolicy,
     /// Set by the builder or the environment; else each queue's is ten times its attempts.

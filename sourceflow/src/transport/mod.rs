@@ -119,6 +119,13 @@ pub trait Transport: Send + Sync + 'static {
     /// receive that is in flight rather than dropping it.
     async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>>;
 
+    /// The longest pause a listener's pollers take under load before a receive, so that
+    /// it returns a fuller batch (the builder's `receive_linger` overrides it). Zero, the
+    /// default, for a broker whose receives cost nothing.
+    fn receive_linger(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// Ends the long polls in flight on `queue` now: they return what they took, maybe
     /// nothing. The listener calls it at shutdown before it awaits its receive in flight,
     /// so that stopping does not wait out a whole long poll. SQS has no such call — there a

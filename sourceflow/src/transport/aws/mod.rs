@@ -52,6 +52,9 @@ use super::{
 use crate::envelope::OutgoingMessage;
 use crate::error::{Error, Result};
 
+/// The AWS transport's [`Transport::receive_linger`].
+pub const RECEIVE_LINGER: Duration = Duration::from_millis(50);
+
 /// How long a batcher waits for more work before it calls SQS or SNS with what it has.
 pub const LINGER: Duration = Duration::from_millis(5);
 
@@ -127,7 +130,13 @@ impl Inner {
 /// AWS bills for. Attach it with [`AwsTransport::from_sdk_config_counted`], or to any SDK
 /// client config with `.interceptor(counter.clone())`.
 #[derive(Debug, Clone, Default)]
-pub struct RequestCounter(Arc<std::sync::atomic::AtomicU64>);
+pub struct RequestCounter(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: std::sync::atomic::AtomicU64,
+    by_operation: parking_lot::Mutex<HashMap<String, u64>>,
+}
 
 impl RequestCounter {
     /// A counter at zero.
@@ -137,13 +146,40 @@ impl RequestCounter {
 
     /// Requests counted so far.
     pub fn total(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests counted so far by API operation (`SendMessageBatch`, `ReceiveMessage`,
+    /// `PublishBatch`, …), most first; `unknown` for a request whose operation could not
+    /// be read.
+    pub fn by_operation(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .0
+            .by_operation
+            .lock()
+            .iter()
+            .map(|(op, n)| (op.clone(), *n))
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     /// Back to zero.
     pub fn reset(&self) {
-        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.0.total.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.0.by_operation.lock().clear();
     }
+}
+
+/// The API operation of a request: SQS (JSON protocol) names it in `X-Amz-Target`
+/// (`AmazonSQS.ReceiveMessage`), SNS (query protocol) in the body's `Action=` field.
+fn operation_of<'a>(target: Option<&'a str>, body: Option<&'a [u8]>) -> &'a str {
+    if let Some(target) = target {
+        return target.rsplit('.').next().unwrap_or(target);
+    }
+    body.and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|form| form.split('&').find_map(|kv| kv.strip_prefix("Action=")))
+        .unwrap_or("unknown")
 }
 
 impl aws_sdk_sqs::config::Intercept for RequestCounter {
@@ -153,11 +189,25 @@ impl aws_sdk_sqs::config::Intercept for RequestCounter {
 
     fn read_before_transmit(
         &self,
-        _context: &aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        context: &aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
         _runtime_components: &aws_sdk_sqs::config::RuntimeComponents,
         _cfg: &mut aws_sdk_sqs::config::ConfigBag,
     ) -> std::result::Result<(), aws_sdk_sqs::error::BoxError> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = context.request();
+        let op = operation_of(
+            request.headers().get("x-amz-target"),
+            request.body().bytes(),
+        );
+        let mut counts = self.0.by_operation.lock();
+        match counts.get_mut(op) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(op.to_string(), 1);
+            }
+        }
         Ok(())
     }
 }
@@ -476,6 +526,12 @@ impl Transport for AwsTransport {
 
     async fn provision(&self, topology: &Topology) -> Result<()> {
         self.provision_now(topology).await
+    }
+
+    /// 50 ms: each receive is a billed request, and under load a pause this short lets one
+    /// receive take a full batch instead of several taking one or two each.
+    fn receive_linger(&self) -> Duration {
+        RECEIVE_LINGER
     }
 
     async fn send(
