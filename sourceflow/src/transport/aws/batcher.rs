@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
@@ -112,12 +113,16 @@ fn every(total: usize, why: &str) -> Failures {
         .collect()
 }
 
-/// Gathers jobs and flushes them, until every sender is gone.
+/// Gathers jobs and flushes them, until every sender is gone. Lingering pays only under
+/// load: after a gathering of a single job (idle), the next one goes at once with what is
+/// already waiting, so an idle service adds no latency; once a gathering found company,
+/// the next one lingers up to [`LINGER`] for more.
 async fn worker<F: Flush>(flush: F, mut rx: mpsc::UnboundedReceiver<Job<F::Entry>>) {
+    let mut busy = false;
     while let Some(first) = rx.recv().await {
         let mut count = first.entries.len();
         let mut jobs = vec![first];
-        let linger = tokio::time::sleep(LINGER);
+        let linger = tokio::time::sleep(if busy { LINGER } else { Duration::ZERO });
         tokio::pin!(linger);
         while count < MAX_BATCH_ENTRIES {
             tokio::select! {
@@ -132,6 +137,7 @@ async fn worker<F: Flush>(flush: F, mut rx: mpsc::UnboundedReceiver<Job<F::Entry
                 _ = &mut linger => break,
             }
         }
+        busy = jobs.len() > 1;
         let mut entries = Vec::with_capacity(count);
         let mut lens = Vec::with_capacity(jobs.len());
         let mut replies = Vec::with_capacity(jobs.len());
@@ -374,6 +380,34 @@ mod tests {
                 .map(|(i, v)| (i, t(&v.to_string())))
                 .collect()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_caller_goes_at_once_and_company_makes_the_next_gathering_linger() {
+        let flushes = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let batchers: Arc<Batchers<OddFails>> = Arc::new(Batchers::default());
+        let mk = || {
+            let f = flushes.clone();
+            move || OddFails(f)
+        };
+        let start = tokio::time::Instant::now();
+        batchers.submit("q", vec![2], mk()).await;
+        assert_eq!(start.elapsed(), Duration::ZERO, "idle: no linger");
+        // Two callers at once (both waiting when the worker looks): one flush, and the
+        // worker is busy now, so a caller right after waits for company.
+        let (a, b) = tokio::join!(
+            batchers.submit("q", vec![4], mk()),
+            batchers.submit("q", vec![6], mk())
+        );
+        assert_eq!((a, b), (vec![], vec![]));
+        let start = tokio::time::Instant::now();
+        batchers.submit("q", vec![8], mk()).await;
+        assert_eq!(start.elapsed(), LINGER, "under load: lingers for company");
+        assert_eq!(*flushes.lock(), vec![1, 2, 1]);
+        // That gathering was alone again: the next caller goes at once.
+        let start = tokio::time::Instant::now();
+        batchers.submit("q", vec![10], mk()).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]
