@@ -194,16 +194,20 @@ impl Dispatcher {
                 MessageKind::Event => "publish",
             },
             messaging.batch.message_count = batch.len(),
-            sourceflow.service = %self.service,
+            sourceflow.service = self.service(),
+            otel.status_code = tracing::field::Empty,
         );
-        let wire_names: Vec<Cow<'static, str>> =
-            batch.iter().map(|m| m.wire_name.clone()).collect();
+        let wire_names = telemetry::BatchWireNames::of(batch.iter().map(|m| &m.wire_name));
         let started = std::time::Instant::now();
         let result = async {
-            match kind {
+            let result = match kind {
                 MessageKind::Command => self.transport.send(dest, batch).await,
                 MessageKind::Event => self.transport.publish(dest, batch).await,
+            };
+            if result.is_err() {
+                tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
             }
+            result
         }
         .instrument(span)
         .await;

@@ -189,6 +189,83 @@ async fn one_trace_crosses_two_services_through_a_queue_and_a_topic() {
     back.shutdown().await.expect("shutdown");
 }
 
+// ---- failures are marked on the spans --------------------------------------------------
+
+#[command(queue = "otel-flaky", name = "tests.Flaky.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Flaky {
+    pub id: u32,
+}
+
+mod flaky {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn flaky(_cmd: Flaky, ctx: &Context) -> sourceflow::Result<()> {
+        if ctx.receive_count() <= 1 {
+            return Err(sourceflow::Error::other("not yet"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_has_error_spans_and_the_retry_does_not() {
+    use opentelemetry::trace::Status;
+    let h = Harness::new().await;
+    let captured = telemetry();
+    let app = h
+        .service("status", flaky::MODULE)
+        .max_receive_count(3)
+        .start()
+        .await
+        .expect("start");
+    let root = tracing::info_span!("test.flaky");
+    let trace_id = root.context().span().span_context().trace_id();
+    app.send(Flaky { id: 1 })
+        .instrument(root.clone())
+        .await
+        .expect("send");
+    drop(root);
+    let named = |name: &str| {
+        captured
+            .spans
+            .get_finished_spans()
+            .expect("spans")
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id && s.name == name)
+            .collect::<Vec<_>>()
+    };
+    eventually("both attempts' process spans finished", || async {
+        named("sourceflow.process").len() == 2
+    })
+    .await;
+    let is_error =
+        |s: &opentelemetry_sdk::trace::SpanData| matches!(s.status, Status::Error { .. });
+    for name in ["sourceflow.process", "sourceflow.handler"] {
+        let spans = named(name);
+        assert_eq!(spans.len(), 2, "{name}: one per attempt");
+        assert_eq!(
+            spans.iter().filter(|s| is_error(s)).count(),
+            1,
+            "{name}: the failed attempt, not the retry, is an error"
+        );
+        assert!(
+            spans
+                .iter()
+                .all(|s| attr_str(&s.attributes, "otel.status_code").is_none()),
+            "{name}: the status is the span's status, not an attribute"
+        );
+    }
+    let dispatch = named("sourceflow.dispatch");
+    assert!(
+        !dispatch.is_empty() && dispatch.iter().all(|s| !is_error(s)),
+        "the send went through"
+    );
+    app.shutdown().await.expect("shutdown");
+}
+
 // ---- metrics after a known workload ----------------------------------------------------
 
 #[command(queue = "otel-work", name = "tests.Work.v1")]

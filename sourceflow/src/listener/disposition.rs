@@ -114,21 +114,23 @@ impl Disposition {
         })
     }
 
-    /// The `sourceflow.outcome` label of `sourceflow.message.processed`.
-    pub(crate) fn outcome(&self) -> &'static str {
+    /// The position of the `sourceflow.outcome` label of `sourceflow.message.processed` in
+    /// [`OUTCOMES`](crate::telemetry::OUTCOMES), which is also the position of its
+    /// precomputed attribute set.
+    pub(crate) fn outcome_index(&self) -> usize {
         match self {
-            Disposition::Ack(Ack::Success) => "success",
-            Disposition::Ack(Ack::Duplicate | Ack::TakenOver) => "duplicate",
+            Disposition::Ack(Ack::Success) => 0,
+            Disposition::Ack(Ack::Duplicate | Ack::TakenOver) => 1,
             Disposition::Retry(Retry {
                 cause: Cause::Handler { .. },
                 ..
-            }) => "error",
+            }) => 2,
             Disposition::Retry(Retry {
                 cause: Cause::Infrastructure,
                 ..
-            }) => "infrastructure_error",
-            Disposition::DeadLetter(_) => "dead_lettered",
-            Disposition::Return => "returned",
+            }) => 3,
+            Disposition::DeadLetter(_) => 4,
+            Disposition::Return => 5,
         }
     }
 
@@ -144,5 +146,37 @@ impl Disposition {
                 ..
             })
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::OUTCOMES;
+
+    #[test]
+    fn every_disposition_has_its_documented_outcome_label() {
+        let retry = |cause| {
+            Disposition::Retry(Retry {
+                cause,
+                after: Duration::ZERO,
+                reason: String::new(),
+            })
+        };
+        let cases = [
+            (Disposition::Ack(Ack::Success), "success"),
+            (Disposition::Ack(Ack::Duplicate), "duplicate"),
+            (Disposition::Ack(Ack::TakenOver), "duplicate"),
+            (retry(Cause::Handler { attempt: 1 }), "error"),
+            (retry(Cause::Infrastructure), "infrastructure_error"),
+            (
+                Disposition::dead_letter(DeadLetterKind::Failures, "x"),
+                "dead_lettered",
+            ),
+            (Disposition::Return, "returned"),
+        ];
+        for (d, label) in cases {
+            assert_eq!(OUTCOMES[d.outcome_index()], label, "{d:?}");
+        }
     }
 }

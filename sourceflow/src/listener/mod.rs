@@ -44,7 +44,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry::KeyValue;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,6 +54,7 @@ use crate::idempotency::{self, Release};
 use crate::outcome::PermanentErrors;
 use crate::registry::HandlerRoute;
 use crate::retry::RetryPolicy;
+use crate::telemetry::QueueAttributes;
 use crate::transport::{Transport, MAX_BATCH_ENTRIES};
 
 use heartbeat::Heartbeat;
@@ -153,6 +153,9 @@ pub(crate) struct Listener {
     pacer: pacer::Pacer,
     ledger: Ledger,
     drain: Drain,
+    /// The queue's metric attribute sets, built once: every per-message metric of this
+    /// listener borrows them (`self.attrs.destination()` for the queue alone).
+    attrs: QueueAttributes,
 }
 
 impl Listener {
@@ -160,6 +163,7 @@ impl Listener {
         Arc::new(Listener {
             heartbeat: Heartbeat::new(c.visibility_timeout),
             pacer: pacer::Pacer::new(c.receive_linger),
+            attrs: QueueAttributes::new(&c.queue, c.known.iter()),
             dispatcher: c.dispatcher,
             queue: c.queue,
             dead_letter_queue: c.dead_letter_queue,
@@ -195,14 +199,6 @@ impl Listener {
 
     fn transport(&self) -> &Arc<dyn Transport> {
         self.dispatcher.transport()
-    }
-
-    /// The queue as a metric attribute (cheap to clone: the name is shared).
-    fn dest_attr(&self) -> KeyValue {
-        KeyValue::new(
-            "messaging.destination.name",
-            opentelemetry::StringValue::from(self.queue.clone()),
-        )
     }
 
     /// Runs `ceil(concurrency / 10)` pollers sharing one concurrency limit until the

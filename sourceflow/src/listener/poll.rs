@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry::KeyValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -130,14 +129,10 @@ impl Listener {
         if messages.is_empty() {
             return;
         }
-        let received = [KeyValue::new(
-            "messaging.destination.name",
-            opentelemetry::StringValue::from(self.queue.clone()),
-        )];
         self.dispatcher
             .metrics()
             .received
-            .add(messages.len() as u64, &received);
+            .add(messages.len() as u64, self.attrs.destination());
         let batch = if self.fifo {
             group_in_order(messages)
         } else {

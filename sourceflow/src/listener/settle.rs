@@ -152,33 +152,27 @@ impl Listener {
         moved: bool,
     ) {
         let metrics = self.dispatcher.metrics();
-        let attrs = [
-            self.dest_attr(),
-            KeyValue::new("sourceflow.wire_name", track.wire),
-        ];
+        let wire = self.attrs.wire(track.wire);
+        let attrs = wire.pair();
         if d.handler_failed() {
-            metrics.processing_error.add(1, &attrs);
+            metrics.processing_error.add(1, attrs);
         }
         if matches!(d, Disposition::Ack(Ack::Duplicate | Ack::TakenOver)) {
-            metrics.duplicate.add(1, &attrs);
+            metrics.duplicate.add(1, attrs);
         }
         if let (Disposition::DeadLetter(dl), true) = (d, moved) {
             metrics.dead_lettered.add(
                 1,
                 &[
-                    self.dest_attr(),
+                    self.attrs.destination_value().clone(),
                     KeyValue::new("sourceflow.reason", dl.kind.label()),
                 ],
             );
         }
         metrics
             .processing_duration
-            .record(elapsed.as_secs_f64(), &attrs);
-        let [dest, wire] = attrs;
-        metrics.processed.add(
-            1,
-            &[dest, wire, KeyValue::new("sourceflow.outcome", d.outcome())],
-        );
+            .record(elapsed.as_secs_f64(), attrs);
+        metrics.processed.add(1, wire.processed(d.outcome_index()));
         if self.stop.is_cancelled() && matches!(d, Disposition::Ack(_) | Disposition::DeadLetter(_))
         {
             self.drain.finished();

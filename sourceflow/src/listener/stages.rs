@@ -22,6 +22,7 @@ use crate::error::{BoxError, InvokeError};
 use crate::idempotency::{self, Claim};
 use crate::outcome::Verdict;
 use crate::registry::HandlerRoute;
+use crate::telemetry;
 use crate::transport::ReceivedMessage;
 
 pub(super) type Stage<T> = Result<T, Disposition>;
@@ -46,7 +47,7 @@ pub(crate) struct Track {
 impl Track {
     pub(crate) fn new(in_place: u32) -> Self {
         Track {
-            wire: "unknown",
+            wire: telemetry::UNKNOWN_WIRE_NAME,
             claim: None,
             attempt: 1,
             in_place,
@@ -68,13 +69,17 @@ enum Failure {
 
 impl Listener {
     /// Runs the stages; `Ok` and `Err` both carry the disposition.
+    ///
+    /// `decoded` is the first stage's result, [`decode`], which the caller runs before it
+    /// creates the message's span (so the span is born with the message's fields).
     pub(crate) async fn pipeline(
         &self,
         msg: &ReceivedMessage,
+        decoded: Stage<Envelope>,
         hold: &Hold,
         track: &mut Track,
     ) -> Stage<Disposition> {
-        let env = decode(msg)?;
+        let env = decoded?;
         let handlers = self.route(&env, track)?;
         let env = self.decrypt(msg, env).await?;
         #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -357,16 +362,22 @@ impl Listener {
 
     async fn run_handler(&self, h: &HandlerRoute, ctx: &Context) -> Result<(), Failure> {
         let metrics = self.dispatcher.metrics();
-        let in_flight = [self.dest_attr()];
-        metrics.in_flight.add(1, &in_flight);
-        let run = AssertUnwindSafe((h.invoke)(ctx))
-            .catch_unwind()
-            .instrument(tracing::info_span!(
-                "sourceflow.handler",
-                sourceflow.handler = h.name
-            ))
-            .await;
-        metrics.in_flight.add(-1, &in_flight);
+        let in_flight = self.attrs.destination();
+        metrics.in_flight.add(1, in_flight);
+        let run = async {
+            let run = AssertUnwindSafe((h.invoke)(ctx)).catch_unwind().await;
+            if !matches!(run, Ok(Ok(()))) {
+                tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
+            }
+            run
+        }
+        .instrument(tracing::info_span!(
+            "sourceflow.handler",
+            sourceflow.handler = h.name,
+            otel.status_code = tracing::field::Empty,
+        ))
+        .await;
+        metrics.in_flight.add(-1, in_flight);
         match run {
             Ok(Ok(())) => Ok(()),
             Ok(Err(InvokeError::Decode { reason, .. })) => Err(Failure::Decode(reason)),
@@ -548,26 +559,14 @@ impl Listener {
     }
 }
 
-/// Decodes the envelope (undecodable: dead-letter, with the reason) and names the message
-/// in the current (`sourceflow.process`) span.
-fn decode(msg: &ReceivedMessage) -> Stage<Envelope> {
-    let env = envelope::decode(&msg.body, &msg.attributes).map_err(|e| {
+/// Decodes the envelope (undecodable: dead-letter, with the reason).
+pub(super) fn decode(msg: &ReceivedMessage) -> Stage<Envelope> {
+    envelope::decode(&msg.body, &msg.attributes).map_err(|e| {
         Disposition::dead_letter(
             DeadLetterKind::Undecodable,
             format!("undecodable message: {e}"),
         )
-    })?;
-    let span = tracing::Span::current();
-    span.record("messaging.message.id", env.id.as_str());
-    span.record(
-        "messaging.message.conversation_id",
-        env.correlation_id.as_deref().unwrap_or(env.id.as_str()),
-    );
-    span.record("sourceflow.wire_name", env.wire_name.as_str());
-    if let Some(e) = &env.entity_id {
-        span.record("sourceflow.entity_id", e.as_str());
-    }
-    Ok(env)
+    })
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
