@@ -35,13 +35,15 @@ impl Listener {
     /// module docs).
     pub(crate) async fn poll(self: Arc<Self>, slots: Arc<Semaphore>, units: Units) {
         loop {
-            let Some(permits) = self.free_slots(&slots).await else {
-                return;
-            };
+            // The turn first: a poller waiting out the pacing holds no slot a waiting unit
+            // could use.
             let turn = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return,
                 t = self.pacer.wait() => t,
+            };
+            let Some(permits) = self.free_slots(&slots).await else {
+                return;
             };
             let request = Receive {
                 max: MAX_BATCH_ENTRIES,
