@@ -39,7 +39,8 @@
 //!   *achieved* is the rate the sender really kept; when the service cannot keep up, the
 //!   queue grows for the whole period and latency with it (the table says so).
 //!
-//! `SCALING_IDEMPOTENCY=off` runs the same rows without the idempotency store.
+//! `SCALING_IDEMPOTENCY=off` runs the same rows without the idempotency store;
+//! `SCALING_ONLY=memory` runs the memory rows alone.
 //!
 //! Sizes are bounded so that one run takes under two minutes on 2 cores: the axis rows run
 //! `SCALING_ROUNDS` times (default 3), alternating, and each figure is the median of its
@@ -553,6 +554,9 @@ fn main() {
             );
         }
         println!();
+        if std::env::var("SCALING_ONLY").as_deref() == Ok("memory") {
+            return;
+        }
 
         // Warm-up.
         axis_row(Shape::Standard {

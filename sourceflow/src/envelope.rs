@@ -203,7 +203,7 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let correlation_id = meta.correlation_id.as_deref().unwrap_or(&id);
-    let body = serde_json::to_string(&EnvelopeOut {
+    let body = to_exact_string(&EnvelopeOut {
         v: VERSION,
         wire_name: M::NAME,
         id: &id,
@@ -219,8 +219,14 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         source,
     })?;
     let trace = (meta.traceparent.as_deref(), meta.tracestate.as_deref());
-    let mut attributes =
-        attributes::<M>(seq, entity_id.as_deref(), correlation_id, trace, encrypted);
+    let mut attributes = attributes::<M>(
+        seq,
+        entity_id.as_deref(),
+        correlation_id,
+        trace,
+        encrypted,
+        meta.attributes.len(),
+    );
     add_user_attributes(&mut attributes, meta.attributes, M::NAME)?;
     Ok(OutgoingMessage {
         body,
@@ -233,15 +239,54 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
     })
 }
 
-/// The message attributes of an envelope of `M`.
+/// Serializes `value` as JSON into a `String` of exactly its length: through a reused
+/// per-thread buffer and one copy, instead of the doubling growth of
+/// `serde_json::to_string`, whose spare capacity (up to the body's length again) a queued
+/// message would otherwise carry for as long as it waits.
+fn to_exact_string<T: Serialize>(value: &T) -> serde_json::Result<String> {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A buffer grown past this by a large payload is not kept.
+    const KEEP: usize = 64 * 1024;
+    let exact = |buf: &[u8]| match std::str::from_utf8(buf) {
+        Ok(text) => Ok(text.to_owned()),
+        // serde_json writes UTF-8 only; this is not reached.
+        Err(_) => serde_json::to_string(value),
+    };
+    BUFFER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let out = serde_json::to_writer(&mut *buf, value).and_then(|()| exact(&buf));
+            if buf.capacity() > KEEP {
+                *buf = Vec::new();
+            }
+            out
+        }
+        // A payload whose `Serialize` encodes another envelope: a buffer of its own.
+        Err(_) => {
+            let mut buf = Vec::new();
+            serde_json::to_writer(&mut buf, value).and_then(|()| exact(&buf))
+        }
+    })
+}
+
+/// The message attributes of an envelope of `M`, with room for `extra` more (the
+/// producer's), and no more: a queued message keeps its vector as it is.
 fn attributes<M: Message>(
     seq: u64,
     entity_id: Option<&str>,
     correlation_id: &str,
     (traceparent, tracestate): (Option<&str>, Option<&str>),
     encrypted: bool,
+    extra: usize,
 ) -> Vec<(String, AttributeValue)> {
-    let mut attributes: Vec<(String, AttributeValue)> = Vec::with_capacity(10);
+    let own = 4
+        + usize::from(entity_id.is_some())
+        + usize::from(traceparent.is_some())
+        + usize::from(tracestate.is_some())
+        + usize::from(encrypted);
+    let mut attributes: Vec<(String, AttributeValue)> = Vec::with_capacity(own + extra);
     let mut put = |k: &str, v: &str| attributes.push((k.to_string(), AttributeValue::from(v)));
     put(attr::TYPE, M::NAME);
     put(attr::CONTENT_TYPE, CONTENT_TYPE_JSON);

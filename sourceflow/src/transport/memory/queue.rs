@@ -733,12 +733,18 @@ fn push(
 ) -> u64 {
     let seq = st.next_seq;
     st.next_seq += 1;
+    // A queued message may wait long: keep only what it uses. An envelope body is the
+    // `String` serde_json grew (often twice its length), its attributes a vector with room
+    // to spare; shrinking a heap block in place is cheap.
+    let (mut body, mut attributes) = (m.body, m.attributes);
+    body.shrink_to_fit();
+    attributes.shrink_to_fit();
     st.messages.insert(
         seq,
         Stored {
             broker_id: m.message_id,
-            body: m.body,
-            attributes: m.attributes,
+            body,
+            attributes,
             group,
             receive_count: 0,
             visibility,
@@ -784,4 +790,32 @@ fn push_decimal(out: &mut String, mut n: u64) {
 /// Whole seconds, rounded up, as SQS counts them.
 fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_message_keeps_no_spare_capacity() {
+        let q = Queue::new("q", false, None);
+        let mut body = String::with_capacity(4_096);
+        body.push_str("{\"v\":1}");
+        let mut attributes = Vec::with_capacity(10);
+        attributes.push((attr::TYPE.to_string(), AttributeValue::from("t")));
+        let m = OutgoingMessage {
+            body,
+            attributes,
+            group_id: None,
+            dedup_id: None,
+            delay: None,
+            wire_name: "t".into(),
+            message_id: "m".into(),
+        };
+        assert!(q.send([m], Instant::now()).is_empty());
+        let st = q.state.lock();
+        let stored = st.messages.values().next().expect("stored");
+        assert_eq!(stored.body.capacity(), stored.body.len());
+        assert_eq!(stored.attributes.capacity(), stored.attributes.len());
+    }
 }
