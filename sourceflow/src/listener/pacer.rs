@@ -4,7 +4,8 @@
 //! SQS answers a receive as soon as anything is there, so pollers that receive again at
 //! once each take the one or two messages that arrived meanwhile. After a receive that
 //! came back *at once* (within [`AT_ONCE`]: the messages were waiting) with a partial
-//! batch, the listener is *paced*: its pollers receive one at a time, each after a pause
+//! batch, the listener is *paced*: its pollers receive one at a time (a receive still out
+//! after the linger, a long poll on a queue that ran dry, holds nobody back), each after a pause
 //! of about the time the rest of a batch takes to arrive at the rate just seen, never
 //! longer than the listener's linger (the builder's `receive_linger`, by default the
 //! transport's: zero on the embedded broker, where a receive costs nothing). A full batch
@@ -52,13 +53,18 @@ impl Pacer {
     }
 
     /// Waits for this poller's turn to receive: at once unless paced; while paced, after
-    /// the other receive in flight and the pause. Keep what it returns until the receive
-    /// is done.
+    /// the other receive in flight (at most the linger: a receive still out by then is a
+    /// long poll on a queue that ran dry, which must not hold the others back — an
+    /// emulator may not wake it when messages come back) and the pause. Keep what it
+    /// returns until the receive is done.
     pub(crate) async fn wait(&self) -> Option<OwnedSemaphorePermit> {
         if self.max_linger.is_zero() || !self.state.lock().paced {
             return None;
         }
-        let turn = self.turn.clone().acquire_owned().await.ok();
+        let turn = tokio::time::timeout(self.max_linger, self.turn.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok);
         let until = self.state.lock().quiet_until;
         if until > Instant::now() {
             tokio::time::sleep_until(until).await;
@@ -128,17 +134,27 @@ mod tests {
         let turn = p.wait().await;
         assert!(turn.is_some());
         assert_eq!(start.elapsed(), 40 * MS);
-        // A second poller waits for the first one's receive.
+        // A second poller waits for the first one's receive...
         let second = tokio::spawn({
             let p = p.clone();
             async move { p.wait().await.is_some() }
         });
-        tokio::time::advance(100 * MS).await;
+        tokio::time::advance(10 * MS).await;
         assert!(!second.is_finished(), "one receive at a time while paced");
+        drop(turn);
+        assert!(second.await.expect("second poller"), "it took the turn");
+        // ...but not for a receive still out after the linger (a long poll).
+        let held = p.wait().await;
+        assert!(held.is_some());
+        let third = tokio::spawn({
+            let p = p.clone();
+            async move { p.wait().await.is_some() }
+        });
+        tokio::time::advance(MAX + MS).await;
+        assert!(!third.await.expect("third poller"), "went without the turn");
         // A receive that had to wait ends the pacing.
         p.received(10, 1, Duration::from_secs(1));
-        drop(turn);
-        assert!(second.await.expect("second poller"));
+        drop(held);
         assert!(p.wait().await.is_none(), "pacing ended");
     }
 }
