@@ -213,7 +213,7 @@ pub(crate) async fn hand_written(queue_url: &str) -> Run {
                                 .expect("encode");
                             let mut e = SendMessageBatchRequestEntry::builder()
                                 .id(i.to_string())
-                                .message_body(out.body);
+                                .message_body(&*out.body);
                             for (k, v) in out.attributes {
                                 e = e.message_attributes(
                                     k,

@@ -428,7 +428,8 @@ async fn queued_memory(payload: usize) -> (u64, Handle, MemoryTransport) {
     (after.saturating_sub(before), app, transport)
 }
 
-/// The length and allocated capacity of the envelope body of one parked command.
+/// The length and allocated size of the envelope body of one parked command (a shared
+/// `str`: its length plus the two reference counts).
 fn body_size(payload: usize) -> (usize, usize) {
     let out = sourceflow::envelope::encode(
         &parked::Parked {
@@ -438,7 +439,8 @@ fn body_size(payload: usize) -> (usize, usize) {
         sourceflow::envelope::SendMeta::default(),
     )
     .expect("encode");
-    (out.body.len(), out.body.capacity())
+    let counts = 2 * std::mem::size_of::<usize>();
+    (out.body.len(), out.body.len() + counts)
 }
 
 struct RateRun {

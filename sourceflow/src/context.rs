@@ -38,7 +38,7 @@ pub struct Context {
     /// is active.
     trace: Option<(String, Option<String>)>,
     /// The message attributes it arrived with (sourceflow's and the producer's).
-    attributes: Vec<(String, AttributeValue)>,
+    attributes: crate::transport::Attributes,
     /// The transaction of a transactional handler, between its runs.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     tx: Mutex<Option<crate::tx::TxSlot>>,
@@ -72,14 +72,14 @@ impl Context {
             outbox: Mutex::new(Vec::new()),
             produced: std::sync::atomic::AtomicU32::new(0),
             trace,
-            attributes: Vec::new(),
+            attributes: crate::transport::Attributes::from([]),
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             tx: Mutex::new(None),
         }
     }
 
     /// With the message attributes the message arrived with.
-    pub(crate) fn with_attributes(mut self, attributes: Vec<(String, AttributeValue)>) -> Self {
+    pub(crate) fn with_attributes(mut self, attributes: crate::transport::Attributes) -> Self {
         self.attributes = attributes;
         self
     }

@@ -331,7 +331,7 @@ pub(crate) fn encode_outbox(pending: &[Pending]) -> String {
         .map(|p| StoredPending {
             event: p.kind == MessageKind::Event,
             destination: p.destination.to_string(),
-            body: p.message.body.clone(),
+            body: p.message.body.to_string(),
             attributes: p.message.attributes.clone(),
             group_id: p.message.group_id.clone(),
             dedup_id: p.message.dedup_id.clone(),
@@ -358,7 +358,7 @@ pub(crate) fn decode_outbox(json: &str) -> Result<Vec<Pending>> {
             },
             destination: Arc::from(s.destination.as_str()),
             message: OutgoingMessage {
-                body: s.body,
+                body: Arc::from(s.body),
                 attributes: s.attributes,
                 group_id: s.group_id,
                 dedup_id: s.dedup_id,

@@ -64,8 +64,9 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(1);
 /// A message ready for a transport: body, attributes and FIFO ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutgoingMessage {
-    /// The JSON envelope.
-    pub body: String,
+    /// The JSON envelope, shared: fanning it out to several queues, or keeping it in an
+    /// in-process queue and receiving it, does not copy it.
+    pub body: std::sync::Arc<str>,
     /// Message attributes: names and typed values.
     pub attributes: Vec<(String, AttributeValue)>,
     /// The FIFO message group id (the entity id), for FIFO destinations.
@@ -203,7 +204,7 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let correlation_id = meta.correlation_id.as_deref().unwrap_or(&id);
-    let body = to_exact_string(&EnvelopeOut {
+    let body = to_exact_body(&EnvelopeOut {
         v: VERSION,
         wire_name: M::NAME,
         id: &id,
@@ -239,20 +240,21 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
     })
 }
 
-/// Serializes `value` as JSON into a `String` of exactly its length: through a reused
+/// Serializes `value` as JSON into a shared `str` of exactly its length: through a reused
 /// per-thread buffer and one copy, instead of the doubling growth of
 /// `serde_json::to_string`, whose spare capacity (up to the body's length again) a queued
-/// message would otherwise carry for as long as it waits.
-fn to_exact_string<T: Serialize>(value: &T) -> serde_json::Result<String> {
+/// message would otherwise carry for as long as it waits. Shared, so that neither a fan-out
+/// nor a receive from the embedded broker copies it again.
+fn to_exact_body<T: Serialize>(value: &T) -> serde_json::Result<std::sync::Arc<str>> {
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     /// A buffer grown past this by a large payload is not kept.
     const KEEP: usize = 64 * 1024;
     let exact = |buf: &[u8]| match std::str::from_utf8(buf) {
-        Ok(text) => Ok(text.to_owned()),
+        Ok(text) => Ok(std::sync::Arc::from(text)),
         // serde_json writes UTF-8 only; this is not reached.
-        Err(_) => serde_json::to_string(value),
+        Err(_) => serde_json::to_string(value).map(std::sync::Arc::from),
     };
     BUFFER.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {

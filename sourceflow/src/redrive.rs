@@ -40,8 +40,9 @@ pub async fn redrive(
                 body: m.body,
                 attributes: m
                     .attributes
-                    .into_iter()
+                    .iter()
                     .filter(|(k, _)| k != attr::DLQ_REASON)
+                    .cloned()
                     .collect(),
                 // A fresh deduplication id: the original one may still be in the window.
                 dedup_id: m

@@ -12,7 +12,7 @@ use super::{enabled, prefix};
 
 fn raw(body: &str) -> OutgoingMessage {
     OutgoingMessage {
-        body: body.to_string(),
+        body: body.into(),
         attributes: vec![("sourceflow.type".into(), "raw".into())],
         group_id: None,
         dedup_id: None,
@@ -197,7 +197,7 @@ async fn a_delay_over_900_s_is_refused_and_its_neighbours_arrive() {
     let mut bodies: Vec<String> = receive_n(&t, &q, 2)
         .await
         .into_iter()
-        .map(|m| m.body)
+        .map(|m| m.body.to_string())
         .collect();
     bodies.sort();
     assert_eq!(bodies, vec!["after", "before"]);
@@ -243,7 +243,7 @@ async fn a_delay_on_a_fifo_queue_is_refused() {
     let bodies: Vec<String> = receive_n(&t, &q, 2)
         .await
         .into_iter()
-        .map(|m| m.body)
+        .map(|m| m.body.to_string())
         .collect();
     assert_eq!(bodies, vec!["one"], "nothing overtook the refused message");
 }
@@ -290,7 +290,7 @@ async fn a_publish_with_a_delay_is_refused_and_its_neighbours_are_delivered() {
     let bodies: Vec<String> = receive_n(&t, &q, 2)
         .await
         .into_iter()
-        .map(|m| m.body)
+        .map(|m| m.body.to_string())
         .collect();
     assert_eq!(
         bodies,
@@ -309,7 +309,7 @@ async fn visibility_changes_report_per_entry_and_coalesce_with_their_own_timeout
     t.send(&q, vec![raw("a"), raw("b")]).await.expect("send");
     let got = receive_n(&t, &q, 2).await;
     assert_eq!(got.len(), 2);
-    let (a, b) = if got[0].body == "a" {
+    let (a, b) = if &*got[0].body == "a" {
         (&got[0], &got[1])
     } else {
         (&got[1], &got[0])
@@ -347,7 +347,7 @@ async fn visibility_changes_report_per_entry_and_coalesce_with_their_own_timeout
     assert_eq!(err.failed, vec![(0, EntryError::InvalidReceipt)], "{err}");
     // `a` is visible at once; `b` stays invisible for its own 300 s.
     let again = receive_n(&t, &q, 2).await;
-    let bodies: Vec<&str> = again.iter().map(|m| m.body.as_str()).collect();
+    let bodies: Vec<&str> = again.iter().map(|m| &*m.body).collect();
     assert_eq!(bodies, vec!["a"]);
 }
 
@@ -389,7 +389,7 @@ async fn dead_letter_keeps_the_group_deduplicates_and_bounds_the_reason() {
 
     let moved = receive_n(&t, &dlq, 2).await;
     assert_eq!(moved.len(), 1, "deduplicated by the broker's message id");
-    assert_eq!(moved[0].body, "poison");
+    assert_eq!(&*moved[0].body, "poison");
     assert_eq!(moved[0].group_id.as_deref(), Some("entity-7"));
     let why = moved[0]
         .attributes

@@ -629,7 +629,7 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
         .await
         .expect("queue");
     let msg = |body: &str| OutgoingMessage {
-        body: body.to_string(),
+        body: body.into(),
         attributes: vec![("sourceflow.type".into(), "raw".into())],
         group_id: None,
         dedup_id: None,
@@ -675,7 +675,7 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
             .await
             .expect("receive")
         {
-            bodies.push(m.body);
+            bodies.push(m.body.to_string());
         }
         if bodies.len() == 2 {
             break;

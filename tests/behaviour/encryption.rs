@@ -335,7 +335,7 @@ async fn tampered_replayed_or_clear_messages_go_to_the_dlq_and_the_listener_keep
     resend(
         &h,
         &raw[5],
-        raw[5].body.clone(),
+        raw[5].body.to_string(),
         attrs(&raw[5]),
         charges.clone(),
     )

@@ -88,7 +88,7 @@ impl Harness {
     ) {
         let id = uuid::Uuid::new_v4().to_string();
         let m = OutgoingMessage {
-            body: body.to_string(),
+            body: body.into(),
             attributes: attributes
                 .iter()
                 .map(|(k, v)| (k.to_string(), (*v).into()))

@@ -117,7 +117,7 @@ async fn poison_messages_go_to_the_dlq_while_good_ones_flow() {
         );
     }
     // The bodies are kept as they were.
-    assert!(dead.iter().any(|m| m.body == "this is not json"));
+    assert!(dead.iter().any(|m| &*m.body == "this is not json"));
     h.assert_empty(&queue, Duration::from_millis(200)).await;
     assert_eq!(count.0.load(Ordering::SeqCst), 20);
     app.shutdown().await.expect("shutdown");

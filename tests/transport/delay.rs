@@ -25,12 +25,12 @@ async fn a_delayed_message_is_not_delivered_before_its_delay() {
         .first_before(&q, sent + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the undelayed message");
-    assert_eq!(first.body, "now");
+    assert_eq!(&*first.body, "now");
     let late = w
         .first_before(&q, sent + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the delayed message");
-    assert_eq!(late.body, "late");
+    assert_eq!(&*late.body, "late");
     let after = late.received_at - sent;
     assert!(
         after >= Duration::from_secs(2),

@@ -37,7 +37,7 @@ async fn fifo_keeps_order_per_group_and_holds_a_group_while_in_flight() {
         .expect("a head of group");
     let group = head.group_id.clone().expect("a group id");
     assert_eq!(
-        head.body,
+        &*head.body,
         format!("{group}1"),
         "the head of its group comes first"
     );
@@ -78,7 +78,7 @@ async fn a_returned_head_comes_back_before_the_rest_of_its_group() {
         .first_before(&q, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the head");
-    assert_eq!(head.body, "g1");
+    assert_eq!(&*head.body, "g1");
     w.t.change_visibility(&q, vec![head.receipt.clone()], Duration::ZERO)
         .await
         .expect("return the head");
@@ -86,14 +86,14 @@ async fn a_returned_head_comes_back_before_the_rest_of_its_group() {
         .first_before(&q, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the head again");
-    assert_eq!(again.body, "g1");
+    assert_eq!(&*again.body, "g1");
     assert_eq!(again.receive_count, 2);
     w.delete(&q, &[again]).await;
     let next = w
         .first_before(&q, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the second");
-    assert_eq!(next.body, "g2");
+    assert_eq!(&*next.body, "g2");
     w.delete(&q, &[next]).await;
 }
 

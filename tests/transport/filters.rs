@@ -283,7 +283,7 @@ fn on_emulator(w: &World) -> bool {
 /// A message carrying exactly `attributes`, with the case number as its body.
 fn message(case: usize, attributes: &[(&str, AttributeValue)]) -> OutgoingMessage {
     OutgoingMessage {
-        body: case.to_string(),
+        body: case.to_string().into(),
         attributes: attributes
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))

@@ -34,7 +34,7 @@ async fn a_message_received_max_receive_count_times_moves_to_the_dead_letter_que
         .first_before(&dlq, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the message in the dead-letter queue");
-    assert_eq!(dead.body, "poison");
+    assert_eq!(&*dead.body, "poison");
     assert_eq!(attribute(&dead.attributes, attr::TYPE), Some(PLAIN));
     w.delete(&dlq, &[dead]).await;
 }
@@ -55,7 +55,7 @@ async fn dead_letter_moves_a_received_message_with_its_reason() {
         .first_before(&dlq, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the message in the dead-letter queue");
-    assert_eq!(dead.body, "bad");
+    assert_eq!(&*dead.body, "bad");
     assert_eq!(attribute(&dead.attributes, attr::TYPE), Some(PLAIN));
     assert_eq!(
         attribute(&dead.attributes, attr::DLQ_REASON),
@@ -84,7 +84,7 @@ async fn dead_letter_keeps_the_fifo_group() {
         .first_before(&q, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the head of the group");
-    assert_eq!(head.body, "a1");
+    assert_eq!(&*head.body, "a1");
     w.t.dead_letter(&q, &dlq, &head, "no")
         .await
         .expect("dead-letter");
@@ -92,14 +92,14 @@ async fn dead_letter_keeps_the_fifo_group() {
         .first_before(&dlq, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the message in the dead-letter queue");
-    assert_eq!(dead.body, "a1");
+    assert_eq!(&*dead.body, "a1");
     assert_eq!(dead.group_id.as_deref(), Some("a"));
     // The move released the group.
     let next = w
         .first_before(&q, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the next of the group");
-    assert_eq!(next.body, "a2");
+    assert_eq!(&*next.body, "a2");
     w.delete(&q, &[next]).await;
     w.delete(&dlq, &[dead]).await;
 }

@@ -25,7 +25,7 @@ async fn an_in_flight_message_is_invisible_until_the_receives_visibility_ends() 
         .first_before(&q, taken + PATIENCE, Duration::from_secs(30))
         .await
         .expect("the message again after its visibility timeout");
-    assert_eq!(again.body, "m");
+    assert_eq!(&*again.body, "m");
     assert_eq!(again.receive_count, 2);
     assert_eq!(again.broker_id, first.broker_id);
     let after = again.received_at - taken;

@@ -288,7 +288,7 @@ pub fn msg(body: &str) -> OutgoingMessage {
 /// A message of wire name `wire_name` (the `sourceflow.type` attribute topic filters see).
 pub fn typed(body: &str, wire_name: &str) -> OutgoingMessage {
     OutgoingMessage {
-        body: body.to_string(),
+        body: body.into(),
         attributes: vec![(attr::TYPE.to_string(), wire_name.into())],
         group_id: None,
         dedup_id: None,
@@ -317,7 +317,7 @@ pub fn delayed(body: &str, delay: Duration) -> OutgoingMessage {
 pub fn sized(size: usize) -> OutgoingMessage {
     let mut m = msg("");
     let overhead = m.size();
-    m.body = "x".repeat(size - overhead);
+    m.body = "x".repeat(size - overhead).into();
     assert_eq!(m.size(), size);
     m
 }
@@ -338,7 +338,7 @@ pub fn failures(r: Result<(), BatchError>) -> Vec<(usize, EntryError)> {
 
 /// The bodies of `messages`, in order.
 pub fn bodies(messages: &[ReceivedMessage]) -> Vec<&str> {
-    messages.iter().map(|m| m.body.as_str()).collect()
+    messages.iter().map(|m| &*m.body).collect()
 }
 
 /// A test that talks to an AWS API must only ever reach loopback, unless told it runs

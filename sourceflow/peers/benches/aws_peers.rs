@@ -109,6 +109,7 @@ async fn omniqueue_side(queue_url: &str) -> Run {
                             envelope::encode(&item(*n as u64), SendMeta::default())
                                 .expect("encode")
                                 .body
+                                .to_string()
                         })
                         .collect();
                     // omniqueue takes items that are `AsRef<String>`.

@@ -239,7 +239,14 @@ impl IdempotencyStats {
 
 /// The idempotency key of a message in a service.
 pub fn key(service: &str, wire_name: &str, message_id: &str) -> String {
-    format!("{service}:{wire_name}:{message_id}")
+    let mut key = String::with_capacity(service.len() + wire_name.len() + message_id.len() + 2);
+    for (i, part) in [service, wire_name, message_id].into_iter().enumerate() {
+        if i > 0 {
+            key.push(':');
+        }
+        key.push_str(part);
+    }
+    key
 }
 
 /// SHA-256 of a payload, hex-encoded: stored with the claim to detect a reused id.

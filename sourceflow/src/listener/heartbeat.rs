@@ -290,8 +290,8 @@ mod tests {
         ReceivedMessage {
             broker_id: receipt.into(),
             receipt: receipt.into(),
-            body: String::new(),
-            attributes: Vec::new(),
+            body: "".into(),
+            attributes: Vec::new().into(),
             receive_count: 1,
             group_id: None,
             received_at,

@@ -68,8 +68,8 @@ mod tests {
         ReceivedMessage {
             broker_id: id.into(),
             receipt: String::new(),
-            body: String::new(),
-            attributes: Vec::new(),
+            body: "".into(),
+            attributes: Vec::new().into(),
             receive_count,
             group_id: None,
             received_at: tokio::time::Instant::now(),

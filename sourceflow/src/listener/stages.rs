@@ -342,7 +342,7 @@ impl Listener {
             self.queue.clone(),
             trace,
         )
-        .with_attributes(msg.attributes.clone())
+        .with_attributes(std::sync::Arc::clone(&msg.attributes))
     }
 
     /// Runs the handlers in turn; the first failure decides the disposition.

@@ -183,7 +183,7 @@ impl Row {
             kind: M::KIND,
             wire_name: M::NAME.to_string(),
             destination,
-            body: out.body,
+            body: out.body.to_string(),
             attributes,
             ordering_key: if M::FIFO { out.group_id.clone() } else { None },
             group_id: out.group_id,

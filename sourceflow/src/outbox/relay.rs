@@ -172,7 +172,7 @@ impl Relay {
                 )
             })?;
         let message = OutgoingMessage {
-            body: row.body,
+            body: row.body.into(),
             attributes,
             group_id: row.group_id,
             dedup_id: row.dedup_id,

@@ -10,6 +10,7 @@
 pub mod aws;
 pub mod memory;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +30,10 @@ pub const SNS_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// How long a FIFO queue remembers a deduplication id.
 pub const FIFO_DEDUP_WINDOW: Duration = Duration::from_secs(5 * 60);
 
+/// A received message's attributes: shared, so that handing them on (to the handler's
+/// context, to a dead-letter queue) does not copy them.
+pub type Attributes = Arc<[(String, AttributeValue)]>;
+
 /// A message as received from a queue.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
@@ -38,10 +43,11 @@ pub struct ReceivedMessage {
     /// receives it again; an earlier receipt, or one of a deleted message, is accepted by
     /// `delete` and may do nothing (as on SQS).
     pub receipt: String,
-    /// The body (a JSON envelope, unless something else wrote to the queue).
-    pub body: String,
-    /// Message attributes: names and typed values.
-    pub attributes: Vec<(String, AttributeValue)>,
+    /// The body (a JSON envelope, unless something else wrote to the queue), shared with the
+    /// broker's copy where the broker is in process: a receive does not copy it.
+    pub body: Arc<str>,
+    /// Message attributes: names and typed values, shared like the body.
+    pub attributes: Attributes,
     /// How many times the message has been received, this time included.
     pub receive_count: u32,
     /// FIFO message group id.

@@ -262,7 +262,7 @@ mod tests {
 
     fn grouped(group: Option<&str>, i: usize) -> OutgoingMessage {
         OutgoingMessage {
-            body: i.to_string(),
+            body: i.to_string().into(),
             attributes: vec![],
             group_id: group.map(str::to_string),
             dedup_id: None,

@@ -53,7 +53,7 @@ fn publish_entry(
     }
     let mut e = PublishBatchRequestEntry::builder()
         .id(id.to_string())
-        .message(&m.body)
+        .message(&*m.body)
         .set_message_attributes(Some(attributes));
     if let Some(g) = &m.group_id {
         e = e.message_group_id(g);
@@ -163,7 +163,7 @@ mod tests {
         ));
         m.delay = None;
         assert_eq!(check_publish("events", &m), Ok(()));
-        m.body = "x".repeat(SNS_MAX_MESSAGE_BYTES + 1);
+        m.body = "x".repeat(SNS_MAX_MESSAGE_BYTES + 1).into();
         assert!(check_publish("events", &m).is_err());
     }
 }

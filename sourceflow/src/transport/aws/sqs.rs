@@ -111,7 +111,7 @@ fn send_entry(
     }
     let mut e = SendMessageBatchRequestEntry::builder()
         .id(id.to_string())
-        .message_body(&m.body)
+        .message_body(&*m.body)
         .set_message_attributes(Some(attributes));
     if let Some(g) = &m.group_id {
         e = e.message_group_id(g);
@@ -380,8 +380,8 @@ pub(crate) async fn receive(
                 received_at,
                 broker_id: m.message_id().unwrap_or_default().to_string(),
                 receipt: m.receipt_handle().unwrap_or_default().to_string(),
-                body: m.body().unwrap_or_default().to_string(),
-                attributes,
+                body: std::sync::Arc::from(m.body().unwrap_or_default()),
+                attributes: attributes.into(),
                 receive_count: get(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(1),
@@ -422,7 +422,7 @@ pub(crate) async fn copy_to_dead_letter(
     let mut req = sqs
         .send_message()
         .queue_url(dlq_url)
-        .message_body(&message.body)
+        .message_body(&*message.body)
         .set_message_attributes(Some(attributes));
     if dlq.ends_with(".fifo") {
         req = req
@@ -470,7 +470,7 @@ mod tests {
 
     fn msg(body: usize, delay: Option<Duration>) -> OutgoingMessage {
         OutgoingMessage {
-            body: "x".repeat(body),
+            body: "x".repeat(body).into(),
             attributes: vec![("sourceflow.type".into(), "t".into())],
             group_id: None,
             dedup_id: None,

@@ -14,7 +14,7 @@ const URL: &str = "http://sqs.fake/000000000000/q";
 
 fn msg(body: &str) -> OutgoingMessage {
     OutgoingMessage {
-        body: body.to_string(),
+        body: body.into(),
         attributes: vec![("sourceflow.type".into(), "t".into())],
         group_id: None,
         dedup_id: None,

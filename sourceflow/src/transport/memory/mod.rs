@@ -493,7 +493,7 @@ mod tests {
 
     fn msg(body: &str, group: Option<&str>) -> OutgoingMessage {
         OutgoingMessage {
-            body: body.to_string(),
+            body: body.into(),
             attributes: vec![(attr::TYPE.into(), "T".into())],
             group_id: group.map(str::to_string),
             dedup_id: None,
@@ -564,7 +564,7 @@ mod tests {
         assert!(t.receive(&q, rx(10, NO_WAIT)).await.unwrap().is_empty());
         let dead = t.receive(&dlq, rx(10, NO_WAIT)).await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].body, "poison");
+        assert_eq!(&*dead[0].body, "poison");
     }
 
     #[tokio::test(start_paused = true)]
@@ -581,15 +581,15 @@ mod tests {
         .await
         .unwrap();
         let got = t.receive(&q, rx(1, NO_WAIT)).await.unwrap();
-        assert_eq!(got[0].body, "a1");
+        assert_eq!(&*got[0].body, "a1");
         let got2 = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
-        let bodies: Vec<_> = got2.iter().map(|m| m.body.as_str()).collect();
+        let bodies: Vec<_> = got2.iter().map(|m| &*m.body).collect();
         assert_eq!(bodies, vec!["b1"], "a2 must wait while a1 is in flight");
         t.change_visibility(&q, vec![got[0].receipt.clone()], Duration::ZERO)
             .await
             .unwrap();
         let got3 = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
-        let bodies: Vec<_> = got3.iter().map(|m| m.body.as_str()).collect();
+        let bodies: Vec<_> = got3.iter().map(|m| &*m.body).collect();
         assert_eq!(bodies, vec!["a1", "a2"]);
     }
 
@@ -725,7 +725,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         let b = t.receive(&q, rxv(Duration::from_secs(5))).await.unwrap();
         assert_eq!(b.len(), 2);
-        let b = b.into_iter().find(|m| m.body == "b").unwrap();
+        let b = b.into_iter().find(|m| &*m.body == "b").unwrap();
         tokio::time::advance(Duration::from_secs(6)).await;
         t.delete(&q, vec![b.receipt]).await.unwrap();
         assert_eq!(
@@ -891,7 +891,7 @@ mod tests {
         t.dead_letter(&q, &dlq, &got[0], "broken").await.unwrap();
         let dead = t.receive(&dlq, rx(10, NO_WAIT)).await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].body, "a1");
+        assert_eq!(&*dead[0].body, "a1");
         assert_eq!(dead[0].group_id.as_deref(), Some("a"));
         assert_eq!(
             crate::envelope::attribute(&dead[0].attributes, attr::DLQ_REASON),
@@ -899,7 +899,7 @@ mod tests {
         );
         // The group goes on in the source queue.
         let next = t.receive(&q, rx(10, NO_WAIT)).await.unwrap();
-        assert_eq!(next[0].body, "a2");
+        assert_eq!(&*next[0].body, "a2");
         // A receipt that is not the latest moves nothing.
         assert!(matches!(
             t.dead_letter(&q, &dlq, &got[0], "again").await,

@@ -6,18 +6,21 @@
 //! queue, never on whether some unrelated call happened to look at it in between.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+// Maps keyed by sequence numbers, group ids and deduplication ids: foldhash (hashbrown's
+// default hasher, already in the tree), several times cheaper than SipHash on short keys.
+use foldhash::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::transport::{
-    EntryError, GroupHold, QueueDepth, ReceivedMessage, FIFO_DEDUP_WINDOW, MAX_DELAY,
+    Attributes, EntryError, GroupHold, QueueDepth, ReceivedMessage, FIFO_DEDUP_WINDOW, MAX_DELAY,
     MAX_VISIBILITY, SQS_MAX_MESSAGE_BYTES,
 };
 
@@ -60,8 +63,9 @@ enum Visibility {
 /// A message in a queue.
 pub(super) struct Stored {
     broker_id: String,
-    body: String,
-    attributes: Vec<(String, AttributeValue)>,
+    /// Shared with every receive of it: a receive does not copy the body or attributes.
+    body: Arc<str>,
+    attributes: Attributes,
     group: Option<String>,
     receive_count: u32,
     visibility: Visibility,
@@ -253,7 +257,7 @@ impl Queue {
         let limit = dead_letter.as_ref().map(|(_, n)| *n);
         let mut st = self.state.lock();
         promote(self, &mut st, now);
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(max);
         let mut moved = Vec::new();
         let deadline = now + visibility;
         if self.fifo {
@@ -523,11 +527,10 @@ impl Queue {
     /// Appends a message moved here from another queue (dead-lettering), with `reason` as
     /// its dead-letter reason attribute when given.
     pub(super) fn accept_moved(&self, m: Stored, reason: Option<&str>) {
-        let mut attributes = m.attributes;
-        if let Some(reason) = reason {
-            attributes.retain(|(k, _)| k != attr::DLQ_REASON);
-            attributes.push((attr::DLQ_REASON.to_string(), AttributeValue::from(reason)));
-        }
+        let attributes = match reason {
+            Some(reason) => with_reason(&m.attributes, reason),
+            None => m.attributes,
+        };
         let group = match (self.fifo, m.group) {
             (true, None) => Some(DEAD_LETTER_GROUP.to_string()),
             (_, group) => group,
@@ -733,18 +736,15 @@ fn push(
 ) -> u64 {
     let seq = st.next_seq;
     st.next_seq += 1;
-    // A queued message may wait long: keep only what it uses. An envelope body is the
-    // `String` serde_json grew (often twice its length), its attributes a vector with room
-    // to spare; shrinking a heap block in place is cheap.
-    let (mut body, mut attributes) = (m.body, m.attributes);
-    body.shrink_to_fit();
-    attributes.shrink_to_fit();
+    // A queued message may wait long: keep only what it uses. The body is shared already
+    // (and exactly its length); the attributes become a shared slice of exactly their
+    // count, which every receive then hands out without a copy.
     st.messages.insert(
         seq,
         Stored {
             broker_id: m.message_id,
-            body,
-            attributes,
+            body: m.body,
+            attributes: Attributes::from(m.attributes),
             group,
             receive_count: 0,
             visibility,
@@ -787,6 +787,13 @@ fn push_decimal(out: &mut String, mut n: u64) {
     }
 }
 
+/// `attributes` with `reason` as the dead-letter reason (replacing an earlier one).
+fn with_reason(attributes: &[(String, AttributeValue)], reason: &str) -> Attributes {
+    let kept = attributes.iter().filter(|(k, _)| k != attr::DLQ_REASON);
+    let reason = (attr::DLQ_REASON.to_string(), AttributeValue::from(reason));
+    kept.cloned().chain(std::iter::once(reason)).collect()
+}
+
 /// Whole seconds, rounded up, as SQS counts them.
 fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -797,14 +804,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_queued_message_keeps_no_spare_capacity() {
+    fn a_queued_message_keeps_no_spare_capacity_and_a_receive_shares_it() {
         let q = Queue::new("q", false, None);
-        let mut body = String::with_capacity(4_096);
-        body.push_str("{\"v\":1}");
         let mut attributes = Vec::with_capacity(10);
         attributes.push((attr::TYPE.to_string(), AttributeValue::from("t")));
+        let body: Arc<str> = Arc::from("{\"v\":1}");
         let m = OutgoingMessage {
-            body,
+            body: body.clone(),
             attributes,
             group_id: None,
             dedup_id: None,
@@ -813,9 +819,28 @@ mod tests {
             message_id: "m".into(),
         };
         assert!(q.send([m], Instant::now()).is_empty());
-        let st = q.state.lock();
-        let stored = st.messages.values().next().expect("stored");
-        assert_eq!(stored.body.capacity(), stored.body.len());
-        assert_eq!(stored.attributes.capacity(), stored.attributes.len());
+        let stored_attributes = {
+            let st = q.state.lock();
+            let stored = st.messages.values().next().expect("stored");
+            assert!(
+                Arc::ptr_eq(&stored.body, &body),
+                "the queue keeps the sender's body"
+            );
+            assert_eq!(
+                stored.attributes.len(),
+                1,
+                "a slice of exactly the attributes"
+            );
+            stored.attributes.clone()
+        };
+        let (got, _) = q.receive_now(1, Duration::from_secs(30), Instant::now());
+        let [got] = got.as_slice() else {
+            panic!("one message, got {}", got.len())
+        };
+        assert!(Arc::ptr_eq(&got.body, &body), "a receive copies no body");
+        assert!(
+            Arc::ptr_eq(&got.attributes, &stored_attributes),
+            "nor attributes"
+        );
     }
 }
