@@ -214,9 +214,9 @@ pub(crate) async fn hand_written(queue_url: &str) -> Run {
                             let mut e = SendMessageBatchRequestEntry::builder()
                                 .id(i.to_string())
                                 .message_body(&*out.body);
-                            for (k, v) in out.attributes {
+                            for (k, v) in out.attributes.iter() {
                                 e = e.message_attributes(
-                                    k,
+                                    k.clone(),
                                     MessageAttributeValue::builder()
                                         .data_type(v.data_type())
                                         .string_value(v.as_str())

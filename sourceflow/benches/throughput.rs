@@ -242,9 +242,9 @@ async fn baseline() -> Measured {
     use sourceflow::envelope::{self, SendMeta};
     let sink = Sink::new();
     let (tx1, mut rx1) =
-        tokio::sync::mpsc::channel::<(Arc<str>, Vec<(String, sourceflow::AttributeValue)>)>(1024);
+        tokio::sync::mpsc::channel::<(Arc<str>, sourceflow::transport::Attributes)>(1024);
     let (tx2, mut rx2) =
-        tokio::sync::mpsc::channel::<(Arc<str>, Vec<(String, sourceflow::AttributeValue)>)>(1024);
+        tokio::sync::mpsc::channel::<(Arc<str>, sourceflow::transport::Attributes)>(1024);
     let start = Instant::now();
     let stage1 = tokio::spawn(async move {
         while let Some((body, attrs)) = rx1.recv().await {

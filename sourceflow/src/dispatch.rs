@@ -332,7 +332,7 @@ pub(crate) fn encode_outbox(pending: &[Pending]) -> String {
             event: p.kind == MessageKind::Event,
             destination: p.destination.to_string(),
             body: p.message.body.to_string(),
-            attributes: p.message.attributes.clone(),
+            attributes: p.message.attributes.to_vec(),
             group_id: p.message.group_id.clone(),
             dedup_id: p.message.dedup_id.clone(),
             delay_ms: p.message.delay.map(|d| d.as_millis() as u64),
@@ -359,7 +359,7 @@ pub(crate) fn decode_outbox(json: &str) -> Result<Vec<Pending>> {
             destination: Arc::from(s.destination.as_str()),
             message: OutgoingMessage {
                 body: Arc::from(s.body),
-                attributes: s.attributes,
+                attributes: s.attributes.into(),
                 group_id: s.group_id,
                 dedup_id: s.dedup_id,
                 delay: s.delay_ms.map(std::time::Duration::from_millis),

@@ -67,8 +67,9 @@ pub struct OutgoingMessage {
     /// The JSON envelope, shared: fanning it out to several queues, or keeping it in an
     /// in-process queue and receiving it, does not copy it.
     pub body: std::sync::Arc<str>,
-    /// Message attributes: names and typed values.
-    pub attributes: Vec<(String, AttributeValue)>,
+    /// Message attributes: names and typed values, shared like the body (so that keeping a
+    /// copy of a message for a retry does not copy them).
+    pub attributes: crate::transport::Attributes,
     /// The FIFO message group id (the entity id), for FIFO destinations.
     pub group_id: Option<String>,
     /// The FIFO deduplication id (the message id), for FIFO destinations.
@@ -109,7 +110,7 @@ impl OutgoingMessage {
                 self.attributes.len()
             ));
         }
-        for (name, value) in &self.attributes {
+        for (name, value) in self.attributes.iter() {
             value
                 .check()
                 .map_err(|e| format!("{}: message attribute `{name}`: {e}", self.wire_name))?;
@@ -231,7 +232,7 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
     add_user_attributes(&mut attributes, meta.attributes, M::NAME)?;
     Ok(OutgoingMessage {
         body,
-        attributes,
+        attributes: attributes.into(),
         group_id: if M::FIFO { entity_id } else { None },
         dedup_id: if M::FIFO { Some(id.clone()) } else { None },
         delay: meta.delay,

@@ -13,7 +13,7 @@ use super::{enabled, prefix};
 fn raw(body: &str) -> OutgoingMessage {
     OutgoingMessage {
         body: body.into(),
-        attributes: vec![("sourceflow.type".into(), "raw".into())],
+        attributes: vec![("sourceflow.type".into(), "raw".into())].into(),
         group_id: None,
         dedup_id: None,
         delay: None,

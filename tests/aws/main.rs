@@ -630,7 +630,7 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
         .expect("queue");
     let msg = |body: &str| OutgoingMessage {
         body: body.into(),
-        attributes: vec![("sourceflow.type".into(), "raw".into())],
+        attributes: vec![("sourceflow.type".into(), "raw".into())].into(),
         group_id: None,
         dedup_id: None,
         delay: None,

@@ -180,36 +180,3 @@ async fn delayed_messages_arrive_after_their_delay() {
     );
     app.shutdown().await.expect("shutdown");
 }
-
-/// A queued message keeps what its envelope allocated for as long as it waits: the
-/// attribute vector is allocated at exactly its length, small and large, plain and FIFO (the
-/// body is a shared `str`, exactly its length by its type, where serde_json's own growth
-/// left up to the body's length again unused).
-#[test]
-fn an_encoded_envelope_allocates_exactly_what_it_holds() {
-    use sourceflow::envelope::{encode, SendMeta};
-    let exact = |out: sourceflow::envelope::OutgoingMessage| {
-        assert_eq!(
-            out.attributes.capacity(),
-            out.attributes.len(),
-            "attributes"
-        );
-    };
-    for size in [10, 1_000, 100_000] {
-        exact(
-            encode(
-                &Upload {
-                    data: "x".repeat(size),
-                },
-                SendMeta::default(),
-            )
-            .expect("encode"),
-        );
-    }
-    exact(encode(&Ordered { id: 7 }, SendMeta::default()).expect("encode"));
-    let traced = SendMeta {
-        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
-        ..SendMeta::default()
-    };
-    exact(encode(&Upload { data: "y".into() }, traced).expect("encode"));
-}

@@ -448,8 +448,9 @@ async fn typed_attributes_keep_their_types_through_a_queue_and_a_topic() {
     ];
     let m = || {
         let mut m = crate::world::msg("typed");
-        m.attributes
-            .extend(sent.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        m.attributes = (m.attributes.iter().cloned())
+            .chain(sent.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .collect();
         m
     };
     w.t.send(&queue, vec![m()]).await.expect("send");
@@ -476,7 +477,7 @@ async fn attributes_sqs_and_sns_refuse_are_refused_per_entry() {
     let queue = w.queue("refusing-direct", Duration::from_secs(30)).await;
     let with = |body: &str, extra: Vec<(String, AttributeValue)>| {
         let mut m = crate::world::msg(body);
-        m.attributes.extend(extra);
+        m.attributes = m.attributes.iter().cloned().chain(extra).collect();
         m
     };
     let eleven: Vec<(String, AttributeValue)> = (0..10)

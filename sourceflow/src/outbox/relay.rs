@@ -173,7 +173,7 @@ impl Relay {
             })?;
         let message = OutgoingMessage {
             body: row.body.into(),
-            attributes,
+            attributes: attributes.into(),
             group_id: row.group_id,
             dedup_id: row.dedup_id,
             delay: row

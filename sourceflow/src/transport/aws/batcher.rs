@@ -263,7 +263,7 @@ mod tests {
     fn grouped(group: Option<&str>, i: usize) -> OutgoingMessage {
         OutgoingMessage {
             body: i.to_string().into(),
-            attributes: vec![],
+            attributes: Vec::new().into(),
             group_id: group.map(str::to_string),
             dedup_id: None,
             delay: None,

@@ -43,7 +43,7 @@ fn publish_entry(
     m: &OutgoingMessage,
 ) -> std::result::Result<PublishBatchRequestEntry, EntryError> {
     let mut attributes = HashMap::with_capacity(m.attributes.len());
-    for (k, v) in &m.attributes {
+    for (k, v) in m.attributes.iter() {
         let a = MessageAttributeValue::builder()
             .data_type(v.data_type())
             .string_value(v.as_str())
@@ -150,7 +150,7 @@ mod tests {
     fn a_publish_with_a_delay_or_over_256_kib_is_refused() {
         let mut m = OutgoingMessage {
             body: "{}".into(),
-            attributes: vec![],
+            attributes: Vec::new().into(),
             group_id: None,
             dedup_id: None,
             delay: Some(std::time::Duration::from_secs(5)),

@@ -106,7 +106,7 @@ fn send_entry(
     m: &OutgoingMessage,
 ) -> std::result::Result<SendMessageBatchRequestEntry, EntryError> {
     let mut attributes = HashMap::with_capacity(m.attributes.len());
-    for (k, v) in &m.attributes {
+    for (k, v) in m.attributes.iter() {
         attributes.insert(k.clone(), sqs_attribute(v)?);
     }
     let mut e = SendMessageBatchRequestEntry::builder()
@@ -471,7 +471,7 @@ mod tests {
     fn msg(body: usize, delay: Option<Duration>) -> OutgoingMessage {
         OutgoingMessage {
             body: "x".repeat(body).into(),
-            attributes: vec![("sourceflow.type".into(), "t".into())],
+            attributes: vec![("sourceflow.type".into(), "t".into())].into(),
             group_id: None,
             dedup_id: None,
             delay,

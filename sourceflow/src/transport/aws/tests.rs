@@ -15,7 +15,7 @@ const URL: &str = "http://sqs.fake/000000000000/q";
 fn msg(body: &str) -> OutgoingMessage {
     OutgoingMessage {
         body: body.into(),
-        attributes: vec![("sourceflow.type".into(), "t".into())],
+        attributes: vec![("sourceflow.type".into(), "t".into())].into(),
         group_id: None,
         dedup_id: None,
         delay: None,

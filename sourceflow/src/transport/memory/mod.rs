@@ -494,7 +494,7 @@ mod tests {
     fn msg(body: &str, group: Option<&str>) -> OutgoingMessage {
         OutgoingMessage {
             body: body.into(),
-            attributes: vec![(attr::TYPE.into(), "T".into())],
+            attributes: vec![(attr::TYPE.into(), "T".into())].into(),
             group_id: group.map(str::to_string),
             dedup_id: None,
             delay: None,

@@ -222,7 +222,11 @@ impl Queue {
             }
             st.dedup_order.push_back((now, dedup));
             let seq = push(st, m, Some(group.clone()), Visibility::Visible, now);
-            let g = st.groups.entry(group.clone()).or_default();
+            // The group's key is allocated only when the group is new.
+            let g = match st.groups.get_mut(&group) {
+                Some(g) => g,
+                None => st.groups.entry(group.clone()).or_default(),
+            };
             g.pending.push_back(seq);
             if g.in_flight == 0 && !g.queued {
                 g.queued = true;
@@ -736,15 +740,14 @@ fn push(
 ) -> u64 {
     let seq = st.next_seq;
     st.next_seq += 1;
-    // A queued message may wait long: keep only what it uses. The body is shared already
-    // (and exactly its length); the attributes become a shared slice of exactly their
-    // count, which every receive then hands out without a copy.
+    // The body and attributes are shared, exactly their length: kept as they came, and
+    // handed out by every receive without a copy.
     st.messages.insert(
         seq,
         Stored {
             broker_id: m.message_id,
             body: m.body,
-            attributes: Attributes::from(m.attributes),
+            attributes: m.attributes,
             group,
             receive_count: 0,
             visibility,
@@ -811,7 +814,7 @@ mod tests {
         let body: Arc<str> = Arc::from("{\"v\":1}");
         let m = OutgoingMessage {
             body: body.clone(),
-            attributes,
+            attributes: attributes.into(),
             group_id: None,
             dedup_id: None,
             delay: None,
