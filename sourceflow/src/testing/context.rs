@@ -46,7 +46,8 @@ use crate::message::{Command, Event, Message, MessageKind};
 /// let placed = ctx.raised::<OrderPlaced>().assert_one();
 /// assert_eq!((placed.order_id, placed.tenant.as_str()), (7, "t1"));
 /// ctx.sent::<PlaceOrder>().assert_none();
-/// assert_eq!(ctx.message_id(), "m-1");
+/// // The setters share their names with `Context`'s getters: read through `context()`.
+/// assert_eq!(ctx.context().message_id(), "m-1");
 /// # Ok(())
 /// # }
 /// ```
