@@ -258,3 +258,61 @@ fn secs(d: Duration) -> String {
         ms => format!("{:.1}s", ms as f64 / 1_000.0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_flight(state: InFlightState) -> InFlight {
+        InFlight {
+            queue: "payments".into(),
+            wire_name: Some("payments.ProcessPayment.v1".into()),
+            message_id: Some("m-1".into()),
+            state,
+        }
+    }
+
+    /// The timeout's one line names each message: queue, type, id, and what it is doing.
+    #[test]
+    fn a_timeout_reads_in_one_line() {
+        let err = TestError::NotSettled {
+            waited: Duration::from_secs(10),
+            in_flight: vec![
+                in_flight(InFlightState::RetryDue {
+                    due_in: Duration::from_millis(3_000),
+                }),
+                in_flight(InFlightState::Handling {
+                    for_: Duration::from_millis(1_500),
+                    receive_count: 2,
+                }),
+            ],
+        };
+        assert_eq!(
+            err.to_string(),
+            "not settled after 10s: payments: payments.ProcessPayment.v1 (message m-1) delayed retry due in 3s; \
+             payments: payments.ProcessPayment.v1 (message m-1) handler running for 1.5s (delivery 2)"
+        );
+    }
+
+    #[test]
+    fn counts_and_delays_read_as_such() {
+        let counted = InFlight {
+            queue: "orders.fifo".into(),
+            wire_name: None,
+            message_id: None,
+            state: InFlightState::Counted {
+                visible: 1,
+                in_flight: 2,
+                delayed: 0,
+            },
+        };
+        assert_eq!(
+            counted.to_string(),
+            "orders.fifo: 1 visible, 2 in flight, 0 delayed"
+        );
+        let delayed = in_flight(InFlightState::Delayed {
+            due_in: Duration::from_millis(250),
+        });
+        assert!(delayed.to_string().ends_with("delayed, visible in 250ms"));
+    }
+}
