@@ -304,3 +304,60 @@ mod order {
         assert!(history[1..].iter().all(|r| r.causation_id().is_some()));
     }
 }
+
+/// A message stored in the transactional outbox is work in flight until the relay has sent
+/// it and its handler has run.
+#[cfg(feature = "sqlite")]
+mod outbox {
+    use super::*;
+    use sourceflow::{command, handler, State};
+
+    #[command(queue = "testing-outbox-mail", name = "testing.OutboxMail")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct OutboxMail {
+        pub n: u32,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Mailed(Arc<AtomicU32>);
+
+    #[handler]
+    async fn mail(_cmd: OutboxMail, State(m): State<Mailed>) {
+        m.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Real time: the SQLite driver works on a thread of its own, which a paused clock
+    /// would not wait for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settled_waits_for_the_outbox_relay() {
+        let path = std::env::temp_dir().join(format!("sourceflow-th-{}.db", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&url)
+            .await
+            .expect("sqlite");
+        let pool = store.pool().clone();
+        let h = Harness::new().await;
+        let mailed = Mailed::default();
+        let builder = h
+            .service("testing-outbox", module_path!())
+            .sqlite(pool.clone())
+            .outbox_relay(sourceflow::outbox::RelaySettings {
+                poll_interval: Duration::from_millis(200),
+                ..Default::default()
+            })
+            .state(mailed.clone());
+        let app = TestApp::start(builder).await.expect("start");
+        let mut tx = pool.begin().await.expect("begin");
+        app.handle()
+            .outbox()
+            .send(&mut tx, OutboxMail { n: 1 })
+            .await
+            .expect("outbox send");
+        tx.commit().await.expect("commit");
+        app.settled().await.expect("settles");
+        assert_eq!(mailed.0.load(Ordering::SeqCst), 1);
+        app.sent::<OutboxMail>().assert_one();
+        app.shutdown().await.expect("shutdown");
+        let _ = std::fs::remove_file(&path);
+    }
+}

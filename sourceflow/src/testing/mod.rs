@@ -17,6 +17,8 @@
 //! - Time: the embedded broker and the listeners wait on `tokio::time`, so under
 //!   `#[tokio::test(start_paused = true)]` retries, backoff, visibility timeouts and
 //!   delays pass at once (the clock jumps to the next due time whenever everything waits).
+//!   Keep a paused clock to services on the in-memory idempotency store: a SQL store's
+//!   driver waits on real I/O, during which a paused clock may jump past timeouts.
 //! - [`TestContext`] is a [`Context`](crate::Context) for calling one handler as a plain
 //!   async function, with the message id, receive count and attributes the test sets; it
 //!   keeps what the handler sends and raises.
