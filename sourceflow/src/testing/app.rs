@@ -313,6 +313,8 @@ impl TestApp {
     }
 
     /// Every message the service moved to a dead-letter queue, with its reason, in order.
+    /// (The broker's own redrive, the safety net above sourceflow's attempts, moves a
+    /// message without a reason and without a call the harness sees: it is not listed.)
     pub fn dead_lettered(&self) -> Vec<DeadLetter> {
         self.recorder.dead_letters()
     }
