@@ -2,7 +2,12 @@
 //!
 //! `CreateOrder` (FIFO, ordered per order) → `create_order` raises `OrderCreated` →
 //! `request_payment` sends `ProcessPayment` → `process_payment` raises `PaymentProcessed` →
-//! the read model (`project_*`) keeps an in-memory view of every order.
+//! the read model (`project_*`) keeps an in-memory view of every order. A payment over the
+//! card limit is rejected for good (dead-lettered with the reason); an outage of the card
+//! network (`Gateway`) is retried with backoff.
+//!
+//! Its own tests (`tests/orders/main.rs`, `cargo test -p sourceflow --features testing
+//! --test orders`) run this file's service with `sourceflow::testing`.
 //!
 //! Its command line is sourceflow's operator command line (`sourceflow::cli`) plus the
 //! demo, which runs when no command is given:
@@ -23,13 +28,14 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 
 use serde::{Deserialize, Serialize};
-use sourceflow::{command, event, handler, Context, State};
+use sourceflow::{command, event, handler, Context, Reject, State};
 use tokio::sync::{Mutex, Notify};
 use tracing::Instrument;
 
@@ -93,10 +99,53 @@ pub struct Projection {
     changed: Arc<Notify>,
 }
 
+impl Projection {
+    /// The row of one order, if the view has it.
+    pub async fn order(&self, order_id: u64) -> Option<OrderView> {
+        self.orders.lock().await.get(&order_id).cloned()
+    }
+}
+
+// ---- the card network (shared state) ---------------------------------------------------
+
+/// The most a card is charged at once: a payment above it is refused for good.
+pub const CARD_LIMIT_CENTS: u64 = 1_000_000;
+
+/// The card network `process_payment` charges through, handed to it as `State<Gateway>`.
+/// It approves every charge, except during an outage ([`Gateway::fail_next`]), when a
+/// charge fails and its message is retried with backoff.
+#[derive(Clone, Default)]
+pub struct Gateway {
+    outages: Arc<AtomicU32>,
+}
+
+impl Gateway {
+    /// Fails the next `calls` charges, as an outage of the card network would.
+    pub fn fail_next(&self, calls: u32) {
+        self.outages.store(calls, Ordering::SeqCst);
+    }
+
+    fn charge(&self, _payment: &ProcessPayment) -> sourceflow::Result<()> {
+        let outage = self
+            .outages
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match outage {
+            Ok(_) => Err(sourceflow::Error::Other("card network unavailable".into())),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// The service: the builder `main` runs (with the operator command line's options on
+/// top), and that the example's tests start with `sourceflow::testing::TestApp`.
+pub fn service(projection: Projection, gateway: Gateway) -> sourceflow::Builder {
+    sourceflow::builder().state(projection).state(gateway)
+}
+
 // ---- handlers ------------------------------------------------------------------------
 
 #[handler]
-async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()> {
+pub async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()> {
     // `{:?}` masks the card number: only its last four digits are printed.
     println!(
         "[orders]   CreateOrder #{} received (message {}): {:?}",
@@ -113,7 +162,7 @@ async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()>
 }
 
 #[handler]
-async fn request_payment(evt: OrderCreated, ctx: &Context) -> sourceflow::Result<()> {
+pub async fn request_payment(evt: OrderCreated, ctx: &Context) -> sourceflow::Result<()> {
     println!(
         "[payments] OrderCreated #{} → requesting payment of {} (correlation {})",
         evt.order_id,
@@ -128,7 +177,21 @@ async fn request_payment(evt: OrderCreated, ctx: &Context) -> sourceflow::Result
 }
 
 #[handler]
-async fn process_payment(cmd: ProcessPayment, ctx: &Context) -> sourceflow::Result<()> {
+pub async fn process_payment(
+    cmd: ProcessPayment,
+    ctx: &Context,
+    State(gateway): State<Gateway>,
+) -> sourceflow::Result<()> {
+    if cmd.amount_cents > CARD_LIMIT_CENTS {
+        // Retrying cannot help: to the dead-letter queue at once, with this reason.
+        return Err(Reject::new(format!(
+            "amount over the card limit of {}",
+            money(CARD_LIMIT_CENTS)
+        ))
+        .into());
+    }
+    // An outage is an ordinary error: the message comes back after the retry backoff.
+    gateway.charge(&cmd)?;
     println!(
         "[payments] ProcessPayment #{} charged {}",
         cmd.order_id,
@@ -142,7 +205,7 @@ async fn process_payment(cmd: ProcessPayment, ctx: &Context) -> sourceflow::Resu
 }
 
 #[handler]
-async fn project_order(
+pub async fn project_order(
     evt: OrderCreated,
     State(view): State<Projection>,
 ) -> sourceflow::Result<()> {
@@ -156,7 +219,7 @@ async fn project_order(
 }
 
 #[handler]
-async fn project_payment(
+pub async fn project_payment(
     evt: PaymentProcessed,
     State(view): State<Projection>,
 ) -> sourceflow::Result<()> {
@@ -203,11 +266,9 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let telemetry = telemetry::install(args.telemetry);
     let projection = Projection::default();
-    let builder = args.options.apply(
-        sourceflow::builder()
-            .state(projection.clone())
-            .meter_provider(&telemetry.meters),
-    );
+    let builder = args
+        .options
+        .apply(service(projection.clone(), Gateway::default()).meter_provider(&telemetry.meters));
     match args.command {
         Some(command) => sourceflow::cli::execute(command, builder).await,
         None => match demo(builder, projection, &telemetry, args.telemetry).await {

@@ -236,6 +236,12 @@ impl Context {
         *self.tx.lock() = Some(tx);
     }
 
+    /// A copy of what the handler has sent and raised so far (the test harness reads it).
+    #[cfg(feature = "testing")]
+    pub(crate) fn held(&self) -> Vec<Pending> {
+        self.outbox.lock().clone()
+    }
+
     pub(crate) fn take_outbox(&self) -> Vec<Pending> {
         std::mem::take(&mut *self.outbox.lock())
     }

@@ -29,6 +29,12 @@ impl Pending {
     pub(crate) fn message_id(&self) -> &str {
         &self.message.message_id
     }
+
+    /// Its kind, destination and message, for the test harness's reading of a held outbox.
+    #[cfg(feature = "testing")]
+    pub(crate) fn parts(&self) -> (MessageKind, &str, &OutgoingMessage) {
+        (self.kind, &self.destination, &self.message)
+    }
 }
 
 /// Everything needed to dispatch: the transport, resolved destinations, shared state.
@@ -40,6 +46,10 @@ pub(crate) struct Dispatcher {
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     metrics: Arc<Metrics>,
     encryption: Option<Arc<encryption::Settings>>,
+    /// Encodes every payload in clear, whatever its type declares: the test harness's
+    /// dispatcher for a `TestContext`, which sends nothing and reads what it held.
+    #[cfg(feature = "testing")]
+    plain: bool,
 }
 
 impl Dispatcher {
@@ -60,6 +70,32 @@ impl Dispatcher {
             states,
             metrics,
             encryption,
+            #[cfg(feature = "testing")]
+            plain: false,
+        }
+    }
+
+    /// A dispatcher for a handler called directly in a test (`testing::TestContext`): it
+    /// encodes in clear and is never asked to send (what the handler produced stays held by
+    /// its `Context`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn capturing(
+        service: String,
+        states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    ) -> Self {
+        let transport: Arc<dyn Transport> = Arc::new(crate::MemoryTransport::new());
+        let meter = opentelemetry::global::meter("sourceflow");
+        Dispatcher {
+            plain: true,
+            ..Dispatcher::new(
+                transport,
+                service,
+                Naming::new(""),
+                HashMap::new(),
+                states,
+                Arc::new(Metrics::new(&meter)),
+                None,
+            )
         }
     }
 
@@ -83,6 +119,10 @@ impl Dispatcher {
         msg: &M,
         meta: envelope::SendMeta,
     ) -> Result<OutgoingMessage> {
+        #[cfg(feature = "testing")]
+        if self.plain {
+            return envelope::encode(msg, meta);
+        }
         if !self.must_encrypt(M::ENCRYPT) {
             return envelope::encode(msg, meta);
         }

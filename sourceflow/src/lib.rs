@@ -39,15 +39,18 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> sourceflow::Result<()> {
-//! // `sourceflow::run().await` serves until SIGINT/SIGTERM; a test or a web server
-//! // uses the handle instead:
+//! // `sourceflow::run().await` serves until SIGINT/SIGTERM; a web server uses the
+//! // handle instead:
 //! let app = sourceflow::builder().service("orders").start().await?;
 //! app.send(CreateOrder { order_id: 1, card_number: "4111111111111111".into() }).await?;
-//! # tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 //! app.shutdown().await?;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A test starts the same builder with `sourceflow::testing::TestApp` (feature `testing`),
+//! whose `send` returns once the handlers it woke, and everything they sent and raised,
+//! have settled; see the README's "Testing your handlers".
 //!
 //! The `Debug` output of `CreateOrder` masks `card_number` (see [`sensitive`]).
 
@@ -80,6 +83,8 @@ mod retry;
 mod runtime;
 pub mod sensitive;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;
 pub mod transport;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]

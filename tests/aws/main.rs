@@ -698,6 +698,11 @@ mod topology;
 
 mod exports;
 
+// ---- the test harness, live ----------------------------------------------------------------
+
+#[cfg(feature = "testing")]
+mod testing_live;
+
 // ---- a worker killed mid-handler ---------------------------------------------------------
 
 #[cfg(feature = "sqlite")]

@@ -31,6 +31,8 @@ mod retry;
 mod shutdown;
 mod size_and_delay;
 mod telemetry;
+#[cfg(feature = "testing")]
+mod testing;
 mod topology;
 mod transactional;
 mod transactional_outbox;

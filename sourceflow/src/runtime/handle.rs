@@ -178,6 +178,21 @@ impl std::fmt::Debug for Handle {
     }
 }
 
+/// What the test harness (`sourceflow::testing`) reads of a running service.
+#[cfg(feature = "testing")]
+impl Handle {
+    /// The queues this service's listeners receive from.
+    pub(crate) fn listened_queues(&self) -> Vec<String> {
+        let info = &self.inner.listener_info;
+        info.iter().map(|l| l.queue.clone()).collect()
+    }
+
+    /// The service's dispatcher (its destinations and encryption settings).
+    pub(crate) fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.inner.dispatcher
+    }
+}
+
 impl Handle {
     /// Sends a command now; returns its message id.
     pub async fn send<C: Command>(&self, command: C) -> Result<String> {
