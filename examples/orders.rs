@@ -2,7 +2,8 @@
 //!
 //! `CreateOrder` (FIFO, ordered per order) → `create_order` raises `OrderCreated` →
 //! `request_payment` sends `ProcessPayment` → `process_payment` raises `PaymentProcessed` →
-//! the read model (`project_*`) keeps an in-memory view of every order.
+//! the read model (`project_*`) keeps an in-memory view of every order, and answers the
+//! `GetOrder` query (`get_order`), in process.
 //!
 //! Its command line is sourceflow's operator command line (`sourceflow::cli`) plus the
 //! demo, which runs when no command is given:
@@ -29,7 +30,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use serde::{Deserialize, Serialize};
-use sourceflow::{command, event, handler, Context, State};
+use sourceflow::{command, event, handler, query, Context, State};
 use tokio::sync::{Mutex, Notify};
 use tracing::Instrument;
 
@@ -91,6 +92,24 @@ pub struct OrderView {
 pub struct Projection {
     orders: Arc<Mutex<BTreeMap<u64, OrderView>>>,
     changed: Arc<Notify>,
+}
+
+// ---- queries (the read side) ----------------------------------------------------------
+
+/// One order as the read model shows it; `None` for an order it has not seen.
+#[query(response = Option<OrderView>, name = "orders.GetOrder")]
+#[derive(Debug, Clone)]
+pub struct GetOrder {
+    pub order_id: u64,
+}
+
+/// Answers `GetOrder` from the projection, in process: no queue is involved.
+#[handler]
+async fn get_order(
+    q: GetOrder,
+    State(view): State<Projection>,
+) -> sourceflow::Result<Option<OrderView>> {
+    Ok(view.orders.lock().await.get(&q.order_id).cloned())
 }
 
 // ---- handlers ------------------------------------------------------------------------
@@ -220,7 +239,23 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Sends three orders and waits until the read model shows them paid.
+/// True when the read model, asked with `GetOrder`, shows every order paid.
+async fn all_paid(app: &sourceflow::Handle, orders: &[CreateOrder]) -> sourceflow::Result<bool> {
+    for order in orders {
+        let view = app
+            .query(GetOrder {
+                order_id: order.order_id,
+            })
+            .await?;
+        if !view.is_some_and(|v| v.paid) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Sends three orders and waits until the read model, asked with `GetOrder`, shows them
+/// paid.
 async fn demo(
     builder: sourceflow::Builder,
     projection: Projection,
@@ -255,30 +290,33 @@ async fn demo(
     }
 
     // Wait until the read model shows every order paid (or give up after 30 s).
-    let all_paid = async {
+    let settled = async {
         loop {
             let changed = projection.changed.notified();
-            {
-                let view = projection.orders.lock().await;
-                if view.len() == orders.len() && view.values().all(|o| o.paid) {
-                    return;
-                }
+            // Asked through the `GetOrder` query, as an HTTP endpoint would.
+            if all_paid(&app, &orders).await? {
+                return Ok(());
             }
             changed.await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(30), all_paid)
-        .await
-        .is_err()
-    {
-        app.shutdown().await?;
-        return Err(sourceflow::Error::Config(
+    let outcome = match tokio::time::timeout(Duration::from_secs(30), settled).await {
+        Ok(answered) => answered,
+        Err(_) => Err(sourceflow::Error::Config(
             "the demo did not complete within 30 s".into(),
-        ));
+        )),
+    };
+    if let Err(e) = outcome {
+        app.shutdown().await?;
+        return Err(e);
     }
 
     println!("\nread model:");
-    for (id, o) in projection.orders.lock().await.iter() {
+    for order in &orders {
+        let id = order.order_id;
+        let Some(o) = app.query(GetOrder { order_id: id }).await? else {
+            continue;
+        };
         println!(
             "  order #{id}: {:<6} {:>8}  {}",
             o.customer,

@@ -40,6 +40,8 @@ pub(crate) struct Dispatcher {
     states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     metrics: Arc<Metrics>,
     encryption: Option<Arc<encryption::Settings>>,
+    /// The query handlers this service runs (see [`crate::query`]).
+    queries: crate::query::QueryTable,
 }
 
 impl Dispatcher {
@@ -60,7 +62,22 @@ impl Dispatcher {
             states,
             metrics,
             encryption,
+            queries: crate::query::QueryTable::new(),
         }
+    }
+
+    /// With the query handlers the service runs.
+    pub(crate) fn with_queries(mut self, queries: crate::query::QueryTable) -> Self {
+        self.queries = queries;
+        self
+    }
+
+    /// The handler of the query type `query`, if the service runs one.
+    pub(crate) fn query_route(
+        &self,
+        query: TypeId,
+    ) -> Option<&'static crate::registry::QueryRoute> {
+        self.queries.get(&query).copied()
     }
 
     /// The full name of the destination of a wire name known to the binary.
