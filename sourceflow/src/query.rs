@@ -222,9 +222,9 @@ pub mod support {
     /// What a query handler may return: `Result<R, E>` with `R` the query's response and
     /// `E` convertible into a boxed error (including `sourceflow::Error` and `anyhow::Error`).
     #[diagnostic::on_unimplemented(
-        message = "this query handler must return `Result<{R}, E>` (the query's response), not `{Self}`",
+        message = "this query handler must return `Result<{R}, E>`, with the query's response type, not `{Self}`",
         label = "not the query's response",
-        note = "the query's `#[query(response = ..)]` names the type its handler answers with: return `sourceflow::Result<{R}>`, or `Result<{R}, E>` where `E` converts into `Box<dyn std::error::Error + Send + Sync>`"
+        note = "`#[query(response = ..)]` names the type its handler answers with: return `sourceflow::Result<{R}>`, or `Result<{R}, E>` where `E` converts into `Box<dyn std::error::Error + Send + Sync>`; command and event handlers return `()` or `Result<(), E>`"
     )]
     pub trait IntoQueryResult<R> {
         /// Converts the handler's output.

@@ -139,6 +139,14 @@ async fn a_query_is_answered_in_process_with_state_and_provisions_nothing() {
     );
     assert!(plan.listeners.is_empty(), "{:?}", plan.listeners);
     app.shutdown().await.expect("shutdown");
+    // A query only reads: it is answered after shutdown too, unlike a send.
+    assert_eq!(
+        app.query(GetBalance { account: 1 })
+            .await
+            .expect("answer after shutdown")
+            .cents,
+        -5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -459,18 +459,16 @@ impl Builder {
             handlers = r.handlers.len(),
             "sourceflow provisioned"
         );
-        let dispatcher = Arc::new(
-            Dispatcher::new(
-                r.transport.clone(),
-                r.service.clone(),
-                r.naming.clone(),
-                plan.destinations,
-                r.states,
-                r.metrics.clone(),
-                r.encryption.clone(),
-            )
-            .with_queries(plan.queries),
+        let dispatcher = Dispatcher::new(
+            r.transport.clone(),
+            r.service.clone(),
+            r.naming.clone(),
+            plan.destinations,
+            r.states,
+            r.metrics.clone(),
+            r.encryption.clone(),
         );
+        let dispatcher = Arc::new(dispatcher.with_queries(plan.queries));
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
         let encrypted: Arc<HashSet<&'static str>> = Arc::new(
             messages
