@@ -214,6 +214,29 @@ async fn a_query_no_handler_of_the_service_answers_is_a_typed_error() {
     );
     app.shutdown().await.expect("shutdown");
 
+    // `handlers_in` selects query handlers by the same module prefix as message handlers.
+    let ledger = Ledger::default();
+    ledger.set(1, 10);
+    let app = h
+        .service("queries", answers::MODULE)
+        .handlers_in(answers::MODULE)
+        .state(ledger)
+        .start()
+        .await
+        .expect("start");
+    assert_eq!(
+        app.query(GetBalance { account: 1 })
+            .await
+            .expect("answered by the selected module's handler")
+            .cents,
+        10
+    );
+    assert!(matches!(
+        app.query(asking::Available { account: 1 }).await,
+        Err(Error::NoQueryHandler("Available"))
+    ));
+    app.shutdown().await.expect("shutdown");
+
     // A handler exists in the binary, but this service's selection leaves it out: a
     // `handlers(..)` predicate sees message handlers only.
     let app = h
