@@ -2,9 +2,10 @@
 //!
 //! `CreateOrder` (FIFO, ordered per order) → `create_order` raises `OrderCreated` →
 //! `request_payment` sends `ProcessPayment` → `process_payment` raises `PaymentProcessed` →
-//! the read model (`project_*`) keeps an in-memory view of every order. A payment over the
-//! card limit is rejected for good (dead-lettered with the reason); an outage of the card
-//! network (`Gateway`) is retried with backoff.
+//! the read model (`project_*`) keeps an in-memory view of every order, and answers the
+//! `GetOrder` query (`get_order`), in process. A payment over the card limit is rejected
+//! for good (dead-lettered with the reason); an outage of the card network (`Gateway`) is
+//! retried with backoff.
 //!
 //! Its own tests (`tests/orders/main.rs`, `cargo test -p sourceflow --features testing
 //! --test orders`) run this file's service with `sourceflow::testing`.
@@ -35,7 +36,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use serde::{Deserialize, Serialize};
-use sourceflow::{command, event, handler, Context, Reject, State};
+use sourceflow::{command, event, handler, query, Context, Reject, State};
 use tokio::sync::{Mutex, Notify};
 use tracing::Instrument;
 
@@ -140,6 +141,24 @@ impl Gateway {
 /// top), and that the example's tests start with `sourceflow::testing::TestApp`.
 pub fn service(projection: Projection, gateway: Gateway) -> sourceflow::Builder {
     sourceflow::builder().state(projection).state(gateway)
+}
+
+// ---- queries (the read side) ----------------------------------------------------------
+
+/// One order as the read model shows it; `None` for an order it has not seen.
+#[query(response = Option<OrderView>, name = "orders.GetOrder")]
+#[derive(Debug, Clone)]
+pub struct GetOrder {
+    pub order_id: u64,
+}
+
+/// Answers `GetOrder` from the projection, in process: no queue is involved.
+#[handler]
+pub async fn get_order(
+    q: GetOrder,
+    State(view): State<Projection>,
+) -> sourceflow::Result<Option<OrderView>> {
+    Ok(view.order(q.order_id).await)
 }
 
 // ---- handlers ------------------------------------------------------------------------
@@ -281,7 +300,23 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Sends three orders and waits until the read model shows them paid.
+/// True when the read model, asked with `GetOrder`, shows every order paid.
+async fn all_paid(app: &sourceflow::Handle, orders: &[CreateOrder]) -> sourceflow::Result<bool> {
+    for order in orders {
+        let view = app
+            .query(GetOrder {
+                order_id: order.order_id,
+            })
+            .await?;
+        if !view.is_some_and(|v| v.paid) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Sends three orders and waits until the read model, asked with `GetOrder`, shows them
+/// paid.
 async fn demo(
     builder: sourceflow::Builder,
     projection: Projection,
@@ -316,30 +351,33 @@ async fn demo(
     }
 
     // Wait until the read model shows every order paid (or give up after 30 s).
-    let all_paid = async {
+    let settled = async {
         loop {
             let changed = projection.changed.notified();
-            {
-                let view = projection.orders.lock().await;
-                if view.len() == orders.len() && view.values().all(|o| o.paid) {
-                    return;
-                }
+            // Asked through the `GetOrder` query, as an HTTP endpoint would.
+            if all_paid(&app, &orders).await? {
+                return Ok(());
             }
             changed.await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(30), all_paid)
-        .await
-        .is_err()
-    {
-        app.shutdown().await?;
-        return Err(sourceflow::Error::Config(
+    let outcome = match tokio::time::timeout(Duration::from_secs(30), settled).await {
+        Ok(answered) => answered,
+        Err(_) => Err(sourceflow::Error::Config(
             "the demo did not complete within 30 s".into(),
-        ));
+        )),
+    };
+    if let Err(e) = outcome {
+        app.shutdown().await?;
+        return Err(e);
     }
 
     println!("\nread model:");
-    for (id, o) in projection.orders.lock().await.iter() {
+    for order in &orders {
+        let id = order.order_id;
+        let Some(o) = app.query(GetOrder { order_id: id }).await? else {
+            continue;
+        };
         println!(
             "  order #{id}: {:<6} {:>8}  {}",
             o.customer,

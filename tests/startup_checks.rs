@@ -129,6 +129,24 @@ async fn on_raise(_evt: PriceRaised) {}
 )]
 async fn on_cut(_evt: PriceCut) {}
 
+// Two handlers for one query.
+#[sourceflow::query(response = u64)]
+pub struct CountInvoices;
+
+mod first_answer {
+    #[sourceflow::handler]
+    async fn count_invoices(_q: super::CountInvoices) -> sourceflow::Result<u64> {
+        Ok(1)
+    }
+}
+
+mod second_answer {
+    #[sourceflow::handler]
+    async fn count_invoices_again(_q: super::CountInvoices) -> sourceflow::Result<u64> {
+        Ok(2)
+    }
+}
+
 #[tokio::test]
 async fn startup_rejects_inconsistent_routes_before_any_message_moves() {
     let transport = MemoryTransport::new();
@@ -151,12 +169,34 @@ async fn startup_rejects_inconsistent_routes_before_any_message_moves() {
         "sets `queue = \"checks-elsewhere\"`, but it handles the command Refund",
         "takes `State<startup_checks::needs_state::Mailer>`, but the runtime was not given one",
         "consumes queue `checks-shared` (for Handled), which also carries command `NotHandledHere`",
+        "query `CountInvoices` has 2 handlers: startup_checks::first_answer::count_invoices (",
+        "), startup_checks::second_answer::count_invoices_again (",
         "the subscription of `checks-checks-prices` to `checks-prices`: its filter policy (the types its handlers take, merged with their filters) is one SNS refuses: a filter policy has at most 150 combinations of values (the product of its lists' lengths, summed over `$or`), this one has 160",
     ];
     for e in expected {
         assert!(text.contains(e), "missing problem {e:?} in:\n{text}");
     }
-    assert_eq!(problems.0.len(), expected.len(), "{text}");
+    // The query's problem is one line naming both handlers.
+    assert_eq!(problems.0.len(), expected.len() - 1, "{text}");
+    assert!(
+        problems
+            .0
+            .iter()
+            .any(|p| p.contains("query `CountInvoices` has 2 handlers")
+                && p.ends_with("a query is answered by exactly one handler, so keep one")),
+        "{text}"
+    );
+    // `plan` runs the same checks without provisioning anything.
+    let err = sourceflow::builder()
+        .service("checks")
+        .plan()
+        .await
+        .expect_err("the plan sees the duplicate query handlers too");
+    assert!(
+        err.to_string()
+            .contains("query `CountInvoices` has 2 handlers"),
+        "{err}"
+    );
     assert!(
         transport.queue_names().is_empty() && transport.topic_names().is_empty(),
         "nothing was provisioned"
@@ -173,6 +213,15 @@ async fn startup_rejects_inconsistent_routes_before_any_message_moves() {
     let text = err.to_string();
     assert!(text.contains("customers.Registered"), "{text}");
     assert!(!text.contains("has 2 handlers"), "{text}");
+    // `handlers_in` selects query handlers by the same prefix: one of the two is left.
+    let err = sourceflow::builder()
+        .service("checks")
+        .transport(transport.clone())
+        .handlers_in("startup_checks::first_answer")
+        .start()
+        .await
+        .expect_err("the wire-name clash is binary-wide");
+    assert!(!err.to_string().contains("CountInvoices"), "{err}");
 
     // Generated names are checked too: a service name that makes the subscriber queue too long.
     let err = sourceflow::builder()

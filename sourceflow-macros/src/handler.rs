@@ -8,6 +8,10 @@ use syn::{FnArg, ItemFn, LitStr, PathArguments, ReturnType, Type};
 
 const SHAPE: &str = "a handler looks like `async fn create_order(cmd: CreateOrder, ctx: &Context) -> sourceflow::Result<()>`";
 
+const QUERY_SHAPE: &str = "a handler that returns a value answers a #[query] and looks like `async fn get_order(q: GetOrder, State(db): State<Db>) -> sourceflow::Result<OrderView>`; command and event handlers return `()` or `Result<(), E>`";
+
+const QUERY_ARGUMENTS: &str = "a handler that returns a value answers a #[query], and a query is answered in process, never through a queue: it takes no `queue`, `filter` or queue settings; command and event handlers return `()` or `Result<(), E>`";
+
 enum Extra {
     Context,
     State(Box<Type>),
@@ -120,6 +124,16 @@ pub fn expand(args: TokenStream, input: TokenStream) -> syn::Result<TokenStream>
             ty => ty.clone(),
         },
     };
+
+    if returns_value(&sig.output) {
+        if queue.is_some() || filter.is_some() || options.any() {
+            return Err(syn::Error::new(
+                proc_macro2::Span::call_site(),
+                QUERY_ARGUMENTS,
+            ));
+        }
+        return expand_query(&func, msg_ty, inputs);
+    }
 
     let mut extras = Vec::new();
     let mut seen_ctx = false;
@@ -310,5 +324,152 @@ fn classify(ty: &Type) -> Option<Extra> {
             }
         }
         _ => None,
+    }
+}
+
+/// True when the return type carries a value: the function answers a query. `()`,
+/// `Result<(), E>` (and any alias written `X<()>`) are what message handlers return.
+fn returns_value(output: &ReturnType) -> bool {
+    let ReturnType::Type(_, ty) = output else {
+        return false;
+    };
+    let is_unit = |t: &Type| matches!(t, Type::Tuple(t) if t.elems.is_empty());
+    match &**ty {
+        t if is_unit(t) => false,
+        Type::Never(_) => false,
+        Type::Path(p) => {
+            let Some(last) = p.path.segments.last() else {
+                return true;
+            };
+            match &last.arguments {
+                PathArguments::AngleBracketed(a) => !matches!(
+                    a.args.first(),
+                    Some(syn::GenericArgument::Type(t)) if is_unit(t)
+                ),
+                _ => true,
+            }
+        }
+        _ => true,
+    }
+}
+
+/// A query handler: the query, then `State<T>` arguments only; returns `Result<Response, E>`.
+fn expand_query<'a>(
+    func: &ItemFn,
+    query_ty: Type,
+    inputs: impl Iterator<Item = &'a FnArg>,
+) -> syn::Result<TokenStream> {
+    let sig = &func.sig;
+    let mut lets = Vec::new();
+    let mut call_args = vec![quote!(__query)];
+    let mut states = Vec::new();
+    for (i, arg) in inputs.enumerate() {
+        let FnArg::Typed(pt) = arg else {
+            return Err(syn::Error::new_spanned(arg, "unexpected `self`"));
+        };
+        match classify(&pt.ty) {
+            Some(Extra::State(inner)) => {
+                let var = format_ident!("__state{}", i);
+                lets.push(quote_spanned! {inner.span()=>
+                    let #var = ::sourceflow::__private::query_state::<#inner>(&__scope)?;
+                });
+                states.push(quote!(::sourceflow::__private::StateRequirement::of::<#inner>()));
+                call_args.push(quote!(#var));
+            }
+            Some(Extra::Context) | None if names_context(&pt.ty) => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    format!(
+                        "a query handler takes no `&Context`: a query is answered in process, \
+                         outside any message, so there is no message to describe; take the \
+                         query and `State<T>` arguments only. ({QUERY_SHAPE})"
+                    ),
+                ))
+            }
+            Some(Extra::Tx(_)) | None if names_tx(&pt.ty) => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    format!(
+                        "a query handler takes no transaction: a query only reads, outside \
+                         any message; take the query and `State<T>` arguments only (a pool \
+                         in a `State<T>` reads the database). ({QUERY_SHAPE})"
+                    ),
+                ))
+            }
+            _ => {
+                return Err(syn::Error::new_spanned(
+                    &pt.ty,
+                    format!("a query handler takes the query, then only `State<T>` arguments; {QUERY_SHAPE}"),
+                ))
+            }
+        }
+    }
+    let fn_name = &sig.ident;
+    let fn_name_str = fn_name.to_string();
+    let ret_span = match &sig.output {
+        ReturnType::Default => sig.paren_token.span.join(),
+        ReturnType::Type(_, ty) => ty.span(),
+    };
+    let answer = quote_spanned! {ret_span=>
+        ::sourceflow::__private::IntoQueryResult::<
+            <#query_ty as ::sourceflow::Query>::Response
+        >::into_query_result(__out)
+    };
+    let route = quote_spanned! {query_ty.span()=>
+        ::sourceflow::__private::QueryRoute::new::<#query_ty>
+    };
+    let take = quote_spanned! {query_ty.span()=>
+        ::sourceflow::__private::take_query::<#query_ty>(__query)
+    };
+    Ok(quote! {
+        #func
+
+        ::sourceflow::__private::inventory::submit! {
+            #route(
+                #fn_name_str,
+                ::core::module_path!(),
+                ::core::file!(),
+                ::core::line!(),
+                &[#(#states),*],
+                |__scope, __query| {
+                    ::std::boxed::Box::pin(async move {
+                        let __query: #query_ty = #take?;
+                        #(#lets)*
+                        let __out = #fn_name(#(#call_args),*).await;
+                        #answer.map(::sourceflow::__private::box_answer)
+                    })
+                },
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::returns_value;
+
+    #[test]
+    fn a_handler_that_returns_a_value_answers_a_query() {
+        let value = |s: &str| returns_value(&syn::parse_str(s).expect("a return type"));
+        for message in [
+            "",
+            "-> ()",
+            "-> sourceflow::Result<()>",
+            "-> Result<(), MyError>",
+            "-> anyhow::Result<()>",
+            "-> !",
+        ] {
+            assert!(!value(message), "{message:?} is a message handler's");
+        }
+        for query in [
+            "-> sourceflow::Result<OrderView>",
+            "-> Result<Option<OrderView>, MyError>",
+            "-> Result<Vec<()>, E>",
+            "-> u64",
+            "-> QueryResult",
+            "-> (u64, u64)",
+        ] {
+            assert!(value(query), "{query:?} is a query handler's");
+        }
     }
 }

@@ -9,6 +9,7 @@ mod handler;
 mod message;
 mod names;
 mod options;
+mod query;
 
 use proc_macro::TokenStream;
 
@@ -55,12 +56,39 @@ pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
         .into()
 }
 
-/// Registers an `async fn` as the handler of the command or event it takes first.
+/// Declares a query: a request answered in process by exactly one handler, with a value of
+/// its response type (the read side of CQRS). Queries never travel through a queue.
+///
+/// ```ignore
+/// #[query(response = OrderView)]
+/// pub struct GetOrder {
+///     pub order_id: u64,
+/// }
+///
+/// #[handler]
+/// async fn get_order(q: GetOrder, State(db): State<Db>) -> sourceflow::Result<OrderView> { .. }
+/// ```
+///
+/// * `response` (required): the type the handler answers with.
+/// * `name` (optional): the name spans, metrics and errors use; defaults to the type's name.
+#[proc_macro_attribute]
+pub fn query(args: TokenStream, input: TokenStream) -> TokenStream {
+    query::expand(args.into(), input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Registers an `async fn` as the handler of the command, event or query it takes first.
 ///
 /// Further arguments, in any order: `&Context` and any number of `State<T>`.
 /// The return type is `()` or `Result<(), E>` for any `E` convertible into a boxed error.
 /// For an event handler, `#[handler(queue = "...")]` overrides the name of this service's
 /// subscriber queue.
+///
+/// A handler that returns a value (anything but `()` or `Result<(), E>`) answers a
+/// [`query`]: it returns `Result<Response, E>` with the query's response type, takes only
+/// `State<T>` besides the query (a query is answered in process, outside any message, so
+/// there is no `&Context`), and takes no arguments in `#[handler(..)]`.
 #[proc_macro_attribute]
 pub fn handler(args: TokenStream, input: TokenStream) -> TokenStream {
     let input = proc_macro2::TokenStream::from(input);

@@ -182,6 +182,13 @@ impl Context {
         self.hold_with(&event, options.for_handler()?).await
     }
 
+    /// Answers a query now, in process, with the handler this service runs for it (see
+    /// [`query`](mod@crate::query)). Unlike `send` and `raise`, it is not held back: the
+    /// answer is there to use in this handler.
+    pub async fn query<Q: crate::Query>(&self, query: Q) -> Result<Q::Response> {
+        crate::query::ask(&self.dispatcher, query).await
+    }
+
     async fn hold<M: Message>(&self, msg: &M) -> Result<()> {
         self.hold_with(msg, SendMeta::default()).await
     }

@@ -50,6 +50,8 @@ pub(crate) struct Dispatcher {
     /// dispatcher for a `TestContext`, which sends nothing and reads what it held.
     #[cfg(feature = "testing")]
     plain: bool,
+    /// The query handlers this service runs (see [`crate::query`]).
+    queries: crate::query::QueryTable,
 }
 
 impl Dispatcher {
@@ -72,6 +74,7 @@ impl Dispatcher {
             encryption,
             #[cfg(feature = "testing")]
             plain: false,
+            queries: crate::query::QueryTable::new(),
         }
     }
 
@@ -85,8 +88,11 @@ impl Dispatcher {
     ) -> Self {
         let transport: Arc<dyn Transport> = Arc::new(crate::MemoryTransport::new());
         let meter = opentelemetry::global::meter("sourceflow");
+        // A handler called directly may ask any query linked into the test binary.
+        let queries: Vec<_> = crate::registry::query_routes().collect();
         Dispatcher {
             plain: true,
+            queries: crate::registry::query_table(&queries),
             ..Dispatcher::new(
                 transport,
                 service,
@@ -97,6 +103,20 @@ impl Dispatcher {
                 None,
             )
         }
+    }
+
+    /// With the query handlers the service runs.
+    pub(crate) fn with_queries(mut self, queries: crate::query::QueryTable) -> Self {
+        self.queries = queries;
+        self
+    }
+
+    /// The handler of the query type `query`, if the service runs one.
+    pub(crate) fn query_route(
+        &self,
+        query: TypeId,
+    ) -> Option<&'static crate::registry::QueryRoute> {
+        self.queries.get(&query).copied()
     }
 
     /// The full name of the destination of a wire name known to the binary.

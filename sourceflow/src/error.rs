@@ -112,6 +112,21 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// No handler of this service answers the query (see [`query`](mod@crate::query)).
+    #[error("no handler answers the query `{0}` in this service: add a #[handler] that takes it and returns its response (if there is one, `handlers_in(..)` or `query_handlers(..)` left it out)")]
+    NoQueryHandler(&'static str),
+
+    /// The handler of a query panicked.
+    #[error("the handler {handler} of query `{query}` panicked: {message}")]
+    QueryPanicked {
+        /// The query's name.
+        query: &'static str,
+        /// The handler (`module::function`).
+        handler: String,
+        /// The panic's message.
+        message: String,
+    },
+
     /// A user-level failure, e.g. returned from a handler with `?`.
     #[error(transparent)]
     Other(BoxError),

@@ -77,6 +77,7 @@ pub mod naming;
 pub mod outbox;
 mod outcome;
 mod payload;
+pub mod query;
 pub mod redrive;
 pub mod registry;
 mod retry;
@@ -96,13 +97,14 @@ pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
 pub use listener::DrainReport;
 pub use message::{Command, EntityId, Event, Message, MessageKind};
 pub use outcome::{Reject, RetryAfter};
+pub use query::Query;
 pub use retry::RetryPolicy;
 pub use runtime::{
     builder, run, Builder, Handle, ListenerSummary, SendOptions, ServicePlan, DEFAULT_CONCURRENCY,
     DEFAULT_MAX_RECEIVE_COUNT, DEFAULT_RECEIVE_WAIT, DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_VISIBILITY_TIMEOUT,
 };
-pub use sourceflow_macros::{command, event, handler};
+pub use sourceflow_macros::{command, event, handler, query};
 pub use transport::memory::MemoryTransport;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use tx::Tx;
@@ -120,6 +122,10 @@ pub mod __private {
         BoxFuture, HandlerRoute, MessageRoute, QueueOptions, Sse, StateRequirement, TxKind,
     };
     pub use inventory;
+
+    pub use crate::query::support::{box_answer, query_state, take_query, IntoQueryResult};
+    pub use crate::query::QueryScope;
+    pub use crate::registry::{QueryInvoker, QueryRoute};
 
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub use crate::tx::{give as give_tx, take as take_tx, TxDatabase};

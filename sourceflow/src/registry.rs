@@ -1,5 +1,6 @@
 //! The routes that `#[command]`, `#[event]` and `#[handler]` register at compile time, and
-//! the checks that can only run once every crate is linked.
+//! the checks that can only run once every crate is linked. Query handlers register a
+//! [`QueryRoute`]: queries are answered in process, so they have no queue and no topology.
 
 use std::any::TypeId;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -265,8 +266,125 @@ impl HandlerRoute {
     }
 }
 
+/// The type-erased entry point of a query handler: takes the boxed query, answers with the
+/// boxed response.
+pub type QueryInvoker =
+    fn(
+        crate::query::QueryScope,
+        Box<dyn std::any::Any + Send>,
+    ) -> BoxFuture<'static, Result<Box<dyn std::any::Any + Send>, InvokeError>>;
+
+/// A query handler as registered by `#[handler]` on a function that answers a `#[query]`.
+#[derive(Clone, Copy)]
+pub struct QueryRoute {
+    /// The query's name ([`Query::NAME`](crate::Query::NAME)).
+    pub query: &'static str,
+    /// `TypeId::of` the query type.
+    pub query_type: fn() -> TypeId,
+    /// The response type's name, as `std::any::type_name` gives it.
+    pub response: fn() -> &'static str,
+    /// The function's name.
+    pub name: &'static str,
+    /// The module it is in.
+    pub module_path: &'static str,
+    /// Source file.
+    pub file: &'static str,
+    /// Source line.
+    pub line: u32,
+    /// `State<T>` arguments.
+    pub states: &'static [StateRequirement],
+    /// Runs the handler.
+    pub invoke: QueryInvoker,
+}
+
+impl std::fmt::Debug for QueryRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryRoute")
+            .field("query", &self.query)
+            .field("response", &(self.response)())
+            .field("handler", &self.qualified_name())
+            .finish()
+    }
+}
+
+impl QueryRoute {
+    /// Builds the route for a handler of `Q`; used by the generated code.
+    pub const fn new<Q: crate::Query>(
+        name: &'static str,
+        module_path: &'static str,
+        file: &'static str,
+        line: u32,
+        states: &'static [StateRequirement],
+        invoke: QueryInvoker,
+    ) -> Self {
+        QueryRoute {
+            query: Q::NAME,
+            query_type: TypeId::of::<Q>,
+            response: std::any::type_name::<Q::Response>,
+            name,
+            module_path,
+            file,
+            line,
+            states,
+            invoke,
+        }
+    }
+
+    /// `module::function`.
+    pub fn qualified_name(&self) -> String {
+        format!("{}::{}", self.module_path, self.name)
+    }
+
+    fn location(&self) -> String {
+        format!("{} ({}:{})", self.qualified_name(), self.file, self.line)
+    }
+}
+
 inventory::collect!(MessageRoute);
 inventory::collect!(HandlerRoute);
+inventory::collect!(QueryRoute);
+
+/// Every query handler linked into this binary.
+pub fn query_routes() -> impl Iterator<Item = &'static QueryRoute> {
+    inventory::iter::<QueryRoute>.into_iter()
+}
+
+/// Problems among the query handlers a service runs: two for one query type, and `State<T>`
+/// nobody gave.
+pub(crate) fn check_queries(
+    queries: &[&'static QueryRoute],
+    states: &HashSet<TypeId>,
+    problems: &mut Vec<String>,
+) {
+    let mut by_type: HashMap<TypeId, Vec<&QueryRoute>> = HashMap::new();
+    for q in queries {
+        by_type.entry((q.query_type)()).or_default().push(q);
+        for s in q.states {
+            if !states.contains(&(s.type_id)()) {
+                problems.push(format!(
+                    "query handler {} takes `State<{}>`, but the runtime was not given one: add `.state(value)` to the builder",
+                    q.location(),
+                    (s.type_name)()
+                ));
+            }
+        }
+    }
+    for hs in by_type.values().filter(|hs| hs.len() > 1) {
+        let mut locs: Vec<_> = hs.iter().map(|h| h.location()).collect();
+        locs.sort();
+        problems.push(format!(
+            "query `{}` has {} handlers: {}; a query is answered by exactly one handler, so keep one",
+            hs[0].query,
+            hs.len(),
+            locs.join(", ")
+        ));
+    }
+}
+
+/// The query handlers by query type; call after [`check_queries`] found no duplicate.
+pub(crate) fn query_table(queries: &[&'static QueryRoute]) -> crate::query::QueryTable {
+    queries.iter().map(|q| ((q.query_type)(), *q)).collect()
+}
 
 /// Every message type linked into this binary.
 pub fn message_routes() -> impl Iterator<Item = &'static MessageRoute> {

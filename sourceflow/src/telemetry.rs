@@ -7,6 +7,7 @@
 //! | `sourceflow.dispatch` | a send or publish call | `messaging.system`, `messaging.destination.name`, `messaging.operation.type` (`send`/`publish`), `messaging.batch.message_count`, `sourceflow.service`, `otel.status_code` (`ERROR` when it failed) |
 //! | `sourceflow.process` | one received message | `messaging.system`, `messaging.destination.name`, `messaging.operation.type` = `process`, `messaging.message.id`, `messaging.message.conversation_id` (correlation id), `sourceflow.wire_name`, `sourceflow.entity_id`, `sourceflow.receive_count`, `sourceflow.service`, `otel.kind` = `consumer`, `otel.status_code` (`ERROR` when retried or dead-lettered) |
 //! | `sourceflow.handler` | one handler run | `sourceflow.handler`, `otel.status_code` (`ERROR` when it failed or panicked) |
+//! | `sourceflow.query` | one query answered ([`query`](mod@crate::query)) | `sourceflow.query` (the query's name), `sourceflow.handler`, `otel.status_code` (`ERROR` when it failed or panicked) |
 //!
 //! A span whose operation failed has the OpenTelemetry status `ERROR` (`otel.status_code`
 //! is a span status, not an attribute). Declaring the field up front also gives
@@ -37,6 +38,8 @@
 //! | `sourceflow.message.duplicate` | counter | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.message.dead_lettered` | counter | `messaging.destination.name`, `sourceflow.reason` (`undecodable`, `unknown_type`, `no_handler`, `decrypt`, `payload`, `mismatch`, `failures`, `rejected`, `refused`) |
 //! | `sourceflow.handler.in_flight` | up-down counter | `messaging.destination.name` |
+//! | `sourceflow.query.handled` | counter | `sourceflow.query` (the query's name), `sourceflow.outcome` (`success`/`error`) |
+//! | `sourceflow.query.duration` | histogram | `sourceflow.query` |
 //! | `sourceflow.queue.depth` | gauge, sampled | `messaging.destination.name`, `sourceflow.queue.kind` (`source`/`dead_letter`), `sourceflow.state` (`visible`/`in_flight`/`delayed`) |
 //!
 //! Every attribute has bounded cardinality: no message ids, and a wire name that is not
@@ -70,6 +73,8 @@ pub(crate) struct Metrics {
     pub dead_lettered: Counter<u64>,
     pub in_flight: UpDownCounter<i64>,
     pub queue_depth: Gauge<u64>,
+    query_handled: Counter<u64>,
+    query_duration: Histogram<f64>,
 }
 
 impl Metrics {
@@ -135,7 +140,25 @@ impl Metrics {
                 .u64_gauge("sourceflow.queue.depth")
                 .with_description("Messages in a queue, sampled periodically")
                 .build(),
+            query_handled: meter
+                .u64_counter("sourceflow.query.handled")
+                .with_description("Queries answered, by outcome")
+                .build(),
+            query_duration: meter
+                .f64_histogram("sourceflow.query.duration")
+                .with_unit(secs)
+                .with_description("Time to answer a query")
+                .build(),
         }
+    }
+
+    /// Records one query answered (`ok`) or failed.
+    pub(crate) fn queried(&self, query: &'static str, ok: bool, elapsed: Duration) {
+        let name = KeyValue::new("sourceflow.query", query);
+        self.query_duration
+            .record(elapsed.as_secs_f64(), std::slice::from_ref(&name));
+        let outcome = KeyValue::new("sourceflow.outcome", if ok { "success" } else { "error" });
+        self.query_handled.add(1, &[name, outcome]);
     }
 
     /// Records a dispatch call of `count` messages.

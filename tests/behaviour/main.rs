@@ -27,6 +27,7 @@ mod ordering;
 mod outbox;
 mod outcomes;
 mod poison;
+mod queries;
 mod retry;
 mod shutdown;
 mod size_and_delay;

@@ -24,6 +24,7 @@ use super::plan::plan;
 use super::*;
 
 pub(super) type HandlerFilter = Box<dyn Fn(&HandlerRoute) -> bool + Send + Sync>;
+pub(super) type QueryFilter = Box<dyn Fn(&registry::QueryRoute) -> bool + Send + Sync>;
 
 /// Configures and starts a sourceflow service. Anything not set here is read from the
 /// environment (see the README's configuration table), then defaulted.
@@ -59,6 +60,7 @@ pub struct Builder {
     pub(super) permanent: crate::outcome::PermanentErrors,
     pub(super) states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     pub(super) filter: Option<HandlerFilter>,
+    pub(super) query_filter: Option<QueryFilter>,
     pub(super) idempotency: Option<IdempotencyChoice>,
     pub(super) idempotency_ttl: Option<Duration>,
     pub(super) idempotency_ttl_by_type: HashMap<&'static str, Duration>,
@@ -379,7 +381,9 @@ impl Builder {
     }
 
     /// Runs only the handlers for which `keep` is true (default: every handler linked into
-    /// the binary). Useful to run several services from one binary, and in tests.
+    /// the binary). Useful to run several services from one binary, and in tests. The
+    /// predicate sees message handlers only: with it, the service answers no query unless
+    /// [`query_handlers`](Self::query_handlers) selects query handlers too.
     pub fn handlers(
         mut self,
         keep: impl Fn(&HandlerRoute) -> bool + Send + Sync + 'static,
@@ -388,14 +392,29 @@ impl Builder {
         self
     }
 
-    /// Runs only the handlers defined in modules whose path starts with `prefix`.
+    /// Runs only the handlers defined in modules whose path starts with `prefix`: message
+    /// handlers and query handlers alike.
     pub fn handlers_in(self, prefix: &'static str) -> Self {
-        self.handlers(move |h| {
-            h.module_path == prefix
-                || h.module_path
+        let within = move |module: &str| {
+            module == prefix
+                || module
                     .strip_prefix(prefix)
                     .is_some_and(|rest| rest.starts_with("::"))
-        })
+        };
+        self.handlers(move |h| within(h.module_path))
+            .query_handlers(move |q| within(q.module_path))
+    }
+
+    /// Answers queries only with the query handlers for which `keep` is true (default:
+    /// every query handler linked into the binary, or none once
+    /// [`handlers`](Self::handlers) has selected a subset of the message handlers;
+    /// [`handlers_in`](Self::handlers_in) selects both). See [`query`](mod@crate::query).
+    pub fn query_handlers(
+        mut self,
+        keep: impl Fn(&registry::QueryRoute) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.query_filter = Some(Box::new(keep));
+        self
     }
 
     /// Works out what the service needs and runs — the topology with its settings and
@@ -440,7 +459,7 @@ impl Builder {
             handlers = r.handlers.len(),
             "sourceflow provisioned"
         );
-        let dispatcher = Arc::new(Dispatcher::new(
+        let dispatcher = Dispatcher::new(
             r.transport.clone(),
             r.service.clone(),
             r.naming.clone(),
@@ -448,7 +467,8 @@ impl Builder {
             r.states,
             r.metrics.clone(),
             r.encryption.clone(),
-        ));
+        );
+        let dispatcher = Arc::new(dispatcher.with_queries(plan.queries));
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
         let encrypted: Arc<HashSet<&'static str>> = Arc::new(
             messages

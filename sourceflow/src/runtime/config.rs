@@ -129,6 +129,15 @@ impl Builder {
         let handlers: Vec<&'static HandlerRoute> = registry::handler_routes()
             .filter(|h| self.filter.as_ref().is_none_or(|f| f(h)))
             .collect();
+        let queries: Vec<&'static registry::QueryRoute> = registry::query_routes()
+            .filter(|q| match (&self.query_filter, &self.filter) {
+                (Some(keep), _) => keep(q),
+                // A `handlers(..)` predicate selects a subset; query handlers, which it
+                // cannot see, are not in it.
+                (None, Some(_)) => false,
+                (None, None) => true,
+            })
+            .collect();
         let receive_linger = self
             .receive_linger
             .unwrap_or_else(|| transport.receive_linger());
@@ -163,6 +172,7 @@ impl Builder {
             permanent: self.permanent,
             states: self.states,
             handlers,
+            queries,
             idempotency,
             metrics: Arc::new(Metrics::new(&meter)),
             depth_sample: seconds(
@@ -372,6 +382,8 @@ pub(super) struct Resolved {
     pub(super) permanent: crate::outcome::PermanentErrors,
     pub(super) states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     pub(super) handlers: Vec<&'static HandlerRoute>,
+    /// The query handlers the service runs.
+    pub(super) queries: Vec<&'static registry::QueryRoute>,
     pub(super) idempotency: Option<Arc<idempotency::Settings>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) depth_sample: Duration,

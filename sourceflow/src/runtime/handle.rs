@@ -214,6 +214,13 @@ impl Handle {
         self.dispatch(&event, options).await
     }
 
+    /// Answers a query with the handler this service runs for it, in process: nothing goes
+    /// through a queue. Works after [`shutdown`](Self::shutdown) too (a query only reads).
+    /// See [`query`](mod@crate::query).
+    pub async fn query<Q: crate::Query>(&self, query: Q) -> Result<Q::Response> {
+        crate::query::ask(&self.inner.dispatcher, query).await
+    }
+
     async fn dispatch<M: Message>(&self, msg: &M, options: SendOptions) -> Result<String> {
         if self.inner.stop.is_cancelled() {
             return Err(Error::ShutDown);

@@ -36,6 +36,8 @@ pub(super) struct Plan {
     pub(super) topology: Topology,
     pub(super) listeners: Vec<ListenerPlan>,
     pub(super) destinations: HashMap<&'static str, Arc<str>>,
+    /// The query handlers, by query type (answered in process: no topology).
+    pub(super) queries: crate::query::QueryTable,
 }
 
 /// What a service needs and runs, worked out from its routes and configuration alone:
@@ -127,6 +129,7 @@ pub(super) fn plan(r: &Resolved, messages: &[&'static MessageRoute]) -> Result<P
     registry::check_messages(messages, &mut problems);
     let states: HashSet<TypeId> = r.states.keys().copied().collect();
     registry::check_handlers(&r.handlers, &states, &mut problems);
+    registry::check_queries(&r.queries, &states, &mut problems);
     check_encryption(r, messages, &mut problems);
     let naming = &r.naming;
     let consumed = consumed_queues(r, messages, &mut problems);
@@ -195,6 +198,7 @@ pub(super) fn plan(r: &Resolved, messages: &[&'static MessageRoute]) -> Result<P
         topology,
         listeners,
         destinations,
+        queries: registry::query_table(&r.queries),
     })
 }
 

@@ -196,7 +196,7 @@ impl TestContext {
         };
         let queue: Arc<str> = Arc::from(s.queue.as_str());
         Context::new(dispatcher, envelope, s.receive_count, queue, None)
-            .with_attributes(s.attributes.clone())
+            .with_attributes(s.attributes.clone().into())
     }
 
     /// The commands of type `C` the handler sent, in order.

@@ -32,7 +32,7 @@ impl Recorded {
             destination: destination.to_string(),
             wire_name: m.wire_name.to_string(),
             message_id: m.message_id.clone(),
-            attributes: m.attributes.clone(),
+            attributes: m.attributes.to_vec(),
             correlation_id: env.as_ref().and_then(|e| e.correlation_id.clone()),
             causation_id: env.and_then(|e| e.causation_id),
             payload,

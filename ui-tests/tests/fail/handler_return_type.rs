@@ -1,4 +1,4 @@
-// A handler returns `()` or `Result<(), E>`.
+// A command handler returns `()` or `Result<(), E>`: one that returns a value answers a #[query].
 #[sourceflow::command(queue = "orders")]
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CreateOrder {
