@@ -52,7 +52,8 @@
 //!
 //! #[handler]
 //! async fn place(cmd: PlaceOrder, ctx: &Context) -> sourceflow::Result<()> {
-//!     assert_eq!(ctx.header("tenant"), Some("acme"));
+//!     let tenant = ctx.header("tenant"); // Some("acme")
+//!     println!("placing order {} for tenant {tenant:?}", cmd.order_id);
 //!     // `propagate_header("tenant")`: the event carries it on.
 //!     ctx.raise(OrderPlaced { order_id: cmd.order_id }).await
 //! }

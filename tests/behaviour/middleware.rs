@@ -58,6 +58,27 @@ async fn place_order(cmd: PlaceOrder, State(log): State<Log>) -> sourceflow::Res
     Ok(())
 }
 
+#[command(queue = "mw-slow", name = "tests.Slow.mw.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Slow {
+    id: u32,
+}
+
+/// Slow on its first delivery only.
+#[handler]
+async fn slow(
+    cmd: Slow,
+    ctx: &sourceflow::Context,
+    State(log): State<Log>,
+) -> sourceflow::Result<()> {
+    log.push(format!("handler:slow:{}:start", cmd.id));
+    if ctx.receive_count() == 1 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    log.push(format!("handler:slow:{}:done", cmd.id));
+    Ok(())
+}
+
 #[handler]
 async fn note(cmd: Note, State(log): State<Log>) -> sourceflow::Result<()> {
     log.push(format!("handler:note:{}", cmd.id));
@@ -299,6 +320,52 @@ async fn a_layer_for_one_type_wraps_only_that_types_handlers() {
             "orders:after:ok"
         ]
     );
+    app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tower_layer_from_the_ecosystem_fits_a_timeout_retries_a_slow_handler() {
+    let h = Harness::new().await;
+    let log = Log::default();
+    let app = h
+        .service("mw-tower", module_path!())
+        .state(log.clone())
+        .without_idempotency()
+        .max_receive_count(5)
+        .layer_for::<Slow>(
+            tower::ServiceBuilder::new()
+                .layer(recording("outer"))
+                .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+                    200,
+                ))),
+        )
+        .start()
+        .await
+        .expect("start");
+    app.send(Slow { id: 1 }).await.expect("send");
+    eventually(
+        "the slow handler completed on its second delivery",
+        || async { log.count("handler:slow:1:done") == 1 },
+    )
+    .await;
+    assert_eq!(
+        log.all(),
+        [
+            "outer:before",
+            "handler:slow:1:start",
+            "outer:after:err",
+            "outer:before",
+            "handler:slow:1:start",
+            "handler:slow:1:done",
+            "outer:after:ok"
+        ],
+        "the timeout cut the first run short and the message was retried"
+    );
+    h.assert_empty(
+        &Naming::dead_letter(&app.queue_of::<Slow>()),
+        Duration::from_millis(200),
+    )
+    .await;
     app.shutdown().await.expect("shutdown");
 }
 
