@@ -198,6 +198,13 @@ async fn an_auth_layer_reads_the_authorization_header() {
     let mut dead = h.drain(&dlq, 2).await;
     assert_eq!(dead.len(), 2, "both unauthorised notes are dead-lettered");
     dead.sort_by_key(|m| m.body.contains(r#""id":2"#));
+    for m in &dead {
+        let reason = dlq_reason(m).expect("reason");
+        assert!(
+            reason.starts_with("middleware rejected the message before") && reason.contains("note"),
+            "dead-lettered at once, as the layer's rejection: {reason}"
+        );
+    }
     assert!(
         dlq_reason(&dead[0])
             .expect("reason")

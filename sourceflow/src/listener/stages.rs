@@ -381,12 +381,7 @@ impl Listener {
             }
             run
         }
-        .instrument(tracing::info_span!(
-            "sourceflow.handler",
-            sourceflow.handler = h.name,
-            sourceflow.headers = ctx.safe_headers().as_deref(),
-            otel.status_code = tracing::field::Empty,
-        ))
+        .instrument(handler_span(h, ctx))
         .await;
         metrics.in_flight.add(-1, in_flight);
         match run {
@@ -606,6 +601,24 @@ pub(super) fn decode(msg: &ReceivedMessage) -> Stage<Envelope> {
             format!("undecodable message: {e}"),
         )
     })
+}
+
+/// The span of one handler run: with the headers marked safe to log
+/// ([`crate::headers`]), when the service marks some and the message has them.
+fn handler_span(h: &HandlerRoute, ctx: &Context) -> tracing::Span {
+    match ctx.safe_headers() {
+        None => tracing::info_span!(
+            "sourceflow.handler",
+            sourceflow.handler = h.name,
+            otel.status_code = tracing::field::Empty,
+        ),
+        Some(shown) => tracing::info_span!(
+            "sourceflow.handler",
+            sourceflow.handler = h.name,
+            sourceflow.headers = shown,
+            otel.status_code = tracing::field::Empty,
+        ),
+    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
