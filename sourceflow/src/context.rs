@@ -87,6 +87,14 @@ impl Context {
         self
     }
 
+    /// With these headers in place of those read from the attributes (a context built
+    /// outside a listener, e.g. by a test harness).
+    #[allow(dead_code)]
+    pub(crate) fn with_headers(self, headers: crate::headers::Headers) -> Self {
+        let _ = self.headers.set(headers);
+        self
+    }
+
     /// A message attribute the message arrived with: one its producer set with
     /// [`SendOptions::attribute`](crate::SendOptions::attribute), or one of sourceflow's own
     /// (`sourceflow.*`).

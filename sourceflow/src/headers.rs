@@ -108,6 +108,26 @@ impl fmt::Debug for Headers {
     }
 }
 
+/// Headers from `(name, value)` pairs (names lower-cased, a later value replacing an
+/// earlier one), e.g. for a context built in a test.
+///
+/// ```
+/// use sourceflow::headers::Headers;
+///
+/// let h: Headers = [("Tenant", "acme"), ("user", "u-7")].into_iter().collect();
+/// assert_eq!(h.get("tenant"), Some("acme"));
+/// assert_eq!(format!("{h:?}"), r#"{"tenant", "user"}"#);
+/// ```
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        let mut h = Headers::default();
+        for (k, v) in pairs {
+            h.set(k.as_ref(), v.as_ref());
+        }
+        h
+    }
+}
+
 impl Headers {
     /// The value of header `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
