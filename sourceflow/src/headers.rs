@@ -27,7 +27,7 @@
 //! leave room for one to five headers, and would compete with the
 //! [attributes](crate::SendOptions::attribute) that SNS filter policies match on. One
 //! attribute for all headers costs one slot whatever their number; the send is refused at
-//! the call with [`Error::TooManyAttributes`](crate::Error::TooManyAttributes) when that
+//! the call with [`Error::TooManyAttributes`] when that
 //! slot does not fit beside sourceflow's own and the producer's attributes.
 //!
 //! Headers and attributes differ in purpose: an **attribute** is for routing (subscription
