@@ -309,3 +309,45 @@ async fn header_values_are_logged_only_when_marked_safe() {
     }
     assert!(shown_in_a_span, "the safe header is on the handler span");
 }
+
+/// Headers set on a send through the transactional outbox travel as on any other send.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_travel_through_the_transactional_outbox() {
+    let h = Harness::new().await;
+    let path = std::env::temp_dir().join(format!("sourceflow-hdr-{}.db", uuid::Uuid::new_v4()));
+    let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&format!(
+        "sqlite://{}?mode=rwc",
+        path.display()
+    ))
+    .await
+    .expect("sqlite");
+    let pool = store.pool().clone();
+    let seen = Seen::default();
+    let app = h
+        .service("hdr-outbox", module_path!())
+        .state(seen.clone())
+        .sqlite(pool.clone())
+        .start()
+        .await
+        .expect("start");
+    let mut tx = pool.begin().await.expect("begin");
+    app.outbox()
+        .send_with(
+            &mut tx,
+            Probe { id: 20 },
+            SendOptions::new().header("tenant", "acme"),
+        )
+        .await
+        .expect("outbox send");
+    tx.commit().await.expect("commit");
+    eventually("the probe arrived through the relay", || async {
+        seen.of("probe", 20).is_some()
+    })
+    .await;
+    assert_eq!(
+        seen.of("probe", 20),
+        Some((Some("acme".to_string()), None, None))
+    );
+    app.shutdown().await.expect("shutdown");
+}
