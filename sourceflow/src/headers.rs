@@ -5,7 +5,7 @@
 //! * Set them with [`SendOptions::header`](crate::SendOptions::header) on
 //!   [`Handle::send_with`](crate::Handle::send_with) / `raise_with`, or on
 //!   [`Context::send_with`](crate::Context::send_with) / `raise_with` inside a handler, or on
-//!   the [transactional outbox](crate::outbox)'s `send_with` / `raise_with`.
+//!   the transactional outbox's (`sourceflow::outbox`) `send_with` / `raise_with`.
 //! * Read them with [`Context::header`](crate::Context::header) (or
 //!   [`Request::header`](crate::middleware::Request::header) in a layer).
 //! * Pass them on: [`Builder::propagate_header`](crate::Builder::propagate_header) copies a
