@@ -39,6 +39,8 @@ pub struct Context {
     trace: Option<(String, Option<String>)>,
     /// The message attributes it arrived with (sourceflow's and the producer's).
     attributes: crate::transport::Attributes,
+    /// Its headers, read from their attribute when first asked for.
+    headers: std::sync::OnceLock<crate::headers::Headers>,
     /// The transaction of a transactional handler, between its runs.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     tx: Mutex<Option<crate::tx::TxSlot>>,
@@ -73,6 +75,7 @@ impl Context {
             produced: std::sync::atomic::AtomicU32::new(0),
             trace,
             attributes: crate::transport::Attributes::from([]),
+            headers: std::sync::OnceLock::new(),
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             tx: Mutex::new(None),
         }
@@ -81,6 +84,14 @@ impl Context {
     /// With the message attributes the message arrived with.
     pub(crate) fn with_attributes(mut self, attributes: crate::transport::Attributes) -> Self {
         self.attributes = attributes;
+        self
+    }
+
+    /// With these headers in place of those read from the attributes (a context built
+    /// outside a listener, e.g. by a test harness).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn with_headers(self, headers: crate::headers::Headers) -> Self {
+        let _ = self.headers.set(headers);
         self
     }
 
@@ -94,6 +105,29 @@ impl Context {
     /// Every message attribute the message arrived with.
     pub fn attributes(&self) -> &[(String, AttributeValue)] {
         &self.attributes
+    }
+
+    /// A header the message arrived with (case-insensitive name): set by its producer with
+    /// [`SendOptions::header`](crate::SendOptions::header) or propagated from the message
+    /// that caused it. See [`headers`](crate::headers).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers().get(name)
+    }
+
+    /// Every header the message arrived with.
+    pub fn headers(&self) -> &crate::headers::Headers {
+        self.headers
+            .get_or_init(|| crate::headers::Headers::from_attributes(&self.attributes))
+    }
+
+    /// The headers marked safe to log, as `name=value` pairs; `None` (and no work) when
+    /// the service marks none.
+    pub(crate) fn safe_headers(&self) -> Option<String> {
+        let safe = &self.dispatcher.headers().safe;
+        if safe.is_empty() {
+            return None;
+        }
+        self.headers().shown(safe)
     }
 
     /// The envelope's message id: stable across redeliveries and retried sends.
@@ -171,15 +205,23 @@ impl Context {
     pub async fn send_with<C: Command>(
         &self,
         command: C,
-        options: crate::SendOptions,
+        mut options: crate::SendOptions,
     ) -> Result<()> {
-        self.hold_with(&command, options.for_handler()?).await
+        let headers = options.take_headers();
+        self.hold_with(&command, options.for_handler()?, headers)
+            .await
     }
 
     /// Publishes an event with options (message attributes) once this handler has returned
     /// `Ok`; see [`send_with`](Self::send_with).
-    pub async fn raise_with<E: Event>(&self, event: E, options: crate::SendOptions) -> Result<()> {
-        self.hold_with(&event, options.for_handler()?).await
+    pub async fn raise_with<E: Event>(
+        &self,
+        event: E,
+        mut options: crate::SendOptions,
+    ) -> Result<()> {
+        let headers = options.take_headers();
+        self.hold_with(&event, options.for_handler()?, headers)
+            .await
     }
 
     /// Answers a query now, in process, with the handler this service runs for it (see
@@ -190,10 +232,27 @@ impl Context {
     }
 
     async fn hold<M: Message>(&self, msg: &M) -> Result<()> {
-        self.hold_with(msg, SendMeta::default()).await
+        self.hold_with(msg, SendMeta::default(), Default::default())
+            .await
     }
 
-    async fn hold_with<M: Message>(&self, msg: &M, options: SendMeta) -> Result<()> {
+    /// The headers of a message this handler produces: those propagated from this
+    /// message, overridden by those set.
+    fn outgoing_headers(&self, set: &crate::headers::Outgoing) -> Result<crate::headers::Headers> {
+        let settings = self.dispatcher.headers();
+        if settings.propagate.is_empty() && !set.propagate_all {
+            return set.resolve(crate::headers::Headers::default());
+        }
+        set.resolve(settings.inherited(self.headers(), set.propagate_all))
+    }
+
+    async fn hold_with<M: Message>(
+        &self,
+        msg: &M,
+        options: SendMeta,
+        headers: crate::headers::Outgoing,
+    ) -> Result<()> {
+        let headers = self.outgoing_headers(&headers)?;
         // Ids derived from this message's id and the position make a re-run of the handler
         // (after a failed flush or a crash) produce the same ids, so FIFO deduplication and
         // idempotent receivers recognise the repeats.
@@ -214,7 +273,7 @@ impl Context {
         };
         let out = self
             .dispatcher
-            .encode(
+            .encode_with_headers(
                 msg,
                 SendMeta {
                     correlation_id: Some(self.correlation_id().to_string()),
@@ -224,6 +283,7 @@ impl Context {
                     tracestate,
                     ..options
                 },
+                &headers,
             )
             .await?;
         let pending = self.dispatcher.pending::<M>(out)?;

@@ -52,6 +52,8 @@ pub(crate) struct Dispatcher {
     plain: bool,
     /// The query handlers this service runs (see [`crate::query`]).
     queries: crate::query::QueryTable,
+    /// Which headers are propagated and which may be logged.
+    headers: crate::headers::Settings,
 }
 
 impl Dispatcher {
@@ -75,6 +77,7 @@ impl Dispatcher {
             #[cfg(feature = "testing")]
             plain: false,
             queries: crate::query::QueryTable::new(),
+            headers: crate::headers::Settings::default(),
         }
     }
 
@@ -167,6 +170,30 @@ impl Dispatcher {
             .seal(&plaintext, &encryption::context(M::NAME, &destination))
             .await?;
         envelope::encode_payload(msg, &sealed, meta, true)
+    }
+
+    /// [`encode`](Self::encode), then the headers' attribute ([`crate::headers`]).
+    pub(crate) async fn encode_with_headers<M: Message>(
+        &self,
+        msg: &M,
+        meta: envelope::SendMeta,
+        headers: &crate::headers::Headers,
+    ) -> Result<OutgoingMessage> {
+        let user = meta.attributes.len();
+        let mut out = self.encode(msg, meta).await?;
+        crate::headers::attach(&mut out, headers, user)?;
+        Ok(out)
+    }
+
+    /// With these header settings (the builder's `propagate_header`/`log_header`).
+    pub(crate) fn with_headers(mut self, headers: crate::headers::Settings) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// What the service does with headers.
+    pub(crate) fn headers(&self) -> &crate::headers::Settings {
+        &self.headers
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -65,6 +65,37 @@ pub enum Error {
         reason: String,
     },
 
+    /// A header set by the producer has a name or value that sourceflow or SQS refuses
+    /// (see [`headers`](crate::headers)).
+    #[error("header `{name}`: {reason}")]
+    InvalidHeader {
+        /// The header's name, as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The message's headers need one more message attribute (`sourceflow.headers`) than
+    /// fits beside sourceflow's own and the producer's attributes within SQS's limit.
+    #[error(
+        "{wire_name}: a message carries at most {limit} message attributes on SQS; sourceflow keeps {} on this one ({}; the last when dead-lettered), your {} headers ({}) travel together in one more (`sourceflow.headers`), and your {} attributes ({}) leave no room for it: set at most {} attributes beside headers",
+        .framework.len(), .framework.join(", "), .headers.len(), .headers.join(", "),
+        .attributes.len(), .attributes.join(", "), .limit.saturating_sub(.framework.len() + 1)
+    )]
+    TooManyAttributes {
+        /// Wire name of the message type.
+        wire_name: String,
+        /// Most attributes SQS takes on one message.
+        limit: usize,
+        /// The attributes sourceflow keeps on this message (the dead-letter reason's slot
+        /// included).
+        framework: Vec<String>,
+        /// The names of the headers set.
+        headers: Vec<String>,
+        /// The names of the producer's attributes.
+        attributes: Vec<String>,
+    },
+
     /// A message was sent with an option its destination does not support.
     #[error("{0}")]
     Unsupported(String),

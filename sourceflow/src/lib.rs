@@ -67,11 +67,13 @@ mod error;
 pub mod export;
 mod failpoints;
 pub mod filter;
+pub mod headers;
 pub mod health;
 pub mod iam;
 pub mod idempotency;
 mod listener;
 mod message;
+pub mod middleware;
 pub mod naming;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod outbox;

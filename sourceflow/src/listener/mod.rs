@@ -121,6 +121,8 @@ pub(crate) struct ListenerConfig {
     pub shutdown_timeout: Duration,
     pub idempotency: Option<Arc<idempotency::Settings>>,
     pub permanent: PermanentErrors,
+    /// The handler middleware stacks (`None`: no layers, handlers run directly).
+    pub middleware: Option<Arc<crate::middleware::Middleware>>,
     pub stop: CancellationToken,
     /// Where transactional handlers' transactions are opened: the SQL idempotency store's
     /// pool (checked at startup to be there when a handler of the queue takes one).
@@ -145,6 +147,7 @@ pub(crate) struct Listener {
     shutdown_timeout: Duration,
     idempotency: Option<Arc<idempotency::Settings>>,
     permanent: PermanentErrors,
+    middleware: Option<Arc<crate::middleware::Middleware>>,
     stop: CancellationToken,
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     tx_pool: Option<crate::tx::SqlPool>,
@@ -180,6 +183,7 @@ impl Listener {
             shutdown_timeout: c.shutdown_timeout,
             idempotency: c.idempotency,
             permanent: c.permanent,
+            middleware: c.middleware,
             stop: c.stop,
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             tx_pool: c.tx_pool,

@@ -20,6 +20,7 @@ use crate::encryption::{self, DecryptError};
 use crate::envelope::{self, attr, Envelope};
 use crate::error::{BoxError, InvokeError};
 use crate::idempotency::{self, Claim};
+use crate::middleware::{self, Failed, Invocation};
 use crate::outcome::Verdict;
 use crate::registry::HandlerRoute;
 use crate::telemetry;
@@ -63,8 +64,10 @@ enum Failure {
     Decode(String),
     /// The handler returned an error (or asked for state it was not given).
     Error { handler: String, error: BoxError },
-    /// The handler panicked.
+    /// The handler (or a layer around it) panicked.
     Panic { handler: String, message: String },
+    /// A middleware layer around the handler returned an error of its own.
+    Layer { handler: String, error: BoxError },
 }
 
 impl Listener {
@@ -324,9 +327,14 @@ impl Listener {
         handlers: &[&'static HandlerRoute],
         track: &Track,
     ) -> Stage<Vec<Pending>> {
-        let ctx = self.context(msg, env);
+        let ctx = self.invocation(self.context(msg, env));
         self.run_all(handlers, &ctx, track).await?;
         Ok(ctx.take_outbox())
+    }
+
+    /// The context as the handlers' run holds it: shared only when layers wrap them.
+    pub(super) fn invocation(&self, ctx: Context) -> Invocation {
+        Invocation::new(ctx, self.middleware.as_deref())
     }
 
     /// The context the handlers of a message share.
@@ -349,7 +357,7 @@ impl Listener {
     pub(super) async fn run_all(
         &self,
         handlers: &[&'static HandlerRoute],
-        ctx: &Context,
+        ctx: &Invocation,
         track: &Track,
     ) -> Stage<()> {
         for h in handlers {
@@ -360,32 +368,36 @@ impl Listener {
         Ok(())
     }
 
-    async fn run_handler(&self, h: &HandlerRoute, ctx: &Context) -> Result<(), Failure> {
+    async fn run_handler(&self, h: &'static HandlerRoute, ctx: &Invocation) -> Result<(), Failure> {
         let metrics = self.dispatcher.metrics();
         let in_flight = self.attrs.destination();
         metrics.in_flight.add(1, in_flight);
         let run = async {
-            let run = AssertUnwindSafe((h.invoke)(ctx)).catch_unwind().await;
+            let run = AssertUnwindSafe(middleware::call(self.middleware.as_deref(), h, ctx))
+                .catch_unwind()
+                .await;
             if !matches!(run, Ok(Ok(()))) {
                 tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
             }
             run
         }
-        .instrument(tracing::info_span!(
-            "sourceflow.handler",
-            sourceflow.handler = h.name,
-            otel.status_code = tracing::field::Empty,
-        ))
+        .instrument(handler_span(h, ctx))
         .await;
         metrics.in_flight.add(-1, in_flight);
         match run {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(InvokeError::Decode { reason, .. })) => Err(Failure::Decode(reason)),
-            Ok(Err(InvokeError::Failed(error))) => Err(Failure::Error {
+            Ok(Err(Failed::Handler(InvokeError::Decode { reason, .. }))) => {
+                Err(Failure::Decode(reason))
+            }
+            Ok(Err(Failed::Handler(InvokeError::Failed(error)))) => Err(Failure::Error {
                 handler: h.qualified_name(),
                 error,
             }),
-            Ok(Err(e)) => Err(Failure::Error {
+            Ok(Err(Failed::Layer(error))) => Err(Failure::Layer {
+                handler: h.qualified_name(),
+                error,
+            }),
+            Ok(Err(Failed::Handler(e))) => Err(Failure::Error {
                 handler: h.qualified_name(),
                 error: Box::new(e),
             }),
@@ -406,16 +418,38 @@ impl Listener {
             Failure::Panic { handler, message } => {
                 self.handler_retry(attempt, None, format!("{handler} panicked: {message}"))
             }
-            Failure::Error { handler, error } => match self.permanent.verdict(error.as_ref()) {
-                Verdict::Reject => Disposition::dead_letter(
-                    DeadLetterKind::Rejected,
-                    format!("{handler} rejected the message: {error}"),
-                ),
-                Verdict::RetryAfter(after) => {
-                    self.handler_retry(attempt, Some(after), format!("{handler}: {error}"))
-                }
-                Verdict::Retry => self.handler_retry(attempt, None, format!("{handler}: {error}")),
-            },
+            Failure::Error { handler, error } => self.judge_error(
+                error,
+                attempt,
+                format!("{handler} rejected the message"),
+                handler,
+            ),
+            Failure::Layer { handler, error } => self.judge_error(
+                error,
+                attempt,
+                format!("middleware rejected the message before {handler}"),
+                format!("middleware before {handler}"),
+            ),
+        }
+    }
+
+    /// What an error of a handler (or of a layer around it, `who`) means: a rejection
+    /// (dead-letter, the reason starting with `rejected`) or a failed attempt.
+    fn judge_error(
+        &self,
+        error: BoxError,
+        attempt: u32,
+        rejected: String,
+        who: String,
+    ) -> Disposition {
+        match self.permanent.verdict(error.as_ref()) {
+            Verdict::Reject => {
+                Disposition::dead_letter(DeadLetterKind::Rejected, format!("{rejected}: {error}"))
+            }
+            Verdict::RetryAfter(after) => {
+                self.handler_retry(attempt, Some(after), format!("{who}: {error}"))
+            }
+            Verdict::Retry => self.handler_retry(attempt, None, format!("{who}: {error}")),
         }
     }
 
@@ -567,6 +601,24 @@ pub(super) fn decode(msg: &ReceivedMessage) -> Stage<Envelope> {
             format!("undecodable message: {e}"),
         )
     })
+}
+
+/// The span of one handler run: with the headers marked safe to log
+/// ([`crate::headers`]), when the service marks some and the message has them.
+fn handler_span(h: &HandlerRoute, ctx: &Context) -> tracing::Span {
+    match ctx.safe_headers() {
+        None => tracing::info_span!(
+            "sourceflow.handler",
+            sourceflow.handler = h.name,
+            otel.status_code = tracing::field::Empty,
+        ),
+        Some(shown) => tracing::info_span!(
+            "sourceflow.handler",
+            sourceflow.handler = h.name,
+            sourceflow.headers = shown,
+            otel.status_code = tracing::field::Empty,
+        ),
+    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

@@ -51,7 +51,7 @@ impl Listener {
             key: key.clone(),
             payload_hash: hash,
         });
-        let ctx = self.context(msg, env);
+        let ctx = self.invocation(self.context(msg, env));
         ctx.give_tx(tx);
         let ran = self.run_all(handlers, &ctx, track).await;
         // A handler that panicked with the transaction in hand dropped it: rolled back.

@@ -125,7 +125,7 @@ impl Outbox {
         &self,
         tx: &mut Tx<DB>,
         msg: &M,
-        options: SendOptions,
+        mut options: SendOptions,
     ) -> Result<String> {
         if M::ENCRYPT {
             return Err(Error::Unsupported(format!(
@@ -133,14 +133,19 @@ impl Outbox {
                 M::NAME
             )));
         }
+        let headers = options
+            .take_headers()
+            .resolve(crate::headers::Headers::default())?;
         let mut meta: SendMeta = options.into_meta();
+        let user_attributes = meta.attributes.len();
         if meta.traceparent.is_none() {
             if let Some((tp, ts)) = crate::telemetry::current_trace_context() {
                 meta.traceparent = Some(tp);
                 meta.tracestate = ts;
             }
         }
-        let out = envelope::encode(msg, meta)?;
+        let mut out = envelope::encode(msg, meta)?;
+        crate::headers::attach(&mut out, &headers, user_attributes)?;
         let destination = self.naming.resource(M::DESTINATION);
         crate::dispatch::check_outgoing(M::NAME, M::KIND, &destination, &out)?;
         let row = Row::new::<M>(out, destination)?;

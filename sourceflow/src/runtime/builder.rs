@@ -70,6 +70,10 @@ pub struct Builder {
     pub(super) key_provider: Option<Arc<dyn KeyProvider>>,
     pub(super) encrypt_all: Option<bool>,
     pub(super) key_cache: Option<CacheLimits>,
+    /// Handler middleware ([`crate::middleware`]), in the order added.
+    pub(super) middleware: crate::middleware::Layers,
+    /// Header propagation and logging ([`crate::headers`]).
+    pub(super) headers: crate::headers::Settings,
     /// The outbox relay: `None` the default settings, `Some(None)` off.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(super) relay: Option<Option<crate::outbox::RelaySettings>>,
@@ -441,9 +445,50 @@ impl Builder {
         Ok((plan, transport, explicit))
     }
 
+    /// Wraps every handler of the service in a middleware layer ([`crate::middleware`]):
+    /// a [`tower::Layer`] over [`HandlerService`](crate::middleware::HandlerService) (see
+    /// [`HandlerLayer`](crate::middleware::HandlerLayer)), such as one made with [`middleware::from_fn`](crate::middleware::from_fn). The first
+    /// layer added is the outermost; layers for every handler wrap those of
+    /// [`layer_for`](Self::layer_for).
+    pub fn layer(mut self, layer: impl crate::middleware::HandlerLayer) -> Self {
+        self.middleware.push(None, layer);
+        self
+    }
+
+    /// Wraps the handlers of message type `M` only, inside the layers of every handler
+    /// ([`layer`](Self::layer)); see [`crate::middleware`].
+    pub fn layer_for<M: Message>(mut self, layer: impl crate::middleware::HandlerLayer) -> Self {
+        self.middleware.push(Some(M::NAME), layer);
+        self
+    }
+
+    /// Passes header `name` on ([`crate::headers`]): every message a handler sends or
+    /// raises carries the value the handled message arrived with (unless the send sets it
+    /// itself), so a tenant id flows through a whole saga.
+    pub fn propagate_header(mut self, name: impl Into<String>) -> Self {
+        let name = name.into().to_ascii_lowercase();
+        if !self.headers.propagate.contains(&name) {
+            self.headers.propagate.push(name);
+        }
+        self
+    }
+
+    /// Marks header `name` safe to log ([`crate::headers`]): its value is shown in the
+    /// `sourceflow.headers` field of the `sourceflow.handler` span, and so on the log lines
+    /// inside it. Headers not marked are never logged.
+    pub fn log_header(mut self, name: impl Into<String>) -> Self {
+        let name = name.into().to_ascii_lowercase();
+        if !self.headers.safe.contains(&name) {
+            self.headers.safe.push(name);
+        }
+        self
+    }
+
     /// Checks the routes, provisions the topology and starts the listeners. Returns once
     /// everything listens.
-    pub async fn start(self) -> Result<Handle> {
+    pub async fn start(mut self) -> Result<Handle> {
+        let middleware = std::mem::take(&mut self.middleware).build();
+        let headers = std::mem::take(&mut self.headers);
         let r = self.resolve().await?;
         let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
         let plan = plan(&r, &messages)?;
@@ -468,7 +513,7 @@ impl Builder {
             r.metrics.clone(),
             r.encryption.clone(),
         );
-        let dispatcher = Arc::new(dispatcher.with_queries(plan.queries));
+        let dispatcher = Arc::new(dispatcher.with_queries(plan.queries).with_headers(headers));
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
         let encrypted: Arc<HashSet<&'static str>> = Arc::new(
             messages
@@ -501,6 +546,7 @@ impl Builder {
                 shutdown_timeout: r.shutdown_timeout,
                 idempotency: r.idempotency.clone(),
                 permanent: r.permanent.clone(),
+                middleware: middleware.clone(),
                 stop: stop.clone(),
                 #[cfg(any(feature = "postgres", feature = "sqlite"))]
                 tx_pool: tx_pool.clone(),

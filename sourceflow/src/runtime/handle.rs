@@ -22,6 +22,8 @@ use crate::transport::{Topology, Transport};
 #[derive(Debug, Clone, Default)]
 pub struct SendOptions {
     meta: SendMeta,
+    /// User-defined headers ([`crate::headers`]): `Debug` shows their names only.
+    headers: crate::headers::Outgoing,
 }
 
 impl SendOptions {
@@ -78,6 +80,46 @@ impl SendOptions {
     ) -> Self {
         self.meta.attributes.push((name.into(), value.into()));
         self
+    }
+
+    /// Adds a header ([`crate::headers`]): application metadata such as a tenant or user
+    /// id, read by the receiving handler with [`Context::header`](crate::Context::header)
+    /// and by [middleware](crate::middleware). All headers of a message travel in one
+    /// message attribute, so any number of them costs one of SQS's 10 attribute slots.
+    ///
+    /// Checked at the call: names are 1 to 128 characters of `a-z 0-9 _ - .`
+    /// (case-insensitive; [`Error::InvalidHeader`](crate::Error::InvalidHeader)), a name is
+    /// set once, and the headers' slot must fit beside sourceflow's own attributes and
+    /// those set with [`attribute`](Self::attribute)
+    /// ([`Error::TooManyAttributes`](crate::Error::TooManyAttributes)). Inside a handler, a
+    /// header set here overrides the one propagated from the message being handled.
+    ///
+    /// ```
+    /// use sourceflow::SendOptions;
+    ///
+    /// let options = SendOptions::new()
+    ///     .header("tenant", "acme")
+    ///     .header("user", "u-42");
+    /// // `Debug` shows header names, never their values.
+    /// assert!(!format!("{options:?}").contains("acme"));
+    /// ```
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.set.push((name.into(), value.into()));
+        self
+    }
+
+    /// Inside a handler: copies every header of the message being handled onto this one
+    /// (those set with [`header`](Self::header) win). To pass some headers on from every
+    /// handler, use [`Builder::propagate_header`](crate::Builder::propagate_header).
+    pub fn propagate_headers(mut self) -> Self {
+        self.headers.propagate_all = true;
+        self
+    }
+
+    /// Takes the headers out of the options (what is left goes to
+    /// [`for_handler`](Self::for_handler)).
+    pub(crate) fn take_headers(&mut self) -> crate::headers::Outgoing {
+        std::mem::take(&mut self.headers)
     }
 
     /// The attributes set so far, and the delay, for a message produced inside a handler;
@@ -225,6 +267,9 @@ impl Handle {
         if self.inner.stop.is_cancelled() {
             return Err(Error::ShutDown);
         }
+        let headers = options
+            .headers
+            .resolve(crate::headers::Headers::default())?;
         let mut meta = options.meta;
         if meta.traceparent.is_none() {
             if let Some((tp, ts)) = telemetry::current_trace_context() {
@@ -232,7 +277,11 @@ impl Handle {
                 meta.tracestate = ts;
             }
         }
-        let out = self.inner.dispatcher.encode(msg, meta).await?;
+        let out = self
+            .inner
+            .dispatcher
+            .encode_with_headers(msg, meta, &headers)
+            .await?;
         let id = out.message_id.clone();
         let pending = self.inner.dispatcher.pending::<M>(out)?;
         self.inner.dispatcher.dispatch(pending).await?;

@@ -70,6 +70,7 @@ struct Settings {
     queue: String,
     service: String,
     attributes: Vec<(String, AttributeValue)>,
+    headers: Vec<(String, String)>,
 }
 
 impl Default for TestContext {
@@ -101,6 +102,7 @@ impl TestContext {
                 queue: "test".into(),
                 service: "test".into(),
                 attributes: Vec::new(),
+                headers: Vec::new(),
             },
             states: Mutex::new(HashMap::new()),
             ctx: OnceLock::new(),
@@ -132,6 +134,13 @@ impl TestContext {
     /// producer sets with [`SendOptions::attribute`](crate::SendOptions::attribute).
     pub fn attribute(mut self, name: impl Into<String>, value: impl Into<AttributeValue>) -> Self {
         self.settings.attributes.push((name.into(), value.into()));
+        self
+    }
+
+    /// A header the message arrived with ([`Context::header`]): what a producer sets with
+    /// [`SendOptions::header`](crate::SendOptions::header), or what was propagated to it.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.headers.push((name.into(), value.into()));
         self
     }
 
@@ -197,6 +206,7 @@ impl TestContext {
         let queue: Arc<str> = Arc::from(s.queue.as_str());
         Context::new(dispatcher, envelope, s.receive_count, queue, None)
             .with_attributes(s.attributes.clone().into())
+            .with_headers(s.headers.iter().cloned().collect())
     }
 
     /// The commands of type `C` the handler sent, in order.
