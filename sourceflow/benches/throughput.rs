@@ -38,6 +38,24 @@
 //! telemetry row). The call graphs have no frame pointers, so the allocator's callers are not
 //! attributed; the next step is a build with `-C force-frame-pointers=yes` to find them.
 //!
+//! The defaults row alone (`-- defaults`), `perf record -e cpu-clock -F 299 --call-graph
+//! dwarf,16384`, 2026-12-01, 2 cores shared with other builds (load ~6), 3,970 samples at
+//! `d83e3eb`: the allocator 43 % again; by caller, the embedded queue's `Queue::received`
+//! 9.2 % (it cloned the stored body and every attribute string on every receive), the
+//! handler context's second copy of the attributes 2.6 %, their frees (`drop_in_place` of
+//! the received message and of the stored one) 5.6 %, the memory idempotency store's claim
+//! 7.3 % with SipHash 2.7 %, the key's `format!` regrowth 2.9 %. After `2f1058e`/`f7ecda8`
+//! (bodies `Arc<str>`, attributes `Arc<[..]>` shared by the broker, the receive, the
+//! context and the dispatcher's retry copy; foldhash maps; keys built at their length),
+//! 3,563 samples: `Queue::received` 1 % (a receipt and the broker id are still formatted
+//! and cloned per receive), no body or attribute clone left on the receive path; the
+//! largest remaining `String::clone` callers are the queue's group/dedup ids and the
+//! heartbeat's copies of each receipt. Left: serde_json decode of the envelope and payload
+//! (9 %), tokio task spawn and wake per message (`Cell::new` 4 %), the encoder's attribute
+//! strings (`envelope::attributes` and `AttributeValue::from` 2.5 %), the idempotency
+//! claim and complete under one mutex (6 %), and glibc's `malloc_consolidate` (7 %), which
+//! a global allocator removes (see `throughput_mimalloc`).
+//!
 //! The telemetry row alone (`-- telemetry`, which also runs the warm-up of the baseline and
 //! the defaults), `perf record -e cpu-clock -F 199 --call-graph dwarf`, next to `--
 //! defaults` at 499 Hz for the CPU ratio; 2026-12-01, 2 cores shared with other builds:

@@ -91,3 +91,58 @@ async fn a_stuck_listener_turns_unhealthy() {
         "shutdown is bounded even with a receive that never returns"
     );
 }
+
+// ---- concurrency 1: a backlog drains without waiting out a long poll -------------------
+
+mod serial {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "liveness-serial", name = "tests.SerialStep.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Step {
+        pub n: u32,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Done(pub Arc<AtomicU32>);
+
+    #[handler]
+    async fn step(_cmd: Step, State(d): State<Done>) -> sourceflow::Result<()> {
+        d.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// With one handler slot, the poller receives a batch ahead; it must not then sit in a long
+/// poll on the drained queue holding the only slot while the units it received wait for
+/// it (they did, for the whole 20 s receive wait, before the poller waited for their slots
+/// itself). The receive wait here is 20 s; the backlog must drain well before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_slot_a_backlog_drains_without_waiting_out_a_long_poll() {
+    let h = Harness::new().await;
+    let done = serial::Done::default();
+    let app = h
+        .service("liveness-serial", serial::MODULE)
+        .concurrency(1)
+        .receive_wait(Duration::from_secs(20))
+        .state(done.clone())
+        .start()
+        .await
+        .expect("start");
+    const N: u32 = 25;
+    for n in 0..N {
+        app.send(serial::Step { n }).await.expect("send");
+    }
+    let started = tokio::time::Instant::now();
+    while done.0.load(Ordering::SeqCst) < N {
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "{} of {N} handled after {:?}: units wait behind a long poll",
+            done.0.load(Ordering::SeqCst),
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.shutdown().await.expect("shutdown");
+}

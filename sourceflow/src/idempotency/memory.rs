@@ -3,7 +3,11 @@
 // foldhash (hashbrown's default hasher, already in the tree): the store hashes a key two or
 // three times per message, and SipHash showed in the profile.
 use foldhash::{HashMap, HashMapExt};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: leases and expiry follow a paused test clock (`sourceflow::testing`), as the
+// embedded broker's visibility timeouts do.
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -352,6 +356,30 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_winner_under_a_race() {
         conformance::race(Arc::new(MemoryIdempotencyStore::new()), "race").await;
+    }
+
+    /// Leases run on tokio's clock: under a paused test clock a claim whose worker stopped
+    /// renewing it is taken over once the clock passes its lease, with no real wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_runs_out_on_a_paused_clock() {
+        let s = MemoryIdempotencyStore::new();
+        let lease = Duration::from_secs(30);
+        assert!(matches!(
+            s.claim("k", "h", lease).await.unwrap(),
+            Claim::Acquired { attempt: 1, .. }
+        ));
+        assert!(matches!(
+            s.claim("k", "h", lease).await.unwrap(),
+            Claim::InProgress { .. }
+        ));
+        tokio::time::advance(lease + Duration::from_secs(1)).await;
+        assert!(
+            matches!(
+                s.claim("k", "h", lease).await.unwrap(),
+                Claim::Acquired { attempt: 2, .. }
+            ),
+            "taken over once the paused clock passed the lease"
+        );
     }
 
     #[tokio::test]

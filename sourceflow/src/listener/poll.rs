@@ -3,10 +3,12 @@
 //!
 //! Receive ahead: a poller asks for [`MAX_BATCH_ENTRIES`] as soon as one slot is free, not
 //! for only as many as can start — a receive costs one request however many it returns.
-//! What cannot start yet waits for a slot in order (the slots are a fair semaphore, so the
-//! poller's own next wait queues behind it), its visibility kept by the heartbeat from the
-//! moment it is received. So each poller holds at most one batch beyond the concurrency
-//! limit; at shutdown what waits is handed back at once, untouched.
+//! What cannot start yet waits, its visibility kept by the heartbeat from the moment it is
+//! received, and the poller itself waits for a slot for each such unit in turn before it
+//! receives again. So each poller holds at most one batch beyond the concurrency limit, its
+//! units start in the order received, and a poller never sits in a long poll holding a slot
+//! while units it received wait for one; at shutdown what waits is handed back at once,
+//! untouched.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +78,9 @@ impl Listener {
                     self.pacer
                         .received(MAX_BATCH_ENTRIES, messages.len(), sent.elapsed());
                     drop(turn);
-                    self.start(messages, permits, &slots, &units);
+                    if !self.start(messages, permits, &slots, &units).await {
+                        return;
+                    }
                 }
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "receive failed; retrying in 1 s");
@@ -119,17 +123,18 @@ impl Listener {
         Some(permits)
     }
 
-    /// Hands received messages to units: those with a slot start now, the rest wait for
-    /// one in order (their visibility kept by the heartbeat meanwhile).
-    fn start(
+    /// Hands received messages to units: those with a slot start now; for the rest the
+    /// poller waits for a slot each, in order (their visibility kept by the heartbeat
+    /// meanwhile). `false` once the service stops: what had not started went back.
+    async fn start(
         self: &Arc<Self>,
         messages: Vec<ReceivedMessage>,
         permits: Vec<OwnedSemaphorePermit>,
         slots: &Arc<Semaphore>,
         units: &Units,
-    ) {
+    ) -> bool {
         if messages.is_empty() {
-            return;
+            return true;
         }
         self.dispatcher
             .metrics()
@@ -140,46 +145,69 @@ impl Listener {
         } else {
             messages.into_iter().map(|m| vec![m]).collect()
         };
+        let held: Vec<_> = batch
+            .into_iter()
+            .map(|unit| {
+                let hold = self.heartbeat.hold(&unit);
+                (unit, hold)
+            })
+            .collect();
         let mut permits = permits.into_iter();
-        for unit in batch {
-            let hold = self.heartbeat.hold(&unit);
-            let permit = permits.next();
-            let (this, slots, abandon) = (self.clone(), slots.clone(), units.abandon.clone());
-            units.tracker.spawn(async move {
-                tokio::select! {
-                    _ = this.wait_and_run(unit, hold, permit, slots) => {}
-                    _ = abandon.cancelled() => {}
-                }
-            });
+        let mut held = held.into_iter();
+        while let Some((unit, hold)) = held.next() {
+            let permit = match permits.next() {
+                Some(p) => p,
+                None => match self.slot_for_waiting(slots).await {
+                    Some(p) => p,
+                    None => {
+                        let rest: Vec<_> = std::iter::once((unit, hold)).chain(held).collect();
+                        self.give_back_waiting(rest).await;
+                        return false;
+                    }
+                },
+            };
+            self.spawn_unit(unit, hold, permit, units);
         }
+        true
     }
 
-    /// Runs a unit with its slot, or first waits for one; at shutdown a unit still waiting
-    /// goes back untouched.
-    async fn wait_and_run(
-        self: Arc<Self>,
+    /// A slot for a received unit that waits for one; `None` once the service stops.
+    async fn slot_for_waiting(&self, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        self.liveness.waiting_for_slot(true);
+        let permit = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => None,
+            p = slots.clone().acquire_owned() => p.ok(),
+        };
+        self.liveness.waiting_for_slot(false);
+        permit
+    }
+
+    /// Runs a unit with its slot, in a task of its own.
+    fn spawn_unit(
+        self: &Arc<Self>,
         unit: Vec<ReceivedMessage>,
         hold: Hold,
-        permit: Option<OwnedSemaphorePermit>,
-        slots: Arc<Semaphore>,
+        permit: OwnedSemaphorePermit,
+        units: &Units,
     ) {
-        let permit = match permit {
-            Some(p) => p,
-            None => {
-                let p = tokio::select! {
-                    biased;
-                    _ = self.stop.cancelled() => None,
-                    p = slots.acquire_owned() => p.ok(),
-                };
-                let Some(p) = p else {
-                    drop(hold);
-                    self.give_back(&unit).await;
-                    return;
-                };
-                p
+        let (this, abandon) = (self.clone(), units.abandon.clone());
+        units.tracker.spawn(async move {
+            tokio::select! {
+                _ = this.run_unit(unit, hold) => {}
+                _ = abandon.cancelled() => {}
             }
-        };
-        self.run_unit(unit, hold).await;
-        drop(permit);
+            drop(permit);
+        });
+    }
+
+    /// At shutdown, units received but not started go back untouched.
+    async fn give_back_waiting(&self, waiting: Vec<(Vec<ReceivedMessage>, Hold)>) {
+        let mut messages = Vec::new();
+        for (unit, hold) in waiting {
+            drop(hold);
+            messages.extend(unit);
+        }
+        self.give_back(&messages).await;
     }
 }
