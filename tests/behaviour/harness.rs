@@ -381,3 +381,80 @@ impl Transport for Faulty {
         self.inner.end_receives(queue).await
     }
 }
+
+/// A SQLite idempotency store (and its pool, for the test's own tables) in a fresh file
+/// under the temporary directory; `tag` names the file after the test.
+#[cfg(feature = "sqlite")]
+pub async fn fresh_sqlite(tag: &str) -> sourceflow::idempotency::SqliteIdempotencyStore {
+    let file = format!("sourceflow-{tag}-{}.db", uuid::Uuid::new_v4());
+    let path = std::env::temp_dir().join(file);
+    sourceflow::idempotency::SqliteIdempotencyStore::connect(&format!(
+        "sqlite://{}?mode=rwc",
+        path.display()
+    ))
+    .await
+    .expect("sqlite")
+}
+
+/// Whether a metric point's attributes include all of `with`.
+fn has_all<'a>(
+    attrs: impl Iterator<Item = &'a opentelemetry::KeyValue>,
+    with: &[(&str, &str)],
+) -> bool {
+    let attrs: Vec<_> = attrs.collect();
+    with.iter().all(|(k, v)| {
+        attrs.iter().any(|kv| {
+            kv.key.as_str() == *k && kv.value == opentelemetry::Value::from(v.to_string())
+        })
+    })
+}
+
+/// What `read` takes from each metric named `name` in the latest export, summed.
+fn metric_total(
+    exporter: &opentelemetry_sdk::metrics::InMemoryMetricExporter,
+    name: &str,
+    read: impl Fn(&opentelemetry_sdk::metrics::data::AggregatedMetrics) -> u64,
+) -> u64 {
+    let Some(rm) = exporter.get_finished_metrics().expect("metrics").pop() else {
+        return 0;
+    };
+    rm.scope_metrics()
+        .flat_map(|sm| sm.metrics())
+        .filter(|m| m.name() == name)
+        .map(|m| read(m.data()))
+        .sum()
+}
+
+/// Sum of a u64 counter's points whose attributes include all of `with` (latest export).
+pub fn counter(
+    exporter: &opentelemetry_sdk::metrics::InMemoryMetricExporter,
+    name: &str,
+    with: &[(&str, &str)],
+) -> u64 {
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    metric_total(exporter, name, |data| match data {
+        AggregatedMetrics::U64(MetricData::Sum(sum)) => sum
+            .data_points()
+            .filter(|dp| has_all(dp.attributes(), with))
+            .map(|dp| dp.value())
+            .sum(),
+        _ => 0,
+    })
+}
+
+/// Count of a histogram's recordings whose attributes include all of `with` (latest export).
+pub fn recordings(
+    exporter: &opentelemetry_sdk::metrics::InMemoryMetricExporter,
+    name: &str,
+    with: &[(&str, &str)],
+) -> u64 {
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    metric_total(exporter, name, |data| match data {
+        AggregatedMetrics::F64(MetricData::Histogram(hist)) => hist
+            .data_points()
+            .filter(|dp| has_all(dp.attributes(), with))
+            .map(|dp| dp.count())
+            .sum(),
+        _ => 0,
+    })
+}

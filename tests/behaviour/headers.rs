@@ -315,13 +315,7 @@ async fn header_values_are_logged_only_when_marked_safe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_travel_through_the_transactional_outbox() {
     let h = Harness::new().await;
-    let path = std::env::temp_dir().join(format!("sourceflow-hdr-{}.db", uuid::Uuid::new_v4()));
-    let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&format!(
-        "sqlite://{}?mode=rwc",
-        path.display()
-    ))
-    .await
-    .expect("sqlite");
+    let store = crate::harness::fresh_sqlite("hdr").await;
     let pool = store.pool().clone();
     let seen = Seen::default();
     let app = h

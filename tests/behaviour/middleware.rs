@@ -470,13 +470,7 @@ mod transactional {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_transactional_handler_commits_inside_layers() {
         let h = Harness::new().await;
-        let path = std::env::temp_dir().join(format!("sourceflow-mw-{}.db", uuid::Uuid::new_v4()));
-        let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&format!(
-            "sqlite://{}?mode=rwc",
-            path.display()
-        ))
-        .await
-        .expect("sqlite");
+        let store = crate::harness::fresh_sqlite("mw").await;
         let pool = store.pool().clone();
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS mw_tx_effects (test TEXT NOT NULL, id INTEGER NOT NULL)",

@@ -9,15 +9,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry::{KeyValue, Value};
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use serde::{Deserialize, Serialize};
 use sourceflow::{command, handler, query, Builder, Context, Error, State};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::harness::{eventually, telemetry, Harness};
+use crate::harness::{counter, eventually, recordings, telemetry, Harness};
 
 /// A service of `h` running the message and query handlers of `module` only.
 fn service(h: &Harness, name: &str, module: &'static str) -> Builder {
@@ -418,56 +416,6 @@ async fn a_handler_called_directly_asks_its_query_through_a_test_context() {
 }
 
 // ---- spans and metrics --------------------------------------------------------------
-
-/// Sum of a u64 counter's points whose attributes include all of `with`.
-fn counter(exporter: &InMemoryMetricExporter, name: &str, with: &[(&str, &str)]) -> u64 {
-    let Some(rm) = exporter.get_finished_metrics().expect("metrics").pop() else {
-        return 0;
-    };
-    let mut total = 0;
-    for sm in rm.scope_metrics() {
-        for m in sm.metrics().filter(|m| m.name() == name) {
-            if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
-                for dp in sum.data_points() {
-                    let attrs: Vec<&KeyValue> = dp.attributes().collect();
-                    if with.iter().all(|(k, v)| {
-                        attrs.iter().any(|kv| {
-                            kv.key.as_str() == *k && kv.value == Value::from(v.to_string())
-                        })
-                    }) {
-                        total += dp.value();
-                    }
-                }
-            }
-        }
-    }
-    total
-}
-
-/// Count of a histogram's recordings whose attributes include all of `with`.
-fn recordings(exporter: &InMemoryMetricExporter, name: &str, with: &[(&str, &str)]) -> u64 {
-    let Some(rm) = exporter.get_finished_metrics().expect("metrics").pop() else {
-        return 0;
-    };
-    let mut total = 0;
-    for sm in rm.scope_metrics() {
-        for m in sm.metrics().filter(|m| m.name() == name) {
-            if let AggregatedMetrics::F64(MetricData::Histogram(hist)) = m.data() {
-                for dp in hist.data_points() {
-                    let attrs: Vec<&KeyValue> = dp.attributes().collect();
-                    if with.iter().all(|(k, v)| {
-                        attrs.iter().any(|kv| {
-                            kv.key.as_str() == *k && kv.value == Value::from(v.to_string())
-                        })
-                    }) {
-                        total += dp.count();
-                    }
-                }
-            }
-        }
-    }
-    total
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_are_traced_and_counted() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry::{KeyValue, Value};
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,7 @@ use sourceflow::{command, event, handler, Context, SendOptions, State};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::harness::{eventually, telemetry, Harness};
+use crate::harness::{counter, eventually, telemetry, Harness};
 
 // ---- one trace across two services ---------------------------------------------------
 
@@ -298,37 +298,6 @@ mod worker {
         n.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-}
-
-/// Sum of a u64 counter's data points whose attributes include all of `with`.
-fn counter(exporter: &InMemoryMetricExporter, name: &str, with: &[(&str, &str)]) -> u64 {
-    let mut total = 0;
-    for rm in exporter
-        .get_finished_metrics()
-        .expect("metrics")
-        .iter()
-        .rev()
-        .take(1)
-    {
-        for sm in rm.scope_metrics() {
-            for m in sm.metrics().filter(|m| m.name() == name) {
-                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
-                    for dp in sum.data_points() {
-                        let attrs: Vec<&KeyValue> = dp.attributes().collect();
-                        let matches = with.iter().all(|(k, v)| {
-                            attrs.iter().any(|kv| {
-                                kv.key.as_str() == *k && kv.value == Value::from(v.to_string())
-                            })
-                        });
-                        if matches {
-                            total += dp.value();
-                        }
-                    }
-                }
-            }
-        }
-    }
-    total
 }
 
 fn in_flight(exporter: &InMemoryMetricExporter) -> i64 {

@@ -242,13 +242,7 @@ transactional_suite!(
 
 #[cfg(feature = "sqlite")]
 async fn sqlite_pool() -> sqlx::SqlitePool {
-    let path = std::env::temp_dir().join(format!("sourceflow-tx-{}.db", uuid::Uuid::new_v4()));
-    let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&format!(
-        "sqlite://{}?mode=rwc",
-        path.display()
-    ))
-    .await
-    .expect("sqlite");
+    let store = crate::harness::fresh_sqlite("tx").await;
     let pool = store.pool().clone();
     sqlx::query(TABLE_SQLITE)
         .execute(&pool)

@@ -262,13 +262,7 @@ pub async fn two_relays_send_each_once(db: Db) {
 
 #[cfg(feature = "sqlite")]
 async fn sqlite_db() -> Db {
-    let path = std::env::temp_dir().join(format!("sourceflow-ob-{}.db", uuid::Uuid::new_v4()));
-    let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&format!(
-        "sqlite://{}?mode=rwc",
-        path.display()
-    ))
-    .await
-    .expect("sqlite");
+    let store = crate::harness::fresh_sqlite("ob").await;
     let pool = store.pool().clone();
     sqlx::query("CREATE TABLE ob_orders (customer TEXT NOT NULL, n INTEGER NOT NULL)")
         .execute(&pool)
