@@ -99,16 +99,7 @@ impl Listener {
     async fn free_slots(&self, slots: &Arc<Semaphore>) -> Option<Vec<OwnedSemaphorePermit>> {
         let first = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => {
-                self.liveness.waiting_for_slot(true);
-                let p = tokio::select! {
-                    biased;
-                    _ = self.stop.cancelled() => None,
-                    p = slots.clone().acquire_owned() => p.ok(),
-                };
-                self.liveness.waiting_for_slot(false);
-                p?
-            }
+            Err(_) => self.wait_for_slot(slots).await?,
         };
         if self.stop.is_cancelled() {
             return None;
@@ -157,7 +148,7 @@ impl Listener {
         while let Some((unit, hold)) = held.next() {
             let permit = match permits.next() {
                 Some(p) => p,
-                None => match self.slot_for_waiting(slots).await {
+                None => match self.wait_for_slot(slots).await {
                     Some(p) => p,
                     None => {
                         let rest: Vec<_> = std::iter::once((unit, hold)).chain(held).collect();
@@ -171,8 +162,9 @@ impl Listener {
         true
     }
 
-    /// A slot for a received unit that waits for one; `None` once the service stops.
-    async fn slot_for_waiting(&self, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    /// Waits for a slot (for the next receive, or for a received unit that waits for one);
+    /// `None` once the service stops.
+    async fn wait_for_slot(&self, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
         self.liveness.waiting_for_slot(true);
         let permit = tokio::select! {
             biased;
