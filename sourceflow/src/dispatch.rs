@@ -11,6 +11,7 @@ use crate::envelope::{self, OutgoingMessage};
 use crate::error::{BatchError, EntryError, Error, Result};
 use crate::message::{Message, MessageKind};
 use crate::naming::Naming;
+use crate::schedule;
 use crate::telemetry::{self, Metrics};
 use crate::transport::{Transport, MAX_DELAY, SNS_MAX_MESSAGE_BYTES, SQS_MAX_MESSAGE_BYTES};
 use tracing::Instrument;
@@ -54,6 +55,9 @@ pub(crate) struct Dispatcher {
     queries: crate::query::QueryTable,
     /// Which headers are propagated and which may be logged.
     headers: crate::headers::Settings,
+    /// The longest delay asked of the broker; longer ones are held back by the listeners
+    /// ([`crate::schedule`]).
+    delay_cap: std::time::Duration,
 }
 
 impl Dispatcher {
@@ -78,7 +82,20 @@ impl Dispatcher {
             plain: false,
             queries: crate::query::QueryTable::new(),
             headers: crate::headers::Settings::default(),
+            delay_cap: MAX_DELAY,
         }
+    }
+
+    /// With a lower cap on the delays asked of the broker (test only: see
+    /// `Builder::native_delay_cap`).
+    pub(crate) fn with_delay_cap(mut self, cap: std::time::Duration) -> Self {
+        self.delay_cap = crate::schedule::native_cap(cap);
+        self
+    }
+
+    /// The longest delay asked of the broker.
+    pub(crate) fn delay_cap(&self) -> std::time::Duration {
+        self.delay_cap
     }
 
     /// A dispatcher for a handler called directly in a test (`testing::TestContext`): it
@@ -219,7 +236,7 @@ impl Dispatcher {
             Some(d) => d.clone(),
             None => Arc::from(self.naming.resource(M::DESTINATION)),
         };
-        pending_to(M::KIND, M::NAME, destination, message)
+        pending_to(M::KIND, M::NAME, destination, message, self.delay_cap)
     }
 
     /// Sends one message now. A destination that does not exist is named as such.
@@ -322,15 +339,18 @@ fn runs(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
     runs
 }
 
-/// A message to `destination` (its full name), checked against the size and delay limits.
+/// A message to `destination` (its full name), checked against the size limit, its delay
+/// prepared for the broker ([`schedule::prepare`], delays beyond `delay_cap` carried in
+/// the message).
 pub(crate) fn pending_to(
     kind: MessageKind,
     wire_name: &str,
     destination: Arc<str>,
     mut message: OutgoingMessage,
+    delay_cap: std::time::Duration,
 ) -> Result<Pending> {
-    message.delay = message.delay.filter(|d| !d.is_zero());
-    check_outgoing(wire_name, kind, &destination, &message)?;
+    let _ = wire_name;
+    check_outgoing(kind, &destination, &mut message, delay_cap)?;
     Ok(Pending {
         kind,
         destination,
@@ -338,42 +358,20 @@ pub(crate) fn pending_to(
     })
 }
 
-/// Checks the size and the delay of a message to `destination` against what SQS or SNS
-/// accept.
+/// Prepares the delay of a message to `destination` (a delay to a FIFO destination is
+/// refused), then checks its size against what SQS or SNS accept.
 pub(crate) fn check_outgoing(
-    wire_name: &str,
     kind: MessageKind,
     destination: &str,
-    message: &OutgoingMessage,
+    message: &mut OutgoingMessage,
+    delay_cap: std::time::Duration,
 ) -> Result<()> {
+    schedule::prepare(kind, destination, message, delay_cap)?;
     let limit = match kind {
         MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
         MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
     };
-    message.check_size(destination, limit)?;
-    match message.delay.filter(|d| !d.is_zero()) {
-        Some(delay) => check_delay(wire_name, kind, destination, delay),
-        None => Ok(()),
-    }
-}
-
-/// Refuses a delay SQS or SNS would not honour, at the call, with what to do instead.
-fn check_delay(
-    wire_name: &str,
-    kind: MessageKind,
-    destination: &str,
-    delay: std::time::Duration,
-) -> Result<()> {
-    match kind {
-        MessageKind::Event => Err(Error::Unsupported(format!(
-            "{wire_name} is an event: SNS topics (`{destination}`) take no per-message delay; delay the command that reacts to it instead"
-        ))),
-        MessageKind::Command if delay > MAX_DELAY => Err(Error::Unsupported(format!(
-            "{wire_name} to `{destination}`: a delay of {} s exceeds SQS's 15-minute maximum (DelaySeconds 900)",
-            delay.as_secs()
-        ))),
-        MessageKind::Command => Ok(()),
-    }
+    message.check_size(destination, limit)
 }
 
 /// Messages a flush could not send, and why.

@@ -84,6 +84,7 @@ pub mod redrive;
 pub mod registry;
 mod retry;
 mod runtime;
+pub mod schedule;
 pub mod sensitive;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -32,7 +32,7 @@
 //! | `sourceflow.command.dispatched` / `.dispatch_duration` / `.dispatch_error` | counter / histogram / counter | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.event.published` / `.publish_duration` / `.publish_error` | counter / histogram / counter | same |
 //! | `sourceflow.message.received` | counter | `messaging.destination.name` |
-//! | `sourceflow.message.processed` | counter | `messaging.destination.name`, `sourceflow.wire_name`, `sourceflow.outcome`: what happened to the delivery — `success`, `duplicate`, `error` (a handler failed; retried), `infrastructure_error` (a store, broker or dispatch fault; retried without spending an attempt), `dead_lettered` (including a last failed attempt), `returned` (handed back at shutdown) |
+//! | `sourceflow.message.processed` | counter | `messaging.destination.name`, `sourceflow.wire_name`, `sourceflow.outcome`: what happened to the delivery — `success`, `duplicate`, `error` (a handler failed; retried), `infrastructure_error` (a store, broker or dispatch fault; retried without spending an attempt), `dead_lettered` (including a last failed attempt), `returned` (handed back at shutdown), `redelayed` (received before its due time and sent again to wait out the rest: see [`crate::schedule`]) |
 //! | `sourceflow.message.processing_duration` | histogram | `messaging.destination.name`, `sourceflow.wire_name` |
 //! | `sourceflow.message.processing_error` | counter | `messaging.destination.name`, `sourceflow.wire_name`: handler runs that failed (retried, rejected, or the last attempt) |
 //! | `sourceflow.message.duplicate` | counter | `messaging.destination.name`, `sourceflow.wire_name` |
@@ -253,13 +253,14 @@ impl BatchWireNames {
 
 /// The `sourceflow.outcome` values of `sourceflow.message.processed`, in the order of
 /// [`WireAttributes`]' sets.
-pub(crate) const OUTCOMES: [&str; 6] = [
+pub(crate) const OUTCOMES: [&str; 7] = [
     "success",
     "duplicate",
     "error",
     "infrastructure_error",
     "dead_lettered",
     "returned",
+    "redelayed",
 ];
 
 /// The `otel.status_code` value of a span whose operation failed.

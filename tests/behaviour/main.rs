@@ -17,6 +17,7 @@ mod postgres;
 mod context;
 mod dead_letter;
 mod dedup;
+mod delays;
 mod encryption;
 mod fan_out;
 mod filters;

@@ -1,4 +1,5 @@
-//! Size limits give a clear error and send nothing; delays hold delivery back.
+//! Size limits give a clear error and send nothing; delays hold delivery back (delays past
+//! the broker's limit: `delays.rs`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -143,35 +144,8 @@ async fn delayed_messages_arrive_after_their_delay() {
         .expect_err("FIFO queues take no per-message delay");
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
 
-    // Beyond SQS's 15 minutes: refused at the call, never clamped (on AWS the transport
-    // would otherwise have sent it with 900 s).
-    let err = app
-        .send_with(
-            Upload {
-                data: "tomorrow".into(),
-            },
-            SendOptions::new().delay(Duration::from_secs(16 * 60)),
-        )
-        .await
-        .expect_err("a delay over 15 minutes is refused");
-    assert!(
-        matches!(&err, Error::Unsupported(m) if m.contains("15-minute")),
-        "{err:?}"
-    );
-    // Events: SNS takes no delay; refused, never silently dropped.
-    let err = app
-        .raise_with(
-            Uploaded {
-                data: "later".into(),
-            },
-            SendOptions::new().delay(Duration::from_secs(1)),
-        )
-        .await
-        .expect_err("an event cannot be delayed");
-    assert!(
-        matches!(&err, Error::Unsupported(m) if m.contains("no per-message delay")),
-        "{err:?}"
-    );
+    // Beyond SQS's 15 minutes, and events: accepted and held back until due
+    // (tests/behaviour/delays.rs).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         arrivals.0.lock().expect("lock").len(),

@@ -251,6 +251,50 @@ mod waits_for_retry {
     }
 }
 
+mod long_delay {
+    use super::*;
+    use sourceflow::{command, handler, State};
+
+    #[command(queue = "testing-tomorrow", name = "testing.Tomorrow")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Tomorrow {
+        pub id: u32,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Runs(Arc<AtomicU32>);
+
+    #[handler]
+    async fn tomorrow(_cmd: Tomorrow, State(r): State<Runs>) {
+        r.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A delay of two days, far past SQS's 15 minutes, runs out at once on a paused clock:
+    /// the message is held back again and again on the embedded broker (each time for the
+    /// broker's 15 minutes), handled once when due, and recorded as sent once.
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_of_days_settles_on_a_paused_clock() {
+        let h = Harness::new().await;
+        let runs = Runs::default();
+        let builder = h
+            .service("testing-tomorrow", module_path!())
+            .state(runs.clone())
+            .without_idempotency();
+        let app = TestApp::start(builder)
+            .await
+            .expect("start")
+            .timeout(Duration::from_secs(3 * 86_400));
+        let clock = tokio::time::Instant::now();
+        let two_days = Duration::from_secs(2 * 86_400);
+        app.send_with(Tomorrow { id: 1 }, SendOptions::new().delay(two_days))
+            .await
+            .expect("settles when due");
+        assert!(clock.elapsed() >= two_days, "{:?}", clock.elapsed());
+        assert_eq!(runs.0.load(Ordering::SeqCst), 1);
+        app.sent::<Tomorrow>().assert_one();
+    }
+}
+
 mod order {
     use super::*;
     use sourceflow::{command, handler, Context};

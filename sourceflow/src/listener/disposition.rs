@@ -14,6 +14,18 @@ pub(crate) enum Disposition {
     DeadLetter(DeadLetter),
     /// Give it back untouched, visible at once (shutdown; a unit that did not start).
     Return,
+    /// Not due yet: send it to the queue again, delayed, then delete this copy.
+    Redelay(Redelay),
+}
+
+/// A message received before its due time ([`crate::schedule`]).
+#[derive(Debug)]
+pub(crate) struct Redelay {
+    /// How long it still has to wait.
+    pub left: std::time::Duration,
+    /// Its wire name and message id, for the copy sent again.
+    pub wire_name: String,
+    pub message_id: String,
 }
 
 /// Why a message is acknowledged.
@@ -131,6 +143,7 @@ impl Disposition {
             }) => 3,
             Disposition::DeadLetter(_) => 4,
             Disposition::Return => 5,
+            Disposition::Redelay(_) => 6,
         }
     }
 
@@ -174,6 +187,14 @@ mod tests {
                 "dead_lettered",
             ),
             (Disposition::Return, "returned"),
+            (
+                Disposition::Redelay(Redelay {
+                    left: Duration::from_secs(1),
+                    wire_name: String::new(),
+                    message_id: String::new(),
+                }),
+                "redelayed",
+            ),
         ];
         for (d, label) in cases {
             assert_eq!(OUTCOMES[d.outcome_index()], label, "{d:?}");

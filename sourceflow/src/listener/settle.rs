@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 
-use super::disposition::{Ack, Cause, DeadLetter, Disposition, Retry};
+use super::disposition::{Ack, Cause, DeadLetter, Disposition, Redelay, Retry};
 use super::stages::Track;
 use super::Listener;
 use crate::idempotency::Release;
@@ -50,6 +50,10 @@ impl Listener {
                 self.give_back(std::slice::from_ref(msg)).await;
                 false
             }
+            (Disposition::Redelay(r), _) => {
+                self.redelay(msg, r).await;
+                false
+            }
         };
         self.record(msg, d, track, elapsed, moved);
     }
@@ -86,6 +90,8 @@ impl Listener {
                 ..
             }) => Release::Failed,
             Disposition::Retry(_) | Disposition::Return => Release::Returned,
+            // Held back before any claim.
+            Disposition::Redelay(_) => return,
             Disposition::DeadLetter(_) => Release::DeadLettered,
         };
         #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -123,6 +129,33 @@ impl Listener {
             .await
         {
             tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not delay the retry; the message comes back after its visibility timeout");
+        }
+    }
+
+    /// Sends a message that is not due yet to its queue again, delayed by what is left (at
+    /// most the broker's limit), then deletes this copy: send first, so that a crash in
+    /// between leaves two copies of one message id (idempotency settles them), never none.
+    /// A send that fails leaves it to come back after the infrastructure backoff.
+    async fn redelay(&self, msg: &ReceivedMessage, r: &Redelay) {
+        let copy = crate::schedule::redelayed(
+            msg.body.clone(),
+            msg.attributes.clone(),
+            r.wire_name.clone(),
+            r.message_id.clone(),
+            r.left,
+            self.dispatcher.delay_cap(),
+        );
+        match self.transport().send(&self.queue, vec![copy]).await {
+            Ok(()) => self.delete(msg).await,
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not hold back a message that is not due yet; it comes back after the infrastructure backoff");
+                let retry = Retry {
+                    cause: Cause::Infrastructure,
+                    after: self.infrastructure_retry.delay(1),
+                    reason: e.to_string(),
+                };
+                self.come_back(msg, &retry).await;
+            }
         }
     }
 
@@ -173,7 +206,11 @@ impl Listener {
             .processing_duration
             .record(elapsed.as_secs_f64(), attrs);
         metrics.processed.add(1, wire.processed(d.outcome_index()));
-        if self.stop.is_cancelled() && matches!(d, Disposition::Ack(_) | Disposition::DeadLetter(_))
+        if self.stop.is_cancelled()
+            && matches!(
+                d,
+                Disposition::Ack(_) | Disposition::DeadLetter(_) | Disposition::Redelay(_)
+            )
         {
             self.drain.finished();
         }
@@ -203,5 +240,9 @@ fn log(queue: &str, msg: &ReceivedMessage, d: &Disposition, track: &Track) {
             "moving the message to the dead-letter queue"
         ),
         Disposition::Return => tracing::debug!(queue, broker_id = id, "handed back to the queue"),
+        Disposition::Redelay(r) => tracing::debug!(
+            queue, broker_id = id, due_in_ms = r.left.as_millis() as u64,
+            "not due yet; sent again to wait out the rest"
+        ),
     }
 }

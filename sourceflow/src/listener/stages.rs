@@ -1,5 +1,6 @@
 //! The stages a received message goes through:
-//! `decode → route → decrypt → claim → invoke → commit`.
+//! `decode → due → route → decrypt → claim → invoke → commit` (`due` holds back a message
+//! received before its due time: [`crate::schedule`]).
 //!
 //! Each stage returns the next stage's input, or the [`Disposition`] that ends the
 //! message's way (`Err`, so that `?` chains them). No stage calls the broker to settle a
@@ -11,7 +12,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use super::disposition::{Ack, Cause, DeadLetterKind, Disposition, Retry};
+use super::disposition::{Ack, Cause, DeadLetterKind, Disposition, Redelay, Retry};
 use super::heartbeat::{ClaimRef, Hold};
 use super::Listener;
 use crate::context::Context;
@@ -83,6 +84,7 @@ impl Listener {
         track: &mut Track,
     ) -> Stage<Disposition> {
         let env = decoded?;
+        self.due(msg, &env)?;
         let handlers = self.route(&env, track)?;
         let env = self.decrypt(msg, env).await?;
         #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -94,6 +96,20 @@ impl Listener {
         self.claim(msg, &env, hold, track).await?;
         let outbox = self.invoke(msg, env, handlers, track).await?;
         Ok(self.commit(outbox, hold, track).await)
+    }
+
+    /// Holds back a message received before its due time ([`crate::schedule`]): it is sent
+    /// again to wait out the rest. (Nothing sends a FIFO queue a due time: there, order
+    /// comes first and the attribute is ignored.)
+    fn due(&self, msg: &ReceivedMessage, env: &Envelope) -> Stage<()> {
+        match crate::schedule::remaining(&msg.attributes) {
+            Some(left) if !self.fifo => Err(Disposition::Redelay(Redelay {
+                left,
+                wire_name: env.wire_name.clone(),
+                message_id: env.id.clone(),
+            })),
+            _ => Ok(()),
+        }
     }
 
     /// Finds this service's handlers for the message's type on this queue.

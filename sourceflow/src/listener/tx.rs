@@ -1,7 +1,7 @@
 //! The stages of a message whose handlers take a transaction (see [`crate::tx`]):
 //!
 //! ```text
-//! decode → route → decrypt → begin → claim in tx → invoke in tx → complete in tx → commit → dispatch
+//! decode → due → route → decrypt → begin → claim in tx → invoke in tx → complete in tx → commit → dispatch
 //! ```
 //!
 //! Everything up to the commit is one transaction on the idempotency store's database:

@@ -147,7 +147,12 @@ impl Outbox {
         let mut out = envelope::encode(msg, meta)?;
         crate::headers::attach(&mut out, &headers, user_attributes)?;
         let destination = self.naming.resource(M::DESTINATION);
-        crate::dispatch::check_outgoing(M::NAME, M::KIND, &destination, &out)?;
+        crate::dispatch::check_outgoing(
+            M::KIND,
+            &destination,
+            &mut out,
+            crate::transport::MAX_DELAY,
+        )?;
         let row = Row::new::<M>(out, destination)?;
         DB::insert_outbox(tx, &row)
             .await

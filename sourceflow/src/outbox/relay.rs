@@ -188,6 +188,7 @@ impl Relay {
             &row.wire_name,
             Arc::from(row.destination),
             message,
+            crate::transport::MAX_DELAY,
         )
         .map_err(|e| e.to_string())
     }

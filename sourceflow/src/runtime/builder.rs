@@ -74,6 +74,8 @@ pub struct Builder {
     pub(super) middleware: crate::middleware::Layers,
     /// Header propagation and logging ([`crate::headers`]).
     pub(super) headers: crate::headers::Settings,
+    /// The longest delay asked of the broker (test only; default SQS's 15 minutes).
+    pub(super) native_delay_cap: Option<Duration>,
     /// The outbox relay: `None` the default settings, `Some(None)` off.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(super) relay: Option<Option<crate::outbox::RelaySettings>>,
@@ -183,6 +185,16 @@ impl Builder {
     /// `Duration::ZERO` turns pacing off.
     pub fn receive_linger(mut self, d: Duration) -> Self {
         self.receive_linger = Some(d);
+        self
+    }
+
+    /// **Test only.** The longest delay sourceflow asks the broker for (default, and at
+    /// most, SQS's 15 minutes; at least 1 s). A message due later is sent with this delay
+    /// and held back again by the listener until due ([`crate::schedule`]): lowering it
+    /// lets a test see that loop in seconds instead of hours. A production service has no
+    /// reason to set it — every hold-back costs a send and a delete.
+    pub fn native_delay_cap(mut self, cap: Duration) -> Self {
+        self.native_delay_cap = Some(cap);
         self
     }
 
@@ -489,6 +501,7 @@ impl Builder {
     pub async fn start(mut self) -> Result<Handle> {
         let middleware = std::mem::take(&mut self.middleware).build();
         let headers = std::mem::take(&mut self.headers);
+        let delay_cap = self.native_delay_cap.unwrap_or(crate::transport::MAX_DELAY);
         let r = self.resolve().await?;
         let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
         let plan = plan(&r, &messages)?;
@@ -513,7 +526,11 @@ impl Builder {
             r.metrics.clone(),
             r.encryption.clone(),
         );
-        let dispatcher = Arc::new(dispatcher.with_queries(plan.queries).with_headers(headers));
+        let dispatcher = dispatcher
+            .with_queries(plan.queries)
+            .with_headers(headers)
+            .with_delay_cap(delay_cap);
+        let dispatcher = Arc::new(dispatcher);
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
         let encrypted: Arc<HashSet<&'static str>> = Arc::new(
             messages

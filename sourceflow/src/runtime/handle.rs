@@ -133,13 +133,28 @@ impl SendOptions {
         Ok(self.meta)
     }
 
-    /// Delays delivery of a command to a standard queue, by at most 15 minutes (SQS's
-    /// `DelaySeconds` limit). A longer delay, a delay on a FIFO queue and a delay on an
-    /// event (SNS topics take none) are refused at the call with
-    /// [`Error::Unsupported`](crate::Error::Unsupported), on every transport.
+    /// Delays delivery by `d`, of any length: a command to a standard queue, or an event
+    /// (held back on each subscriber queue). Up to SQS's 15 minutes the broker delays a
+    /// command itself; a longer delay, or any delay of an event, is held back by the
+    /// receiving listeners until due ([`crate::schedule`]): never delivered early, its
+    /// message id unchanged. FIFO queues and topics take no per-message delay: a delay to
+    /// one is refused at the call with [`Error::Unsupported`](crate::Error::Unsupported).
     pub fn delay(mut self, d: Duration) -> Self {
         self.meta.delay = Some(d);
         self
+    }
+
+    /// Delivers no earlier than `at` ([`delay`](Self::delay) by the time left; a time
+    /// passed is no delay).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// let tomorrow = SystemTime::now() + Duration::from_secs(24 * 3600);
+    /// let options = sourceflow::SendOptions::new().deliver_at(tomorrow);
+    /// # let _ = options;
+    /// ```
+    pub fn deliver_at(self, at: std::time::SystemTime) -> Self {
+        self.delay(crate::schedule::until(at))
     }
 }
 

@@ -198,6 +198,9 @@ impl Recorder {
             if failed.contains(&i) {
                 continue;
             }
+            if kind == MessageKind::Command && self.held_back(destination, &m, now) {
+                continue;
+            }
             let payload = self.plaintext(&m.body, &m.attributes).await;
             let record = Recorded::new(kind, destination, &m, payload);
             let queues = match kind {
@@ -214,6 +217,28 @@ impl Recorder {
             }
             book.history.push(record);
         }
+    }
+
+    /// A message a listener sent again to its queue because it was not due yet
+    /// ([`crate::schedule`]): not a new send, but the same message waiting on. It waits
+    /// again, and the delete of the copy received (whose receipt is forgotten here) does not
+    /// settle it.
+    fn held_back(&self, queue: &str, m: &OutgoingMessage, now: Instant) -> bool {
+        if crate::schedule::due_at(&m.attributes).is_none() {
+            return false;
+        }
+        let key = (queue.to_string(), m.message_id.clone());
+        let mut book = self.book.lock();
+        if !matches!(book.tracked.get(&key), Some(Tracked::Handling { .. })) {
+            return false;
+        }
+        book.receipts.retain(|_, k| *k != key);
+        let waiting = Tracked::Waiting {
+            wire_name: m.wire_name.to_string(),
+            due: m.delay.map(|d| now + d),
+        };
+        book.tracked.insert(key, waiting);
+        true
     }
 
     /// The service's queues a message published to `topic` with `attributes` reaches.
