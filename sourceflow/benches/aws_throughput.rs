@@ -12,7 +12,9 @@
 //! payload, and delete. The hand-written loop uses `SendMessageBatch` of 10, four receive
 //! loops and `DeleteMessageBatch` per received batch — what a careful developer writes by
 //! hand. sourceflow uses its defaults (idempotency on) with concurrency 40 and, like the
-//! hand-written loop, a 1 s receive wait (see below). Rounds alternate;
+//! hand-written loop, a 1 s receive wait (see below); its producers send ten commands per
+//! `Handle::send_all` (the loop's batches), and in a second row one per `send`, which the
+//! transport coalesces across the 8 producers. Rounds alternate;
 //! the median is reported. The emulator's single Python process is the ceiling here.
 //!
 //! `sourceflow/peers/benches/aws_peers.rs` includes this file (`#[path]`) to run the same
@@ -77,7 +79,14 @@ pub(crate) fn per_operation(r: &Run) -> String {
         .join(", ")
 }
 
+/// sourceflow with its producers sending ten commands per `send_all` — what the
+/// hand-written loop's producers do with `SendMessageBatch`.
 pub(crate) async fn framework(prefix: &str) -> Run {
+    framework_with(prefix, 10).await
+}
+
+/// sourceflow with its producers sending `per_call` commands per call (1: `send`).
+pub(crate) async fn framework_with(prefix: &str, per_call: usize) -> Run {
     let counter = RequestCounter::new();
     let transport = AwsTransport::from_sdk_config_counted(&config().await, &counter);
     let done = Done::default();
@@ -108,8 +117,16 @@ pub(crate) async fn framework(prefix: &str) -> Run {
         .map(|p| {
             let app = app.clone();
             tokio::spawn(async move {
-                for n in (p..MESSAGES).step_by(PRODUCERS) {
-                    app.send(item(n as u64)).await.expect("send");
+                let mine: Vec<u64> = (p..MESSAGES).step_by(PRODUCERS).map(|n| n as u64).collect();
+                for chunk in mine.chunks(per_call) {
+                    match chunk {
+                        [n] => drop(app.send(item(*n)).await.expect("send")),
+                        _ => drop(
+                            app.send_all(chunk.iter().map(|n| item(*n)))
+                                .await
+                                .expect("send_all"),
+                        ),
+                    }
                 }
             })
         })
@@ -278,12 +295,13 @@ fn main() {
             .await
             .expect("queue");
         let url = baseline_queue.queue_url().expect("url").to_string();
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (mut ours, mut single, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             theirs.push(hand_written(&url).await);
             ours.push(framework(&prefix).await);
+            single.push(framework_with(&prefix, 1).await);
         }
-        let (o, t) = (median(ours), median(theirs));
+        let (o, s, t) = (median(ours), median(single), median(theirs));
         let rate = |r: &Run| MESSAGES as f64 / r.elapsed.as_secs_f64();
         println!("AWS API (emulator at {endpoint}), {MESSAGES} messages per round, median of {ROUNDS} rounds");
         println!("{:<28} {:>12} {:>16}", "", "messages/s", "requests/msg");
@@ -295,13 +313,20 @@ fn main() {
         );
         println!(
             "{:<28} {:>12.0} {:>16.3}",
-            "sourceflow (defaults)",
+            "sourceflow (send_all of 10)",
             rate(&o),
             o.requests as f64 / MESSAGES as f64
         );
-        println!("ratio: {:.2} of the hand-written loop", rate(&o) / rate(&t));
+        println!(
+            "{:<28} {:>12.0} {:>16.3}",
+            "sourceflow (send, one each)",
+            rate(&s),
+            s.requests as f64 / MESSAGES as f64
+        );
+        println!("ratio: {:.2} of the hand-written loop ({:.2} sending one at a time)", rate(&o) / rate(&t), rate(&s) / rate(&t));
         println!("requests/msg by operation:");
         println!("  hand-written: {}", per_operation(&t));
         println!("  sourceflow:   {}", per_operation(&o));
+        println!("  one each:     {}", per_operation(&s));
     });
 }

@@ -32,6 +32,7 @@ mod outcomes;
 mod poison;
 mod queries;
 mod retry;
+mod send_all;
 mod shutdown;
 mod size_and_delay;
 mod telemetry;

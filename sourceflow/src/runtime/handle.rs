@@ -278,6 +278,68 @@ impl Handle {
         crate::query::ask(&self.inner.dispatcher, query).await
     }
 
+    /// Sends many commands of one type in as few broker calls as the broker allows (on
+    /// SQS, `SendMessageBatch` of 10); returns their message ids, in order.
+    ///
+    /// Nothing is sent when one of them cannot be encoded or is refused before sending
+    /// (its size, say). When the broker does not take some of them, the error is an
+    /// [`Error::Batch`](crate::Error::Batch) whose [`failed`](crate::transport::BatchError::failed)
+    /// entries are indices into `commands`: those were not sent, every other one was —
+    /// resend exactly those. On a FIFO queue the commands of one group keep this order.
+    ///
+    /// ```no_run
+    /// # #[sourceflow::command(queue = "jobs")]
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct Job { n: u32 }
+    /// # async fn demo(app: sourceflow::Handle) -> sourceflow::Result<()> {
+    /// let ids = app.send_all((0..100).map(|n| Job { n })).await?;
+    /// assert_eq!(ids.len(), 100);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The commands are collected before the returned future starts, so that it holds no
+    /// iterator (whose closures would otherwise keep the future from being `Send`).
+    pub fn send_all<C: Command>(
+        &self,
+        commands: impl IntoIterator<Item = C>,
+    ) -> impl std::future::Future<Output = Result<Vec<String>>> + Send + '_ {
+        self.dispatch_all(commands.into_iter().collect())
+    }
+
+    /// Raises many events of one type in as few broker calls as the broker allows (on SNS,
+    /// `PublishBatch` of 10); returns their message ids, in order. Failures as for
+    /// [`send_all`](Self::send_all).
+    pub fn raise_all<E: Event>(
+        &self,
+        events: impl IntoIterator<Item = E>,
+    ) -> impl std::future::Future<Output = Result<Vec<String>>> + Send + '_ {
+        self.dispatch_all(events.into_iter().collect())
+    }
+
+    async fn dispatch_all<M: Message>(&self, messages: Vec<M>) -> Result<Vec<String>> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::ShutDown);
+        }
+        let dispatcher = &self.inner.dispatcher;
+        let trace = telemetry::current_trace_context();
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut pending = Vec::with_capacity(messages.len());
+        for msg in messages {
+            let mut meta = SendMeta::default();
+            if let Some((tp, ts)) = &trace {
+                meta.traceparent = Some(tp.clone());
+                meta.tracestate = ts.clone();
+            }
+            let out = dispatcher.encode(&msg, meta).await?;
+            ids.push(out.message_id.clone());
+            pending.push(dispatcher.pending::<M>(out)?);
+        }
+        match dispatcher.flush(pending).await {
+            Ok(()) => Ok(ids),
+            Err(u) => Err(Error::Batch(u.error)),
+        }
+    }
+
     async fn dispatch<M: Message>(&self, msg: &M, options: SendOptions) -> Result<String> {
         if self.inner.stop.is_cancelled() {
             return Err(Error::ShutDown);
