@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::claim_check;
 use crate::encryption;
 use crate::envelope::{self, OutgoingMessage};
 use crate::error::{BatchError, EntryError, Error, Result};
@@ -54,6 +55,8 @@ pub(crate) struct Dispatcher {
     queries: crate::query::QueryTable,
     /// Which headers are propagated and which may be logged.
     headers: crate::headers::Settings,
+    /// Large messages: compression and the claim check ([`crate::claim_check`]).
+    claim_check: Option<Arc<claim_check::Settings>>,
 }
 
 impl Dispatcher {
@@ -78,6 +81,7 @@ impl Dispatcher {
             plain: false,
             queries: crate::query::QueryTable::new(),
             headers: crate::headers::Settings::default(),
+            claim_check: None,
         }
     }
 
@@ -106,6 +110,12 @@ impl Dispatcher {
                 None,
             )
         }
+    }
+
+    /// With these large-message settings (the builder's `claim_check`/`compression`).
+    pub(crate) fn with_claim_check(mut self, settings: Option<Arc<claim_check::Settings>>) -> Self {
+        self.claim_check = settings;
+        self
     }
 
     /// With the query handlers the service runs.
@@ -219,7 +229,70 @@ impl Dispatcher {
             Some(d) => d.clone(),
             None => Arc::from(self.naming.resource(M::DESTINATION)),
         };
-        pending_to(M::KIND, M::NAME, destination, message)
+        let message = self.shrink(message)?;
+        let max = self.max_bytes(M::KIND);
+        pending_within(M::KIND, M::NAME, destination, message, max)
+    }
+
+    /// The message with its payload compressed when compression is on and it is large
+    /// enough to gain.
+    fn shrink(&self, mut message: OutgoingMessage) -> Result<OutgoingMessage> {
+        let Some(above) = self.claim_check.as_ref().and_then(|c| c.compress_above) else {
+            return Ok(message);
+        };
+        let shrunk = claim_check::shrink(&message.body, above)
+            .map_err(|e| Error::Other(format!("{}: {e}", message.wire_name).into()))?;
+        if let Some(body) = shrunk {
+            message.body = body;
+        }
+        Ok(message)
+    }
+
+    /// The largest message of `kind` this dispatcher takes: the broker's limit, or the
+    /// claim check's maximum.
+    fn max_bytes(&self, kind: MessageKind) -> usize {
+        let limit = broker_limit(kind);
+        self.claim_check
+            .as_ref()
+            .map_or(limit, |c| c.max_bytes(limit))
+    }
+
+    /// The batch with the payload of every message too large for the broker stored, and a
+    /// pointer in its place. Nothing is sent when a payload cannot be stored: every entry
+    /// fails (the one that could not be stored with why), so a retry keeps the order.
+    async fn offload(
+        &self,
+        kind: MessageKind,
+        dest: &str,
+        mut batch: Vec<OutgoingMessage>,
+    ) -> std::result::Result<Vec<OutgoingMessage>, BatchError> {
+        let Some((target, threshold)) = self.claim_check.as_ref().and_then(|c| {
+            let threshold = c.threshold(broker_limit(kind))?;
+            Some((c.target.as_ref()?, threshold))
+        }) else {
+            return Ok(batch);
+        };
+        let large: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].size() > threshold)
+            .collect();
+        if large.is_empty() {
+            return Ok(batch);
+        }
+        let stored = futures_util::future::join_all(
+            large.iter().map(|&i| claim_check::offload(target, &batch[i])),
+        )
+        .await;
+        let mut failed = Vec::new();
+        for (&i, result) in large.iter().zip(stored) {
+            match result {
+                Ok(m) => batch[i] = m,
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(batch);
+        }
+        Err(not_stored(kind, dest, batch.len(), failed))
     }
 
     /// Sends one message now. A destination that does not exist is named as such.
@@ -271,6 +344,7 @@ impl Dispatcher {
         dest: &Arc<str>,
         batch: Vec<OutgoingMessage>,
     ) -> std::result::Result<(), BatchError> {
+        let batch = self.offload(kind, dest, batch).await?;
         let span = tracing::info_span!(
             "sourceflow.dispatch",
             otel.kind = "producer",
@@ -322,15 +396,58 @@ fn runs(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
     runs
 }
 
+/// The largest message SQS (a command) or SNS (an event) takes.
+fn broker_limit(kind: MessageKind) -> usize {
+    match kind {
+        MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
+        MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
+    }
+}
+
+/// The batch error of an offload that failed for the entries of `failed`: every other
+/// entry is held back (nothing was sent).
+fn not_stored(
+    kind: MessageKind,
+    dest: &str,
+    total: usize,
+    failed: Vec<(usize, EntryError)>,
+) -> BatchError {
+    let operation = match kind {
+        MessageKind::Command => "SendMessageBatch",
+        MessageKind::Event => "PublishBatch",
+    };
+    let held = EntryError::Transient(
+        "held back: another message of this call could not be stored (claim check)".into(),
+    );
+    let mut all = BatchError::all(operation, dest, total, held);
+    for (i, e) in failed {
+        all.failed[i].1 = e;
+    }
+    all
+}
+
 /// A message to `destination` (its full name), checked against the size and delay limits.
 pub(crate) fn pending_to(
     kind: MessageKind,
     wire_name: &str,
     destination: Arc<str>,
+    message: OutgoingMessage,
+) -> Result<Pending> {
+    pending_within(kind, wire_name, destination, message, broker_limit(kind))
+}
+
+/// Like [`pending_to`], taking messages up to `max` bytes (the claim check stores what is
+/// over the broker's limit).
+fn pending_within(
+    kind: MessageKind,
+    wire_name: &str,
+    destination: Arc<str>,
     mut message: OutgoingMessage,
+    max: usize,
 ) -> Result<Pending> {
     message.delay = message.delay.filter(|d| !d.is_zero());
-    check_outgoing(wire_name, kind, &destination, &message)?;
+    message.check_size(&destination, max)?;
+    check_delay_of(wire_name, kind, &destination, &message)?;
     Ok(Pending {
         kind,
         destination,
@@ -346,11 +463,17 @@ pub(crate) fn check_outgoing(
     destination: &str,
     message: &OutgoingMessage,
 ) -> Result<()> {
-    let limit = match kind {
-        MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
-        MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
-    };
-    message.check_size(destination, limit)?;
+    message.check_size(destination, broker_limit(kind))?;
+    check_delay_of(wire_name, kind, destination, message)
+}
+
+/// Checks the delay of a message to `destination`.
+fn check_delay_of(
+    wire_name: &str,
+    kind: MessageKind,
+    destination: &str,
+    message: &OutgoingMessage,
+) -> Result<()> {
     match message.delay.filter(|d| !d.is_zero()) {
         Some(delay) => check_delay(wire_name, kind, destination, delay),
         None => Ok(()),

@@ -406,6 +406,7 @@ mod tests {
             topics: vec![TopicSpec::new("order-events")],
             subscriptions: vec![SubscriptionSpec::new("order-events", "svc-order-events")],
             subscriber_prefix: None,
+            bucket: None,
         }
     }
 

@@ -319,6 +319,7 @@ mod tests {
                     .types(["audit.Entry.v1"]),
             ],
             subscriber_prefix: Some("dev-svc-".into()),
+            bucket: None,
         };
         ServicePlan {
             service: "svc".into(),

@@ -9,7 +9,7 @@
 //! through the [`stages`]:
 //!
 //! ```text
-//! decode → route → decrypt → claim → invoke → commit
+//! decode → route → fetch → decrypt → claim → invoke → commit
 //! ```
 //!
 //! (or, for a message whose handlers take a transaction, the [`tx`] stages, which claim,
