@@ -279,7 +279,9 @@ impl Dispatcher {
             return Ok(batch);
         }
         let stored = futures_util::future::join_all(
-            large.iter().map(|&i| claim_check::offload(target, &batch[i])),
+            large
+                .iter()
+                .map(|&i| claim_check::offload(target, &batch[i])),
         )
         .await;
         let mut failed = Vec::new();
@@ -427,6 +429,7 @@ fn not_stored(
 }
 
 /// A message to `destination` (its full name), checked against the size and delay limits.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn pending_to(
     kind: MessageKind,
     wire_name: &str,
@@ -457,6 +460,7 @@ fn pending_within(
 
 /// Checks the size and the delay of a message to `destination` against what SQS or SNS
 /// accept.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn check_outgoing(
     wire_name: &str,
     kind: MessageKind,

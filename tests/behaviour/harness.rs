@@ -23,6 +23,9 @@ use sourceflow::{Builder, MemoryTransport, RetryPolicy};
 /// set their own).
 pub const TEST_MASTER_KEY: [u8; 32] = [9u8; 32];
 
+/// The bucket the suite's claim checks use (created by the first service that needs it).
+pub const CLAIM_BUCKET: &str = "sourceflow-test-claims";
+
 /// How long any expectation may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -76,6 +79,19 @@ impl Harness {
             .receive_wait(Duration::from_secs(1))
             .shutdown_timeout(Duration::from_secs(10))
             .key_provider(LocalKeyProvider::new(TEST_MASTER_KEY, "test-local"))
+    }
+
+    /// The claim check of this world's services: the suite's bucket, a key prefix of this
+    /// test's own.
+    pub fn claim_check(&self) -> sourceflow::ClaimCheck {
+        sourceflow::ClaimCheck::bucket(CLAIM_BUCKET).prefix(format!("{}-claims", self.prefix))
+    }
+
+    /// The object store of the transport (S3, or the embedded one).
+    pub fn objects(&self) -> Arc<dyn sourceflow::claim_check::ObjectStore> {
+        self.transport
+            .object_store()
+            .expect("the transport has an object store")
     }
 
     /// Sends a raw body with raw attributes, as a foreign producer would.

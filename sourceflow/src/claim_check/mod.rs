@@ -213,7 +213,9 @@ impl Settings {
 
     /// The largest message accepted at the call, for a destination of `limit` bytes.
     pub(crate) fn max_bytes(&self, limit: usize) -> usize {
-        self.target.as_ref().map_or(limit, |t| t.max_bytes.max(limit))
+        self.target
+            .as_ref()
+            .map_or(limit, |t| t.max_bytes.max(limit))
     }
 }
 

@@ -41,7 +41,8 @@ pub(super) fn client(
     cfg: &aws_config::SdkConfig,
     counter: Option<&super::RequestCounter>,
 ) -> aws_sdk_s3::Client {
-    let mut b = aws_sdk_s3::config::Builder::from(cfg).force_path_style(cfg.endpoint_url().is_some());
+    let mut b =
+        aws_sdk_s3::config::Builder::from(cfg).force_path_style(cfg.endpoint_url().is_some());
     if let Some(c) = counter {
         b = b.interceptor(c.clone());
     }
@@ -64,7 +65,10 @@ where
     let refused = match e {
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or("");
-            !matches!(code, "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout")
+            !matches!(
+                code,
+                "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout"
+            )
         }
         _ => false,
     };
@@ -109,7 +113,14 @@ impl ObjectStore for S3ObjectStore {
     }
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, ObjectError> {
-        let out = match self.client.get_object().bucket(bucket).key(key).send().await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => out,
             Err(SdkError::ServiceError(se))
                 if se.err().is_no_such_key() || se.err().code() == Some("NoSuchBucket") =>
@@ -118,10 +129,14 @@ impl ObjectStore for S3ObjectStore {
             }
             Err(e) => return Err(classify("get", bucket, key, &e)),
         };
-        let bytes = out.body.collect().await.map_err(|e| ObjectError::Unavailable {
-            store: STORE,
-            reason: format!("reading `{bucket}/{key}`: {e}"),
-        })?;
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| ObjectError::Unavailable {
+                store: STORE,
+                reason: format!("reading `{bucket}/{key}`: {e}"),
+            })?;
         Ok(Some(bytes.into_bytes().to_vec()))
     }
 }
