@@ -111,7 +111,12 @@ async fn create_mode_makes_the_bucket_with_its_lifecycle_rule_and_validate_check
         .await
         .expect("start");
     other.shutdown().await.expect("shutdown");
-    let theirs = ("sourceflow-expire-other".to_string(), "other/".to_string(), 16, true);
+    let theirs = (
+        "sourceflow-expire-other".to_string(),
+        "other/".to_string(),
+        16,
+        true,
+    );
     assert_eq!(rules(&s3, &bucket).await, vec![ours, theirs]);
 
     let validate = t.clone().provision_mode(ProvisionMode::Validate);
@@ -140,7 +145,8 @@ async fn create_mode_makes_the_bucket_with_its_lifecycle_rule_and_validate_check
         .await
         .expect_err("no bucket");
     assert!(
-        err.to_string().contains(&format!("bucket `{missing}` is missing")),
+        err.to_string()
+            .contains(&format!("bucket `{missing}` is missing")),
         "{err}"
     );
 }
@@ -161,7 +167,10 @@ async fn an_encrypted_large_command_is_ciphertext_in_s3_and_outlives_its_receive
         .expect("sender");
     let marker = "VAULT-PLAINTEXT-91c2";
     let data = format!("{marker}{}", "0123456789abcdef".repeat(128 * 1024));
-    sender.send(Vault { data: data.clone() }).await.expect("2 MiB");
+    sender
+        .send(Vault { data: data.clone() })
+        .await
+        .expect("2 MiB");
     let queue = sender.queue_of::<Vault>();
     let receive = Receive {
         max: 1,

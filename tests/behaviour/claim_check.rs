@@ -14,7 +14,7 @@ use sourceflow::naming::Naming;
 use sourceflow::transport::ReceivedMessage;
 use sourceflow::{command, event, Compression};
 
-use crate::harness::{dlq_reason, eventually, Harness};
+use crate::harness::{dlq_reason, eventually, Faulty, Harness};
 
 #[command(queue = "cc-uploads", name = "tests.cc.Upload.v1")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -490,4 +490,71 @@ async fn compression_keeps_large_compressible_messages_inline() {
     for app in [sender, a, b, plain] {
         app.shutdown().await.expect("shutdown");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_is_retried_never_dead_lettered() {
+    let h = Harness::new().await;
+    let faulty = Faulty::new(h.transport.clone());
+    let sender = h
+        .service("cc-down", sender::MODULE)
+        .transport(faulty.clone())
+        .claim_check(h.claim_check())
+        .start()
+        .await
+        .expect("sender");
+    let queue = sender.queue_of::<Fragile>();
+    // Sending while the store is away fails at the call, and sends nothing.
+    faulty
+        .objects_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = sender
+        .send(Fragile {
+            data: text(2 * 1024 * 1024, 10),
+        })
+        .await
+        .expect_err("the store is away");
+    assert!(err.to_string().contains("connection refused"), "{err}");
+    h.assert_empty(&queue, Duration::from_millis(300)).await;
+    faulty
+        .objects_down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let data = text(2 * 1024 * 1024, 11);
+    sender
+        .send(Fragile { data: data.clone() })
+        .await
+        .expect("send");
+
+    // A receiver whose store is away hands the message back (no attempt spent, no dead
+    // letter) until the store answers again.
+    faulty
+        .objects_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = Seen::default();
+    let consumer = h
+        .service("cc-down-consumer", alpha::MODULE)
+        .transport(faulty.clone())
+        .max_receive_count(1)
+        .infrastructure_retry(sourceflow::RetryPolicy::exponential(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ))
+        .state(seen.clone())
+        .start()
+        .await
+        .expect("consumer");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(seen.len(), 0);
+    h.assert_empty(&Naming::dead_letter(&queue), Duration::from_millis(200))
+        .await;
+    faulty
+        .objects_down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually("handled once the store is back", || async {
+        seen.len() >= 1
+    })
+    .await;
+    assert_eq!(seen.get("fragile"), Some((0, data)));
+    sender.shutdown().await.expect("shutdown");
+    consumer.shutdown().await.expect("shutdown");
 }

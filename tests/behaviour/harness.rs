@@ -278,6 +278,51 @@ pub struct Faulty {
     pub hang_receive: Arc<std::sync::atomic::AtomicBool>,
     pub fail_publishes: Arc<AtomicU32>,
     pub refuse_publishes: Arc<AtomicU32>,
+    /// The object store (claim check) cannot be reached while set.
+    pub objects_down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The inner transport's object store, unreachable while `down` is set.
+struct FaultyObjects {
+    inner: Arc<dyn sourceflow::claim_check::ObjectStore>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyObjects {
+    fn check(&self) -> Result<(), sourceflow::claim_check::ObjectError> {
+        match self.down.load(Ordering::SeqCst) {
+            true => Err(sourceflow::claim_check::ObjectError::Unavailable {
+                store: "faulty",
+                reason: "connection refused".into(),
+            }),
+            false => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl sourceflow::claim_check::ObjectStore for FaultyObjects {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), sourceflow::claim_check::ObjectError> {
+        self.check()?;
+        self.inner.put(bucket, key, bytes, content_type).await
+    }
+    async fn get(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, sourceflow::claim_check::ObjectError> {
+        self.check()?;
+        self.inner.get(bucket, key).await
+    }
 }
 
 impl Faulty {
@@ -288,6 +333,7 @@ impl Faulty {
             hang_receive: Arc::default(),
             fail_publishes: Arc::default(),
             refuse_publishes: Arc::default(),
+            objects_down: Arc::default(),
         }
     }
 
@@ -312,6 +358,13 @@ impl Faulty {
 impl Transport for Faulty {
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+    fn object_store(&self) -> Option<Arc<dyn sourceflow::claim_check::ObjectStore>> {
+        let inner = self.inner.object_store()?;
+        Some(Arc::new(FaultyObjects {
+            inner,
+            down: self.objects_down.clone(),
+        }))
     }
     async fn provision(&self, topology: &Topology) -> sourceflow::Result<()> {
         self.check()?;

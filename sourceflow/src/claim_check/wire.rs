@@ -259,6 +259,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retried_offload_writes_the_same_bytes_under_the_same_key() {
+        let store = crate::transport::memory::MemoryObjects::default();
+        let target = Target {
+            store: std::sync::Arc::new(store.clone()),
+            bucket: "b".into(),
+            prefix: "p".into(),
+            threshold: None,
+            max_bytes: 1 << 20,
+        };
+        let message = OutgoingMessage {
+            body: BODY.into(),
+            attributes: Vec::new().into(),
+            group_id: None,
+            dedup_id: None,
+            delay: None,
+            wire_name: "T".into(),
+            message_id: "m1".into(),
+        };
+        let first = offload(&target, &message).await.unwrap();
+        let again = offload(&target, &message).await.unwrap();
+        assert_eq!(first.body, again.body);
+        assert_eq!(store.keys("b").len(), 1);
+        // The pointer reads back to the payload.
+        let attrs = vec![("sourceflow.type".to_string(), "T".into())];
+        let mut env = crate::envelope::decode(&first.body, &attrs).unwrap();
+        restore(Some(&store), &mut env).await.unwrap();
+        let original = crate::envelope::decode(BODY, &attrs).unwrap();
+        assert_eq!(env.payload.get(), original.payload.get());
+        assert_eq!((env.id.as_str(), env.seq), ("m1", 3));
+    }
+
+    #[tokio::test]
     async fn a_corrupted_inline_payload_is_refused() {
         let bad = BODY.replace(
             r#""payload":{"data":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
