@@ -49,9 +49,12 @@ pub struct Fragile {
     pub data: String,
 }
 
-/// What the handlers of a service saw: (kind, id, data).
+/// One handled message: (kind, id, data).
+type Handled = (&'static str, u32, String);
+
+/// What the handlers of a service saw.
 #[derive(Clone, Default)]
-pub struct Seen(pub Arc<Mutex<Vec<(&'static str, u32, String)>>>);
+pub struct Seen(pub Arc<Mutex<Vec<Handled>>>);
 
 impl Seen {
     fn push(&self, kind: &'static str, id: u32, data: String) {
