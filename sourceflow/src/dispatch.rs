@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::claim_check;
 use crate::encryption;
 use crate::envelope::{self, OutgoingMessage};
 use crate::error::{BatchError, EntryError, Error, Result};
@@ -58,6 +59,8 @@ pub(crate) struct Dispatcher {
     /// The longest delay asked of the broker; longer ones are held back by the listeners
     /// ([`crate::schedule`]).
     delay_cap: std::time::Duration,
+    /// Large messages: compression and the claim check ([`crate::claim_check`]).
+    claim_check: Option<Arc<claim_check::Settings>>,
 }
 
 impl Dispatcher {
@@ -82,20 +85,9 @@ impl Dispatcher {
             plain: false,
             queries: crate::query::QueryTable::new(),
             headers: crate::headers::Settings::default(),
+            claim_check: None,
             delay_cap: MAX_DELAY,
         }
-    }
-
-    /// With a lower cap on the delays asked of the broker (test only: see
-    /// `Builder::native_delay_cap`).
-    pub(crate) fn with_delay_cap(mut self, cap: std::time::Duration) -> Self {
-        self.delay_cap = crate::schedule::native_cap(cap);
-        self
-    }
-
-    /// The longest delay asked of the broker.
-    pub(crate) fn delay_cap(&self) -> std::time::Duration {
-        self.delay_cap
     }
 
     /// A dispatcher for a handler called directly in a test (`testing::TestContext`): it
@@ -123,6 +115,24 @@ impl Dispatcher {
                 None,
             )
         }
+    }
+
+    /// With a lower cap on the delays asked of the broker (test only: see
+    /// `Builder::native_delay_cap`).
+    pub(crate) fn with_delay_cap(mut self, cap: std::time::Duration) -> Self {
+        self.delay_cap = crate::schedule::native_cap(cap);
+        self
+    }
+
+    /// The longest delay asked of the broker.
+    pub(crate) fn delay_cap(&self) -> std::time::Duration {
+        self.delay_cap
+    }
+
+    /// With these large-message settings (the builder's `claim_check`/`compression`).
+    pub(crate) fn with_claim_check(mut self, settings: Option<Arc<claim_check::Settings>>) -> Self {
+        self.claim_check = settings;
+        self
     }
 
     /// With the query handlers the service runs.
@@ -236,7 +246,76 @@ impl Dispatcher {
             Some(d) => d.clone(),
             None => Arc::from(self.naming.resource(M::DESTINATION)),
         };
-        pending_to(M::KIND, M::NAME, destination, message, self.delay_cap)
+        let message = self.shrink(message)?;
+        if let Some(c) = &self.claim_check {
+            c.check_delay(&message, broker_limit(M::KIND))
+                .map_err(Error::Unsupported)?;
+        }
+        let max = self.max_bytes(M::KIND);
+        pending_within(M::KIND, M::NAME, destination, message, max, self.delay_cap)
+    }
+
+    /// The message with its payload compressed when compression is on and it is large
+    /// enough to gain.
+    fn shrink(&self, mut message: OutgoingMessage) -> Result<OutgoingMessage> {
+        let Some(above) = self.claim_check.as_ref().and_then(|c| c.compress_above) else {
+            return Ok(message);
+        };
+        let shrunk = claim_check::shrink(&message.body, above)
+            .map_err(|e| Error::Other(format!("{}: {e}", message.wire_name).into()))?;
+        if let Some(body) = shrunk {
+            message.body = body;
+        }
+        Ok(message)
+    }
+
+    /// The largest message of `kind` this dispatcher takes: the broker's limit, or the
+    /// claim check's maximum.
+    fn max_bytes(&self, kind: MessageKind) -> usize {
+        let limit = broker_limit(kind);
+        self.claim_check
+            .as_ref()
+            .map_or(limit, |c| c.max_bytes(limit))
+    }
+
+    /// The batch with the payload of every message too large for the broker stored, and a
+    /// pointer in its place. Nothing is sent when a payload cannot be stored: every entry
+    /// fails (the one that could not be stored with why), so a retry keeps the order.
+    async fn offload(
+        &self,
+        kind: MessageKind,
+        dest: &str,
+        mut batch: Vec<OutgoingMessage>,
+    ) -> std::result::Result<Vec<OutgoingMessage>, BatchError> {
+        let Some((target, threshold)) = self.claim_check.as_ref().and_then(|c| {
+            let threshold = c.threshold(broker_limit(kind))?;
+            Some((c.target.as_ref()?, threshold))
+        }) else {
+            return Ok(batch);
+        };
+        let large: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].size() > threshold)
+            .collect();
+        if large.is_empty() {
+            return Ok(batch);
+        }
+        let stored = futures_util::future::join_all(
+            large
+                .iter()
+                .map(|&i| claim_check::offload(target, &batch[i])),
+        )
+        .await;
+        let mut failed = Vec::new();
+        for (&i, result) in large.iter().zip(stored) {
+            match result {
+                Ok(m) => batch[i] = m,
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(batch);
+        }
+        Err(not_stored(kind, dest, batch.len(), failed))
     }
 
     /// Sends one message now. A destination that does not exist is named as such.
@@ -288,6 +367,7 @@ impl Dispatcher {
         dest: &Arc<str>,
         batch: Vec<OutgoingMessage>,
     ) -> std::result::Result<(), BatchError> {
+        let batch = self.offload(kind, dest, batch).await?;
         let span = tracing::info_span!(
             "sourceflow.dispatch",
             otel.kind = "producer",
@@ -339,18 +419,64 @@ fn runs(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
     runs
 }
 
-/// A message to `destination` (its full name), checked against the size limit, its delay
-/// prepared for the broker ([`schedule::prepare`], delays beyond `delay_cap` carried in
-/// the message).
+/// The largest message SQS (a command) or SNS (an event) takes.
+fn broker_limit(kind: MessageKind) -> usize {
+    match kind {
+        MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
+        MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
+    }
+}
+
+/// The batch error of an offload that failed for the entries of `failed`: every other
+/// entry is held back (nothing was sent).
+fn not_stored(
+    kind: MessageKind,
+    dest: &str,
+    total: usize,
+    failed: Vec<(usize, EntryError)>,
+) -> BatchError {
+    let operation = match kind {
+        MessageKind::Command => "SendMessageBatch",
+        MessageKind::Event => "PublishBatch",
+    };
+    let held = EntryError::Transient(
+        "held back: another message of this call could not be stored (claim check)".into(),
+    );
+    let mut all = BatchError::all(operation, dest, total, held);
+    for (i, e) in failed {
+        all.failed[i].1 = e;
+    }
+    all
+}
+
+/// A message to `destination` (its full name), its delay prepared for the broker
+/// ([`schedule::prepare`]: delays beyond `delay_cap` carried in the message), checked
+/// against the broker's size limit.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn pending_to(
     kind: MessageKind,
     wire_name: &str,
     destination: Arc<str>,
+    message: OutgoingMessage,
+    delay_cap: std::time::Duration,
+) -> Result<Pending> {
+    let max = broker_limit(kind);
+    pending_within(kind, wire_name, destination, message, max, delay_cap)
+}
+
+/// Like [`pending_to`], taking messages up to `max` bytes (the claim check stores what is
+/// over the broker's limit).
+fn pending_within(
+    kind: MessageKind,
+    wire_name: &str,
+    destination: Arc<str>,
     mut message: OutgoingMessage,
+    max: usize,
     delay_cap: std::time::Duration,
 ) -> Result<Pending> {
     let _ = wire_name;
-    check_outgoing(kind, &destination, &mut message, delay_cap)?;
+    schedule::prepare(kind, &destination, &mut message, delay_cap)?;
+    message.check_size(&destination, max)?;
     Ok(Pending {
         kind,
         destination,
@@ -360,6 +486,7 @@ pub(crate) fn pending_to(
 
 /// Prepares the delay of a message to `destination` (a delay to a FIFO destination is
 /// refused), then checks its size against what SQS or SNS accept.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn check_outgoing(
     kind: MessageKind,
     destination: &str,
@@ -367,11 +494,7 @@ pub(crate) fn check_outgoing(
     delay_cap: std::time::Duration,
 ) -> Result<()> {
     schedule::prepare(kind, destination, message, delay_cap)?;
-    let limit = match kind {
-        MessageKind::Command => SQS_MAX_MESSAGE_BYTES,
-        MessageKind::Event => SNS_MAX_MESSAGE_BYTES,
-    };
-    message.check_size(destination, limit)
+    message.check_size(destination, broker_limit(kind))
 }
 
 /// Messages a flush could not send, and why.

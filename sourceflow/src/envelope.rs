@@ -377,8 +377,17 @@ pub struct Envelope {
     /// Sent at, in milliseconds since the Unix epoch.
     #[serde(default)]
     pub ts: u64,
-    /// The message itself, as JSON.
+    /// The message itself, as JSON (`null` while it is stored elsewhere, see
+    /// [`claim_check`](Self::claim_check)).
     pub payload: Box<RawValue>,
+    /// How the payload is encoded when it is not plain JSON: `gzip` (then the payload is a
+    /// base64 string). The listener decodes it before anything else sees the payload.
+    #[serde(default)]
+    pub payload_encoding: Option<String>,
+    /// Where the payload is stored when it was too large to travel
+    /// ([`crate::claim_check`]). The listener fetches it before anything else sees it.
+    #[serde(default)]
+    pub claim_check: Option<crate::claim_check::Pointer>,
 }
 
 /// Why a received body is not a usable envelope. Such a message can never succeed and is

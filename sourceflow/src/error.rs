@@ -22,7 +22,7 @@ pub enum Error {
 
     /// A message is larger than its destination accepts.
     #[error(
-        "{wire_name} message is {size} bytes, but {destination} accepts at most {limit} bytes"
+        "{wire_name} message is {size} bytes, but {destination} accepts at most {limit} bytes (larger messages: see `sourceflow::claim_check`)"
     )]
     MessageTooLarge {
         /// Wire name of the message type.

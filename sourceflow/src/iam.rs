@@ -25,6 +25,14 @@
 //!   by alias is matched with the `kms:ResourceAliases` condition, as AWS recommends;
 //! * `Idempotency` (the DynamoDB store): item reads and conditional writes on its table,
 //!   plus creating it and enabling its TTL in `create` mode.
+//! * `ClaimCheckObjects` (the claim check's bucket, [`crate::claim_check`]):
+//!   `s3:PutObject` and `s3:GetObject` on exactly `arn:aws:s3:::{bucket}/{prefix}/*`;
+//!   `ClaimCheckBucket`: `s3:ListBucket` on the bucket, without which S3 answers a read of
+//!   a missing object with `AccessDenied` instead of `NoSuchKey` (the message would be
+//!   retried instead of dead-lettered), plus in `create` mode `s3:CreateBucket` and
+//!   `s3:GetLifecycleConfiguration`/`s3:PutLifecycleConfiguration`, in `validate` mode
+//!   `s3:GetLifecycleConfiguration`. No `s3:DeleteObject`: nothing deletes payloads but the
+//!   lifecycle rule.
 //!
 //! `sts:GetCallerIdentity` needs no permission. `prune` and the dead-letter commands of the
 //! operator command line are an operator's actions, not the service's: their permissions
@@ -210,6 +218,9 @@ pub fn policy(topology: &Topology, scope: &IamScope) -> Value {
     if let Some(table) = &scope.idempotency_table {
         st.push(idempotency(scope, table));
     }
+    if let Some(bucket) = &topology.bucket {
+        st.extend(claim_check(scope, bucket));
+    }
     json!({ "Version": "2012-10-17", "Statement": st })
 }
 
@@ -361,6 +372,35 @@ fn key_resource(statement: &mut Value, key: &str, scope: &IamScope) {
     }
 }
 
+/// The claim check's objects (exact prefix) and bucket.
+fn claim_check(scope: &IamScope, bucket: &crate::topology::BucketSpec) -> Vec<Value> {
+    let s3 = |resource: &str| format!("arn:{}:s3:::{resource}", scope.partition);
+    let mut actions = vec!["s3:ListBucket"];
+    match scope.provisioning {
+        Provisioning::Create => actions.extend([
+            "s3:CreateBucket",
+            "s3:GetLifecycleConfiguration",
+            "s3:PutLifecycleConfiguration",
+        ]),
+        Provisioning::Validate => actions.push("s3:GetLifecycleConfiguration"),
+        Provisioning::Assume => {}
+    }
+    vec![
+        json!({
+            "Sid": "ClaimCheckObjects",
+            "Effect": "Allow",
+            "Action": ["s3:PutObject", "s3:GetObject"],
+            "Resource": [s3(&format!("{}/{}/*", bucket.name, bucket.prefix))],
+        }),
+        json!({
+            "Sid": "ClaimCheckBucket",
+            "Effect": "Allow",
+            "Action": actions,
+            "Resource": [s3(&bucket.name)],
+        }),
+    ]
+}
+
 fn idempotency(scope: &IamScope, table: &str) -> Value {
     let mut actions = vec![
         "dynamodb:GetItem",
@@ -406,6 +446,7 @@ mod tests {
             topics: vec![TopicSpec::new("order-events")],
             subscriptions: vec![SubscriptionSpec::new("order-events", "svc-order-events")],
             subscriber_prefix: None,
+            bucket: None,
         }
     }
 
@@ -415,6 +456,51 @@ mod tests {
             .and_then(|a| a.iter().find(|s| s["Sid"] == sid))
             .cloned()
             .unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn the_claim_check_grants_its_exact_prefix_and_no_delete() {
+        let mut t = topology();
+        t.bucket = Some(crate::topology::BucketSpec {
+            name: "acme-claims".into(),
+            prefix: "prod-claims".into(),
+            expiration_days: 15,
+        });
+        let scope = IamScope::new("eu-west-1", "123456789012");
+        let p = policy(&t, &scope);
+        assert_eq!(
+            statement(&p, "ClaimCheckObjects")["Resource"],
+            json!(["arn:aws:s3:::acme-claims/prod-claims/*"])
+        );
+        assert_eq!(
+            statement(&p, "ClaimCheckObjects")["Action"],
+            json!(["s3:PutObject", "s3:GetObject"])
+        );
+        assert_eq!(
+            statement(&p, "ClaimCheckBucket")["Action"],
+            json!([
+                "s3:ListBucket",
+                "s3:CreateBucket",
+                "s3:GetLifecycleConfiguration",
+                "s3:PutLifecycleConfiguration"
+            ])
+        );
+        assert_eq!(
+            statement(&p, "ClaimCheckBucket")["Resource"],
+            json!(["arn:aws:s3:::acme-claims"])
+        );
+        assert!(!p.to_string().contains("DeleteObject"));
+        let mut assume = scope.clone();
+        assume.provisioning = Provisioning::Assume;
+        let p = policy(&t, &assume);
+        assert_eq!(
+            statement(&p, "ClaimCheckBucket")["Action"],
+            json!(["s3:ListBucket"])
+        );
+        assert_eq!(
+            statement(&policy(&topology(), &scope), "ClaimCheckObjects"),
+            Value::Null
+        );
     }
 
     #[test]

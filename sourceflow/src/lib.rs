@@ -57,6 +57,7 @@
 #![warn(missing_docs)]
 
 pub mod attribute;
+pub mod claim_check;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod context;
@@ -95,6 +96,7 @@ pub mod transport;
 pub mod tx;
 
 pub use attribute::AttributeValue;
+pub use claim_check::{ClaimCheck, Compression};
 pub use context::{Context, State};
 pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};
 pub use listener::DrainReport;

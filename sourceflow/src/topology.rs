@@ -28,6 +28,27 @@ pub struct Topology {
     /// The name every subscriber queue of this service starts with (`{prefix}-{service}-`),
     /// to find subscriptions it no longer needs; `None` when unknown.
     pub subscriber_prefix: Option<String>,
+    /// The bucket large payloads go to ([`crate::claim_check`]), when the claim check is on.
+    pub bucket: Option<BucketSpec>,
+}
+
+/// The claim check's bucket: created in `create` mode with a lifecycle rule that expires
+/// the service's stored payloads, checked by `validate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSpec {
+    /// The bucket's name.
+    pub name: String,
+    /// The key prefix this service writes under (no trailing `/`).
+    pub prefix: String,
+    /// Days after which stored payloads expire (the lifecycle rule's `Expiration`).
+    pub expiration_days: u32,
+}
+
+impl BucketSpec {
+    /// The id of the lifecycle rule sourceflow keeps on the bucket for `prefix`.
+    pub fn rule_id(&self) -> String {
+        format!("sourceflow-expire-{}", self.prefix.replace('/', "-"))
+    }
 }
 
 impl Topology {

@@ -1,7 +1,7 @@
 //! AWS-specific tests against a real AWS API (the emulator from tests/support/emulator.sh,
 //! or real AWS with SOURCEFLOW_TEST_REAL_AWS=1): what provisioning created, inspected
 //! through the SDK; idempotent re-provisioning; correction of drifted attributes; KMS
-//! envelope encryption, data-key caching and key rotation.
+//! envelope encryption, data-key caching and key rotation; the claim check's bucket and objects.
 //!
 //! ```text
 //! eval "$(tests/support/emulator.sh start)"
@@ -691,6 +691,7 @@ async fn a_partially_refused_batch_is_reported_and_the_rest_delivered() {
 
 // ---- the data plane: per-entry results, coalescing, checks before the wire ---------------
 
+mod claim_check;
 mod data_plane;
 mod topology;
 

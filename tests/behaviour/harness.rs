@@ -23,6 +23,9 @@ use sourceflow::{Builder, MemoryTransport, RetryPolicy};
 /// set their own).
 pub const TEST_MASTER_KEY: [u8; 32] = [9u8; 32];
 
+/// The bucket the suite's claim checks use (created by the first service that needs it).
+pub const CLAIM_BUCKET: &str = "sourceflow-test-claims";
+
 /// How long any expectation may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -76,6 +79,19 @@ impl Harness {
             .receive_wait(Duration::from_secs(1))
             .shutdown_timeout(Duration::from_secs(10))
             .key_provider(LocalKeyProvider::new(TEST_MASTER_KEY, "test-local"))
+    }
+
+    /// The claim check of this world's services: the suite's bucket, a key prefix of this
+    /// test's own.
+    pub fn claim_check(&self) -> sourceflow::ClaimCheck {
+        sourceflow::ClaimCheck::bucket(CLAIM_BUCKET).prefix(format!("{}-claims", self.prefix))
+    }
+
+    /// The object store of the transport (S3, or the embedded one).
+    pub fn objects(&self) -> Arc<dyn sourceflow::claim_check::ObjectStore> {
+        self.transport
+            .object_store()
+            .expect("the transport has an object store")
     }
 
     /// Sends a raw body with raw attributes, as a foreign producer would.
@@ -262,6 +278,51 @@ pub struct Faulty {
     pub hang_receive: Arc<std::sync::atomic::AtomicBool>,
     pub fail_publishes: Arc<AtomicU32>,
     pub refuse_publishes: Arc<AtomicU32>,
+    /// The object store (claim check) cannot be reached while set.
+    pub objects_down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The inner transport's object store, unreachable while `down` is set.
+struct FaultyObjects {
+    inner: Arc<dyn sourceflow::claim_check::ObjectStore>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyObjects {
+    fn check(&self) -> Result<(), sourceflow::claim_check::ObjectError> {
+        match self.down.load(Ordering::SeqCst) {
+            true => Err(sourceflow::claim_check::ObjectError::Unavailable {
+                store: "faulty",
+                reason: "connection refused".into(),
+            }),
+            false => Ok(()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl sourceflow::claim_check::ObjectStore for FaultyObjects {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), sourceflow::claim_check::ObjectError> {
+        self.check()?;
+        self.inner.put(bucket, key, bytes, content_type).await
+    }
+    async fn get(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, sourceflow::claim_check::ObjectError> {
+        self.check()?;
+        self.inner.get(bucket, key).await
+    }
 }
 
 impl Faulty {
@@ -272,6 +333,7 @@ impl Faulty {
             hang_receive: Arc::default(),
             fail_publishes: Arc::default(),
             refuse_publishes: Arc::default(),
+            objects_down: Arc::default(),
         }
     }
 
@@ -296,6 +358,13 @@ impl Faulty {
 impl Transport for Faulty {
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+    fn object_store(&self) -> Option<Arc<dyn sourceflow::claim_check::ObjectStore>> {
+        let inner = self.inner.object_store()?;
+        Some(Arc::new(FaultyObjects {
+            inner,
+            down: self.objects_down.clone(),
+        }))
     }
     async fn provision(&self, topology: &Topology) -> sourceflow::Result<()> {
         self.check()?;

@@ -14,6 +14,7 @@ mod harness;
 #[path = "../common/postgres.rs"]
 mod postgres;
 
+mod claim_check;
 mod context;
 mod dead_letter;
 mod dedup;

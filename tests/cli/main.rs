@@ -366,10 +366,12 @@ fn cfn_lint_reports_no_error_on_the_template() {
     let endpoint = Endpoint::new();
     let template = export(&endpoint, "cloudformation");
     assert!(template["Resources"].get("IdempotencyTable").is_none());
-    // With the DynamoDB idempotency store the template also holds its table.
+    // With the DynamoDB idempotency store the template also holds its table; with the
+    // claim check, its bucket and lifecycle rule.
     let file = tmp("lint-dynamodb.json");
     let out = run(fixture(&endpoint.url())
         .env("SOURCEFLOW_IDEMPOTENCY", "dynamodb://clitest-idempotency")
+        .env("SOURCEFLOW_CLAIM_CHECK_BUCKET", "clitest-claims")
         .args(["export", "cloudformation", "--out"])
         .arg(&file));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -378,6 +380,12 @@ fn cfn_lint_reports_no_error_on_the_template() {
     assert_eq!(
         with_table["Resources"]["IdempotencyTable"]["Properties"]["TableName"],
         "clitest-idempotency"
+    );
+    let bucket = &with_table["Resources"]["ClaimCheckBucket"]["Properties"];
+    assert_eq!(bucket["BucketName"], "clitest-claims");
+    assert_eq!(
+        bucket["LifecycleConfiguration"]["Rules"][0]["Prefix"],
+        "clitest-claims/"
     );
     let out = check("cfn-lint.sh", &file);
     let code = out.status.code().unwrap_or(-1);

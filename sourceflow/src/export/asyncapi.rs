@@ -539,6 +539,7 @@ mod tests {
             subscriptions: vec![SubscriptionSpec::new("order-events", "shop-order-events")
                 .types(["shop.OrderPlaced.v1"])],
             subscriber_prefix: None,
+            bucket: None,
         };
         let listener = |queue: &str, wire: &'static str| ListenerSummary {
             queue: queue.into(),

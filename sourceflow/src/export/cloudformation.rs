@@ -71,7 +71,11 @@ impl CloudFormationOptions {
 ///   one of its topics;
 /// * `AWS::IAM::ManagedPolicy` with the service's policy (see [`crate::iam`]) for the
 ///   provisioning mode in `options`, to attach to the service's role;
-/// * `AWS::DynamoDB::Table` for the DynamoDB idempotency store, when `options` names one.
+/// * `AWS::DynamoDB::Table` for the DynamoDB idempotency store, when `options` names one;
+/// * `AWS::S3::Bucket` for the claim check's bucket ([`crate::claim_check`]), with the
+///   lifecycle rule `create` mode sets (expire the service's prefix after its days;
+///   retained when the stack goes). A bucket shared by several services belongs in one
+///   stack: take it out of the others.
 ///
 /// Outputs: each queue's URL, each topic's ARN and the managed policy's ARN. Region,
 /// account and partition are the stack's (`${AWS::Region}`, …).
@@ -171,6 +175,13 @@ pub fn cloudformation(plan: &ServicePlan, options: &CloudFormationOptions) -> Va
             json!({"Description": "The DynamoDB idempotency table", "Value": {"Ref": "IdempotencyTable"}}),
         );
     }
+    if let Some(bucket) = &topology.bucket {
+        resources.insert("ClaimCheckBucket".into(), bucket_resource(bucket));
+        outputs.insert(
+            "ClaimCheckBucketName".into(),
+            json!({"Description": "The claim check's bucket (large payloads)", "Value": {"Ref": "ClaimCheckBucket"}}),
+        );
+    }
     let mut scope = IamScope::new("${AWS::Region}", "${AWS::AccountId}");
     scope.partition = "${AWS::Partition}".into();
     scope.provisioning = options.provisioning;
@@ -207,6 +218,33 @@ pub fn cloudformation(plan: &ServicePlan, options: &CloudFormationOptions) -> Va
         ),
         "Resources": resources,
         "Outputs": outputs,
+    })
+}
+
+/// The claim check's bucket with its lifecycle rule, private.
+fn bucket_resource(bucket: &crate::topology::BucketSpec) -> Value {
+    json!({
+        "Type": "AWS::S3::Bucket",
+        // Payloads of messages still queued: keep them if the stack is deleted or replaced.
+        "DeletionPolicy": "Retain",
+        "UpdateReplacePolicy": "Retain",
+        "Properties": {
+            "BucketName": bucket.name,
+            "PublicAccessBlockConfiguration": {
+                "BlockPublicAcls": true,
+                "BlockPublicPolicy": true,
+                "IgnorePublicAcls": true,
+                "RestrictPublicBuckets": true,
+            },
+            "LifecycleConfiguration": {
+                "Rules": [{
+                    "Id": bucket.rule_id(),
+                    "Status": "Enabled",
+                    "Prefix": format!("{}/", bucket.prefix),
+                    "ExpirationInDays": bucket.expiration_days,
+                }],
+            },
+        },
     })
 }
 
@@ -319,6 +357,7 @@ mod tests {
                     .types(["audit.Entry.v1"]),
             ],
             subscriber_prefix: Some("dev-svc-".into()),
+            bucket: None,
         };
         ServicePlan {
             service: "svc".into(),
@@ -463,6 +502,31 @@ mod tests {
         }
         let policy = t["Resources"]["ServicePolicy"].to_string();
         assert!(policy.contains("table/svc-idempotency"), "{policy}");
+    }
+
+    #[test]
+    fn the_claim_check_bucket_comes_with_its_lifecycle_rule_and_policy() {
+        let mut p = plan();
+        assert!(of_type(&cloudformation(&p, &Default::default()), "AWS::S3::Bucket").is_empty());
+        p.topology.bucket = Some(crate::topology::BucketSpec {
+            name: "acme-claims".into(),
+            prefix: "dev-claims".into(),
+            expiration_days: 15,
+        });
+        let t = cloudformation(&p, &CloudFormationOptions::default());
+        let buckets = of_type(&t, "AWS::S3::Bucket");
+        assert_eq!(buckets.len(), 1);
+        let props = &buckets[0].1["Properties"];
+        assert_eq!(props["BucketName"], "acme-claims");
+        assert_eq!(
+            props["LifecycleConfiguration"]["Rules"],
+            json!([{"Id": "sourceflow-expire-dev-claims", "Status": "Enabled", "Prefix": "dev-claims/", "ExpirationInDays": 15}])
+        );
+        let policy = t["Resources"]["ServicePolicy"].to_string();
+        assert!(
+            policy.contains(r#"{"Fn::Sub":"arn:${AWS::Partition}:s3:::acme-claims/dev-claims/*"}"#),
+            "{policy}"
+        );
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub(crate) enum DeadLetterKind {
     Rejected,
     /// What its handlers produced was refused by the broker.
     Refused,
+    /// Its stored payload is missing or corrupted (claim check).
+    ClaimCheck,
 }
 
 impl DeadLetterKind {
@@ -104,6 +106,7 @@ impl DeadLetterKind {
             DeadLetterKind::Failures => "failures",
             DeadLetterKind::Rejected => "rejected",
             DeadLetterKind::Refused => "refused",
+            DeadLetterKind::ClaimCheck => "claim_check",
         }
     }
 }

@@ -9,7 +9,7 @@
 //! through the [`stages`]:
 //!
 //! ```text
-//! decode → due → route → decrypt → claim → invoke → commit
+//! decode → due → route → fetch → decrypt → claim → invoke → commit
 //! ```
 //!
 //! (or, for a message whose handlers take a transaction, the [`tx`] stages, which claim,

@@ -1,6 +1,7 @@
 //! The stages a received message goes through:
-//! `decode → due → route → decrypt → claim → invoke → commit` (`due` holds back a message
-//! received before its due time: [`crate::schedule`]).
+//! `decode → due → route → fetch → decrypt → claim → invoke → commit` (`due` holds back a
+//! message received before its due time: [`crate::schedule`]; `fetch` reads a payload the
+//! claim check stored: [`crate::claim_check`]).
 //!
 //! Each stage returns the next stage's input, or the [`Disposition`] that ends the
 //! message's way (`Err`, so that `?` chains them). No stage calls the broker to settle a
@@ -15,6 +16,7 @@ use tracing::Instrument;
 use super::disposition::{Ack, Cause, DeadLetterKind, Disposition, Redelay, Retry};
 use super::heartbeat::{ClaimRef, Hold};
 use super::Listener;
+use crate::claim_check::{self, RestoreError};
 use crate::context::Context;
 use crate::dispatch::{self, Pending, Undispatched};
 use crate::encryption::{self, DecryptError};
@@ -86,6 +88,7 @@ impl Listener {
         let env = decoded?;
         self.due(msg, &env)?;
         let handlers = self.route(&env, track)?;
+        let env = self.fetch(msg, env).await?;
         let env = self.decrypt(msg, env).await?;
         #[cfg(any(feature = "postgres", feature = "sqlite"))]
         if let Some(pool) = &self.tx_pool {
@@ -136,6 +139,26 @@ impl Listener {
                 format!("unknown message type `{name}`: no type with this wire name is linked into service `{service}`"),
             ),
         })
+    }
+
+    /// Puts a stored or compressed payload back ([`crate::claim_check`]): a missing or
+    /// corrupted one dead-letters the message, a store that cannot be reached is an
+    /// infrastructure fault (retried, no attempt spent).
+    async fn fetch(&self, msg: &ReceivedMessage, mut env: Envelope) -> Stage<Envelope> {
+        if env.claim_check.is_none() && env.payload_encoding.is_none() {
+            return Ok(env);
+        }
+        let store = self.dispatcher.transport().object_store();
+        match claim_check::restore(store.as_deref(), &mut env).await {
+            Ok(()) => Ok(env),
+            Err(e @ RestoreError::Unavailable(_)) => {
+                Err(self.infrastructure(msg, format!("claim check: {e}")))
+            }
+            Err(e) => Err(Disposition::dead_letter(
+                DeadLetterKind::ClaimCheck,
+                format!("claim check: {e}"),
+            )),
+        }
     }
 
     /// Opens an encrypted payload; a type that requires encryption is refused in clear.

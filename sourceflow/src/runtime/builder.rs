@@ -79,6 +79,10 @@ pub struct Builder {
     /// The outbox relay: `None` the default settings, `Some(None)` off.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(super) relay: Option<Option<crate::outbox::RelaySettings>>,
+    /// Large messages through an object store ([`crate::claim_check`]).
+    pub(super) claim_check: Option<crate::claim_check::ClaimCheck>,
+    /// Inline compression without a bucket.
+    pub(super) compression: Option<crate::claim_check::Compression>,
 }
 
 pub(super) enum IdempotencyChoice {
@@ -382,6 +386,24 @@ impl Builder {
         self
     }
 
+    /// Stores the payload of every message too large for its destination (SQS 1 MiB, SNS
+    /// 256 KiB, or the claim check's lower threshold) in a bucket, and sends a pointer
+    /// (default: `SOURCEFLOW_CLAIM_CHECK_BUCKET` and the other `SOURCEFLOW_CLAIM_CHECK_*`
+    /// variables, else off: such messages are refused at the call). See
+    /// [`claim_check`](crate::claim_check).
+    pub fn claim_check(mut self, settings: crate::claim_check::ClaimCheck) -> Self {
+        self.claim_check = Some(settings);
+        self
+    }
+
+    /// Compresses (gzip) payloads above a size, inline, without a bucket (default:
+    /// `SOURCEFLOW_COMPRESS_ABOVE_BYTES`, else off; with a claim check, its
+    /// `compress_above` wins).
+    pub fn compression(mut self, compression: crate::claim_check::Compression) -> Self {
+        self.compression = Some(compression);
+        self
+    }
+
     /// Encrypts every message type, not only those declared with `encrypt` (default:
     /// `SOURCEFLOW_ENCRYPT_ALL`, else off).
     pub fn encrypt_all(mut self, on: bool) -> Self {
@@ -505,6 +527,7 @@ impl Builder {
         let r = self.resolve().await?;
         let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
         let plan = plan(&r, &messages)?;
+        let claim_settings = r.claim_settings()?;
         #[cfg(any(feature = "postgres", feature = "sqlite"))]
         let tx_pool = transaction_pool(&r)?;
         r.transport.provision(&plan.topology).await?;
@@ -526,11 +549,13 @@ impl Builder {
             r.metrics.clone(),
             r.encryption.clone(),
         );
-        let dispatcher = dispatcher
-            .with_queries(plan.queries)
-            .with_headers(headers)
-            .with_delay_cap(delay_cap);
-        let dispatcher = Arc::new(dispatcher);
+        let dispatcher = Arc::new(
+            dispatcher
+                .with_queries(plan.queries)
+                .with_headers(headers)
+                .with_delay_cap(delay_cap)
+                .with_claim_check(claim_settings),
+        );
         let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
         let encrypted: Arc<HashSet<&'static str>> = Arc::new(
             messages

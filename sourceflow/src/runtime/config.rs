@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::claim_check::{self, ClaimCheck};
 use crate::encryption::{self, Encryptor, KeyProvider, LocalKeyProvider};
 use crate::error::{Error, Result};
 use crate::idempotency::{self, IdempotencyStore, MemoryIdempotencyStore};
@@ -141,7 +142,10 @@ impl Builder {
         let receive_linger = self
             .receive_linger
             .unwrap_or_else(|| transport.receive_linger());
+        let (claim_check, compress_above) = self.resolve_claim_check(&naming)?;
         Ok(Resolved {
+            claim_check,
+            compress_above,
             service,
             transport,
             naming,
@@ -189,6 +193,36 @@ impl Builder {
                 Some(choice) => choice,
             },
         })
+    }
+
+    /// The claim check (the builder's, else `SOURCEFLOW_CLAIM_CHECK_*`) with its key prefix
+    /// resolved, and the size above which payloads are compressed.
+    fn resolve_claim_check(
+        &mut self,
+        naming: &Naming,
+    ) -> Result<(Option<ClaimCheck>, Option<usize>)> {
+        let claim = match self.claim_check.take() {
+            Some(c) => Some(c),
+            None => claim_check_from_env()?,
+        };
+        let compress = match (&claim, self.compression) {
+            (Some(c), _) if c.compress_above.is_some() => c.compress_above,
+            (_, Some(c)) => Some(c.above),
+            _ => env_parse::<usize>("SOURCEFLOW_COMPRESS_ABOVE_BYTES")?,
+        };
+        let Some(mut c) = claim else {
+            return Ok((None, compress));
+        };
+        check_bucket_name(&c.bucket)?;
+        if c.expiration_days == 0 {
+            return Err(config_error(
+                "the claim check's expiration must be at least 1 day",
+            ));
+        }
+        if c.prefix.as_deref().is_none_or(str::is_empty) {
+            c.prefix = Some(naming.resource("claims"));
+        }
+        Ok((Some(c), compress))
     }
 
     /// The handler attempts, and the broker's redrive limit when one is set (else each
@@ -394,6 +428,83 @@ pub(super) struct Resolved {
     /// The outbox relay's settings; `None`: no relay.
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(super) relay: Option<crate::outbox::RelaySettings>,
+    /// The claim check, its key prefix resolved; `None`: off.
+    pub(super) claim_check: Option<ClaimCheck>,
+    /// Compress payloads above this many bytes; `None`: off.
+    pub(super) compress_above: Option<usize>,
+}
+
+impl Resolved {
+    /// What the dispatcher sends large messages with, on this transport's object store;
+    /// `None` when neither the claim check nor compression is on.
+    pub(super) fn claim_settings(&self) -> Result<Option<Arc<claim_check::Settings>>> {
+        let target = match &self.claim_check {
+            None => None,
+            Some(c) => {
+                let store = self.transport.object_store().ok_or_else(|| {
+                    config_error(format!(
+                        "the claim check (bucket `{}`) needs an object store, and the {} transport has none",
+                        c.bucket,
+                        self.transport.name()
+                    ))
+                })?;
+                Some(claim_check::Target {
+                    store,
+                    bucket: c.bucket.clone(),
+                    prefix: c.prefix.clone().unwrap_or_default(),
+                    threshold: c.threshold,
+                    max_bytes: c.max_bytes,
+                    expiration_days: c.expiration_days,
+                })
+            }
+        };
+        if target.is_none() && self.compress_above.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(claim_check::Settings {
+            target,
+            compress_above: self.compress_above,
+        })))
+    }
+}
+
+/// The claim check from `SOURCEFLOW_CLAIM_CHECK_BUCKET` (its switch), `_PREFIX`,
+/// `_THRESHOLD_BYTES`, `_MAX_BYTES` and `_EXPIRATION_DAYS`.
+fn claim_check_from_env() -> Result<Option<ClaimCheck>> {
+    let Some(bucket) = env_var("SOURCEFLOW_CLAIM_CHECK_BUCKET") else {
+        return Ok(None);
+    };
+    let mut c = ClaimCheck::bucket(bucket.trim());
+    if let Some(prefix) = env_var("SOURCEFLOW_CLAIM_CHECK_PREFIX") {
+        c = c.prefix(prefix.trim());
+    }
+    if let Some(bytes) = env_parse::<usize>("SOURCEFLOW_CLAIM_CHECK_THRESHOLD_BYTES")? {
+        c = c.threshold(bytes);
+    }
+    if let Some(bytes) = env_parse::<usize>("SOURCEFLOW_CLAIM_CHECK_MAX_BYTES")? {
+        c = c.max_bytes(bytes);
+    }
+    if let Some(days) = env_parse::<u32>("SOURCEFLOW_CLAIM_CHECK_EXPIRATION_DAYS")? {
+        c = c.expiration_days(days);
+    }
+    Ok(Some(c))
+}
+
+/// An S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and
+/// ending with a letter or digit.
+fn check_bucket_name(name: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if (3..=63).contains(&name.len())
+        && name.chars().all(ok_char)
+        && edge(name.chars().next())
+        && edge(name.chars().last())
+    {
+        return Ok(());
+    }
+    Err(config_error(format!(
+        "`{name}` is not a valid S3 bucket name (3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit)"
+    )))
 }
 
 /// The SQL store on the application's pool (migrated now).

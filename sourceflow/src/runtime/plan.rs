@@ -188,6 +188,11 @@ pub(super) fn plan(r: &Resolved, messages: &[&'static MessageRoute]) -> Result<P
     }
     topology.subscriptions = subscriptions;
     topology.subscriber_prefix = Some(r.naming.subscriber(&r.service, ""));
+    topology.bucket = r.claim_check.as_ref().map(|c| crate::topology::BucketSpec {
+        name: c.bucket.clone(),
+        prefix: c.prefix.clone().unwrap_or_default(),
+        expiration_days: c.expiration_days,
+    });
     check_names(&topology, &mut problems);
     if !problems.is_empty() {
         problems.sort();

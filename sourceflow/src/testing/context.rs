@@ -202,6 +202,8 @@ impl TestContext {
             seq: 0,
             ts: 0,
             payload: empty_payload(),
+            payload_encoding: None,
+            claim_check: None,
         };
         let queue: Arc<str> = Arc::from(s.queue.as_str());
         Context::new(dispatcher, envelope, s.receive_count, queue, None)

@@ -19,7 +19,7 @@ use crate::envelope::{AttributeValue, OutgoingMessage};
 use crate::error::Result;
 pub use crate::error::{BatchError, EntryError};
 pub use crate::topology::{
-    DeadLetterSpec, Finding, Ownership, QueueSettings, QueueSpec, ServerSideEncryption,
+    BucketSpec, DeadLetterSpec, Finding, Ownership, QueueSettings, QueueSpec, ServerSideEncryption,
     SubscriptionSpec, TopicSpec, Topology,
 };
 
@@ -200,6 +200,14 @@ pub trait Transport: Send + Sync + 'static {
             .into_iter()
             .map(|resource| Finding::Missing { resource })
             .collect())
+    }
+
+    /// The object store that large payloads go through on this broker
+    /// ([`crate::claim_check`]): S3 beside SQS/SNS, an in-process store beside the embedded
+    /// broker (shared by every service on it, as S3 is). `None` (the default): messages too
+    /// large for the broker are refused, and a received pointer cannot be read.
+    fn object_store(&self) -> Option<Arc<dyn crate::claim_check::ObjectStore>> {
+        None
     }
 
     /// Removes the subscription of `queue` to `topic` (`prune`).

@@ -37,6 +37,8 @@ pub(crate) enum Resource {
     },
     /// The caller's account (STS).
     Account,
+    /// An S3 bucket (the claim check's), by name.
+    Bucket(String),
 }
 
 impl fmt::Display for Resource {
@@ -48,6 +50,7 @@ impl fmt::Display for Resource {
                 write!(f, "subscription of queue `{queue}` to topic `{topic}`")
             }
             Resource::Account => f.write_str("the account"),
+            Resource::Bucket(b) => write!(f, "bucket `{b}`"),
         }
     }
 }

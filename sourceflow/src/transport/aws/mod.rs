@@ -18,7 +18,8 @@
 //!   their own (`retry`); nothing done is done twice.
 //! * **One-line errors** (`errors`): operation, resource, AWS code and message.
 //!
-//! `provision` (the bootstrapper) lives in `provision`.
+//! `provision` (the bootstrapper) lives in `provision`; the claim check's object store
+//! (S3) in `s3`.
 
 mod batcher;
 mod errors;
@@ -26,6 +27,7 @@ mod errors;
 mod fake;
 mod provision;
 mod retry;
+mod s3;
 mod sns;
 mod sqs;
 #[cfg(test)]
@@ -172,10 +174,16 @@ impl RequestCounter {
 }
 
 /// The API operation of a request: SQS (JSON protocol) names it in `X-Amz-Target`
-/// (`AmazonSQS.ReceiveMessage`), SNS (query protocol) in the body's `Action=` field.
-fn operation_of<'a>(target: Option<&'a str>, body: Option<&'a [u8]>) -> &'a str {
+/// (`AmazonSQS.ReceiveMessage`), SNS (query protocol) in the body's `Action=` field; S3
+/// (REST) by its method, the claim check's only calls being `PutObject` and `GetObject`.
+fn operation_of<'a>(target: Option<&'a str>, body: Option<&'a [u8]>, method: &str) -> &'a str {
     if let Some(target) = target {
         return target.rsplit('.').next().unwrap_or(target);
+    }
+    match method {
+        "PUT" => return "PutObject",
+        "GET" => return "GetObject",
+        _ => {}
     }
     body.and_then(|b| std::str::from_utf8(b).ok())
         .and_then(|form| form.split('&').find_map(|kv| kv.strip_prefix("Action=")))
@@ -200,6 +208,7 @@ impl aws_sdk_sqs::config::Intercept for RequestCounter {
         let op = operation_of(
             request.headers().get("x-amz-target"),
             request.body().bytes(),
+            request.method(),
         );
         let mut counts = self.0.by_operation.lock();
         match counts.get_mut(op) {
@@ -212,10 +221,15 @@ impl aws_sdk_sqs::config::Intercept for RequestCounter {
     }
 }
 
-/// SQS and SNS through the AWS SDK. Cheap to clone.
+pub use s3::S3ObjectStore;
+
+/// SQS and SNS through the AWS SDK, and S3 for large payloads. Cheap to clone.
 #[derive(Clone)]
 pub struct AwsTransport {
     inner: Arc<Inner>,
+    /// The claim check's object store; `None` for a transport built from SQS/SNS clients
+    /// alone (see [`with_object_store`](Self::with_object_store)).
+    s3: Option<S3ObjectStore>,
 }
 
 impl std::fmt::Debug for AwsTransport {
@@ -274,7 +288,19 @@ impl AwsTransport {
                 mode,
                 i.urls.read().clone(),
             )),
+            s3: self.s3.clone(),
         }
+    }
+
+    /// With this object store for large payloads ([`crate::claim_check`]).
+    pub fn with_object_store(mut self, store: S3ObjectStore) -> Self {
+        self.s3 = Some(store);
+        self
+    }
+
+    /// The S3 object store, for tools and tests.
+    pub fn s3(&self) -> Option<&S3ObjectStore> {
+        self.s3.as_ref()
     }
 
     /// A transport from an SDK configuration.
@@ -284,10 +310,11 @@ impl AwsTransport {
             aws_sdk_sns::Client::new(cfg),
             aws_sdk_sts::Client::new(cfg),
         )
+        .with_object_store(S3ObjectStore::from_sdk_config(cfg))
     }
 
-    /// Like [`from_sdk_config`](Self::from_sdk_config), counting every HTTP request the SQS
-    /// and SNS clients make (retries included) in `counter`.
+    /// Like [`from_sdk_config`](Self::from_sdk_config), counting every HTTP request the SQS,
+    /// SNS and S3 clients make (retries included) in `counter`.
     pub fn from_sdk_config_counted(cfg: &aws_config::SdkConfig, counter: &RequestCounter) -> Self {
         let sqs = aws_sdk_sqs::config::Builder::from(cfg)
             .interceptor(counter.clone())
@@ -300,6 +327,7 @@ impl AwsTransport {
             aws_sdk_sns::Client::from_conf(sns),
             aws_sdk_sts::Client::new(cfg),
         )
+        .with_object_store(S3ObjectStore::new(s3::client(cfg, Some(counter))))
     }
 
     /// A transport from clients configured by the caller (their own interceptors, retry
@@ -323,6 +351,7 @@ impl AwsTransport {
                 ProvisionMode::Create,
                 HashMap::new(),
             )),
+            s3: None,
         }
     }
 
@@ -526,6 +555,12 @@ impl Transport for AwsTransport {
 
     async fn provision(&self, topology: &Topology) -> Result<()> {
         self.provision_now(topology).await
+    }
+
+    fn object_store(&self) -> Option<Arc<dyn crate::claim_check::ObjectStore>> {
+        self.s3
+            .clone()
+            .map(|s| Arc::new(s) as Arc<dyn crate::claim_check::ObjectStore>)
     }
 
     /// 50 ms: each receive is a billed request, and under load a pause this short lets one

@@ -12,6 +12,7 @@
 //! Subscriptions of the service's queues to topics it no longer handles are reported by
 //! `inspect` and removed by `prune`, never at startup.
 
+mod bucket;
 mod queues;
 mod subscriptions;
 
@@ -98,6 +99,9 @@ impl AwsTransport {
         for s in &topology.subscriptions {
             self.ensure_subscription(s, &id).await?;
         }
+        if let Some(bucket) = &topology.bucket {
+            self.ensure_bucket(bucket).await?;
+        }
         Ok(())
     }
 
@@ -119,6 +123,9 @@ impl AwsTransport {
             findings.extend(self.inspect_subscription(s, &id).await?);
         }
         findings.extend(self.stale_subscriptions(topology, &id).await?);
+        if let Some(bucket) = &topology.bucket {
+            findings.extend(self.inspect_bucket(bucket).await?);
+        }
         Ok(findings)
     }
 

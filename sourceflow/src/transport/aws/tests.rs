@@ -250,19 +250,22 @@ async fn publishes_are_split_at_256_kib() {
 fn the_request_counter_reads_the_operation_of_sqs_and_sns_requests() {
     use super::operation_of;
     assert_eq!(
-        operation_of(Some("AmazonSQS.ReceiveMessage"), Some(b"{}")),
+        operation_of(Some("AmazonSQS.ReceiveMessage"), Some(b"{}"), "POST"),
         "ReceiveMessage"
     );
     assert_eq!(
         operation_of(
             None,
-            Some(b"Action=PublishBatch&Version=2010-03-31&TopicArn=x")
+            Some(b"Action=PublishBatch&Version=2010-03-31&TopicArn=x"),
+            "POST"
         ),
         "PublishBatch"
     );
     assert_eq!(
-        operation_of(None, Some(b"Version=2010-03-31&Action=Subscribe")),
+        operation_of(None, Some(b"Version=2010-03-31&Action=Subscribe"), "POST"),
         "Subscribe"
     );
-    assert_eq!(operation_of(None, None), "unknown");
+    assert_eq!(operation_of(None, None, "POST"), "unknown");
+    assert_eq!(operation_of(None, Some(b"Action=x"), "PUT"), "PutObject");
+    assert_eq!(operation_of(None, None, "GET"), "GetObject");
 }

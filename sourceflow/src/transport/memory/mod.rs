@@ -25,6 +25,7 @@
 //! Every message is the serialized envelope, exactly as on AWS. Every operation judges by
 //! the clock (tokio's, so paused-time tests work), never by which calls happened before.
 
+mod objects;
 mod queue;
 mod topic;
 
@@ -47,6 +48,7 @@ use crate::error::{Error, Result};
 use crate::filter::FilterPolicy;
 use crate::topology::{Finding, Ownership};
 
+pub use self::objects::MemoryObjects;
 pub use super::QueueDepth;
 
 /// Longest an SQS receive waits for a first message (`WaitTimeSeconds` 20).
@@ -72,12 +74,26 @@ impl std::fmt::Debug for MemoryTransport {
 struct Broker {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// The claim check's objects (S3's part), shared by every service on this broker.
+    objects: RwLock<MemoryObjects>,
 }
 
 impl MemoryTransport {
     /// A new, empty broker.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The in-process object store large payloads go through ([`crate::claim_check`]).
+    pub fn objects(&self) -> MemoryObjects {
+        self.broker.objects.read().clone()
+    }
+
+    /// With stored payloads expiring after `expiry` (default 15 days), as a bucket's
+    /// lifecycle rule would expire them.
+    pub fn with_object_expiry(self, expiry: Duration) -> Self {
+        *self.broker.objects.write() = MemoryObjects::with_expiry(expiry);
+        self
     }
 
     /// Message counts of a queue by state; `None` if the queue does not exist.
@@ -428,6 +444,10 @@ impl Transport for MemoryTransport {
             }
         }
         Ok(findings)
+    }
+
+    fn object_store(&self) -> Option<Arc<dyn crate::claim_check::ObjectStore>> {
+        Some(Arc::new(self.objects()))
     }
 
     async fn unsubscribe(&self, topic: &str, queue: &str) -> Result<()> {
