@@ -58,6 +58,8 @@ use crate::telemetry::QueueAttributes;
 use crate::transport::{Transport, MAX_BATCH_ENTRIES};
 
 use heartbeat::Heartbeat;
+#[cfg(feature = "lambda")]
+pub(crate) use unit::{group_in_order, RecordOutcome};
 use ledger::Ledger;
 use poll::Units;
 

@@ -24,7 +24,8 @@ pub(crate) enum Apply {
 }
 
 impl Listener {
-    /// Settles one message.
+    /// Settles one message. False only when a dead-letter move failed (the message stays
+    /// on its queue, to be received again).
     pub(crate) async fn settle(
         &self,
         msg: &ReceivedMessage,
@@ -32,7 +33,7 @@ impl Listener {
         track: &Track,
         elapsed: Duration,
         apply: Apply,
-    ) {
+    ) -> bool {
         self.release_claim(d, track).await;
         let moved = match (d, apply) {
             (Disposition::Retry(_), Apply::InPlace) => false,
@@ -52,6 +53,7 @@ impl Listener {
             }
         };
         self.record(msg, d, track, elapsed, moved);
+        moved || !matches!(d, Disposition::DeadLetter(_))
     }
 
     /// Hands messages back untouched, visible at once, in one call (their order kept).

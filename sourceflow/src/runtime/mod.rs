@@ -10,6 +10,8 @@ mod plan;
 use std::time::Duration;
 
 pub use builder::{builder, run, Builder};
+#[cfg(feature = "lambda")]
+pub(crate) use builder::Assembled;
 pub use handle::{Handle, SendOptions};
 pub use plan::{ListenerSummary, ServicePlan};
 

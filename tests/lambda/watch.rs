@@ -1,0 +1,1 @@
+//! The orders example's function under `cargo lambda watch` (added below).
