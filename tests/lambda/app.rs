@@ -32,7 +32,10 @@ static ORDER: Mutex<Vec<String>> = Mutex::new(Vec::new());
 /// Counts a run of `id`; returns this run's number.
 fn run(id: &str) -> u32 {
     let mut runs = RUNS.lock().expect("runs");
-    let n = runs.get_or_insert_with(HashMap::new).entry(id.to_string()).or_default();
+    let n = runs
+        .get_or_insert_with(HashMap::new)
+        .entry(id.to_string())
+        .or_default();
     *n += 1;
     *n
 }
@@ -79,7 +82,9 @@ pub async fn handle_step(step: Step) -> sourceflow::Result<()> {
     let n = run(&name);
     ORDER.lock().expect("order").push(name.clone());
     if step.fail && n == 1 {
-        return Err(sourceflow::Error::Other(format!("step {name} failed once").into()));
+        return Err(sourceflow::Error::Other(
+            format!("step {name} failed once").into(),
+        ));
     }
     Ok(())
 }

@@ -30,18 +30,24 @@ async fn a_mixed_batch_reports_exactly_the_records_that_must_come_back() {
     let sqs = Sqs::new().await;
     let queue = format!("{p}-lambda-items");
     let id = |s: &str| format!("{p}-{s}");
-    app.send_with(item(&id("ok-1"), 0, false), SendOptions::new().message_id(id("m-ok-1")))
-        .await
-        .expect("send");
+    app.send_with(
+        item(&id("ok-1"), 0, false),
+        SendOptions::new().message_id(id("m-ok-1")),
+    )
+    .await
+    .expect("send");
     app.send(item(&id("ok-2"), 0, false)).await.expect("send");
     app.send(item(&id("fail"), 9, false)).await.expect("send");
     app.send(item(&id("reject"), 0, true)).await.expect("send");
     sqs.send_raw(&queue, &format!("poison {p}-poison"), &Default::default())
         .await;
     // The same message again (same id and payload), as a producer's retry would send it.
-    app.send_with(item(&id("ok-1"), 0, false), SendOptions::new().message_id(id("m-ok-1")))
-        .await
-        .expect("send");
+    app.send_with(
+        item(&id("ok-1"), 0, false),
+        SendOptions::new().message_id(id("m-ok-1")),
+    )
+    .await
+    .expect("send");
 
     let event = sqs.event(&queue, 6, Duration::from_secs(10)).await;
     assert_eq!(event.records.len(), 6, "the whole batch was received");
@@ -63,7 +69,10 @@ async fn a_mixed_batch_reports_exactly_the_records_that_must_come_back() {
     // 30-second visibility timeout): the successes were deleted, the others moved.
     let again = sqs.event(&queue, 2, Duration::from_secs(6)).await;
     assert_eq!(again.records.len(), 1, "only the failure came back");
-    assert_eq!(again.records[0].message_id.as_deref(), Some(failed.as_str()));
+    assert_eq!(
+        again.records[0].message_id.as_deref(),
+        Some(failed.as_str())
+    );
     assert_eq!(
         again.records[0]
             .attributes
@@ -77,7 +86,9 @@ async fn a_mixed_batch_reports_exactly_the_records_that_must_come_back() {
     assert_eq!(app::runs(&id("fail")), 2);
     let reasons = sqs.reasons(&format!("{queue}-dlq"), 3).await;
     assert!(
-        reasons.iter().any(|r| r.contains("item failed on attempt 2")),
+        reasons
+            .iter()
+            .any(|r| r.contains("item failed on attempt 2")),
         "{reasons:?}"
     );
 }
@@ -119,11 +130,19 @@ async fn a_fifo_failure_fails_the_rest_of_its_group_and_only_its_group() {
     let response = f.handle(invocation(event)).await.expect("handled");
 
     assert_eq!(failures(&response), vec![a2.clone(), a3.clone()]);
-    assert_eq!(app::order(&a), vec![format!("{a}1"), format!("{a}2")], "a3 did not run");
+    assert_eq!(
+        app::order(&a),
+        vec![format!("{a}1"), format!("{a}2")],
+        "a3 did not run"
+    );
     assert_eq!(app::order(&b), vec![format!("{b}1"), format!("{b}2")]);
 
     let again = sqs.event(&queue, 2, Duration::from_secs(8)).await;
-    let ids: Vec<_> = again.records.iter().filter_map(|r| r.message_id.clone()).collect();
+    let ids: Vec<_> = again
+        .records
+        .iter()
+        .filter_map(|r| r.message_id.clone())
+        .collect();
     assert_eq!(ids, vec![a2, a3], "the group comes back in order");
     let response = f.handle(invocation(again)).await.expect("handled");
     assert_eq!(failures(&response), Vec::<String>::new());
@@ -154,8 +173,12 @@ async fn a_batch_delivered_again_is_acknowledged_without_running_again() {
         let response = f.handle(invocation(first.clone())).await.expect("handled");
         assert_eq!(failures(&response), Vec::<String>::new());
         for r in &first.records {
-            sqs.send_raw(&queue, r.body.as_deref().unwrap_or_default(), &r.message_attributes)
-                .await;
+            sqs.send_raw(
+                &queue,
+                r.body.as_deref().unwrap_or_default(),
+                &r.message_attributes,
+            )
+            .await;
         }
         let second = sqs.event(&queue, 3, Duration::from_secs(10)).await;
         assert_eq!(second.records.len(), 3, "the copies were received");
@@ -166,4 +189,29 @@ async fn a_batch_delivered_again_is_acknowledged_without_running_again() {
             assert_eq!(app::runs(i), want, "idempotency {idempotent}: runs of {i}");
         }
     }
+}
+
+/// A dead letter the broker does not take (its dead-letter queue is gone) is reported
+/// failed: reported done, the event source mapping would delete it unmoved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_dead_letter_move_fails_comes_back() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let f = function(&p, false).await;
+    let sqs = Sqs::new().await;
+    let queue = format!("{p}-lambda-items");
+    let dlq = sqs.url(&format!("{queue}-dlq")).await;
+    sqs.sqs
+        .delete_queue()
+        .queue_url(dlq)
+        .send()
+        .await
+        .expect("delete the dead-letter queue");
+    sqs.send_raw(&queue, "poison", &Default::default()).await;
+    let event = sqs.event(&queue, 1, Duration::from_secs(10)).await;
+    let poison = id_of(&event, "poison");
+    let response = f.handle(invocation(event)).await.expect("handled");
+    assert_eq!(failures(&response), vec![poison]);
 }

@@ -10,6 +10,9 @@
 
 mod app;
 mod batches;
+#[path = "../../examples/orders.rs"]
+#[allow(dead_code)]
+mod orders;
 mod watch;
 
 use std::collections::HashMap;

@@ -33,7 +33,10 @@ pub(super) async fn handle(
             failed.push(msg.broker_id);
             continue;
         };
-        match by_listener.iter_mut().find(|(l, _)| Arc::ptr_eq(l, listener)) {
+        match by_listener
+            .iter_mut()
+            .find(|(l, _)| Arc::ptr_eq(l, listener))
+        {
             Some((_, msgs)) => msgs.push(msg),
             None => by_listener.push((listener.clone(), vec![msg])),
         }
@@ -67,8 +70,11 @@ async fn run_unit(
 ) -> Vec<String> {
     let hold = listener.hold(&unit);
     for (i, msg) in unit.iter().enumerate() {
-        if deadline.is_some_and(|d| SystemTime::now() + margin >= d) {
-            tracing::warn!(queue = %listener.queue(), records = unit.len() - i, "the invocation's deadline is near; handing back the records not started");
+        if let Some(left) = deadline
+            .map(|d| d.duration_since(SystemTime::now()).unwrap_or_default())
+            .filter(|left| *left <= margin)
+        {
+            tracing::warn!(queue = %listener.queue(), records = unit.len() - i, left_ms = left.as_millis() as u64, "the invocation's deadline is near; handing back the records not started");
             return hand_back(&listener, &unit[i..], Duration::ZERO).await;
         }
         if let RecordOutcome::Failed { after } = listener.process_record(msg, &hold).await {

@@ -62,6 +62,11 @@ pub enum Error {
     Runtime(lambda_runtime::Error),
 }
 
+/// A `Lambda-Runtime-Deadline-Ms` below this (September 2001) is not a time: a context
+/// built by hand has 0, and `cargo lambda watch` 1.9 sends the timeout (600000) instead of
+/// the deadline. Such an invocation has no known deadline.
+const EPOCH_MS_2001: u64 = 1_000_000_000_000;
+
 /// How long before the invocation's deadline no record is started (default).
 pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 
@@ -145,17 +150,15 @@ impl Function {
     }
 
     /// Handles one invocation: every record through the stages, the response listing
-    /// those that must come back. An error (the whole batch comes back) only when a record
+    /// those that must come back (a context whose deadline is not a time, see
+    /// [`deadline_margin`](Self::deadline_margin), has none). An error (the whole batch comes back) only when a record
     /// lacks its `messageId` or receipt handle, which an SQS event source mapping always
     /// sets.
     pub async fn handle(
         &self,
         event: LambdaEvent<SqsEvent>,
     ) -> Result<SqsBatchResponse, RecordError> {
-        let deadline = match event.context.deadline {
-            0 => None,
-            _ => Some(event.context.deadline()),
-        };
+        let deadline = (event.context.deadline >= EPOCH_MS_2001).then(|| event.context.deadline());
         batch::handle(&self.inner, event.payload, deadline).await
     }
 

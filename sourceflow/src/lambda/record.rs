@@ -89,10 +89,13 @@ mod tests {
         r.message_id = Some("m-1".into());
         r.receipt_handle = Some("rh".into());
         r.body = Some("{}".into());
-        r.attributes.insert("ApproximateReceiveCount".into(), "3".into());
+        r.attributes
+            .insert("ApproximateReceiveCount".into(), "3".into());
         r.attributes.insert("MessageGroupId".into(), "g".into());
-        r.message_attributes.insert("z".into(), attribute("String", "s"));
-        r.message_attributes.insert("a".into(), attribute("Number", "4"));
+        r.message_attributes
+            .insert("z".into(), attribute("String", "s"));
+        r.message_attributes
+            .insert("a".into(), attribute("Number", "4"));
         let mut bin = SqsMessageAttribute::default();
         bin.data_type = Some("Binary".into());
         r.message_attributes.insert("b".into(), bin);
@@ -121,6 +124,9 @@ mod tests {
 
     #[test]
     fn the_queue_is_the_arns_last_part() {
-        assert_eq!(queue_of("arn:aws:sqs:eu-west-1:000000000000:dev-orders.fifo"), "dev-orders.fifo");
+        assert_eq!(
+            queue_of("arn:aws:sqs:eu-west-1:000000000000:dev-orders.fifo"),
+            "dev-orders.fifo"
+        );
     }
 }

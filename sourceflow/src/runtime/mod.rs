@@ -9,9 +9,9 @@ mod plan;
 
 use std::time::Duration;
 
-pub use builder::{builder, run, Builder};
 #[cfg(feature = "lambda")]
 pub(crate) use builder::Assembled;
+pub use builder::{builder, run, Builder};
 pub use handle::{Handle, SendOptions};
 pub use plan::{ListenerSummary, ServicePlan};
 
