@@ -28,6 +28,29 @@ fn cargo_lambda() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// `--no-default-features --features …` as this test binary was built: the example is
+/// then built with the library this test already compiled, not a second time.
+fn features() -> Vec<String> {
+    let on = [
+        ("aws", cfg!(feature = "aws")),
+        ("cli", cfg!(feature = "cli")),
+        ("health-http", cfg!(feature = "health-http")),
+        ("sqlite", cfg!(feature = "sqlite")),
+        ("postgres", cfg!(feature = "postgres")),
+        ("dynamodb", cfg!(feature = "dynamodb")),
+        ("failpoints", cfg!(feature = "failpoints")),
+        ("testing", cfg!(feature = "testing")),
+        ("test-fixtures", cfg!(feature = "test-fixtures")),
+        ("lambda", cfg!(feature = "lambda")),
+    ];
+    let list: Vec<&str> = on.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
+    vec![
+        "--no-default-features".into(),
+        "--features".into(),
+        list.join(","),
+    ]
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     l.local_addr().expect("addr").port()
@@ -103,14 +126,8 @@ async fn the_example_function_under_cargo_lambda_watch_reports_its_failures() {
     let port = free_port().to_string();
     let mut watch = tokio::process::Command::new(&bin);
     watch
-        .args([
-            "lambda",
-            "watch",
-            "-p",
-            "sourceflow",
-            "--features",
-            "lambda",
-        ])
+        .args(["lambda", "watch", "-p", "sourceflow"])
+        .args(features())
         .args(["--example", "orders_lambda", "--ignore-changes", "-q"])
         .args(["-A", "127.0.0.1", "-P", &port])
         .current_dir(repo())
@@ -201,7 +218,8 @@ async fn wait_for_port(port: &str) {
 /// The example binary, built like `cargo lambda watch` builds it.
 fn example() -> PathBuf {
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "sourceflow", "--features", "lambda"])
+        .args(["build", "-q", "-p", "sourceflow"])
+        .args(features())
         .args(["--example", "orders_lambda"])
         .current_dir(repo())
         .status()

@@ -604,4 +604,57 @@ mod tests {
         let text = t["Resources"]["ServicePolicy"].to_string();
         assert!(text.contains("sqs:CreateQueue"));
     }
+
+    fn consuming(fifo: bool, visibility: u64) -> ServicePlan {
+        let mut p = plan();
+        p.listeners = vec![crate::runtime::ListenerSummary {
+            queue: "dev-ledger.fifo".into(),
+            fifo,
+            handlers: Vec::new(),
+            visibility_timeout: Duration::from_secs(visibility),
+            max_attempts: 5,
+        }];
+        p
+    }
+
+    #[test]
+    fn a_lambda_mapping_is_held_to_the_limits_aws_sets() {
+        let ok = LambdaMapping::new("fn", Duration::from_secs(20));
+        assert!(ok.check(&consuming(true, 30)).is_ok());
+        let slow = LambdaMapping::new("fn", Duration::from_secs(30));
+        let e = slow.check(&consuming(true, 30)).unwrap_err().to_string();
+        assert!(e.contains("timeout (30 s) is not below the visibility timeout of queue `dev-ledger.fifo` (30 s)"), "{e}");
+        let mut big = ok.clone();
+        big.batch_size = 11;
+        let e = big.check(&consuming(true, 30)).unwrap_err().to_string();
+        assert!(
+            e.contains("outside the 1 to 10 AWS allows for queue `dev-ledger.fifo`"),
+            "{e}"
+        );
+        assert!(
+            big.check(&consuming(false, 30)).is_err(),
+            "11 needs a batching window"
+        );
+        big.batching_window = Duration::from_secs(1);
+        assert!(big.check(&consuming(false, 30)).is_ok());
+        let mut crowd = ok.clone();
+        crowd.maximum_concurrency = Some(1);
+        assert!(crowd.check(&consuming(false, 30)).is_err());
+        let t = cloudformation(
+            &consuming(true, 30),
+            &CloudFormationOptions {
+                lambda: Some(big),
+                ..CloudFormationOptions::default()
+            },
+        );
+        let m = &t["Resources"]["EventSourceMappingDevLedgerFifo"]["Properties"];
+        assert_eq!(
+            m["FunctionResponseTypes"],
+            json!(["ReportBatchItemFailures"])
+        );
+        assert!(
+            m.get("MaximumBatchingWindowInSeconds").is_none(),
+            "not on FIFO"
+        );
+    }
 }
