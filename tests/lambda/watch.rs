@@ -98,7 +98,7 @@ async fn the_example_function_under_cargo_lambda_watch_reports_its_failures() {
         .expect("provisioned");
     let app = sender(&p).await;
     let sqs = Sqs::new().await;
-    for (id, cents) in [(1, 1_500), (2, 2_000_000_00), (3, 2_500), (4, 3_500)] {
+    for (id, cents) in [(1, 1_500), (2, 2_000_000), (3, 2_500), (4, 3_500)] {
         app.send(payment(id + 1000 * fastrand::u64(1..1000), cents))
             .await
             .expect("send");
