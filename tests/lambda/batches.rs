@@ -215,3 +215,40 @@ async fn a_record_whose_dead_letter_move_fails_comes_back() {
     let response = f.handle(invocation(event)).await.expect("handled");
     assert_eq!(failures(&response), vec![poison]);
 }
+
+/// Records that would start within the deadline margin (2 s) of the invocation's deadline
+/// are handed back unrun, visible at once, and reported failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_near_the_deadline_are_handed_back_unrun() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let f = function(&p, false).await;
+    let app = sender(&p).await;
+    let sqs = Sqs::new().await;
+    let queue = format!("{p}-lambda-items");
+    let ids: Vec<String> = (0..2).map(|i| format!("{p}-late-{i}")).collect();
+    for i in &ids {
+        app.send(item(i, 0, false)).await.expect("send");
+    }
+    let event = sqs.event(&queue, 2, Duration::from_secs(10)).await;
+    let all: Vec<String> = event
+        .records
+        .iter()
+        .filter_map(|r| r.message_id.clone())
+        .collect();
+    assert_eq!(all.len(), 2);
+    let mut late = invocation(event);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    late.context.deadline = (now + Duration::from_secs(1)).as_millis() as u64;
+    let response = f.handle(late).await.expect("handled");
+    assert_eq!(failures(&response), all);
+    for i in &ids {
+        assert_eq!(app::runs(i), 0, "{i} did not run");
+    }
+    let again = sqs.event(&queue, 2, Duration::from_secs(4)).await;
+    assert_eq!(again.records.len(), 2, "handed back at once");
+}
