@@ -44,8 +44,9 @@ if [ "${SKIP_AWS:-0}" != "1" ]; then
     export SOURCEFLOW_TEST_REQUIRE_DYNAMODB=1
 fi
 
-echo "== installing cfn-lint and @asyncapi/parser under .cache/ (first use only)"
+echo "== installing cfn-lint, @asyncapi/parser and cargo-lambda under .cache/ (first use only)"
 tests/support/cfn-lint.sh --install >/dev/null
+tests/support/cargo-lambda.sh --install >/dev/null
 tests/support/asyncapi.sh --install
 
 # tests/cli runs cfn-lint on the exported template and the AsyncAPI parser on the
@@ -78,7 +79,7 @@ fi
 
 echo "== building the emulator suites' test binaries"
 cargo test -p sourceflow --all-features --no-run \
-    --test behaviour --test transport --test aws --test faults
+    --test behaviour --test transport --test aws --test lambda --test faults
 
 echo "== starting the AWS API emulator on 127.0.0.1"
 emulator_env=$(tests/support/emulator.sh start)
@@ -109,7 +110,7 @@ faults_pid=$!
 echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
 aws_status=0
 SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1 \
-    cargo test -p sourceflow --all-features --test behaviour --test transport --test aws ||
+    cargo test -p sourceflow --all-features --test behaviour --test transport --test aws --test lambda ||
     aws_status=$?
 
 faults_status=0

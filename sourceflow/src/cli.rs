@@ -35,7 +35,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::envelope::attr;
 use crate::iam::{IamScope, Provisioning};
@@ -95,6 +95,10 @@ pub enum Command {
         /// The provisioning mode the service runs with (default: SOURCEFLOW_PROVISION, else create).
         #[arg(long, value_enum)]
         provisioning: Option<Mode>,
+        /// It runs on AWS Lambda behind SQS event source mappings (sourceflow::lambda):
+        /// also name what the mappings call with the function's role.
+        #[arg(long)]
+        lambda: bool,
     },
     /// Export a description of the service for other tools. Contacts nothing.
     Export {
@@ -120,6 +124,50 @@ pub enum Command {
     },
 }
 
+/// The event source mappings of `export cloudformation` (sourceflow::lambda).
+#[derive(Debug, Clone, Args)]
+pub struct LambdaArgs {
+    /// The Lambda function (name or ARN) that runs the handlers: one event source mapping
+    /// per consumed queue, reporting batch item failures.
+    #[arg(long, value_name = "NAME_OR_ARN", requires = "lambda_timeout")]
+    pub lambda_function: Option<String>,
+    /// The function's timeout in seconds: must be below each consumed queue's visibility
+    /// timeout (checked; the export fails otherwise).
+    #[arg(long, value_name = "SECS", requires = "lambda_function")]
+    pub lambda_timeout: Option<u64>,
+    /// Records per invocation (BatchSize).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        requires = "lambda_function"
+    )]
+    pub lambda_batch_size: u32,
+    /// MaximumBatchingWindowInSeconds (standard queues).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 0,
+        requires = "lambda_function"
+    )]
+    pub lambda_batching_window: u64,
+    /// ScalingConfig.MaximumConcurrency: concurrent invocations per queue (2 to 1000).
+    #[arg(long, value_name = "N", requires = "lambda_function")]
+    pub lambda_max_concurrency: Option<u32>,
+}
+
+impl LambdaArgs {
+    fn mapping(&self) -> Option<crate::export::LambdaMapping> {
+        let function = self.lambda_function.clone()?;
+        let timeout = Duration::from_secs(self.lambda_timeout.unwrap_or_default());
+        let mut m = crate::export::LambdaMapping::new(function, timeout);
+        m.batch_size = self.lambda_batch_size;
+        m.batching_window = Duration::from_secs(self.lambda_batching_window);
+        m.maximum_concurrency = self.lambda_max_concurrency;
+        Some(m)
+    }
+}
+
 /// What `export` writes.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ExportFormat {
@@ -133,6 +181,9 @@ pub enum ExportFormat {
         /// The provisioning mode the managed policy is for (default: validate).
         #[arg(long, value_enum)]
         provisioning: Option<Mode>,
+        /// The event source mappings of a Lambda function, if it runs there.
+        #[command(flatten)]
+        lambda: LambdaArgs,
     },
     /// An AsyncAPI 3.0.0 document (JSON): channels (queues and topics), messages with
     /// their payload schemas, and the operations of each route.
@@ -278,9 +329,13 @@ async fn run_command(command: Command, builder: Builder) -> Result<(), CliError>
             let plan = builder.plan().await?;
             print(&topology_tables(&plan), None)
         }
-        Command::IamPolicy { provisioning } => {
+        Command::IamPolicy {
+            provisioning,
+            lambda,
+        } => {
             let plan = builder.plan().await?;
             let mut scope = IamScope::from_env();
+            scope.lambda = lambda;
             if let Some(m) = provisioning {
                 scope.provisioning = m.into();
             }
@@ -291,10 +346,18 @@ async fn run_command(command: Command, builder: Builder) -> Result<(), CliError>
         Command::Export { format } => {
             let plan = builder.plan().await?;
             match format {
-                ExportFormat::Cloudformation { out, provisioning } => {
+                ExportFormat::Cloudformation {
+                    out,
+                    provisioning,
+                    lambda,
+                } => {
                     let mut options = crate::export::CloudFormationOptions::from_env();
                     if let Some(m) = provisioning {
                         options.provisioning = m.into();
+                    }
+                    options.lambda = lambda.mapping();
+                    if let Some(m) = &options.lambda {
+                        m.check(&plan)?;
                     }
                     print_json(&crate::export::cloudformation(&plan, &options), out)
                 }

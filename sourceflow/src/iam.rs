@@ -24,7 +24,7 @@
 //!   send to (`GenerateDataKey`, `Decrypt`) and receive from (`Decrypt`) them; a key given
 //!   by alias is matched with the `kms:ResourceAliases` condition, as AWS recommends;
 //! * `Idempotency` (the DynamoDB store): item reads and conditional writes on its table,
-//!   plus creating it and enabling its TTL in `create` mode.
+//!   plus creating it and enabling its TTL in `create` mode;
 //! * `ClaimCheckObjects` (the claim check's bucket, [`crate::claim_check`]):
 //!   `s3:PutObject` and `s3:GetObject` on exactly `arn:aws:s3:::{bucket}/{prefix}/*`;
 //!   `ClaimCheckBucket`: `s3:ListBucket` on the bucket, without which S3 answers a read of
@@ -32,7 +32,9 @@
 //!   retried instead of dead-lettered), plus in `create` mode `s3:CreateBucket` and
 //!   `s3:GetLifecycleConfiguration`/`s3:PutLifecycleConfiguration`, in `validate` mode
 //!   `s3:GetLifecycleConfiguration`. No `s3:DeleteObject`: nothing deletes payloads but the
-//!   lifecycle rule.
+//!   lifecycle rule;
+//! * `LambdaEventSource` (on AWS Lambda, [`IamScope::lambda`]): what the SQS event source
+//!   mappings call with the function's role on the consumed queues.
 //!
 //! `sts:GetCallerIdentity` needs no permission. `prune` and the dead-letter commands of the
 //! operator command line are an operator's actions, not the service's: their permissions
@@ -70,6 +72,9 @@ pub struct IamScope {
     pub provisioning: Provisioning,
     /// The DynamoDB table of the idempotency store, if it is one.
     pub idempotency_table: Option<String>,
+    /// The service runs on AWS Lambda behind SQS event source mappings
+    /// (`sourceflow::lambda`): the role also names what a mapping calls with it.
+    pub lambda: bool,
 }
 
 impl IamScope {
@@ -82,6 +87,7 @@ impl IamScope {
             kms_key: None,
             provisioning: Provisioning::Create,
             idempotency_table: None,
+            lambda: false,
         }
     }
 
@@ -191,6 +197,20 @@ pub fn policy(topology: &Topology, scope: &IamScope) -> Value {
         ],
         sqs(&r.consumed),
     );
+    if scope.lambda {
+        // What an SQS event source mapping calls with the function's execution role (the
+        // actions AWS documents for it), named on their own: ConsumeQueues covers them
+        // today, and a mapping must not break if that statement changes.
+        add(
+            "LambdaEventSource",
+            &[
+                "sqs:ReceiveMessage",
+                "sqs:DeleteMessage",
+                "sqs:GetQueueAttributes",
+            ],
+            sqs(&r.consumed),
+        );
+    }
     add(
         "DeadLetter",
         &[

@@ -72,6 +72,8 @@ pub mod headers;
 pub mod health;
 pub mod iam;
 pub mod idempotency;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 mod listener;
 mod message;
 pub mod middleware;

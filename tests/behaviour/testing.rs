@@ -295,6 +295,47 @@ mod long_delay {
     }
 }
 
+mod large {
+    use super::*;
+    use sourceflow::{command, handler, State};
+
+    #[command(queue = "testing-large", name = "testing.Large")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Large {
+        pub data: String,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Sizes(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    #[handler]
+    async fn large(cmd: Large, State(s): State<Sizes>) {
+        s.0.lock().expect("sizes").push(cmd.data.len());
+    }
+
+    /// The harness runs a service with the claim check on its embedded broker's object
+    /// store, and records a stored message with its whole payload.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_through_the_claim_check_is_recorded_whole() {
+        let h = Harness::new().await;
+        let sizes = Sizes::default();
+        let builder = h
+            .service("testing-large", module_path!())
+            .state(sizes.clone())
+            .claim_check(sourceflow::ClaimCheck::bucket("testing-claims"))
+            .without_idempotency();
+        let app = TestApp::start(builder).await.expect("start");
+        let two_mib = 2 * 1024 * 1024;
+        app.send(Large {
+            data: "z".repeat(two_mib),
+        })
+        .await
+        .expect("settles");
+        assert_eq!(*sizes.0.lock().expect("sizes"), vec![two_mib]);
+        assert_eq!(app.sent::<Large>().assert_one().data.len(), two_mib);
+    }
+}
+
 mod order {
     use super::*;
     use sourceflow::{command, handler, Context};

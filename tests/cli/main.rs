@@ -418,6 +418,90 @@ fn cfn_lint_reports_no_error_on_the_template() {
     );
 }
 
+/// `export cloudformation --lambda-function …`: one event source mapping per consumed
+/// queue, reporting batch item failures, with the batch size and maximum concurrency
+/// asked for; a function timeout not below a queue's visibility timeout is refused (exit
+/// 1, one line); the role gets the mappings' statement; cfn-lint accepts the template.
+#[test]
+fn the_template_maps_a_lambda_function_to_each_consumed_queue() {
+    let endpoint = Endpoint::new();
+    let arn = "arn:aws:lambda:eu-west-1:123456789012:function:clitest";
+    let lambda = |timeout: &str| {
+        let mut c = fixture(&endpoint.url());
+        c.args(["export", "cloudformation", "--lambda-function", arn])
+            .args(["--lambda-timeout", timeout, "--lambda-batch-size", "5"])
+            .args(["--lambda-max-concurrency", "4"]);
+        c
+    };
+    let file = tmp("lambda.json");
+    let out = run(lambda("20").arg("--out").arg(&file));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let t: Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
+    let resources = t["Resources"].as_object().expect("resources");
+    let mut mapped: Vec<String> = resources
+        .values()
+        .filter(|r| r["Type"] == "AWS::Lambda::EventSourceMapping")
+        .map(|r| {
+            let p = &r["Properties"];
+            assert_eq!(p["FunctionName"], arn);
+            assert_eq!(
+                p["FunctionResponseTypes"],
+                serde_json::json!(["ReportBatchItemFailures"])
+            );
+            assert_eq!(p["BatchSize"], 5);
+            assert_eq!(p["ScalingConfig"]["MaximumConcurrency"], 4);
+            let queue = p["EventSourceArn"]["Fn::GetAtt"][0]
+                .as_str()
+                .expect("a queue");
+            resources[queue]["Properties"]["QueueName"]
+                .as_str()
+                .expect("name")
+                .to_string()
+        })
+        .collect();
+    mapped.sort();
+    let topology = text(&run(fixture(&endpoint.url()).arg("topology")).stdout);
+    let mut consumed: Vec<String> = topology
+        .lines()
+        .filter(|l| l.contains(" consumed"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|q| !q.contains("-dlq"))
+        .collect();
+    consumed.sort();
+    assert!(!mapped.is_empty());
+    assert_eq!(mapped, consumed, "one mapping per consumed queue");
+    let statements = t["Resources"]["ServicePolicy"]["Properties"]["PolicyDocument"]["Statement"]
+        .as_array()
+        .expect("statements");
+    assert!(statements.iter().any(|s| s["Sid"] == "LambdaEventSource"));
+
+    // 45 s is the subscriber queue's visibility timeout: not below it.
+    let out = run(&mut lambda("45"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("timeout (45 s) is not below the visibility timeout of queue `clitest-sourceflow-cli-fixture-cli-order-events` (45 s)"),
+        "{err}"
+    );
+    assert_eq!(endpoint.connections(), 0);
+
+    let out = run(fixture(&endpoint.url()).args(["iam-policy", "--lambda"]));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("\"LambdaEventSource\""));
+
+    if tools() {
+        let out = check("cfn-lint.sh", &file);
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code >= 0 && code & 2 == 0 && code & 1 == 0,
+            "cfn-lint exit {code}:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn the_asyncapi_parser_validates_the_document() {
     if !tools() {

@@ -26,6 +26,9 @@ pub struct CloudFormationOptions {
     /// as the store's `create` mode would (string key `id`, on-demand, TTL on
     /// `expiration`; retained when the stack goes) and the policy names it.
     pub idempotency_table: Option<String>,
+    /// The Lambda function that consumes the service's queues (`sourceflow::lambda`), if
+    /// it runs there: the template gets one event source mapping per consumed queue.
+    pub lambda: Option<LambdaMapping>,
 }
 
 impl Default for CloudFormationOptions {
@@ -34,7 +37,101 @@ impl Default for CloudFormationOptions {
             provisioning: Provisioning::Validate,
             kms_key: None,
             idempotency_table: None,
+            lambda: None,
         }
+    }
+}
+
+/// The event source mappings of a function that runs the service's handlers
+/// (`sourceflow::lambda`): one `AWS::Lambda::EventSourceMapping` per consumed queue, with
+/// `FunctionResponseTypes: [ReportBatchItemFailures]` (the function reports failed records
+/// only; without it a single failure would bring the whole batch back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LambdaMapping {
+    /// The function's name or ARN (`FunctionName` of each mapping).
+    pub function: String,
+    /// The function's timeout: it must be below the visibility timeout of every queue it
+    /// consumes, or a record still being handled becomes visible and is handled twice.
+    pub timeout: std::time::Duration,
+    /// Records per invocation (`BatchSize`): 1 to 10 on a FIFO queue, 1 to 10,000
+    /// otherwise (above 10 with a batching window).
+    pub batch_size: u32,
+    /// `MaximumBatchingWindowInSeconds` (0 to 300): how long the mapping gathers records.
+    pub batching_window: std::time::Duration,
+    /// `ScalingConfig.MaximumConcurrency` (2 to 1,000): concurrent invocations per queue.
+    pub maximum_concurrency: Option<u32>,
+}
+
+impl LambdaMapping {
+    /// Mappings to `function` (name or ARN) whose timeout is `timeout`: batches of 10, no
+    /// batching window, no concurrency limit.
+    pub fn new(function: impl Into<String>, timeout: std::time::Duration) -> Self {
+        LambdaMapping {
+            function: function.into(),
+            timeout,
+            batch_size: 10,
+            batching_window: std::time::Duration::ZERO,
+            maximum_concurrency: None,
+        }
+    }
+
+    /// Checks the mapping against the queues `plan`'s service consumes: the function's
+    /// timeout below each visibility timeout, and the limits AWS sets on each setting.
+    pub fn check(&self, plan: &ServicePlan) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::Config(m));
+        let window = self.batching_window.as_secs();
+        if window > 300 {
+            return bad(format!(
+                "a Lambda batching window of {window} s is over the 300 s AWS allows"
+            ));
+        }
+        if let Some(c) = self.maximum_concurrency.filter(|c| !(2..=1000).contains(c)) {
+            return bad(format!(
+                "a Lambda maximum concurrency of {c} is outside the 2 to 1000 AWS allows"
+            ));
+        }
+        for l in &plan.listeners {
+            let most = match (l.fifo, window) {
+                (true, _) => 10,
+                (false, 0) => 10,
+                (false, _) => 10_000,
+            };
+            if !(1..=most).contains(&self.batch_size) {
+                return bad(format!(
+                    "a Lambda batch size of {} is outside the 1 to {most} AWS allows for queue `{}`{}",
+                    self.batch_size,
+                    l.queue,
+                    if l.fifo || window > 0 { "" } else { " without a batching window" }
+                ));
+            }
+            if self.timeout >= l.visibility_timeout {
+                return bad(format!(
+                    "the Lambda function's timeout ({} s) is not below the visibility timeout of queue `{}` ({} s): a record still being handled would be delivered again; raise the queue's visibility_timeout or lower the function's timeout",
+                    self.timeout.as_secs_f64(),
+                    l.queue,
+                    l.visibility_timeout.as_secs_f64()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The mapping of one queue.
+    fn resource(&self, queue_id: &str, fifo: bool) -> Value {
+        let mut p = json!({
+            "EventSourceArn": {"Fn::GetAtt": [queue_id, "Arn"]},
+            "FunctionName": self.function,
+            "BatchSize": self.batch_size,
+            "FunctionResponseTypes": ["ReportBatchItemFailures"],
+            "Enabled": true,
+        });
+        if !fifo && !self.batching_window.is_zero() {
+            p["MaximumBatchingWindowInSeconds"] = json!(self.batching_window.as_secs());
+        }
+        if let Some(c) = self.maximum_concurrency {
+            p["ScalingConfig"] = json!({"MaximumConcurrency": c});
+        }
+        json!({"Type": "AWS::Lambda::EventSourceMapping", "Properties": p})
     }
 }
 
@@ -52,6 +149,7 @@ impl CloudFormationOptions {
             kms_key: get("SOURCEFLOW_KMS_KEY_ID"),
             idempotency_table: get("SOURCEFLOW_IDEMPOTENCY")
                 .and_then(|v| v.strip_prefix("dynamodb://").map(str::to_string)),
+            lambda: None,
         }
     }
 }
@@ -76,6 +174,9 @@ impl CloudFormationOptions {
 ///   lifecycle rule `create` mode sets (expire the service's prefix after its days;
 ///   retained when the stack goes). A bucket shared by several services belongs in one
 ///   stack: take it out of the others.
+/// * `AWS::Lambda::EventSourceMapping` for every consumed queue, when `options` names the
+///   function that runs the handlers ([`LambdaMapping`]; check it with
+///   [`LambdaMapping::check`] first, as `export cloudformation` does).
 ///
 /// Outputs: each queue's URL, each topic's ARN and the managed policy's ARN. Region,
 /// account and partition are the stack's (`${AWS::Region}`, …).
@@ -182,7 +283,15 @@ pub fn cloudformation(plan: &ServicePlan, options: &CloudFormationOptions) -> Va
             json!({"Description": "The claim check's bucket (large payloads)", "Value": {"Ref": "ClaimCheckBucket"}}),
         );
     }
+    if let Some(lambda) = &options.lambda {
+        for l in &plan.listeners {
+            let queue_id = ids.get("Queue", &l.queue);
+            let id = ids.get("EventSourceMapping", &l.queue);
+            resources.insert(id, lambda.resource(&queue_id, l.fifo));
+        }
+    }
     let mut scope = IamScope::new("${AWS::Region}", "${AWS::AccountId}");
+    scope.lambda = options.lambda.is_some();
     scope.partition = "${AWS::Partition}".into();
     scope.provisioning = options.provisioning;
     scope.kms_key = options.kms_key.clone();
@@ -558,5 +667,58 @@ mod tests {
         let t = cloudformation(&plan(), &options);
         let text = t["Resources"]["ServicePolicy"].to_string();
         assert!(text.contains("sqs:CreateQueue"));
+    }
+
+    fn consuming(fifo: bool, visibility: u64) -> ServicePlan {
+        let mut p = plan();
+        p.listeners = vec![crate::runtime::ListenerSummary {
+            queue: "dev-ledger.fifo".into(),
+            fifo,
+            handlers: Vec::new(),
+            visibility_timeout: Duration::from_secs(visibility),
+            max_attempts: 5,
+        }];
+        p
+    }
+
+    #[test]
+    fn a_lambda_mapping_is_held_to_the_limits_aws_sets() {
+        let ok = LambdaMapping::new("fn", Duration::from_secs(20));
+        assert!(ok.check(&consuming(true, 30)).is_ok());
+        let slow = LambdaMapping::new("fn", Duration::from_secs(30));
+        let e = slow.check(&consuming(true, 30)).unwrap_err().to_string();
+        assert!(e.contains("timeout (30 s) is not below the visibility timeout of queue `dev-ledger.fifo` (30 s)"), "{e}");
+        let mut big = ok.clone();
+        big.batch_size = 11;
+        let e = big.check(&consuming(true, 30)).unwrap_err().to_string();
+        assert!(
+            e.contains("outside the 1 to 10 AWS allows for queue `dev-ledger.fifo`"),
+            "{e}"
+        );
+        assert!(
+            big.check(&consuming(false, 30)).is_err(),
+            "11 needs a batching window"
+        );
+        big.batching_window = Duration::from_secs(1);
+        assert!(big.check(&consuming(false, 30)).is_ok());
+        let mut crowd = ok.clone();
+        crowd.maximum_concurrency = Some(1);
+        assert!(crowd.check(&consuming(false, 30)).is_err());
+        let t = cloudformation(
+            &consuming(true, 30),
+            &CloudFormationOptions {
+                lambda: Some(big),
+                ..CloudFormationOptions::default()
+            },
+        );
+        let m = &t["Resources"]["EventSourceMappingDevLedgerFifo"]["Properties"];
+        assert_eq!(
+            m["FunctionResponseTypes"],
+            json!(["ReportBatchItemFailures"])
+        );
+        assert!(
+            m.get("MaximumBatchingWindowInSeconds").is_none(),
+            "not on FIFO"
+        );
     }
 }

@@ -31,7 +31,7 @@ mod asyncapi;
 mod cloudformation;
 
 pub use self::asyncapi::asyncapi;
-pub use self::cloudformation::{cloudformation, CloudFormationOptions};
+pub use self::cloudformation::{cloudformation, CloudFormationOptions, LambdaMapping};
 
 use std::collections::{BTreeMap, BTreeSet};
 

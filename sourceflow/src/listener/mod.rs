@@ -60,6 +60,8 @@ use crate::transport::{Transport, MAX_BATCH_ENTRIES};
 use heartbeat::Heartbeat;
 use ledger::Ledger;
 use poll::Units;
+#[cfg(feature = "lambda")]
+pub(crate) use unit::{group_in_order, RecordOutcome};
 
 /// What a listener did while shutting down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

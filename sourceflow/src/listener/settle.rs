@@ -24,7 +24,8 @@ pub(crate) enum Apply {
 }
 
 impl Listener {
-    /// Settles one message.
+    /// Settles one message. False only when a dead-letter move, or the re-send of a message
+    /// not due yet, failed (the message stays on its queue, to be received again).
     pub(crate) async fn settle(
         &self,
         msg: &ReceivedMessage,
@@ -32,7 +33,7 @@ impl Listener {
         track: &Track,
         elapsed: Duration,
         apply: Apply,
-    ) {
+    ) -> bool {
         self.release_claim(d, track).await;
         let moved = match (d, apply) {
             (Disposition::Retry(_), Apply::InPlace) => false,
@@ -50,12 +51,13 @@ impl Listener {
                 self.give_back(std::slice::from_ref(msg)).await;
                 false
             }
-            (Disposition::Redelay(r), _) => {
-                self.redelay(msg, r).await;
-                false
-            }
+            (Disposition::Redelay(r), _) => self.redelay(msg, r).await,
         };
         self.record(msg, d, track, elapsed, moved);
+        match d {
+            Disposition::DeadLetter(_) | Disposition::Redelay(_) => moved,
+            _ => true,
+        }
     }
 
     /// Hands messages back untouched, visible at once, in one call (their order kept).
@@ -135,8 +137,8 @@ impl Listener {
     /// Sends a message that is not due yet to its queue again, delayed by what is left (at
     /// most the broker's limit), then deletes this copy: send first, so that a crash in
     /// between leaves two copies of one message id (idempotency settles them), never none.
-    /// A send that fails leaves it to come back after the infrastructure backoff.
-    async fn redelay(&self, msg: &ReceivedMessage, r: &Redelay) {
+    /// A send that fails leaves it to come back after the infrastructure backoff (false).
+    async fn redelay(&self, msg: &ReceivedMessage, r: &Redelay) -> bool {
         let copy = crate::schedule::redelayed(
             msg.body.clone(),
             msg.attributes.clone(),
@@ -146,7 +148,10 @@ impl Listener {
             self.dispatcher.delay_cap(),
         );
         match self.transport().send(&self.queue, vec![copy]).await {
-            Ok(()) => self.delete(msg).await,
+            Ok(()) => {
+                self.delete(msg).await;
+                true
+            }
             Err(e) => {
                 tracing::warn!(queue = %self.queue, broker_id = %msg.broker_id, error = %e, "could not hold back a message that is not due yet; it comes back after the infrastructure backoff");
                 let retry = Retry {
@@ -155,6 +160,7 @@ impl Listener {
                     reason: e.to_string(),
                 };
                 self.come_back(msg, &retry).await;
+                false
             }
         }
     }

@@ -3,6 +3,8 @@
 //! [settled](super::settle).
 
 use std::sync::Arc;
+#[cfg(feature = "lambda")]
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -30,7 +32,7 @@ impl Listener {
             }
             let msg = &unit[i];
             let later_in_hand = self.fifo && i + 1 < unit.len();
-            let d = self.process(msg, &hold, in_place, later_in_hand).await;
+            let (d, _) = self.process(msg, &hold, in_place, later_in_hand).await;
             if let (Disposition::Retry(r), true) = (&d, later_in_hand) {
                 // The messages behind it in its group are in hand: it was retried here, so
                 // they can neither overtake it nor be delivered around it.
@@ -53,7 +55,8 @@ impl Listener {
 
     /// Runs the stages of one message and settles it, all inside one `sourceflow.process`
     /// span that continues the sender's trace (its settling is logged in it too); a retry
-    /// with `later_in_hand` is settled in place. Returns the disposition.
+    /// with `later_in_hand` is settled in place. Returns the disposition, and false when
+    /// it was a dead letter the broker did not take (see [`settle`](Self::settle)).
     ///
     /// The envelope is decoded before the span is created, so that the span is born with
     /// every field (no `record` calls on a started span, which cost a lookup and a lock
@@ -65,7 +68,7 @@ impl Listener {
         hold: &Hold,
         in_place: u32,
         later_in_hand: bool,
-    ) -> Disposition {
+    ) -> (Disposition, bool) {
         let started = std::time::Instant::now();
         let decoded = super::stages::decode(msg);
         let env = decoded.as_ref().ok();
@@ -102,11 +105,84 @@ impl Listener {
                 (Disposition::Retry(_), true) => Apply::InPlace,
                 _ => Apply::Broker,
             };
-            self.settle(msg, &d, &track, elapsed, apply).await;
-            d
+            let settled = self.settle(msg, &d, &track, elapsed, apply).await;
+            (d, settled)
         }
         .instrument(span)
         .await
+    }
+}
+
+/// How one record of a Lambda batch ended (see [`Listener::process_record`]).
+#[cfg(feature = "lambda")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordOutcome {
+    /// Acknowledged (deleted) or moved to the dead-letter queue: not in
+    /// `batchItemFailures`.
+    Done,
+    /// Retried (its visibility set to the backoff, `after`) or handed back (`after` zero):
+    /// reported failed, so that the event source mapping leaves it on the queue.
+    Failed {
+        /// When it becomes visible again.
+        after: Duration,
+    },
+}
+
+#[cfg(feature = "lambda")]
+impl Listener {
+    /// Whether this listener's queue is FIFO.
+    pub(crate) fn is_fifo(&self) -> bool {
+        self.fifo
+    }
+
+    /// Registers the records of one unit (a record, or a FIFO group's records in order)
+    /// with the heartbeat's bookkeeping — its claims are released through it — although
+    /// no heartbeat task runs on Lambda.
+    pub(crate) fn hold(&self, records: &[ReceivedMessage]) -> Hold {
+        self.heartbeat.hold(records)
+    }
+
+    /// Runs one Lambda record through the stages and settles it through the broker (its
+    /// receipt is the event source mapping's): the same path as a received message, with
+    /// no retry in place.
+    pub(crate) async fn process_record(&self, msg: &ReceivedMessage, hold: &Hold) -> RecordOutcome {
+        let (d, settled) = self.process(msg, hold, 0, false).await;
+        hold.settled(&msg.receipt);
+        let now = Duration::ZERO;
+        match d {
+            // A dead letter the broker did not take stays on the queue: reported done, the
+            // event source mapping would delete it.
+            Disposition::DeadLetter(_) if !settled => RecordOutcome::Failed { after: now },
+            // Not due yet: sent again with the time left, this record deleted. A re-send
+            // that failed left the record on the queue (reported failed, or the event
+            // source mapping would delete it).
+            Disposition::Redelay(_) if !settled => RecordOutcome::Failed { after: now },
+            Disposition::Ack(_) | Disposition::DeadLetter(_) | Disposition::Redelay(_) => {
+                RecordOutcome::Done
+            }
+            Disposition::Retry(r) => RecordOutcome::Failed { after: r.after },
+            Disposition::Return => RecordOutcome::Failed { after: now },
+        }
+    }
+
+    /// Hands records back untouched, visible again after `after`: the rest of a FIFO
+    /// group behind a failed record, made visible with it (SQS would hold them back behind
+    /// it anyway; an emulator that does not must not hand them out first).
+    pub(crate) async fn give_back_after(&self, msgs: &[ReceivedMessage], after: Duration) {
+        if after.is_zero() || msgs.is_empty() {
+            return self.give_back(msgs).await;
+        }
+        let receipts = msgs.iter().map(|m| m.receipt.clone()).collect();
+        if let Err(e) = self
+            .transport()
+            .change_visibility(&self.queue, receipts, after)
+            .await
+        {
+            tracing::warn!(queue = %self.queue, error = %e, "could not hand messages back; they reappear after their visibility timeout");
+        }
+        for m in msgs {
+            self.ledger.returned(m);
+        }
     }
 }
 

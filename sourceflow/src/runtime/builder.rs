@@ -85,6 +85,25 @@ pub struct Builder {
     pub(super) compression: Option<crate::claim_check::Compression>,
 }
 
+/// A service's parts, built and not started (see [`Builder::assemble`]).
+pub(crate) struct Assembled {
+    pub(super) r: super::config::Resolved,
+    pub(crate) topology: crate::topology::Topology,
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    /// One per consumed queue.
+    pub(crate) listeners: Vec<Arc<Listener>>,
+    /// Stops the listeners (and what waits inside their stages).
+    pub(crate) stop: CancellationToken,
+}
+
+impl Assembled {
+    /// Handler runs in flight per listener.
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
+    pub(crate) fn concurrency(&self) -> usize {
+        self.r.concurrency
+    }
+}
+
 pub(super) enum IdempotencyChoice {
     Off,
     Store(Arc<dyn IdempotencyStore>),
@@ -520,79 +539,17 @@ impl Builder {
 
     /// Checks the routes, provisions the topology and starts the listeners. Returns once
     /// everything listens.
-    pub async fn start(mut self) -> Result<Handle> {
-        let middleware = std::mem::take(&mut self.middleware).build();
-        let headers = std::mem::take(&mut self.headers);
-        let delay_cap = self.native_delay_cap.unwrap_or(crate::transport::MAX_DELAY);
-        let r = self.resolve().await?;
-        let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
-        let plan = plan(&r, &messages)?;
-        let claim_settings = r.claim_settings()?;
-        #[cfg(any(feature = "postgres", feature = "sqlite"))]
-        let tx_pool = transaction_pool(&r)?;
-        r.transport.provision(&plan.topology).await?;
-        tracing::info!(
-            service = %r.service,
-            transport = r.transport.name(),
-            queues = plan.topology.queues.len(),
-            topics = plan.topology.topics.len(),
-            subscriptions = plan.topology.subscriptions.len(),
-            handlers = r.handlers.len(),
-            "sourceflow provisioned"
-        );
-        let dispatcher = Dispatcher::new(
-            r.transport.clone(),
-            r.service.clone(),
-            r.naming.clone(),
-            plan.destinations,
-            r.states,
-            r.metrics.clone(),
-            r.encryption.clone(),
-        );
-        let dispatcher = Arc::new(
-            dispatcher
-                .with_queries(plan.queries)
-                .with_headers(headers)
-                .with_delay_cap(delay_cap)
-                .with_claim_check(claim_settings),
-        );
-        let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
-        let encrypted: Arc<HashSet<&'static str>> = Arc::new(
-            messages
-                .iter()
-                .filter(|m| m.encrypt)
-                .map(|m| m.name)
-                .collect(),
-        );
-        let stop = CancellationToken::new();
+    pub async fn start(self) -> Result<Handle> {
+        let Assembled {
+            r,
+            topology,
+            dispatcher,
+            listeners: built,
+            stop,
+        } = self.assemble().await?;
         let mut tasks = Vec::new();
         let mut listeners = Vec::new();
-        for lp in plan.listeners {
-            let names: Vec<_> = lp.handlers.values().flatten().map(|h| h.name).collect();
-            tracing::info!(service = %r.service, queue = %lp.queue, fifo = lp.fifo, handlers = ?names, "listening");
-            let listener = Listener::new(ListenerConfig {
-                dispatcher: dispatcher.clone(),
-                dead_letter_queue: Arc::from(Naming::dead_letter(&lp.queue).as_str()),
-                queue: lp.queue,
-                fifo: lp.fifo,
-                handlers: lp.handlers,
-                known: known.clone(),
-                encrypted: encrypted.clone(),
-                concurrency: r.concurrency,
-                retry: r.retry,
-                infrastructure_retry: r.infrastructure_retry,
-                max_attempts: lp.max_attempts,
-                visibility_timeout: lp.visibility_timeout,
-                receive_wait: r.receive_wait,
-                receive_linger: r.receive_linger,
-                shutdown_timeout: r.shutdown_timeout,
-                idempotency: r.idempotency.clone(),
-                permanent: r.permanent.clone(),
-                middleware: middleware.clone(),
-                stop: stop.clone(),
-                #[cfg(any(feature = "postgres", feature = "sqlite"))]
-                tx_pool: tx_pool.clone(),
-            });
+        for listener in built {
             listeners.push(ListenerInfo {
                 queue: listener.queue().to_string(),
                 dead_letter_queue: listener.dead_letter_queue().to_string(),
@@ -626,7 +583,7 @@ impl Builder {
             inner: Arc::new(HandleInner {
                 relay: Mutex::new(relay),
                 dispatcher,
-                topology: plan.topology,
+                topology,
                 naming: r.naming,
                 stop,
                 listeners: Mutex::new(tasks),
@@ -645,6 +602,99 @@ impl Builder {
                 ),
                 idempotency: r.idempotency,
             }),
+        })
+    }
+
+    /// Whether a transport was given (else it comes from the environment).
+    #[cfg(feature = "lambda")]
+    pub(crate) fn has_transport(&self) -> bool {
+        self.transport.is_some()
+    }
+
+    /// Checks the routes, provisions the topology (as the transport's mode says) and
+    /// builds the listeners, one per consumed queue, without starting them: what
+    /// [`start`](Self::start) runs, and what `sourceflow::lambda` feeds with the records of
+    /// each invocation.
+    pub(crate) async fn assemble(mut self) -> Result<Assembled> {
+        let middleware = std::mem::take(&mut self.middleware).build();
+        let headers = std::mem::take(&mut self.headers);
+        let delay_cap = self.native_delay_cap.unwrap_or(crate::transport::MAX_DELAY);
+        let mut r = self.resolve().await?;
+        let messages: Vec<&'static MessageRoute> = registry::message_routes().collect();
+        let plan = plan(&r, &messages)?;
+        let claim_settings = r.claim_settings()?;
+        #[cfg(any(feature = "postgres", feature = "sqlite"))]
+        let tx_pool = transaction_pool(&r)?;
+        r.transport.provision(&plan.topology).await?;
+        tracing::info!(
+            service = %r.service,
+            transport = r.transport.name(),
+            queues = plan.topology.queues.len(),
+            topics = plan.topology.topics.len(),
+            subscriptions = plan.topology.subscriptions.len(),
+            handlers = r.handlers.len(),
+            "sourceflow provisioned"
+        );
+        let dispatcher = Dispatcher::new(
+            r.transport.clone(),
+            r.service.clone(),
+            r.naming.clone(),
+            plan.destinations,
+            std::mem::take(&mut r.states),
+            r.metrics.clone(),
+            r.encryption.clone(),
+        );
+        let dispatcher = Arc::new(
+            dispatcher
+                .with_queries(plan.queries)
+                .with_headers(headers)
+                .with_delay_cap(delay_cap)
+                .with_claim_check(claim_settings),
+        );
+        let known: Arc<HashSet<&'static str>> = Arc::new(messages.iter().map(|m| m.name).collect());
+        let encrypted: Arc<HashSet<&'static str>> = Arc::new(
+            messages
+                .iter()
+                .filter(|m| m.encrypt)
+                .map(|m| m.name)
+                .collect(),
+        );
+        let stop = CancellationToken::new();
+        let mut listeners = Vec::new();
+        for lp in plan.listeners {
+            let names: Vec<_> = lp.handlers.values().flatten().map(|h| h.name).collect();
+            tracing::info!(service = %r.service, queue = %lp.queue, fifo = lp.fifo, handlers = ?names, "listening");
+            let listener = Listener::new(ListenerConfig {
+                dispatcher: dispatcher.clone(),
+                dead_letter_queue: Arc::from(Naming::dead_letter(&lp.queue).as_str()),
+                queue: lp.queue,
+                fifo: lp.fifo,
+                handlers: lp.handlers,
+                known: known.clone(),
+                encrypted: encrypted.clone(),
+                concurrency: r.concurrency,
+                retry: r.retry,
+                infrastructure_retry: r.infrastructure_retry,
+                max_attempts: lp.max_attempts,
+                visibility_timeout: lp.visibility_timeout,
+                receive_wait: r.receive_wait,
+                receive_linger: r.receive_linger,
+                shutdown_timeout: r.shutdown_timeout,
+                idempotency: r.idempotency.clone(),
+                permanent: r.permanent.clone(),
+                middleware: middleware.clone(),
+                stop: stop.clone(),
+                #[cfg(any(feature = "postgres", feature = "sqlite"))]
+                tx_pool: tx_pool.clone(),
+            });
+            listeners.push(listener);
+        }
+        Ok(Assembled {
+            r,
+            topology: plan.topology,
+            dispatcher,
+            listeners,
+            stop,
         })
     }
 

@@ -9,6 +9,8 @@ mod plan;
 
 use std::time::Duration;
 
+#[cfg(feature = "lambda")]
+pub(crate) use builder::Assembled;
 pub use builder::{builder, run, Builder};
 pub use handle::{Handle, SendOptions};
 pub use plan::{ListenerSummary, ServicePlan};

@@ -260,7 +260,12 @@ impl Recorder {
         body: &str,
         attributes: &[(String, AttributeValue)],
     ) -> std::result::Result<String, String> {
-        let env = envelope::decode(body, attributes).map_err(|e| e.to_string())?;
+        let mut env = envelope::decode(body, attributes).map_err(|e| e.to_string())?;
+        // A payload the claim check stored, or compressed: read back as a receiver would.
+        let store = self.inner.object_store();
+        crate::claim_check::restore(store.as_deref(), &mut env)
+            .await
+            .map_err(|e| e.to_string())?;
         if envelope::attribute(attributes, crate::encryption::ATTRIBUTE).is_none() {
             return Ok(env.payload.get().to_string());
         }
@@ -448,6 +453,10 @@ impl Transport for Recorder {
 
     async fn queue_depth(&self, queue: &str) -> Result<Option<QueueDepth>> {
         self.inner.queue_depth(queue).await
+    }
+
+    fn object_store(&self) -> Option<Arc<dyn crate::claim_check::ObjectStore>> {
+        self.inner.object_store()
     }
 
     async fn missing(&self, topology: &Topology) -> Result<Vec<String>> {
