@@ -270,7 +270,8 @@ fn check_loopback() {
 /// A transport around another with switches, standing in for a broker that is away
 /// (`down`: every call fails), a loop that is stuck (`hang_receive`: receives never
 /// return), a publish that fails (`fail_publishes`: the next N publishes fail on the
-/// broker's side) or that the broker refuses (`refuse_publishes`: the next N).
+/// broker's side) or that the broker refuses (`refuse_publishes`: the next N); it counts
+/// the `send` calls it passes on (`sends`, `sent_entries`).
 #[derive(Clone)]
 pub struct Faulty {
     pub inner: Arc<dyn Transport>,
@@ -280,6 +281,9 @@ pub struct Faulty {
     pub refuse_publishes: Arc<AtomicU32>,
     /// The object store (claim check) cannot be reached while set.
     pub objects_down: Arc<std::sync::atomic::AtomicBool>,
+    /// `send` calls made, and the entries they carried.
+    pub sends: Arc<AtomicU32>,
+    pub sent_entries: Arc<AtomicU32>,
 }
 
 /// The inner transport's object store, unreachable while `down` is set.
@@ -334,6 +338,8 @@ impl Faulty {
             fail_publishes: Arc::default(),
             refuse_publishes: Arc::default(),
             objects_down: Arc::default(),
+            sends: Arc::default(),
+            sent_entries: Arc::default(),
         }
     }
 
@@ -371,6 +377,9 @@ impl Transport for Faulty {
         self.inner.provision(topology).await
     }
     async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
+        self.sends.fetch_add(1, Ordering::SeqCst);
+        self.sent_entries
+            .fetch_add(messages.len() as u32, Ordering::SeqCst);
         self.check_batch("SendMessageBatch", queue, messages.len())?;
         self.inner.send(queue, messages).await
     }

@@ -3,15 +3,12 @@
 //! the broker did not take is named by index; what cannot be sent sends nothing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sourceflow::envelope::OutgoingMessage;
-use sourceflow::transport::{
-    BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport,
-};
+use sourceflow::transport::EntryError;
 use sourceflow::{command, event, Error};
 
 use crate::harness::{eventually, Faulty, Harness};
@@ -56,59 +53,6 @@ mod handlers {
     }
 }
 
-/// Counts the transport's `send` calls and their entries.
-struct Counting {
-    inner: Arc<dyn Transport>,
-    sends: AtomicUsize,
-    entries: AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl Transport for Counting {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn provision(&self, topology: &Topology) -> sourceflow::Result<()> {
-        self.inner.provision(topology).await
-    }
-    async fn send(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
-        self.sends.fetch_add(1, Ordering::SeqCst);
-        self.entries.fetch_add(messages.len(), Ordering::SeqCst);
-        self.inner.send(queue, messages).await
-    }
-    async fn publish(&self, topic: &str, messages: Vec<OutgoingMessage>) -> Result<(), BatchError> {
-        self.inner.publish(topic, messages).await
-    }
-    async fn receive(&self, queue: &str, r: Receive) -> sourceflow::Result<Vec<ReceivedMessage>> {
-        self.inner.receive(queue, r).await
-    }
-    async fn end_receives(&self, queue: &str) {
-        self.inner.end_receives(queue).await
-    }
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<(), BatchError> {
-        self.inner.delete(queue, receipts).await
-    }
-    async fn change_visibility(
-        &self,
-        queue: &str,
-        receipts: Vec<String>,
-        timeout: Duration,
-    ) -> Result<(), BatchError> {
-        self.inner.change_visibility(queue, receipts, timeout).await
-    }
-    async fn dead_letter(
-        &self,
-        queue: &str,
-        dead_letter_queue: &str,
-        message: &ReceivedMessage,
-        reason: &str,
-    ) -> sourceflow::Result<()> {
-        self.inner
-            .dead_letter(queue, dead_letter_queue, message, reason)
-            .await
-    }
-}
-
 fn job(n: u32) -> Job {
     Job {
         n,
@@ -120,14 +64,10 @@ fn job(n: u32) -> Job {
 async fn send_all_sends_in_one_call_and_each_arrives_once_with_its_id() {
     let h = Harness::new().await;
     let seen = Seen::default();
-    let counting = Arc::new(Counting {
-        inner: h.transport.clone(),
-        sends: AtomicUsize::new(0),
-        entries: AtomicUsize::new(0),
-    });
+    let counting = Faulty::new(h.transport.clone());
     let app = h
         .service("bulk", handlers::MODULE)
-        .transport_arc(counting.clone())
+        .transport(counting.clone())
         .state(seen.clone())
         .without_idempotency()
         .start()
@@ -136,7 +76,7 @@ async fn send_all_sends_in_one_call_and_each_arrives_once_with_its_id() {
     let ids = app.send_all((0..25).map(job)).await.expect("send_all");
     assert_eq!(ids.len(), 25);
     assert_eq!(counting.sends.load(Ordering::SeqCst), 1, "one call for 25");
-    assert_eq!(counting.entries.load(Ordering::SeqCst), 25);
+    assert_eq!(counting.sent_entries.load(Ordering::SeqCst), 25);
     eventually("all 25 handled", || async {
         seen.0.lock().expect("seen").len() == 25
     })
@@ -156,14 +96,10 @@ async fn send_all_sends_in_one_call_and_each_arrives_once_with_its_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_all_sends_nothing_when_one_cannot_be_sent() {
     let h = Harness::new().await;
-    let counting = Arc::new(Counting {
-        inner: h.transport.clone(),
-        sends: AtomicUsize::new(0),
-        entries: AtomicUsize::new(0),
-    });
+    let counting = Faulty::new(h.transport.clone());
     let app = h
         .service("bulk-bad", handlers::MODULE)
-        .transport_arc(counting.clone())
+        .transport(counting.clone())
         .state(Seen::default())
         .start()
         .await

@@ -26,23 +26,14 @@ use sourceflow::{command, event, handler, Context, SendOptions, State};
 /// How long any expectation may take.
 const PATIENCE: Duration = Duration::from_secs(180);
 
+#[path = "../common/emulator.rs"]
+mod emulator;
+
 fn enabled() -> bool {
-    if std::env::var("SOURCEFLOW_TEST_FAULTS").as_deref() != Ok("1") {
-        println!(
-            "skipped: set SOURCEFLOW_TEST_FAULTS=1 (tests/run.sh does, running this binary alone)"
-        );
-        return false;
-    }
-    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
-    assert!(
-        endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost"),
-        "AWS_ENDPOINT_URL={endpoint:?} is not loopback"
-    );
-    assert_eq!(
-        std::env::var("AWS_EC2_METADATA_DISABLED").as_deref(),
-        Ok("true")
-    );
-    true
+    emulator::enabled(
+        "SOURCEFLOW_TEST_FAULTS",
+        "tests/run.sh does, running this binary alone",
+    )
 }
 
 /// Log lines of this process (sourceflow at `warn` and up), to count what the faults did.

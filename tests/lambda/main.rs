@@ -25,21 +25,11 @@ use sourceflow::lambda::Function;
 use sourceflow::transport::aws::{AwsTransport, ProvisionMode};
 use sourceflow::RetryPolicy;
 
+#[path = "../common/emulator.rs"]
+mod emulator;
+
 pub(crate) fn enabled() -> bool {
-    if std::env::var("SOURCEFLOW_TEST_AWS").as_deref() != Ok("1") {
-        println!("skipped: set SOURCEFLOW_TEST_AWS=1 (tests/run.sh does)");
-        return false;
-    }
-    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
-    assert!(
-        endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost"),
-        "AWS_ENDPOINT_URL={endpoint:?} is not loopback"
-    );
-    assert_eq!(
-        std::env::var("AWS_EC2_METADATA_DISABLED").as_deref(),
-        Ok("true")
-    );
-    true
+    emulator::enabled("SOURCEFLOW_TEST_AWS", "tests/run.sh does")
 }
 
 /// A resource prefix of this test's own.
