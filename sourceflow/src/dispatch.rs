@@ -252,7 +252,7 @@ impl Dispatcher {
                 .map_err(Error::Unsupported)?;
         }
         let max = self.max_bytes(M::KIND);
-        pending_within(M::KIND, M::NAME, destination, message, max, self.delay_cap)
+        pending_within(M::KIND, destination, message, max, self.delay_cap)
     }
 
     /// The message with its payload compressed when compression is on and it is large
@@ -455,26 +455,23 @@ fn not_stored(
 #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) fn pending_to(
     kind: MessageKind,
-    wire_name: &str,
     destination: Arc<str>,
     message: OutgoingMessage,
     delay_cap: std::time::Duration,
 ) -> Result<Pending> {
     let max = broker_limit(kind);
-    pending_within(kind, wire_name, destination, message, max, delay_cap)
+    pending_within(kind, destination, message, max, delay_cap)
 }
 
 /// Like [`pending_to`], taking messages up to `max` bytes (the claim check stores what is
 /// over the broker's limit).
 fn pending_within(
     kind: MessageKind,
-    wire_name: &str,
     destination: Arc<str>,
     mut message: OutgoingMessage,
     max: usize,
     delay_cap: std::time::Duration,
 ) -> Result<Pending> {
-    let _ = wire_name;
     schedule::prepare(kind, &destination, &mut message, delay_cap)?;
     message.check_size(&destination, max)?;
     Ok(Pending {

@@ -62,13 +62,19 @@ impl Listener {
 
     /// Hands messages back untouched, visible at once, in one call (their order kept).
     pub(crate) async fn give_back(&self, msgs: &[ReceivedMessage]) {
+        self.give_back_after(msgs, Duration::ZERO).await
+    }
+
+    /// Hands messages back untouched, visible again after `after` (on Lambda, the rest of
+    /// a FIFO group behind a failed record, made visible with it), in one call.
+    pub(crate) async fn give_back_after(&self, msgs: &[ReceivedMessage], after: Duration) {
         if msgs.is_empty() {
             return;
         }
         let receipts = msgs.iter().map(|m| m.receipt.clone()).collect();
         if let Err(e) = self
             .transport()
-            .change_visibility(&self.queue, receipts, Duration::ZERO)
+            .change_visibility(&self.queue, receipts, after)
             .await
         {
             tracing::warn!(queue = %self.queue, error = %e, "could not hand messages back; they reappear after their visibility timeout");

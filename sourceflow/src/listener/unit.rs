@@ -164,26 +164,6 @@ impl Listener {
             Disposition::Return => RecordOutcome::Failed { after: now },
         }
     }
-
-    /// Hands records back untouched, visible again after `after`: the rest of a FIFO
-    /// group behind a failed record, made visible with it (SQS would hold them back behind
-    /// it anyway; an emulator that does not must not hand them out first).
-    pub(crate) async fn give_back_after(&self, msgs: &[ReceivedMessage], after: Duration) {
-        if after.is_zero() || msgs.is_empty() {
-            return self.give_back(msgs).await;
-        }
-        let receipts = msgs.iter().map(|m| m.receipt.clone()).collect();
-        if let Err(e) = self
-            .transport()
-            .change_visibility(&self.queue, receipts, after)
-            .await
-        {
-            tracing::warn!(queue = %self.queue, error = %e, "could not hand messages back; they reappear after their visibility timeout");
-        }
-        for m in msgs {
-            self.ledger.returned(m);
-        }
-    }
 }
 
 /// Splits a FIFO batch into per-group runs, keeping the order within each group.

@@ -185,7 +185,6 @@ impl Relay {
         };
         crate::dispatch::pending_to(
             row.kind,
-            &row.wire_name,
             Arc::from(row.destination),
             message,
             crate::transport::MAX_DELAY,
