@@ -9,18 +9,6 @@
 # binary itself (no Zig is needed for `watch` and `invoke`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-version=1.9.2
-venv=$PWD/.cache/cargo-lambda-$version
-say() { echo "cargo-lambda.sh: $*" >&2; }
-if ! [ -x "$venv/bin/cargo-lambda" ]; then
-    say "installing cargo-lambda $version into $venv (first use only)"
-    py=$(command -v python3.11 || command -v python3)
-    rm -rf "$venv"
-    "$py" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "cargo-lambda==$version" >&2
-fi
-if [ "${1:-}" = "--install" ]; then
-    echo "$venv/bin/cargo-lambda"
-    exit 0
-fi
-exec "$venv/bin/cargo-lambda" lambda "$@"
+. tests/support/pip-tool.sh
+pip_tool cargo-lambda 1.9.2 "${1:-}"
+exec "$tool" lambda "$@"

@@ -8,18 +8,6 @@
 # Only PyPI is contacted, and only on the first use.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-version=1.51.0
-venv=$PWD/.cache/cfn-lint-$version
-say() { echo "cfn-lint.sh: $*" >&2; }
-if ! [ -x "$venv/bin/cfn-lint" ]; then
-    say "installing cfn-lint $version into $venv (first use only)"
-    py=$(command -v python3.11 || command -v python3)
-    rm -rf "$venv"
-    "$py" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "cfn-lint==$version" >&2
-fi
-if [ "${1:-}" = "--install" ]; then
-    echo "$venv/bin/cfn-lint"
-    exit 0
-fi
-exec "$venv/bin/cfn-lint" "$@"
+. tests/support/pip-tool.sh
+pip_tool cfn-lint 1.51.0 "${1:-}"
+exec "$tool" "$@"
