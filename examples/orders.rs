@@ -436,8 +436,7 @@ mod telemetry {
                     .unwrap_or_else(|_| "sourceflow=info".into()),
             );
         let otel = on.then(|| {
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer.tracer("orders-example"))
+            sourceflow::telemetry::layer(tracer.tracer("orders-example"))
                 .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
         });
         tracing_subscriber::registry().with(fmt).with(otel).init();

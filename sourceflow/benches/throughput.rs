@@ -441,12 +441,16 @@ pub fn main() {
     let tracer = SdkTracerProvider::builder()
         .with_batch_exporter(DropExporter)
         .build();
+    // Two layers into the same tracer, each behind its own switch: the one the README
+    // recommends (`sourceflow::telemetry::layer`) and `tracing-opentelemetry`'s defaults.
     let (filter, switch) = reload::Layer::new(LevelFilter::OFF);
+    let (filter_defaults, switch_defaults) = reload::Layer::new(LevelFilter::OFF);
     tracing_subscriber::registry()
+        .with(sourceflow::telemetry::layer(tracer.tracer("bench")).with_filter(filter))
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer.tracer("bench"))
-                .with_filter(filter),
+                .with_filter(filter_defaults),
         )
         .init();
     let meters = SdkMeterProvider::builder()
@@ -458,20 +462,23 @@ pub fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let set_telemetry = |on: bool| {
-        let level = if on {
+    let level = |on: bool| {
+        if on {
             LevelFilter::INFO
         } else {
             LevelFilter::OFF
-        };
-        switch.modify(|f| *f = level).expect("reload");
+        }
     };
+    let set_telemetry = |on: bool| switch.modify(|f| *f = level(on)).expect("reload");
+    let set_telemetry_defaults =
+        |on: bool| switch_defaults.modify(|f| *f = level(on)).expect("reload");
 
     let mut rows: Vec<(&str, Vec<Measured>)> = vec![
         ("baseline: JSON over tokio mpsc", Vec::new()),
         ("sourceflow (defaults)", Vec::new()),
         ("sourceflow, no idempotency", Vec::new()),
         ("sourceflow, telemetry on", Vec::new()),
+        ("sourceflow, telemetry on, layer defaults", Vec::new()),
     ];
     // Words on the command line (cargo passes `--bench`, skipped) pick the rows to run, e.g.
     // `telemetry` to profile that row alone; none runs them all.
@@ -504,6 +511,11 @@ pub fn main() {
                 rows[3].1.push(framework(Mode::Telemetry, &meters).await);
                 set_telemetry(false);
             }
+            if run[4] {
+                set_telemetry_defaults(true);
+                rows[4].1.push(framework(Mode::Telemetry, &meters).await);
+                set_telemetry_defaults(false);
+            }
         }
     });
     let results: Vec<(&str, Option<Measured>)> = rows
@@ -516,19 +528,25 @@ pub fn main() {
          concurrency {CONCURRENCY}, 2 worker threads, median of {ROUNDS} rounds"
     );
     println!(
-        "{:<34} {:>14} {:>10} {:>10} {:>10}",
+        "{:<42} {:>14} {:>10} {:>10} {:>10}",
         "", "handled msg/s", "vs base", "p50", "p99"
     );
     for (name, m) in &results {
         let Some(m) = m else { continue };
         let vs_base = rate(0).map_or(f64::NAN, |base| m.handled_per_sec() / base);
         println!(
-            "{:<34} {:>14.0} {:>10.2} {:>8.2}ms {:>8.2}ms",
+            "{:<42} {:>14.0} {:>10.2} {:>8.2}ms {:>8.2}ms",
             name,
             m.handled_per_sec(),
             vs_base,
             m.p50.as_secs_f64() * 1e3,
             m.p99.as_secs_f64() * 1e3
+        );
+    }
+    if let (Some(defaults), Some(on)) = (rate(1), rate(4)) {
+        println!(
+            "telemetry overhead, tracing-opentelemetry's defaults: {:.1}% (vs sourceflow defaults)",
+            (1.0 - on / defaults) * 100.0
         );
     }
     if let (Some(defaults), Some(on)) = (rate(1), rate(3)) {
@@ -548,7 +566,7 @@ pub fn main() {
         let per_command = 2.0 / defaults;
         let added = floor.as_secs_f64() / 2.0;
         println!(
-            "telemetry floor: {:.2} µs of CPU per command (6 spans, 14 instrument calls) through tracing-opentelemetry and the SDKs alone = at least {:.1}% overhead on the defaults' {:.2} µs per command, spread over both workers",
+            "telemetry floor: {:.2} µs of CPU per command (6 spans, 14 instrument calls) through sourceflow::telemetry::layer and the SDKs alone = at least {:.1}% overhead on the defaults' {:.2} µs per command, spread over both workers",
             floor.as_secs_f64() * 1e6,
             added / (per_command + added) * 100.0,
             per_command * 1e6

@@ -44,6 +44,14 @@
 //!
 //! Every attribute has bounded cardinality: no message ids, and a wire name that is not
 //! linked into the binary is recorded as `unknown`.
+//!
+//! **Exporting spans**: install [`layer`] (a `tracing-opentelemetry` layer set up for a
+//! message pipeline) rather than `tracing_opentelemetry::layer()` with its defaults. The
+//! defaults cost, per span, an OpenTelemetry context attached and detached and the clock
+//! read on every poll of an instrumented future, plus five attributes sourceflow's spans
+//! do not need (source location, thread id and name, target); in the throughput
+//! benchmark they made the telemetry row's overhead about twice as large (see the
+//! README's Benchmarks).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -358,6 +366,52 @@ pub(crate) fn messaging_system(transport: &str, kind: MessageKind) -> &'static s
         ("aws", MessageKind::Event) => "aws_sns",
         _ => "sourceflow_memory",
     }
+}
+
+/// A `tracing-opentelemetry` layer that exports sourceflow's spans (and the service's
+/// own) through `tracer`, set up for a message pipeline.
+///
+/// It is `tracing_opentelemetry::layer().with_tracer(tracer)` with four of the layer's
+/// defaults turned off, each of which costs on the hot path and adds nothing to a
+/// messaging trace:
+///
+/// * **context activation**: the layer would attach the span's OpenTelemetry context on
+///   every poll of an instrumented future and detach it after. sourceflow reads the trace
+///   context from the `tracing` span itself (to write `traceparent`), so propagation
+///   across queues does not need it; turn it back on with
+///   `.with_context_activation(true)` if your handlers call libraries instrumented with
+///   the OpenTelemetry API directly (they read `opentelemetry::Context::current()`);
+/// * **inactivity tracking** (`busy_ns`/`idle_ns` attributes): two clock reads per poll;
+/// * **thread attributes** (`thread.id`, `thread.name`): a copy of the thread's name into
+///   every span;
+/// * **source location and target** (`code.*`, `target`): four attributes per span.
+///
+/// Each can be turned back on with the layer's own `with_*` methods.
+///
+/// ```
+/// use opentelemetry::trace::TracerProvider as _;
+/// use tracing_subscriber::layer::SubscriberExt;
+/// use tracing_subscriber::util::SubscriberInitExt;
+///
+/// let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+/// tracing_subscriber::registry()
+///     .with(sourceflow::telemetry::layer(provider.tracer("orders")))
+///     .with(tracing_subscriber::fmt::layer())
+///     .init();
+/// ```
+pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    T: opentelemetry::trace::Tracer + 'static,
+    T::Span: Send + Sync,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
 }
 
 /// The W3C `traceparent` and `tracestate` of the current span, if it belongs to an

@@ -187,8 +187,9 @@ pub fn telemetry() -> &'static Captured {
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "sourceflow=warn".into()),
             );
-        let otel = tracing_opentelemetry::layer()
-            .with_tracer(tracer)
+        // The layer the README recommends, so that these tests prove trace propagation
+        // with its settings (no context activation).
+        let otel = sourceflow::telemetry::layer(tracer)
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
         let _ = tracing_subscriber::registry()
             .with(otel)
