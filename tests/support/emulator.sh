@@ -4,6 +4,7 @@
 # KMS, STS, and CloudFormation (with the S3 and IAM it needs) for the exported template.
 #
 #   eval "$(tests/support/emulator.sh start)"   # installs on first use, starts, prints exports
+#   tests/support/emulator.sh install           # only installs (tests/run.sh, while it builds)
 #   tests/support/emulator.sh status
 #   tests/support/emulator.sh stop
 #
@@ -109,7 +110,8 @@ stop() {
 
 case "${1:-}" in
     start) start ;;
+    install) install ;;
     stop) stop ;;
     status) if healthy; then say "running at $endpoint"; else say "not running"; exit 1; fi ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start|install|stop|status" >&2; exit 2 ;;
 esac

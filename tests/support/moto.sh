@@ -5,6 +5,7 @@
 # internet; moto implements DynamoDB in-process.)
 #
 #   eval "$(tests/support/moto.sh start)"   # installs on first use, starts, prints exports
+#   tests/support/moto.sh install           # only installs (tests/run.sh, while it builds)
 #   tests/support/moto.sh status
 #   tests/support/moto.sh stop
 #
@@ -92,7 +93,8 @@ stop() {
 
 case "${1:-}" in
     start) start ;;
+    install) install ;;
     stop) stop ;;
     status) if healthy; then say "running at $endpoint"; else say "not running"; exit 1; fi ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start|install|stop|status" >&2; exit 2 ;;
 esac
