@@ -17,9 +17,10 @@
 # How it keeps to time on two cores: everything is compiled once, by one `cargo test
 # --workspace --all-features --no-run` (every later cargo call has the same package
 # selection and features, so nothing is compiled again); the installs run while it
-# compiles; then what mostly waits runs beside what computes — the fault tests (one at a
-# time, mostly waiting out timeouts) and the compile-fail suite (one rustc at a time) in
-# the background while the other suites run in the foreground.
+# compiles; the compile-fail suite (one rustc at a time) runs beside the embedded-transport
+# suites, and the fault tests beside the emulator suites. (Not the fault tests beside the
+# embedded suites: their 1,000-job runs keep the second emulator busy, and moto, starved
+# of CPU, then times out the DynamoDB store's connections.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -80,7 +81,7 @@ postgres_env=$(tests/support/postgres.sh start)
 eval "$postgres_env"
 export SOURCEFLOW_TEST_REQUIRE_POSTGRES=1
 
-echo "== building every test, example and benchmark-free target once"
+echo "== building every test and example once"
 cargo test --workspace --all-features --no-run
 
 finish installs "$installs"
@@ -93,7 +94,7 @@ if [ "$aws" = 1 ]; then
 
     # The fault tests stop their PostgreSQL and pause their emulator (SIGSTOP) on purpose,
     # so they get servers of their own — a second emulator and a second PostgreSQL — and
-    # run one at a time, beside everything else (which keeps the first ones).
+    # run one at a time, beside the emulator suites (which keep the first ones).
     echo "== starting the AWS API emulator, and a second one and a second PostgreSQL for the fault tests"
     export FAULTS_PG_PORT=25433 FAULTS_PG_ROOT="$PWD/.cache/pg-faults" FAULTS_EMULATOR_PORT=4567
     SOURCEFLOW_EMULATOR_PORT=$FAULTS_EMULATOR_PORT tests/support/emulator.sh start >"$logs/faults.env" &
@@ -102,17 +103,6 @@ if [ "$aws" = 1 ]; then
     wait "$faults_emulator"
     SOURCEFLOW_TEST_POSTGRES_PORT=$FAULTS_PG_PORT SOURCEFLOW_TEST_POSTGRES_ROOT=$FAULTS_PG_ROOT \
         tests/support/postgres.sh start >>"$logs/faults.env"
-
-    echo "== fault tests (store stopped, broker paused, workers and relays killed), one at a time, in the background"
-    (
-        # Its own servers' exports, not the shared ones (which are set only after this).
-        source "$logs/faults.env"
-        export SOURCEFLOW_TEST_POSTGRES_PORT=$FAULTS_PG_PORT SOURCEFLOW_TEST_POSTGRES_ROOT=$FAULTS_PG_ROOT
-        SOURCEFLOW_TEST_FAULTS=1 \
-            cargo test --workspace --all-features --test faults -- --test-threads=1
-    ) >"$logs/faults" 2>&1 &
-    faults=$!
-    background+=("$faults")
 fi
 
 echo "== the compile-fail suite (trybuild), in the background"
@@ -141,11 +131,23 @@ echo "== the SQLite example: transactional handlers and the outbox, end to end (
 
 status=0
 if [ "$aws" = 1 ]; then
-    # Two cargo calls at once against the one emulator: the behaviour suite (the longest:
-    # it mostly waits on receives and visibility timeouts) with three tests at a time,
-    # and beside it the AWS-specific, Lambda and transport-conformance tests. Every test
-    # has queue names of its own. tests/aws/exports.rs deploys the exported template to
-    # the emulator's CloudFormation (about 10 s for its two tests).
+    # Two cargo calls at once against the one emulator: the behaviour suite (it mostly
+    # waits on receives and visibility timeouts) and beside it the AWS-specific, Lambda
+    # and transport-conformance tests (every test has queue names of its own); all of it
+    # beside the fault tests on their own emulator, which take the longest (~6 min).
+    # tests/aws/exports.rs deploys the exported template to the emulator's CloudFormation
+    # (about 10 s for its two tests).
+    echo "== fault tests (store stopped, broker paused, workers and relays killed), one at a time, in the background"
+    (
+        # Its own servers' exports, not the shared emulator's (set only after this).
+        source "$logs/faults.env"
+        export SOURCEFLOW_TEST_POSTGRES_PORT=$FAULTS_PG_PORT SOURCEFLOW_TEST_POSTGRES_ROOT=$FAULTS_PG_ROOT
+        SOURCEFLOW_TEST_FAULTS=1 \
+            cargo test --workspace --all-features --test faults -- --test-threads=1
+    ) >"$logs/faults" 2>&1 &
+    faults=$!
+    background+=("$faults")
+
     echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
     eval "$emulator_env"
     export SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1
@@ -153,7 +155,7 @@ if [ "$aws" = 1 ]; then
         >"$logs/aws" 2>&1 &
     aws_tests=$!
     background+=("$aws_tests")
-    cargo test --workspace --all-features --test behaviour -- --test-threads=3 || status=1
+    cargo test --workspace --all-features --test behaviour || status=1
     finish aws "$aws_tests" || status=1
 fi
 
