@@ -131,12 +131,10 @@ echo "== the SQLite example: transactional handlers and the outbox, end to end (
 
 status=0
 if [ "$aws" = 1 ]; then
-    # Two cargo calls at once against the one emulator: the behaviour suite (it mostly
-    # waits on receives and visibility timeouts) and beside it the AWS-specific, Lambda
-    # and transport-conformance tests (every test has queue names of its own); all of it
-    # beside the fault tests on their own emulator, which take the longest (~6 min).
-    # tests/aws/exports.rs deploys the exported template to the emulator's CloudFormation
-    # (about 10 s for its two tests).
+    # The emulator suites (about 6 min) beside the fault tests on their own emulator (about
+    # as long). Not the behaviour suite beside the AWS-specific tests: the load then delays
+    # the DynamoDB store's calls on moto past a claim's lease. tests/aws/exports.rs deploys
+    # the exported template to the emulator's CloudFormation (about 10 s for its two tests).
     echo "== fault tests (store stopped, broker paused, workers and relays killed), one at a time, in the background"
     (
         # Its own servers' exports, not the shared emulator's (set only after this).
@@ -151,12 +149,8 @@ if [ "$aws" = 1 ]; then
     echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
     eval "$emulator_env"
     export SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1
-    cargo test --workspace --all-features --test aws --test lambda --test transport \
-        >"$logs/aws" 2>&1 &
-    aws_tests=$!
-    background+=("$aws_tests")
-    cargo test --workspace --all-features --test behaviour || status=1
-    finish aws "$aws_tests" || status=1
+    cargo test --workspace --all-features \
+        --test behaviour --test transport --test aws --test lambda || status=1
 fi
 
 finish compile-fail "$compile_fail" || status=1
