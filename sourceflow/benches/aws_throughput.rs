@@ -181,12 +181,12 @@ pub(crate) async fn hand_written(queue_url: &str) -> Run {
                     }
                     let mut entries = Vec::new();
                     for (i, m) in msgs.iter().enumerate() {
-                        let attrs: Vec<(String, sourceflow::AttributeValue)> = m
+                        let attrs: Vec<(sourceflow::AttributeName, sourceflow::AttributeValue)> = m
                             .message_attributes()
                             .map(|a| {
                                 a.iter()
                                     .filter_map(|(k, v)| {
-                                        Some((k.clone(), v.string_value()?.into()))
+                                        Some((k.clone().into(), v.string_value()?.into()))
                                     })
                                     .collect()
                             })

@@ -265,7 +265,7 @@ fn record(m: &ReceivedMessage) -> SqsMessage {
         let mut a = SqsMessageAttribute::default();
         a.data_type = Some(v.data_type().into());
         a.string_value = Some(v.as_str().into());
-        r.message_attributes.insert(k.clone(), a);
+        r.message_attributes.insert(k.to_string(), a);
     }
     r
 }

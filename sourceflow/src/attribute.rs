@@ -16,6 +16,10 @@ pub const MAX_ATTRIBUTES: usize = 10;
 /// Longest attribute name SQS and SNS accept.
 pub const MAX_NAME_LEN: usize = 256;
 
+/// A message attribute's name: sourceflow's own names are `&'static str`s (no allocation
+/// per message), a producer's are owned.
+pub type AttributeName = std::borrow::Cow<'static, str>;
+
 /// The value of a message attribute, typed as on the wire (its `DataType`).
 ///
 /// ```
@@ -350,7 +354,7 @@ mod tests {
 
     #[test]
     fn stored_form_reads_plain_strings_of_older_outboxes() {
-        let v: Vec<(String, AttributeValue)> =
+        let v: Vec<(AttributeName, AttributeValue)> =
             serde_json::from_str(r#"[["a","x"],["n",{"type":"Number","value":"4"}]]"#).unwrap();
         assert_eq!(v[0].1, AttributeValue::from("x"));
         assert_eq!(v[1].1, AttributeValue::from(4));

@@ -103,7 +103,7 @@ impl Context {
     }
 
     /// Every message attribute the message arrived with.
-    pub fn attributes(&self) -> &[(String, AttributeValue)] {
+    pub fn attributes(&self) -> &[(crate::AttributeName, AttributeValue)] {
         &self.attributes
     }
 

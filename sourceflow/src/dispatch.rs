@@ -521,7 +521,7 @@ struct StoredPending {
     destination: String,
     body: String,
     /// `String` values as plain strings (as before attributes were typed), others tagged.
-    attributes: Vec<(String, envelope::AttributeValue)>,
+    attributes: Vec<(envelope::AttributeName, envelope::AttributeValue)>,
     group_id: Option<String>,
     dedup_id: Option<String>,
     delay_ms: Option<u64>,

@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-pub use crate::attribute::AttributeValue;
+pub use crate::attribute::{AttributeName, AttributeValue};
 use crate::error::{Error, Result};
 use crate::message::{check_group_id, Message};
 
@@ -283,14 +283,16 @@ fn attributes<M: Message>(
     (traceparent, tracestate): (Option<&str>, Option<&str>),
     encrypted: bool,
     extra: usize,
-) -> Vec<(String, AttributeValue)> {
+) -> Vec<(AttributeName, AttributeValue)> {
     let own = 4
         + usize::from(entity_id.is_some())
         + usize::from(traceparent.is_some())
         + usize::from(tracestate.is_some())
         + usize::from(encrypted);
-    let mut attributes: Vec<(String, AttributeValue)> = Vec::with_capacity(own + extra);
-    let mut put = |k: &str, v: &str| attributes.push((k.to_string(), AttributeValue::from(v)));
+    let mut attributes: Vec<(AttributeName, AttributeValue)> = Vec::with_capacity(own + extra);
+    let mut put = |k: &'static str, v: &str| {
+        attributes.push((AttributeName::Borrowed(k), AttributeValue::from(v)))
+    };
     put(attr::TYPE, M::NAME);
     put(attr::CONTENT_TYPE, CONTENT_TYPE_JSON);
     put(attr::SEQUENCE, &seq.to_string());
@@ -314,7 +316,7 @@ fn attributes<M: Message>(
 /// [`MAX_ATTRIBUTES`](crate::attribute::MAX_ATTRIBUTES) with sourceflow's own) and appends
 /// them to sourceflow's.
 fn add_user_attributes(
-    attributes: &mut Vec<(String, AttributeValue)>,
+    attributes: &mut Vec<(AttributeName, AttributeValue)>,
     user: Vec<(String, AttributeValue)>,
     wire_name: &'static str,
 ) -> Result<()> {
@@ -328,7 +330,7 @@ fn add_user_attributes(
     // moves to a dead-letter queue: SQS would refuse that copy with eleven.
     let own = attributes.len() + 1;
     if own + user.len() > MAX_ATTRIBUTES {
-        let mut names: Vec<&str> = attributes.iter().map(|(k, _)| k.as_str()).collect();
+        let mut names: Vec<&str> = attributes.iter().map(|(k, _)| &**k).collect();
         names.push(attr::DLQ_REASON);
         let first = &user[MAX_ATTRIBUTES.saturating_sub(own).min(user.len() - 1)].0;
         return Err(invalid(
@@ -348,7 +350,7 @@ fn add_user_attributes(
             return Err(invalid(name, "it is set twice".into()));
         }
     }
-    attributes.extend(user);
+    attributes.extend(user.into_iter().map(|(k, v)| (AttributeName::Owned(k), v)));
     Ok(())
 }
 
@@ -416,7 +418,7 @@ pub enum DecodeError {
 /// Decodes a received body and checks it against its attributes.
 pub fn decode(
     body: &str,
-    attributes: &[(String, AttributeValue)],
+    attributes: &[(AttributeName, AttributeValue)],
 ) -> std::result::Result<Envelope, DecodeError> {
     let declared = attribute(attributes, attr::TYPE).ok_or(DecodeError::MissingType)?;
     let env: Envelope = serde_json::from_str(body)
@@ -434,13 +436,16 @@ pub fn decode(
 }
 
 /// Looks up an attribute by name: its value as it travels, whatever its type.
-pub fn attribute<'a>(attributes: &'a [(String, AttributeValue)], name: &str) -> Option<&'a str> {
+pub fn attribute<'a>(
+    attributes: &'a [(AttributeName, AttributeValue)],
+    name: &str,
+) -> Option<&'a str> {
     attribute_value(attributes, name).map(AttributeValue::as_str)
 }
 
 /// Looks up an attribute by name: its typed value.
 pub fn attribute_value<'a>(
-    attributes: &'a [(String, AttributeValue)],
+    attributes: &'a [(AttributeName, AttributeValue)],
     name: &str,
 ) -> Option<&'a AttributeValue> {
     attributes.iter().find(|(k, _)| k == name).map(|(_, v)| v)
@@ -456,9 +461,9 @@ mod tests {
         #[test]
         fn decode_never_panics(body in any::<Vec<u8>>(), ty in ".{0,40}", extra in proptest::collection::vec((".{0,20}", ".{0,20}"), 0..4)) {
             let body = String::from_utf8_lossy(&body);
-            let mut attrs: Vec<(String, AttributeValue)> =
-                extra.into_iter().map(|(k, v)| (k, AttributeValue::String(v))).collect();
-            attrs.push((attr::TYPE.to_string(), ty.into()));
+            let mut attrs: Vec<(AttributeName, AttributeValue)> =
+                extra.into_iter().map(|(k, v)| (k.into(), AttributeValue::String(v))).collect();
+            attrs.push((attr::TYPE.into(), ty.into()));
             let _ = decode(&body, &attrs);
         }
 
@@ -467,14 +472,14 @@ mod tests {
         fn decode_envelope_shapes(v in any::<u32>(), ty in "[a-zA-Z.]{0,12}", id in ".{0,12}", payload in prop_oneof![Just("{}".to_string()), Just("null".to_string()), "[0-9]{1,5}", "\\[.{0,10}\\]"]) {
             let body = format!(r#"{{"v":{v},"type":{},"id":{},"payload":{payload}}}"#,
                 serde_json::Value::from(ty.clone()), serde_json::Value::from(id));
-            let attrs = vec![(attr::TYPE.to_string(), ty.into())];
+            let attrs = vec![(attr::TYPE.into(), ty.into())];
             let _ = decode(&body, &attrs);
         }
     }
 
     #[test]
     fn rejects_bad_bodies() {
-        let attrs = vec![(attr::TYPE.to_string(), "X".into())];
+        let attrs: Vec<(AttributeName, AttributeValue)> = vec![(attr::TYPE.into(), "X".into())];
         assert_eq!(decode("{}", &[]).unwrap_err(), DecodeError::MissingType);
         assert!(matches!(
             decode("not json", &attrs).unwrap_err(),

@@ -154,7 +154,7 @@ impl FilterPolicy {
     }
 
     /// Whether a message with these attributes passes.
-    pub fn matches(&self, attributes: &[(String, AttributeValue)]) -> bool {
+    pub fn matches(&self, attributes: &[(crate::AttributeName, AttributeValue)]) -> bool {
         self.branches.iter().any(|branch| {
             branch.iter().all(|(key, conditions)| {
                 let value = crate::envelope::attribute_value(attributes, key);
@@ -465,10 +465,10 @@ mod tests {
 
     use super::macro_rules;
 
-    fn attrs(pairs: &[(&str, AttributeValue)]) -> Vec<(String, AttributeValue)> {
+    fn attrs(pairs: &[(&str, AttributeValue)]) -> Vec<(crate::AttributeName, AttributeValue)> {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
+            .map(|(k, v)| (k.to_string().into(), v.clone()))
             .collect()
     }
 

@@ -164,7 +164,9 @@ impl Headers {
 
     /// Reads the headers attribute of a received message; a value that is not a JSON
     /// object of strings (a foreign producer's) reads as no headers.
-    pub(crate) fn from_attributes(attributes: &[(String, AttributeValue)]) -> Headers {
+    pub(crate) fn from_attributes(
+        attributes: &[(crate::AttributeName, AttributeValue)],
+    ) -> Headers {
         let Some(json) = crate::envelope::attribute(attributes, ATTRIBUTE) else {
             return Headers::default();
         };
@@ -315,7 +317,7 @@ pub(crate) fn attach(out: &mut OutgoingMessage, headers: &Headers, user: usize) 
     if own + 1 + 1 + user > MAX_ATTRIBUTES {
         let mut framework: Vec<String> = out.attributes[..own]
             .iter()
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_string())
             .collect();
         framework.push(attr::DLQ_REASON.to_string());
         return Err(Error::TooManyAttributes {
@@ -325,12 +327,12 @@ pub(crate) fn attach(out: &mut OutgoingMessage, headers: &Headers, user: usize) 
             headers: headers.iter().map(|(k, _)| k.to_string()).collect(),
             attributes: out.attributes[own..]
                 .iter()
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| k.to_string())
                 .collect(),
         });
     }
     let attribute = (
-        ATTRIBUTE.to_string(),
+        crate::AttributeName::Borrowed(ATTRIBUTE),
         AttributeValue::String(headers.to_json()),
     );
     // Only a message with headers pays for rebuilding its (shared) attribute slice.
@@ -400,9 +402,9 @@ mod tests {
     fn the_attribute_round_trips_and_foreign_values_read_as_none() {
         let mut h = Headers::default();
         h.set("tenant", "a\"c\u{1}me");
-        let attrs = vec![(ATTRIBUTE.to_string(), AttributeValue::from(h.to_json()))];
+        let attrs = vec![(ATTRIBUTE.into(), AttributeValue::from(h.to_json()))];
         assert_eq!(Headers::from_attributes(&attrs), h);
-        let foreign = vec![(ATTRIBUTE.to_string(), AttributeValue::from("nope"))];
+        let foreign = vec![(ATTRIBUTE.into(), AttributeValue::from("nope"))];
         assert!(Headers::from_attributes(&foreign).is_empty());
         assert_eq!(
             h.shown(&["tenant".into()]).as_deref(),

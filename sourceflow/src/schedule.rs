@@ -50,12 +50,12 @@ pub(crate) fn until(at: SystemTime) -> Duration {
 }
 
 /// The due time of a received message, when it carries one.
-pub(crate) fn due_at(attributes: &[(String, AttributeValue)]) -> Option<u64> {
+pub(crate) fn due_at(attributes: &[(crate::AttributeName, AttributeValue)]) -> Option<u64> {
     attribute(attributes, DUE_AT)?.parse().ok()
 }
 
 /// How long a received message still has to wait, if it is not due yet.
-pub(crate) fn remaining(attributes: &[(String, AttributeValue)]) -> Option<Duration> {
+pub(crate) fn remaining(attributes: &[(crate::AttributeName, AttributeValue)]) -> Option<Duration> {
     let left = due_at(attributes)?.checked_sub(now_ms())?;
     (left > 0).then(|| Duration::from_millis(left))
 }
@@ -119,7 +119,7 @@ fn add_due_at(message: &mut OutgoingMessage, at: u64) -> Result<()> {
     }
     let mut attributes = Vec::with_capacity(carried + 1);
     attributes.extend(message.attributes.iter().cloned());
-    attributes.push((DUE_AT.to_string(), AttributeValue::Number(at.to_string())));
+    attributes.push((DUE_AT.into(), AttributeValue::Number(at.to_string())));
     message.attributes = attributes.into();
     Ok(())
 }
@@ -207,7 +207,7 @@ mod tests {
     fn no_room_for_the_due_time_is_a_clear_error() {
         let mut m = msg(Some(Duration::from_secs(3600)));
         m.attributes = (0..9)
-            .map(|i| (format!("a{i}"), AttributeValue::String("x".into())))
+            .map(|i| (format!("a{i}").into(), AttributeValue::String("x".into())))
             .collect::<Vec<_>>()
             .into();
         let e = prepare(MessageKind::Command, "q", &mut m, MAX_DELAY).unwrap_err();

@@ -152,7 +152,7 @@ fn pointer_of(m: &ReceivedMessage) -> Pointer {
 fn raw_attributes(m: &ReceivedMessage) -> Vec<(String, String)> {
     m.attributes
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().to_string()))
+        .map(|(k, v)| (k.to_string(), v.as_str().to_string()))
         .collect()
 }
 

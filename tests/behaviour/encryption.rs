@@ -253,7 +253,7 @@ async fn tampered_replayed_or_clear_messages_go_to_the_dlq_and_the_listener_keep
     let attrs = |m: &ReceivedMessage| -> Vec<(String, String)> {
         m.attributes
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().to_string()))
+            .map(|(k, v)| (k.to_string(), v.as_str().to_string()))
             .collect()
     };
     // Flip one bit in a field of the ciphertext object.

@@ -107,7 +107,7 @@ impl Harness {
             body: body.into(),
             attributes: attributes
                 .iter()
-                .map(|(k, v)| (k.to_string(), (*v).into()))
+                .map(|(k, v)| (k.to_string().into(), (*v).into()))
                 .collect(),
             group_id: group.map(str::to_string),
             dedup_id: group.map(|_| id.clone()),

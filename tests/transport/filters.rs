@@ -286,7 +286,7 @@ fn message(case: usize, attributes: &[(&str, AttributeValue)]) -> OutgoingMessag
         body: case.to_string().into(),
         attributes: attributes
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
+            .map(|(k, v)| (k.to_string().into(), v.clone()))
             .collect(),
         group_id: None,
         dedup_id: None,
@@ -449,7 +449,7 @@ async fn typed_attributes_keep_their_types_through_a_queue_and_a_topic() {
     let m = || {
         let mut m = crate::world::msg("typed");
         m.attributes = (m.attributes.iter().cloned())
-            .chain(sent.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .chain(sent.iter().map(|(k, v)| (k.to_string().into(), v.clone())))
             .collect();
         m
     };
@@ -475,13 +475,13 @@ async fn attributes_sqs_and_sns_refuse_are_refused_per_entry() {
         .topic_with("refusing", false, &[("refusing-all", &[])])
         .await;
     let queue = w.queue("refusing-direct", Duration::from_secs(30)).await;
-    let with = |body: &str, extra: Vec<(String, AttributeValue)>| {
+    let with = |body: &str, extra: Vec<(sourceflow::AttributeName, AttributeValue)>| {
         let mut m = crate::world::msg(body);
         m.attributes = m.attributes.iter().cloned().chain(extra).collect();
         m
     };
-    let eleven: Vec<(String, AttributeValue)> = (0..10)
-        .map(|i| (format!("a{i}"), n(&i.to_string())))
+    let eleven: Vec<(sourceflow::AttributeName, AttributeValue)> = (0..10)
+        .map(|i| (format!("a{i}").into(), n(&i.to_string())))
         .collect();
     let batch = || {
         vec![

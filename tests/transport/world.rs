@@ -289,7 +289,7 @@ pub fn msg(body: &str) -> OutgoingMessage {
 pub fn typed(body: &str, wire_name: &str) -> OutgoingMessage {
     OutgoingMessage {
         body: body.into(),
-        attributes: vec![(attr::TYPE.to_string(), wire_name.into())].into(),
+        attributes: vec![(attr::TYPE.into(), wire_name.into())].into(),
         group_id: None,
         dedup_id: None,
         delay: None,

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         None => ("T0".to_string(), data),
     };
     let body = String::from_utf8_lossy(body);
-    let attrs = vec![(attr::TYPE.to_string(), ty.clone())];
+    let attrs = vec![(attr::TYPE.into(), ty.clone().into())];
     if let Ok(env) = decode(&body, &attrs) {
         if let Ok(sealed) = serde_json::from_str::<Sealed>(env.payload.get()) {
             let enc = Encryptor::new(

@@ -69,7 +69,7 @@ async fn omniqueue_side(queue_url: &str) -> Run {
             let (consumer, done) = (consumer.clone(), done.clone());
             tokio::spawn(async move {
                 let attributes = vec![(
-                    attr::TYPE.to_string(),
+                    sourceflow::AttributeName::from(attr::TYPE),
                     aws_throughput::Work::NAME.to_string().into(),
                 )];
                 while done.load(Ordering::Relaxed) < MESSAGES {

@@ -245,7 +245,7 @@ mod tests {
         let small = shrink(BODY, 10).unwrap().expect("compressible");
         assert!(small.len() < BODY.len(), "{small}");
         assert!(small.contains(r#""payload_encoding":"gzip""#), "{small}");
-        let attrs = vec![("sourceflow.type".to_string(), "T".into())];
+        let attrs = vec![("sourceflow.type".into(), "T".into())];
         let mut env = crate::envelope::decode(&small, &attrs).unwrap();
         restore(None, &mut env).await.unwrap();
         let original = crate::envelope::decode(BODY, &attrs).unwrap();
@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(first.body, again.body);
         assert_eq!(store.keys("b").len(), 1);
         // The pointer reads back to the payload.
-        let attrs = vec![("sourceflow.type".to_string(), "T".into())];
+        let attrs = vec![("sourceflow.type".into(), "T".into())];
         let mut env = crate::envelope::decode(&first.body, &attrs).unwrap();
         restore(Some(&store), &mut env).await.unwrap();
         let original = crate::envelope::decode(BODY, &attrs).unwrap();
@@ -297,7 +297,7 @@ mod tests {
             r#""payload":{"data":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
             r#""payload":"H4sIAAAAAAAA","payload_encoding":"gzip""#,
         );
-        let attrs = vec![("sourceflow.type".to_string(), "T".into())];
+        let attrs = vec![("sourceflow.type".into(), "T".into())];
         let mut env = crate::envelope::decode(&bad, &attrs).unwrap();
         let err = restore(None, &mut env).await.unwrap_err();
         assert!(matches!(err, RestoreError::Corrupt(_)), "{err}");

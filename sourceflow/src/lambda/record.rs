@@ -37,13 +37,13 @@ pub(crate) fn received(
         .receipt_handle
         .clone()
         .ok_or_else(|| missing(id.clone(), "receiptHandle"))?;
-    let mut attributes: Vec<(String, AttributeValue)> = record
+    let mut attributes: Vec<(crate::AttributeName, AttributeValue)> = record
         .message_attributes
         .iter()
         .filter_map(|(name, a)| {
             let value = a.string_value.clone()?;
             let kind = a.data_type.as_deref().unwrap_or("String");
-            Some((name.clone(), AttributeValue::from_wire(kind, value)?))
+            Some((name.clone().into(), AttributeValue::from_wire(kind, value)?))
         })
         .collect();
     attributes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -105,8 +105,8 @@ mod tests {
         assert_eq!(
             &*m.attributes,
             &[
-                ("a".to_string(), AttributeValue::Number("4".into())),
-                ("z".to_string(), AttributeValue::String("s".into())),
+                ("a".into(), AttributeValue::Number("4".into())),
+                ("z".into(), AttributeValue::String("s".into())),
             ]
         );
     }

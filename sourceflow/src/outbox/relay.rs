@@ -164,7 +164,7 @@ impl Relay {
                 row.wire_name
             ));
         }
-        let attributes: Vec<(String, crate::envelope::AttributeValue)> =
+        let attributes: Vec<(crate::AttributeName, crate::envelope::AttributeValue)> =
             serde_json::from_str(&row.attributes).map_err(|e| {
                 format!(
                     "{}: its stored attributes do not decode: {e}",

@@ -69,7 +69,7 @@ struct Settings {
     receive_count: u32,
     queue: String,
     service: String,
-    attributes: Vec<(String, AttributeValue)>,
+    attributes: Vec<(crate::AttributeName, AttributeValue)>,
     headers: Vec<(String, String)>,
 }
 
@@ -133,7 +133,9 @@ impl TestContext {
     /// A message attribute the message arrived with ([`Context::attribute`]): what a
     /// producer sets with [`SendOptions::attribute`](crate::SendOptions::attribute).
     pub fn attribute(mut self, name: impl Into<String>, value: impl Into<AttributeValue>) -> Self {
-        self.settings.attributes.push((name.into(), value.into()));
+        self.settings
+            .attributes
+            .push((name.into().into(), value.into()));
         self
     }
 

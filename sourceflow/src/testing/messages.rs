@@ -13,7 +13,7 @@ pub struct Recorded {
     destination: String,
     wire_name: String,
     message_id: String,
-    attributes: Vec<(String, AttributeValue)>,
+    attributes: Vec<(crate::AttributeName, AttributeValue)>,
     correlation_id: Option<String>,
     causation_id: Option<String>,
     payload: Result<String, String>,

@@ -242,7 +242,11 @@ impl Recorder {
     }
 
     /// The service's queues a message published to `topic` with `attributes` reaches.
-    fn subscribers(&self, topic: &str, attributes: &[(String, AttributeValue)]) -> Vec<String> {
+    fn subscribers(
+        &self,
+        topic: &str,
+        attributes: &[(crate::AttributeName, AttributeValue)],
+    ) -> Vec<String> {
         let Some(subscribers) = self.fan_out.get().and_then(|f| f.get(topic)) else {
             return Vec::new();
         };
@@ -258,7 +262,7 @@ impl Recorder {
     async fn plaintext(
         &self,
         body: &str,
-        attributes: &[(String, AttributeValue)],
+        attributes: &[(crate::AttributeName, AttributeValue)],
     ) -> std::result::Result<String, String> {
         let mut env = envelope::decode(body, attributes).map_err(|e| e.to_string())?;
         // A payload the claim check stored, or compressed: read back as a receiver would.

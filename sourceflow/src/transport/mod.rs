@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::envelope::{AttributeValue, OutgoingMessage};
+use crate::envelope::{AttributeName, AttributeValue, OutgoingMessage};
 use crate::error::Result;
 pub use crate::error::{BatchError, EntryError};
 pub use crate::topology::{
@@ -32,7 +32,7 @@ pub const FIFO_DEDUP_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// A received message's attributes: shared, so that handing them on (to the handler's
 /// context, to a dead-letter queue) does not copy them.
-pub type Attributes = Arc<[(String, AttributeValue)]>;
+pub type Attributes = Arc<[(AttributeName, AttributeValue)]>;
 
 /// A message as received from a queue.
 #[derive(Debug, Clone)]

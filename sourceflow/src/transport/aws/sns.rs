@@ -49,7 +49,7 @@ fn publish_entry(
             .string_value(v.as_str())
             .build()
             .map_err(|e| EntryError::Refused(format!("invalid attribute: {e}")))?;
-        attributes.insert(k.clone(), a);
+        attributes.insert(k.to_string(), a);
     }
     let mut e = PublishBatchRequestEntry::builder()
         .id(id.to_string())

@@ -107,7 +107,7 @@ fn send_entry(
 ) -> std::result::Result<SendMessageBatchRequestEntry, EntryError> {
     let mut attributes = HashMap::with_capacity(m.attributes.len());
     for (k, v) in m.attributes.iter() {
-        attributes.insert(k.clone(), sqs_attribute(v)?);
+        attributes.insert(k.to_string(), sqs_attribute(v)?);
     }
     let mut e = SendMessageBatchRequestEntry::builder()
         .id(id.to_string())
@@ -364,13 +364,16 @@ pub(crate) async fn receive(
             let system = m.attributes();
             let get = |n: MessageSystemAttributeName| system.and_then(|s| s.get(&n)).cloned();
             // Binary attributes (a foreign producer's) are left out: sourceflow carries none.
-            let mut attributes: Vec<(String, AttributeValue)> = m
+            let mut attributes: Vec<(crate::AttributeName, AttributeValue)> = m
                 .message_attributes()
                 .map(|a| {
                     a.iter()
                         .filter_map(|(k, v)| {
                             let value = v.string_value()?.to_string();
-                            Some((k.clone(), AttributeValue::from_wire(v.data_type(), value)?))
+                            Some((
+                                k.clone().into(),
+                                AttributeValue::from_wire(v.data_type(), value)?,
+                            ))
                         })
                         .collect()
                 })
@@ -413,7 +416,7 @@ pub(crate) async fn copy_to_dead_letter(
         .iter()
         .filter(|(k, _)| k != attr::DLQ_REASON)
     {
-        attributes.insert(k.clone(), sqs_attribute(v).map_err(refused)?);
+        attributes.insert(k.to_string(), sqs_attribute(v).map_err(refused)?);
     }
     attributes.insert(
         attr::DLQ_REASON.to_string(),

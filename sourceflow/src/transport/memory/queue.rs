@@ -791,9 +791,9 @@ fn push_decimal(out: &mut String, mut n: u64) {
 }
 
 /// `attributes` with `reason` as the dead-letter reason (replacing an earlier one).
-fn with_reason(attributes: &[(String, AttributeValue)], reason: &str) -> Attributes {
+fn with_reason(attributes: &[(crate::AttributeName, AttributeValue)], reason: &str) -> Attributes {
     let kept = attributes.iter().filter(|(k, _)| k != attr::DLQ_REASON);
-    let reason = (attr::DLQ_REASON.to_string(), AttributeValue::from(reason));
+    let reason = (attr::DLQ_REASON.into(), AttributeValue::from(reason));
     kept.cloned().chain(std::iter::once(reason)).collect()
 }
 
@@ -810,7 +810,7 @@ mod tests {
     fn a_queued_message_keeps_no_spare_capacity_and_a_receive_shares_it() {
         let q = Queue::new("q", false, None);
         let mut attributes = Vec::with_capacity(10);
-        attributes.push((attr::TYPE.to_string(), AttributeValue::from("t")));
+        attributes.push((attr::TYPE.into(), AttributeValue::from("t")));
         let body: Arc<str> = Arc::from("{\"v\":1}");
         let m = OutgoingMessage {
             body: body.clone(),
