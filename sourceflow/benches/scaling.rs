@@ -38,6 +38,11 @@
 //!   *command → event → handler* the event handler's start, both from the command's send.
 //!   *achieved* is the rate the sender really kept; when the service cannot keep up, the
 //!   queue grows for the whole period and latency with it (the table says so).
+//!   Each rate also runs, just before, a **baseline** of the same work without sourceflow
+//!   (the same paced sender; the command envelope over a tokio mpsc channel to a task
+//!   that decodes it, records, and encodes the event envelope onto a second channel to a
+//!   task that decodes and records it), so that the machine's and the runtime's own tail
+//!   at that rate is in the same run.
 //!
 //! `SCALING_IDEMPOTENCY=off` runs the same rows without the idempotency store;
 //! `SCALING_ONLY=memory` runs the memory rows alone.
@@ -501,6 +506,70 @@ async fn offered_rate(rate: Option<u64>, count: usize) -> RateRun {
     }
 }
 
+/// The baseline of [`offered_rate`]: the same paced sends and envelope work over two tokio
+/// mpsc channels, no sourceflow.
+async fn offered_rate_baseline(rate: Option<u64>, count: usize) -> RateRun {
+    use sourceflow::envelope::{self, SendMeta};
+    use sourceflow::transport::Attributes;
+    let (command, event) = (Sink::new(count), Sink::new(count));
+    let (tx1, mut rx1) = tokio::sync::mpsc::channel::<(Arc<str>, Attributes)>(1024);
+    let (tx2, mut rx2) = tokio::sync::mpsc::channel::<(Arc<str>, Attributes)>(1024);
+    let sink = command.clone();
+    let stage1 = tokio::spawn(async move {
+        while let Some((body, attrs)) = rx1.recv().await {
+            let env = envelope::decode(&body, &attrs).expect("envelope");
+            let cmd: flow::PlaceOrder = serde_json::from_str(env.payload.get()).expect("payload");
+            sink.record(cmd.seq, cmd.sent_nanos);
+            let evt = flow::OrderPlaced {
+                customer: cmd.customer,
+                seq: cmd.seq,
+                sent_nanos: cmd.sent_nanos,
+            };
+            let out = envelope::encode(&evt, SendMeta::default()).expect("encode");
+            if tx2.send((out.body, out.attributes)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let sink = event.clone();
+    let stage2 = tokio::spawn(async move {
+        while let Some((body, attrs)) = rx2.recv().await {
+            let env = envelope::decode(&body, &attrs).expect("envelope");
+            let evt: flow::OrderPlaced = serde_json::from_str(env.payload.get()).expect("payload");
+            sink.record(evt.seq, evt.sent_nanos);
+        }
+    });
+    let backlog_peak = std::cell::Cell::new(0usize);
+    let (tx, events, peak) = (&tx1, &event, &backlog_peak);
+    let start = Instant::now();
+    let achieved = paced(0, count, rate.unwrap_or(u64::MAX >> 8), move |seq| {
+        peak.set(peak.get().max((seq as usize).saturating_sub(events.done())));
+        async move {
+            let cmd = flow::PlaceOrder {
+                customer: seq % 1_000,
+                seq,
+                sent_nanos: now_nanos(),
+                note: "two espressos, one croissant".into(),
+            };
+            let out = envelope::encode(&cmd, SendMeta::default()).expect("encode");
+            tx.send((out.body, out.attributes)).await.expect("send");
+        }
+    })
+    .await;
+    event.wait(count, Duration::from_secs(120)).await;
+    let completed = count as f64 / start.elapsed().as_secs_f64();
+    drop(tx1);
+    let _ = (stage1.await, stage2.await);
+    RateRun {
+        offered: rate,
+        achieved,
+        completed,
+        command: command.latency(0..count),
+        event: event.latency(0..count),
+        backlog_peak: backlog_peak.get(),
+    }
+}
+
 fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
     if ms < 1.0 {
@@ -642,17 +711,20 @@ fn main() {
 
         let mut rates = Vec::new();
         for rate in [1_000, 10_000, 50_000] {
-            rates.push(offered_rate(Some(rate), (rate * RATE_SECONDS) as usize).await);
+            let count = (rate * RATE_SECONDS) as usize;
+            rates.push(("baseline", offered_rate_baseline(Some(rate), count).await));
+            rates.push(("sourceflow", offered_rate(Some(rate), count).await));
         }
-        rates.push(offered_rate(None, SATURATED_FLOW).await);
+        rates.push(("baseline", offered_rate_baseline(None, SATURATED_FLOW).await));
+        rates.push(("sourceflow", offered_rate(None, SATURATED_FLOW).await));
         println!(
             "## Latency at a fixed offered rate (orders flow: FIFO command, 1,000 groups → event; concurrency 10; {RATE_SECONDS} s each)"
         );
-        println!("| offered cmd/s | sent/s | completed/s | command → handler p50 | p99 | max | command → event → handler p50 | p99 | max | peak backlog |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
-        for r in &rates {
+        println!("| offered cmd/s | | sent/s | completed/s | command → handler p50 | p99 | max | command → event → handler p50 | p99 | max | peak backlog |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        for (what, r) in &rates {
             println!(
-                "| {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {what} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
                 r.offered.map_or(format!("saturated ({SATURATED_FLOW} at once)"), |o| o.to_string()),
                 r.achieved,
                 r.completed,
