@@ -20,9 +20,13 @@
 //! * `baseline`: the mpsc pipeline;
 //! * `sourceflow`: the defaults (idempotency on, memory store), telemetry off;
 //! * `sourceflow, no idempotency`;
-//! * `sourceflow, telemetry on`: every span recorded through `tracing-opentelemetry` into an
-//!   OpenTelemetry SDK tracer (batch processor, exporter that drops), and every metric
-//!   recorded into an SDK meter provider. The ratio to `sourceflow` is the telemetry overhead.
+//! * `sourceflow, telemetry on`: every span recorded through `sourceflow::telemetry::layer`
+//!   (the `tracing-opentelemetry` layer the README recommends) into an OpenTelemetry SDK
+//!   tracer (batch processor, exporter that drops), and every metric recorded into an SDK
+//!   meter provider. The ratio to `sourceflow` is the telemetry overhead;
+//! * `sourceflow, telemetry on, layer defaults`: the same through
+//!   `tracing_opentelemetry::layer()` with its defaults (context activation on every poll,
+//!   inactivity timings, thread and location attributes), for comparison.
 
 //!
 //! Where the time goes (profile of one whole run of this bench, all four rows, `perf record
@@ -84,6 +88,23 @@
 //!   defaults row: at least a 35 % (41 %) overhead before sourceflow adds anything, against
 //!   the 58 % (61 %) measured. The ≤ 10 % target needs fewer spans or spans made outside
 //!   `tracing-opentelemetry`.
+//!
+//! The defaults row alone (`-- "(defaults)"`), `perf record -e cpu-clock -F 299
+//! --call-graph dwarf,16384`, 2026-12-02, quiet machine, 3,765 samples at `bdbd03a`: 44 % of
+//! the samples are in glibc's allocator or waiting on its arena lock, and the kernel's
+//! wake-up and task-switch paths are 16 %, most of it futex calls from
+//! `__lll_lock_wait_private`/`__lll_lock_wake_private` inside `malloc` and `free` (a
+//! message allocated on one worker and freed on the other). By the first caller outside
+//! the allocator: dropping a received message 8 % (its receipt, broker id, group id, and
+//! the attribute strings allocated by the sender's thread), tokio's task cell per unit
+//! 3.8 % (an over-aligned allocation: glibc's `_mid_memalign` takes the arena lock and
+//! skips the per-thread cache), the memory queue's receive 4.6 %, the idempotency claim
+//! 2.4 %, the heartbeat's copies of receipts 2 %, the encoder's attributes 1.8 %. Since
+//! `603b3e3` the seven attribute names sourceflow sets are static (`AttributeName`);
+//! alternated against the build before, that made the baseline (which is that envelope
+//! code alone) 20 % faster and left sourceflow's rows where they were, which says the
+//! rest of its per-message work dominates. `GLIBC_TUNABLES=glibc.malloc.tcache_count=1024`
+//! takes sourceflow's rows up 15-20 % (and the baseline 14 %).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
