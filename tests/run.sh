@@ -149,7 +149,8 @@ if [ "$aws" = 1 ]; then
     echo "== the behaviour suite again and the AWS-specific tests, against the emulator"
     eval "$emulator_env"
     export SOURCEFLOW_TEST_TRANSPORT=aws SOURCEFLOW_TEST_AWS=1
-    cargo test --workspace --all-features \
+    # --no-fail-fast: a failure in one suite does not hide the others' results.
+    cargo test --workspace --all-features --no-fail-fast \
         --test behaviour --test transport --test aws --test lambda || status=1
 fi
 
