@@ -103,23 +103,36 @@ impl MemoryIdempotencyStore {
             return;
         }
         // Still full: drop the completed records closest to expiry (a tenth of capacity).
-        let mut completed: Vec<(Instant, String)> = entries
-            .iter()
-            .filter_map(|(k, e)| match &e.state {
-                State::Completed { until, .. } => Some((*until, k.clone())),
+        // Selected by their expiry alone (no key copied, nothing sorted): this runs once per
+        // tenth of capacity at a steady load above it, inside the claim's lock.
+        let mut untils: Vec<Instant> = entries
+            .values()
+            .filter_map(|e| match e.state {
+                State::Completed { until, .. } => Some(until),
                 State::InProgress { .. } => None,
             })
             .collect();
-        completed.sort();
-        let drop = (capacity / 10).max(1).min(completed.len());
+        let drop = (capacity / 10).max(1).min(untils.len());
+        if drop == 0 {
+            return;
+        }
+        let (below, cut, _) = untils.select_nth_unstable(drop - 1);
+        let cut = *cut;
+        // Everything before the cut goes, and as many records at the cut as make `drop`.
+        let mut ties = drop - below.iter().filter(|u| **u < cut).count();
         tracing::warn!(
             dropped = drop,
             capacity,
             "idempotency store full; dropping the completed records closest to expiry"
         );
-        for (_, k) in completed.into_iter().take(drop) {
-            entries.remove(&k);
-        }
+        entries.retain(|_, e| match e.state {
+            State::Completed { until, .. } if until < cut => false,
+            State::Completed { until, .. } if until == cut && ties > 0 => {
+                ties -= 1;
+                false
+            }
+            _ => true,
+        });
     }
 }
 
@@ -396,5 +409,33 @@ mod tests {
             }
         }
         assert!(s.size().await.unwrap() <= 10);
+    }
+
+    #[tokio::test]
+    async fn a_full_store_drops_the_completed_records_closest_to_expiry() {
+        let s = MemoryIdempotencyStore::with_capacity(20);
+        let lease = Duration::from_secs(30);
+        // Twenty completed records whose expiries are not in the order they were written.
+        for i in 0..20u64 {
+            let minutes = (i * 7) % 20 + 1;
+            let key = format!("k{minutes}");
+            let Claim::Acquired { token, .. } = s.claim(&key, "h", lease).await.unwrap() else {
+                panic!("{key} not acquired");
+            };
+            let ttl = Duration::from_secs(60 * minutes);
+            assert!(s.complete(&key, &token, ttl, None).await.unwrap());
+        }
+        assert!(matches!(
+            s.claim("new", "h", lease).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        // A tenth of capacity went: the two closest to expiry, and nothing else.
+        assert_eq!(s.size().await.unwrap(), 19);
+        // Kept ones first: a claim of a dropped key takes a record of its own.
+        for minutes in (1..=20u64).rev() {
+            let claim = s.claim(&format!("k{minutes}"), "h", lease).await.unwrap();
+            let kept = matches!(claim, Claim::Completed { .. });
+            assert_eq!(kept, minutes > 2, "k{minutes}: {claim:?}");
+        }
     }
 }
