@@ -231,6 +231,17 @@ struct Measured {
     elapsed: Duration,
     p50: Duration,
     p99: Duration,
+    /// Heap allocations made while the round ran, where the binary counts them
+    /// (`throughput_allocations`).
+    allocations: Option<u64>,
+}
+
+/// The allocation counter of the binary's global allocator, set by `throughput_allocations`
+/// (the other binaries do not count: a shared counter would slow down what they time).
+pub static ALLOCATIONS: OnceLock<fn() -> u64> = OnceLock::new();
+
+fn allocations() -> Option<u64> {
+    ALLOCATIONS.get().map(|count| count())
 }
 
 impl Measured {
@@ -261,6 +272,7 @@ async fn framework(mode: Mode, meters: &SdkMeterProvider) -> Measured {
     };
     let app = b.start().await.expect("start");
     let start = Instant::now();
+    let allocated = allocations();
     // Producers: several tasks, each keeping its customers' orders in sequence.
     let producers: Vec<_> = (0..4u64)
         .map(|p| {
@@ -279,9 +291,15 @@ async fn framework(mode: Mode, meters: &SdkMeterProvider) -> Measured {
     }
     sink.wait().await;
     let elapsed = start.elapsed();
+    let allocations = allocations().zip(allocated).map(|(end, start)| end - start);
     app.shutdown().await.expect("shutdown");
     let (p50, p99) = sink.percentiles();
-    Measured { elapsed, p50, p99 }
+    Measured {
+        elapsed,
+        p50,
+        p99,
+        allocations,
+    }
 }
 
 async fn baseline() -> Measured {
@@ -292,6 +310,7 @@ async fn baseline() -> Measured {
     let (tx2, mut rx2) =
         tokio::sync::mpsc::channel::<(Arc<str>, sourceflow::transport::Attributes)>(1024);
     let start = Instant::now();
+    let allocated = allocations();
     let stage1 = tokio::spawn(async move {
         while let Some((body, attrs)) = rx1.recv().await {
             let env = envelope::decode(&body, &attrs).expect("envelope");
@@ -322,10 +341,16 @@ async fn baseline() -> Measured {
     drop(tx1);
     sink.wait().await;
     let elapsed = start.elapsed();
+    let allocations = allocations().zip(allocated).map(|(end, start)| end - start);
     let _ = stage1.await;
     let _ = stage2.await;
     let (p50, p99) = sink.percentiles();
-    Measured { elapsed, p50, p99 }
+    Measured {
+        elapsed,
+        p50,
+        p99,
+        allocations,
+    }
 }
 
 /// Spans go through the whole OpenTelemetry pipeline and are then dropped.
@@ -548,6 +573,16 @@ pub fn main() {
         "embedded transport, {COMMANDS} commands + {COMMANDS} events per round, {GROUPS} FIFO groups, \
          concurrency {CONCURRENCY}, 2 worker threads, median of {ROUNDS} rounds"
     );
+    if ALLOCATIONS.get().is_some() {
+        // The counting binary: allocations, not rates (its shared counter slows it down).
+        println!("{:<42} {:>22}", "", "allocations per command");
+        for (name, m) in &results {
+            if let Some(n) = m.as_ref().and_then(|m| m.allocations) {
+                println!("{:<42} {:>22.1}", name, n as f64 / COMMANDS as f64);
+            }
+        }
+        return;
+    }
     println!(
         "{:<42} {:>14} {:>10} {:>10} {:>10}",
         "", "handled msg/s", "vs base", "p50", "p99"

@@ -20,6 +20,11 @@ pub const MAX_NAME_LEN: usize = 256;
 /// per message), a producer's are owned.
 pub type AttributeName = std::borrow::Cow<'static, str>;
 
+/// The text of an [`AttributeValue`]: the values sourceflow sets from constants (a type's
+/// wire name, the content type) are `&'static str`s, borrowed with no allocation per
+/// message; every other value is owned. `"text".into()` and `String::into()` make one.
+pub type AttributeText = std::borrow::Cow<'static, str>;
+
 /// The value of a message attribute, typed as on the wire (its `DataType`).
 ///
 /// ```
@@ -34,13 +39,13 @@ pub type AttributeName = std::borrow::Cow<'static, str>;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AttributeValue {
     /// `String`: matched by string conditions of a filter policy.
-    String(String),
+    String(AttributeText),
     /// `Number`, in its decimal text (`"42"`, `"-3.5"`, `"1e3"`): matched by numeric
     /// conditions only.
-    Number(String),
+    Number(AttributeText),
     /// `String.Array`: a JSON array (of strings, numbers, `true`, `false`, `null`); a
     /// filter condition matches when it matches one of its elements.
-    StringArray(String),
+    StringArray(AttributeText),
 }
 
 impl AttributeValue {
@@ -54,7 +59,7 @@ impl AttributeValue {
             .into_iter()
             .map(|s| serde_json::Value::String(s.into()))
             .collect();
-        AttributeValue::StringArray(serde_json::Value::Array(items).to_string())
+        AttributeValue::StringArray(serde_json::Value::Array(items).to_string().into())
     }
 
     /// The SQS/SNS `DataType`: `String`, `Number` or `String.Array`.
@@ -109,11 +114,11 @@ impl AttributeValue {
     /// `None` for `Binary` (sourceflow does not carry binary attributes).
     pub fn from_wire(data_type: &str, value: String) -> Option<Self> {
         if data_type == "String.Array" {
-            Some(AttributeValue::StringArray(value))
+            Some(AttributeValue::StringArray(value.into()))
         } else if data_type == "Number" || data_type.starts_with("Number.") {
-            Some(AttributeValue::Number(value))
+            Some(AttributeValue::Number(value.into()))
         } else if data_type == "String" || data_type.starts_with("String.") {
-            Some(AttributeValue::String(value))
+            Some(AttributeValue::String(value.into()))
         } else {
             None
         }
@@ -173,19 +178,19 @@ fn check_number(n: &str) -> Result<(), String> {
 
 impl From<&str> for AttributeValue {
     fn from(s: &str) -> Self {
-        AttributeValue::String(s.to_string())
+        AttributeValue::String(s.to_string().into())
     }
 }
 
 impl From<String> for AttributeValue {
     fn from(s: String) -> Self {
-        AttributeValue::String(s)
+        AttributeValue::String(s.into())
     }
 }
 
 impl From<&String> for AttributeValue {
     fn from(s: &String) -> Self {
-        AttributeValue::String(s.clone())
+        AttributeValue::String(s.clone().into())
     }
 }
 
@@ -193,7 +198,7 @@ macro_rules! number_from {
     ($($t:ty),*) => {$(
         impl From<$t> for AttributeValue {
             fn from(n: $t) -> Self {
-                AttributeValue::Number(n.to_string())
+                AttributeValue::Number(n.to_string().into())
             }
         }
     )*};
@@ -241,7 +246,7 @@ enum Stored {
 impl Serialize for AttributeValue {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
-            AttributeValue::String(v) => Stored::Plain(v.clone()),
+            AttributeValue::String(v) => Stored::Plain(v.to_string()),
             other => Stored::Typed {
                 data_type: other.data_type().to_string(),
                 value: other.as_str().to_string(),
@@ -254,7 +259,7 @@ impl Serialize for AttributeValue {
 impl<'de> Deserialize<'de> for AttributeValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Stored::deserialize(d)? {
-            Stored::Plain(v) => Ok(AttributeValue::String(v)),
+            Stored::Plain(v) => Ok(AttributeValue::String(v.into())),
             Stored::Typed { data_type, value } => AttributeValue::from_wire(&data_type, value)
                 .ok_or_else(|| {
                     serde::de::Error::custom(format!("unknown attribute type {data_type}"))
@@ -342,7 +347,9 @@ mod tests {
         assert!(AttributeValue::from(f64::NAN).check().is_err());
         assert!(AttributeValue::Number("4x".into()).check().is_err());
         assert!(AttributeValue::Number("1e200".into()).check().is_err());
-        assert!(AttributeValue::Number("1".repeat(39)).check().is_err());
+        assert!(AttributeValue::Number("1".repeat(39).into())
+            .check()
+            .is_err());
         assert!(AttributeValue::from(-3.5).check().is_ok());
         assert!(AttributeValue::from(0).check().is_ok());
         assert!(AttributeValue::StringArray("[1, \"a\", null]".into())

@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-pub use crate::attribute::{AttributeName, AttributeValue};
+pub use crate::attribute::{AttributeName, AttributeText, AttributeValue};
 use crate::error::{Error, Result};
 use crate::message::{check_group_id, Message};
 
@@ -290,12 +290,25 @@ fn attributes<M: Message>(
         + usize::from(tracestate.is_some())
         + usize::from(encrypted);
     let mut attributes: Vec<(AttributeName, AttributeValue)> = Vec::with_capacity(own + extra);
+    // Names, and the values known at compile time, are borrowed: no allocation for them.
+    let mut fixed = |k: &'static str, v: &'static str| {
+        attributes.push((
+            AttributeName::Borrowed(k),
+            AttributeValue::String(AttributeText::Borrowed(v)),
+        ))
+    };
+    fixed(attr::TYPE, M::NAME);
+    fixed(attr::CONTENT_TYPE, CONTENT_TYPE_JSON);
+    if encrypted {
+        fixed(attr::ENCRYPTION, attr::ENCRYPTION_V1);
+    }
+    attributes.push((
+        AttributeName::Borrowed(attr::SEQUENCE),
+        AttributeValue::String(seq.to_string().into()),
+    ));
     let mut put = |k: &'static str, v: &str| {
         attributes.push((AttributeName::Borrowed(k), AttributeValue::from(v)))
     };
-    put(attr::TYPE, M::NAME);
-    put(attr::CONTENT_TYPE, CONTENT_TYPE_JSON);
-    put(attr::SEQUENCE, &seq.to_string());
     if let Some(e) = entity_id {
         put(attr::ENTITY_ID, e);
     }
@@ -305,9 +318,6 @@ fn attributes<M: Message>(
     }
     if let Some(ts) = tracestate {
         put(attr::TRACESTATE, ts);
-    }
-    if encrypted {
-        put(attr::ENCRYPTION, attr::ENCRYPTION_V1);
     }
     attributes
 }
@@ -462,7 +472,7 @@ mod tests {
         fn decode_never_panics(body in any::<Vec<u8>>(), ty in ".{0,40}", extra in proptest::collection::vec((".{0,20}", ".{0,20}"), 0..4)) {
             let body = String::from_utf8_lossy(&body);
             let mut attrs: Vec<(AttributeName, AttributeValue)> =
-                extra.into_iter().map(|(k, v)| (k.into(), AttributeValue::String(v))).collect();
+                extra.into_iter().map(|(k, v)| (k.into(), AttributeValue::String(v.into()))).collect();
             attrs.push((attr::TYPE.into(), ty.into()));
             let _ = decode(&body, &attrs);
         }

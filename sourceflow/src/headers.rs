@@ -333,7 +333,7 @@ pub(crate) fn attach(out: &mut OutgoingMessage, headers: &Headers, user: usize) 
     }
     let attribute = (
         crate::AttributeName::Borrowed(ATTRIBUTE),
-        AttributeValue::String(headers.to_json()),
+        AttributeValue::String(headers.to_json().into()),
     );
     // Only a message with headers pays for rebuilding its (shared) attribute slice.
     let attributes = out

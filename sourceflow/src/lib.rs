@@ -97,7 +97,7 @@ pub mod transport;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub mod tx;
 
-pub use attribute::{AttributeName, AttributeValue};
+pub use attribute::{AttributeName, AttributeText, AttributeValue};
 pub use claim_check::{ClaimCheck, Compression};
 pub use context::{Context, State};
 pub use error::{BoxError, Error, InvokeError, Result, TopologyProblems};

@@ -119,7 +119,7 @@ fn add_due_at(message: &mut OutgoingMessage, at: u64) -> Result<()> {
     }
     let mut attributes = Vec::with_capacity(carried + 1);
     attributes.extend(message.attributes.iter().cloned());
-    attributes.push((DUE_AT.into(), AttributeValue::Number(at.to_string())));
+    attributes.push((DUE_AT.into(), AttributeValue::Number(at.to_string().into())));
     message.attributes = attributes.into();
     Ok(())
 }

@@ -48,13 +48,13 @@ struct Case {
 }
 
 fn s(v: &str) -> AttributeValue {
-    AttributeValue::String(v.into())
+    AttributeValue::String(v.to_string().into())
 }
 fn n(v: &str) -> AttributeValue {
-    AttributeValue::Number(v.into())
+    AttributeValue::Number(v.to_string().into())
 }
 fn arr(json: &str) -> AttributeValue {
-    AttributeValue::StringArray(json.into())
+    AttributeValue::StringArray(json.to_string().into())
 }
 
 const UNTYPED: &str = "LocalStack compares StringValue whatever the DataType";

@@ -15,7 +15,7 @@
 //! [`Heartbeat::take_all`] *before* it aborts the units (an aborted unit's hold drops and
 //! would unregister its messages), and hands it back.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -420,7 +420,7 @@ pub(crate) async fn copy_to_dead_letter(
     }
     attributes.insert(
         attr::DLQ_REASON.to_string(),
-        sqs_attribute(&AttributeValue::String(reason)).map_err(refused)?,
+        sqs_attribute(&AttributeValue::String(reason.into())).map_err(refused)?,
     );
     let mut req = sqs
         .send_message()
