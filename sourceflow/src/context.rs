@@ -259,11 +259,7 @@ impl Context {
         let position = self
             .produced
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_OID,
-            format!("{}/{}", self.envelope.id, position).as_bytes(),
-        )
-        .to_string();
+        let id = crate::envelope::derived_id(&self.envelope.id, position);
         let (traceparent, tracestate) = match crate::telemetry::current_trace_context() {
             Some((tp, ts)) => (Some(tp), ts),
             None => match &self.trace {

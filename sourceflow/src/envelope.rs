@@ -167,6 +167,33 @@ pub fn encode<M: Message>(msg: &M, meta: SendMeta) -> Result<OutgoingMessage> {
     encode_payload(msg, msg, meta, false)
 }
 
+/// A UUID in its hyphenated text, in one allocation of its exact length (`to_string` goes
+/// through `Display` and grows its string).
+pub(crate) fn uuid_text(id: uuid::Uuid) -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut buf).to_owned()
+}
+
+/// The v5 UUID (text) of `{parent}/{position}`: the id of the `position`-th message a
+/// handler of message `parent` produced. The name is built on the stack when it fits.
+pub(crate) fn derived_id(parent: &str, position: u32) -> String {
+    use std::io::Write as _;
+    const ON_STACK: usize = 160;
+    let mut buf = [0u8; ON_STACK];
+    let mut rest = &mut buf[..];
+    let written = write!(rest, "{parent}/{position}").is_ok();
+    let used = ON_STACK - rest.len();
+    let id = if written {
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &buf[..used])
+    } else {
+        uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{parent}/{position}").as_bytes(),
+        )
+    };
+    uuid_text(id)
+}
+
 /// Like [`encode`], with `payload` in the envelope in place of `msg` (its ciphertext when
 /// `encrypted`, which also sets the encryption attribute).
 pub(crate) fn encode_payload<M: Message, P: Serialize>(
@@ -177,7 +204,7 @@ pub(crate) fn encode_payload<M: Message, P: Serialize>(
 ) -> Result<OutgoingMessage> {
     let id = meta
         .message_id
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(|| uuid_text(uuid::Uuid::new_v4()));
     let entity_id = msg.entity_id();
     if M::FIFO {
         if let Some(e) = &entity_id {
@@ -465,6 +492,21 @@ pub fn attribute_value<'a>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn derived_ids_are_the_v5_uuids_of_parent_and_position() {
+        let long = "p".repeat(300);
+        for parent in ["0b6f3f4e-6f1a-4a53-9a36-2d3c1f0c5e11", long.as_str()] {
+            for position in [0, 7, u32::MAX] {
+                let name = format!("{parent}/{position}");
+                let expected =
+                    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string();
+                assert_eq!(derived_id(parent, position), expected, "{name}");
+            }
+        }
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(uuid_text(id), id.to_string());
+    }
 
     proptest! {
         /// Whatever arrives on a queue, decoding returns a value or an error: no panic.

@@ -264,7 +264,7 @@ pub fn payload_hash(payload: &str) -> String {
 
 /// A new random claim token.
 pub(crate) fn new_token() -> String {
-    uuid::Uuid::new_v4().to_string()
+    crate::envelope::uuid_text(uuid::Uuid::new_v4())
 }
 
 /// What one cleanup pass of [`purge_expired_in_batches`] removed.

@@ -27,11 +27,12 @@ use crate::health::Liveness;
 use crate::idempotency::IdempotencyStore;
 use crate::transport::{EntryError, ReceivedMessage, Transport, MAX_VISIBILITY};
 
-/// A claim held by a unit: its key and token.
+/// A claim held by a unit: its key and token (shared by the unit, its settling and the
+/// heartbeat: a clone copies no string).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClaimRef {
-    pub key: String,
-    pub token: String,
+    pub key: Arc<str>,
+    pub token: Arc<str>,
 }
 
 struct HeldMessage {
@@ -343,7 +344,7 @@ mod tests {
         let kept = hb.hold(&[msg("a", Instant::now())]);
         kept.claimed(ClaimRef {
             key: "mine".into(),
-            token,
+            token: token.into(),
         });
         let lost = hb.hold(&[msg("b", Instant::now())]);
         lost.claimed(ClaimRef {
@@ -354,7 +355,7 @@ mod tests {
         assert_eq!(due.claims.len(), 2);
         hb.renew(&store, "q", due.claims).await;
         let due = hb.due(Instant::now() + lease * 2);
-        let renewed: Vec<&str> = due.claims.iter().map(|(_, c)| c.token.as_str()).collect();
+        let renewed: Vec<&str> = due.claims.iter().map(|(_, c)| &*c.token).collect();
         assert_eq!(
             renewed.len(),
             1,

@@ -288,7 +288,10 @@ impl Listener {
     ) -> Stage<()> {
         match claim {
             Claim::Acquired { token, attempt } => {
-                let claim = ClaimRef { key, token };
+                let claim = ClaimRef {
+                    key: key.into(),
+                    token: token.into(),
+                };
                 hold.claimed(claim.clone());
                 track.claim = Some(claim);
                 track.attempt = attempt;

@@ -519,7 +519,7 @@ mod tests {
             dedup_id: None,
             delay: None,
             wire_name: "T".into(),
-            message_id: uuid::Uuid::new_v4().to_string(),
+            message_id: crate::envelope::uuid_text(uuid::Uuid::new_v4()),
         }
     }
 
