@@ -49,10 +49,10 @@ pub async fn redrive(
                     .group_id
                     .as_ref()
                     .map(|_| format!("redrive-{}", m.broker_id)),
-                group_id: m.group_id,
+                group_id: m.group_id.map(|g| g.to_string()),
                 delay: None,
                 wire_name,
-                message_id: m.broker_id,
+                message_id: m.broker_id.to_string(),
             });
             receipts.push(m.receipt);
         }

@@ -35,7 +35,7 @@ async fn fifo_keeps_order_per_group_and_holds_a_group_while_in_flight() {
         .first_before(&q, Instant::now() + PATIENCE, Duration::from_secs(30))
         .await
         .expect("a head of group");
-    let group = head.group_id.clone().expect("a group id");
+    let group = head.group_id.as_deref().expect("a group id").to_string();
     assert_eq!(
         &*head.body,
         format!("{group}1"),

@@ -30,7 +30,7 @@ pub(super) async fn handle(
         let queue = r.event_source_arn.as_deref().map(queue_of).unwrap_or("");
         let Some(listener) = inner.listeners.iter().find(|l| &**l.queue() == queue) else {
             tracing::error!(queue, broker_id = %msg.broker_id, "a record from a queue this function has no handlers for; it comes back (check the event source mappings)");
-            failed.push(msg.broker_id);
+            failed.push(msg.broker_id.to_string());
             continue;
         };
         match by_listener
@@ -54,7 +54,7 @@ pub(super) async fn handle(
     while let Some(f) = runs.next().await {
         failed.extend(f);
     }
-    failed.sort_by_key(|id| position.get(id).copied().unwrap_or(usize::MAX));
+    failed.sort_by_key(|id| position.get(id.as_str()).copied().unwrap_or(usize::MAX));
     let mut response = SqsBatchResponse::default();
     response.set_failures(failed);
     Ok(response)
@@ -78,7 +78,7 @@ async fn run_unit(
             return hand_back(&listener, &unit[i..], Duration::ZERO).await;
         }
         if let RecordOutcome::Failed { after } = listener.process_record(msg, &hold).await {
-            let mut failed = vec![msg.broker_id.clone()];
+            let mut failed = vec![msg.broker_id.to_string()];
             failed.extend(hand_back(&listener, &unit[i + 1..], after).await);
             return failed;
         }
@@ -90,5 +90,5 @@ async fn run_unit(
 /// with it; what the deadline left, at once); their ids.
 async fn hand_back(listener: &Listener, rest: &[ReceivedMessage], after: Duration) -> Vec<String> {
     listener.give_back_after(rest, after).await;
-    rest.iter().map(|m| m.broker_id.clone()).collect()
+    rest.iter().map(|m| m.broker_id.to_string()).collect()
 }

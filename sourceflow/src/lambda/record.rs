@@ -53,8 +53,11 @@ pub(crate) fn received(
             .get("ApproximateReceiveCount")
             .and_then(|c| c.parse().ok())
             .unwrap_or(1),
-        group_id: record.attributes.get("MessageGroupId").cloned(),
-        broker_id: id,
+        group_id: record
+            .attributes
+            .get("MessageGroupId")
+            .map(|g| Arc::from(g.as_str())),
+        broker_id: id.into(),
         receipt,
         body: Arc::from(record.body.as_deref().unwrap_or_default()),
         attributes: attributes.into(),
@@ -100,7 +103,7 @@ mod tests {
         bin.data_type = Some("Binary".into());
         r.message_attributes.insert("b".into(), bin);
         let m = received(0, &r, tokio::time::Instant::now()).expect("complete record");
-        assert_eq!((m.broker_id.as_str(), m.receipt.as_str()), ("m-1", "rh"));
+        assert_eq!((&*m.broker_id, m.receipt.as_str()), ("m-1", "rh"));
         assert_eq!((m.receive_count, m.group_id.as_deref()), (3, Some("g")));
         assert_eq!(
             &*m.attributes,

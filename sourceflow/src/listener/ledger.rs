@@ -19,14 +19,14 @@ const CAPACITY: usize = 100_000;
 
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
-    returns: Mutex<HashMap<String, u32>>,
+    returns: Mutex<HashMap<std::sync::Arc<str>, u32>>,
 }
 
 impl Ledger {
     /// `msg` was handed back without a handler attempt counting.
     pub(crate) fn returned(&self, msg: &ReceivedMessage) {
         let mut r = self.returns.lock();
-        if r.len() >= CAPACITY && !r.contains_key(&msg.broker_id) {
+        if r.len() >= CAPACITY && !r.contains_key(&*msg.broker_id) {
             r.clear();
         }
         *r.entry(msg.broker_id.clone()).or_default() += 1;
@@ -36,7 +36,7 @@ impl Ledger {
     pub(crate) fn forget(&self, msg: &ReceivedMessage) {
         let mut r = self.returns.lock();
         if !r.is_empty() {
-            r.remove(&msg.broker_id);
+            r.remove(&*msg.broker_id);
         }
     }
 
@@ -46,7 +46,7 @@ impl Ledger {
         if r.is_empty() {
             return 0;
         }
-        r.get(&msg.broker_id).copied().unwrap_or(0)
+        r.get(&*msg.broker_id).copied().unwrap_or(0)
     }
 
     /// The handler attempt this delivery is when no store counts attempts: the receive

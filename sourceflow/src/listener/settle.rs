@@ -232,7 +232,7 @@ impl Listener {
 
 /// The log line of a disposition (inside the message's `sourceflow.process` span).
 fn log(queue: &str, msg: &ReceivedMessage, d: &Disposition, track: &Track) {
-    let id = msg.broker_id.as_str();
+    let id = &*msg.broker_id;
     match d {
         Disposition::Ack(Ack::Success) => tracing::debug!(queue, broker_id = id, "handled"),
         Disposition::Ack(Ack::Duplicate) => {

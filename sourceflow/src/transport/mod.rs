@@ -37,8 +37,9 @@ pub type Attributes = Arc<[(AttributeName, AttributeValue)]>;
 /// A message as received from a queue.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
-    /// The broker's id for this message (SQS `MessageId`), for logs.
-    pub broker_id: String,
+    /// The broker's id for this message (SQS `MessageId`), for logs (shared with the
+    /// broker's copy and the listener's bookkeeping: a clone copies no string).
+    pub broker_id: Arc<str>,
     /// The receipt handle. The latest receipt of a message deletes it until someone
     /// receives it again; an earlier receipt, or one of a deleted message, is accepted by
     /// `delete` and may do nothing (as on SQS).
@@ -50,8 +51,8 @@ pub struct ReceivedMessage {
     pub attributes: Attributes,
     /// How many times the message has been received, this time included.
     pub receive_count: u32,
-    /// FIFO message group id.
-    pub group_id: Option<String>,
+    /// FIFO message group id (shared like the broker id).
+    pub group_id: Option<Arc<str>>,
     /// When this receive returned it: the 12-hour visibility limit counts from here.
     pub received_at: tokio::time::Instant,
 }

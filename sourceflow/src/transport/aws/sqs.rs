@@ -381,14 +381,14 @@ pub(crate) async fn receive(
             attributes.sort_by(|a, b| a.0.cmp(&b.0));
             ReceivedMessage {
                 received_at,
-                broker_id: m.message_id().unwrap_or_default().to_string(),
+                broker_id: m.message_id().unwrap_or_default().into(),
                 receipt: m.receipt_handle().unwrap_or_default().to_string(),
                 body: std::sync::Arc::from(m.body().unwrap_or_default()),
                 attributes: attributes.into(),
                 receive_count: get(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(1),
-                group_id: get(MessageSystemAttributeName::MessageGroupId),
+                group_id: get(MessageSystemAttributeName::MessageGroupId).map(Into::into),
             }
         })
         .collect())
@@ -429,13 +429,8 @@ pub(crate) async fn copy_to_dead_letter(
         .set_message_attributes(Some(attributes));
     if dlq.ends_with(".fifo") {
         req = req
-            .message_group_id(
-                message
-                    .group_id
-                    .clone()
-                    .unwrap_or_else(|| "dead-letter".into()),
-            )
-            .message_deduplication_id(&message.broker_id);
+            .message_group_id(message.group_id.as_deref().unwrap_or("dead-letter"))
+            .message_deduplication_id(&*message.broker_id);
     }
     req.send()
         .await

@@ -62,11 +62,11 @@ enum Visibility {
 
 /// A message in a queue.
 pub(super) struct Stored {
-    broker_id: String,
+    broker_id: Arc<str>,
     /// Shared with every receive of it: a receive does not copy the body or attributes.
     body: Arc<str>,
     attributes: Attributes,
-    group: Option<String>,
+    group: Option<Arc<str>>,
     receive_count: u32,
     visibility: Visibility,
     /// Bumped on every receive: it is the receipt's generation, so a receipt knows whether
@@ -95,8 +95,8 @@ struct QueueState {
     /// Standard queues: delayed messages by due time.
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
     /// FIFO queues: groups by id, and the groups that can deliver now.
-    groups: HashMap<String, Group>,
-    ready_groups: VecDeque<String>,
+    groups: HashMap<Arc<str>, Group>,
+    ready_groups: VecDeque<Arc<str>>,
     /// Visibility deadlines of in-flight messages: (deadline, seq, deadline version).
     deadlines: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     /// FIFO deduplication ids and when they were first seen.
@@ -214,6 +214,7 @@ impl Queue {
             let Some(group) = m.group_id.take() else {
                 return;
             };
+            let group: Arc<str> = group.into();
             let dedup = m.dedup_id.take().unwrap_or_else(|| m.message_id.clone());
             if !st.dedup.insert(dedup.clone()) {
                 // Within the window a duplicate is accepted and dropped, as SQS does.
@@ -223,7 +224,7 @@ impl Queue {
             st.dedup_order.push_back((now, dedup));
             let seq = push(st, m, Some(group.clone()), Visibility::Visible, now);
             // The group's key is allocated only when the group is new.
-            let g = match st.groups.get_mut(&group) {
+            let g = match st.groups.get_mut(&*group) {
                 Some(g) => g,
                 None => st.groups.entry(group.clone()).or_default(),
             };
@@ -536,7 +537,7 @@ impl Queue {
             None => m.attributes,
         };
         let group = match (self.fifo, m.group) {
-            (true, None) => Some(DEAD_LETTER_GROUP.to_string()),
+            (true, None) => Some(Arc::from(DEAD_LETTER_GROUP)),
             (_, group) => group,
         };
         let mut st = self.state.lock();
@@ -719,22 +720,22 @@ fn make_visible(q: &Queue, st: &mut QueueState, seq: u64) {
 
 /// After a change to a FIFO group: forget it when it is empty, or list it as ready when
 /// nothing of it is in flight.
-fn settle_group(st: &mut QueueState, group: &str) {
-    let Some(g) = st.groups.get_mut(group) else {
+fn settle_group(st: &mut QueueState, group: &Arc<str>) {
+    let Some(g) = st.groups.get_mut(&**group) else {
         return;
     };
     if g.pending.is_empty() && g.in_flight == 0 {
-        st.groups.remove(group);
+        st.groups.remove(&**group);
     } else if g.in_flight == 0 && !g.queued {
         g.queued = true;
-        st.ready_groups.push_back(group.to_string());
+        st.ready_groups.push_back(group.clone());
     }
 }
 
 fn push(
     st: &mut QueueState,
     m: OutgoingMessage,
-    group: Option<String>,
+    group: Option<Arc<str>>,
     visibility: Visibility,
     now: Instant,
 ) -> u64 {
@@ -745,7 +746,7 @@ fn push(
     st.messages.insert(
         seq,
         Stored {
-            broker_id: m.message_id,
+            broker_id: m.message_id.into(),
             body: m.body,
             attributes: m.attributes,
             group,
