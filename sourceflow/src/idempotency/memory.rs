@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{new_token, Claim, IdempotencyStore, Release, ABANDONED_AFTER};
+use super::{new_token, Claim, IdempotencyStore, PayloadHash, Release, ABANDONED_AFTER};
 use crate::error::Result;
 
 /// Default number of records kept.
@@ -50,8 +50,27 @@ impl State {
     }
 }
 
+/// A payload hash as kept: inline when it is the SHA-256 hex the listener computes.
+enum Hash {
+    Sha256(PayloadHash),
+    Other(Box<str>),
+}
+
+impl Hash {
+    fn new(text: &str) -> Self {
+        PayloadHash::parse(text).map_or_else(|| Hash::Other(text.into()), Hash::Sha256)
+    }
+
+    fn is(&self, text: &str) -> bool {
+        match self {
+            Hash::Sha256(h) => h.as_str() == text,
+            Hash::Other(h) => &**h == text,
+        }
+    }
+}
+
 struct Entry {
-    hash: String,
+    hash: Hash,
     /// Handler attempts recorded: failed releases and claims taken over from dead workers.
     attempts: u32,
     state: State,
@@ -155,7 +174,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 state: State::Completed { until, .. },
                 ..
             }) if *until <= now => 0,
-            Some(e) if e.hash != payload_hash => return Ok(Claim::Mismatch),
+            Some(e) if !e.hash.is(payload_hash) => return Ok(Claim::Mismatch),
             Some(Entry {
                 state: State::Completed { outbox, .. },
                 ..
@@ -192,7 +211,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         entries.insert(
             key.to_string(),
             Entry {
-                hash: payload_hash.to_string(),
+                hash: Hash::new(payload_hash),
                 attempts,
                 state: State::InProgress {
                     token: Some(token.clone()),
@@ -393,6 +412,33 @@ mod tests {
             ),
             "taken over once the paused clock passed the lease"
         );
+    }
+
+    #[tokio::test]
+    async fn a_sha256_hash_kept_inline_still_tells_payloads_apart() {
+        use crate::idempotency::payload_hash;
+        let s = MemoryIdempotencyStore::new();
+        let lease = Duration::from_secs(30);
+        let (a, b) = (payload_hash(r#"{"n":1}"#), payload_hash(r#"{"n":2}"#));
+        assert!(matches!(Hash::new(&a), Hash::Sha256(_)));
+        assert!(matches!(Hash::new("H"), Hash::Other(_)));
+        assert!(matches!(
+            s.claim("k", &a, lease).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        assert!(matches!(
+            s.claim("k", &b, lease).await.unwrap(),
+            Claim::Mismatch
+        ));
+        assert!(matches!(
+            s.claim("k", &a, lease).await.unwrap(),
+            Claim::InProgress { .. }
+        ));
+        let upper = a.to_uppercase();
+        assert!(matches!(
+            s.claim("k", &upper, lease).await.unwrap(),
+            Claim::Mismatch
+        ));
     }
 
     #[tokio::test]

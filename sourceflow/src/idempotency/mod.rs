@@ -251,15 +251,40 @@ pub fn key(service: &str, wire_name: &str, message_id: &str) -> String {
 
 /// SHA-256 of a payload, hex-encoded: stored with the claim to detect a reused id.
 pub fn payload_hash(payload: &str) -> String {
-    use sha2::Digest;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = sha2::Sha256::digest(payload.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    PayloadHash::of(payload).as_str().to_owned()
+}
+
+/// [`payload_hash`] without an allocation: the 64 hex digits on the stack (the listener
+/// claims with it; a store that keeps it copies it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PayloadHash([u8; 64]);
+
+impl PayloadHash {
+    pub(crate) fn of(payload: &str) -> Self {
+        use sha2::Digest;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digest = sha2::Sha256::digest(payload.as_bytes());
+        let mut out = [0u8; 64];
+        for (i, b) in digest.iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
+        }
+        PayloadHash(out)
     }
-    out
+
+    /// From its text, when that is 64 hex digits as [`PayloadHash::of`] writes them.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; 64] = text.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+            .then_some(PayloadHash(bytes))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored (`of`, `parse`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// A new random claim token.

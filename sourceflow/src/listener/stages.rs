@@ -225,12 +225,12 @@ impl Listener {
             return Ok(());
         };
         let key = self.key_of(idem, env)?;
-        let hash = idempotency::payload_hash(env.payload.get());
+        let hash = idempotency::PayloadHash::of(env.payload.get());
         let mut waits = 0u32;
         loop {
             let claimed = idem
                 .store
-                .claim(&key, &hash, self.visibility_timeout)
+                .claim(&key, hash.as_str(), self.visibility_timeout)
                 .await
                 .map_err(|e| {
                     self.infrastructure(
