@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use super::record::{queue_of, received, RecordError};
 use super::Inner;
-use crate::listener::{group_in_order, Listener, RecordOutcome};
+use crate::listener::{group_in_order, Listener, RecordOutcome, Unit};
 use crate::transport::ReceivedMessage;
 
 /// Handles the batch (see the module docs).
@@ -44,7 +44,7 @@ pub(super) async fn handle(
     let units = by_listener.into_iter().flat_map(|(l, msgs)| {
         let units = match l.is_fifo() {
             true => group_in_order(msgs),
-            false => msgs.into_iter().map(|m| vec![m]).collect(),
+            false => msgs.into_iter().map(|m| smallvec::smallvec![m]).collect(),
         };
         units.into_iter().map(move |u| (l.clone(), u))
     });
@@ -64,7 +64,7 @@ pub(super) async fn handle(
 /// first failure (or when the deadline is near) the rest are handed back, not run.
 async fn run_unit(
     listener: Arc<Listener>,
-    unit: Vec<ReceivedMessage>,
+    unit: Unit,
     deadline: Option<SystemTime>,
     margin: Duration,
 ) -> Vec<String> {

@@ -43,7 +43,8 @@ struct HeldMessage {
 }
 
 struct HeldUnit {
-    messages: Vec<HeldMessage>,
+    /// Most units are one message: kept inline.
+    messages: smallvec::SmallVec<[HeldMessage; 1]>,
     claim: Option<ClaimRef>,
     extended_at: Instant,
 }

@@ -61,7 +61,7 @@ use heartbeat::Heartbeat;
 use ledger::Ledger;
 use poll::Units;
 #[cfg(feature = "lambda")]
-pub(crate) use unit::{group_in_order, RecordOutcome};
+pub(crate) use unit::{group_in_order, RecordOutcome, Unit};
 
 /// What a listener did while shutting down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

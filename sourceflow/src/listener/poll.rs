@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::heartbeat::Hold;
-use super::unit::group_in_order;
+use super::unit::{group_in_order, Unit};
 use super::Listener;
 use crate::transport::{Receive, ReceivedMessage, MAX_BATCH_ENTRIES};
 
@@ -134,7 +134,10 @@ impl Listener {
         let batch = if self.fifo {
             group_in_order(messages)
         } else {
-            messages.into_iter().map(|m| vec![m]).collect()
+            messages
+                .into_iter()
+                .map(|m| smallvec::smallvec![m])
+                .collect()
         };
         let held: Vec<_> = batch
             .into_iter()
@@ -178,7 +181,7 @@ impl Listener {
     /// Runs a unit with its slot, in a task of its own.
     fn spawn_unit(
         self: &Arc<Self>,
-        unit: Vec<ReceivedMessage>,
+        unit: Unit,
         hold: Hold,
         permit: OwnedSemaphorePermit,
         units: &Units,
@@ -194,7 +197,7 @@ impl Listener {
     }
 
     /// At shutdown, units received but not started go back untouched.
-    async fn give_back_waiting(&self, waiting: Vec<(Vec<ReceivedMessage>, Hold)>) {
+    async fn give_back_waiting(&self, waiting: Vec<(Unit, Hold)>) {
         let mut messages = Vec::new();
         for (unit, hold) in waiting {
             drop(hold);

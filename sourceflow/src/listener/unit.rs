@@ -22,7 +22,7 @@ impl Listener {
     /// Handles a unit until it is done or the service stops; what has not started by then
     /// goes back to the queue, in order.
     /// `hold` is the unit's registration with the heartbeat, made when it was received.
-    pub(crate) async fn run_unit(self: Arc<Self>, unit: Vec<ReceivedMessage>, hold: Hold) {
+    pub(crate) async fn run_unit(self: Arc<Self>, unit: Unit, hold: Hold) {
         let mut i = 0;
         let mut in_place = 0u32;
         while i < unit.len() {
@@ -166,13 +166,16 @@ impl Listener {
     }
 }
 
+/// The messages of a unit of work: most units are one message, kept inline.
+pub(crate) type Unit = smallvec::SmallVec<[ReceivedMessage; 1]>;
+
 /// Splits a FIFO batch into per-group runs, keeping the order within each group.
-pub(crate) fn group_in_order(messages: Vec<ReceivedMessage>) -> Vec<Vec<ReceivedMessage>> {
-    let mut order: Vec<Vec<ReceivedMessage>> = Vec::new();
+pub(crate) fn group_in_order(messages: Vec<ReceivedMessage>) -> Vec<Unit> {
+    let mut order: Vec<Unit> = Vec::new();
     for m in messages {
         match order.iter_mut().find(|u| u[0].group_id == m.group_id) {
             Some(u) => u.push(m),
-            None => order.push(vec![m]),
+            None => order.push(smallvec::smallvec![m]),
         }
     }
     order
