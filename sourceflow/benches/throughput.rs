@@ -583,7 +583,6 @@ pub fn main() {
         .into_iter()
         .map(|(n, v)| (n, (!v.is_empty()).then(|| median(v))))
         .collect();
-    let rate = |i: usize| results[i].1.as_ref().map(Measured::handled_per_sec);
     println!(
         "embedded transport, {COMMANDS} commands + {COMMANDS} events per round, {GROUPS} FIFO groups, \
          concurrency {CONCURRENCY}, 2 worker threads, median of {ROUNDS} rounds"
@@ -596,13 +595,24 @@ pub fn main() {
                 println!("{:<42} {:>22.1}", name, n as f64 / COMMANDS as f64);
             }
         }
-        return;
+    } else {
+        print_rates(&results, &meters, set_telemetry);
     }
+    let _ = tracer.shutdown();
+}
+
+/// The rates table, the telemetry overhead and its floor (the timing binaries).
+fn print_rates(
+    results: &[(&str, Option<Measured>)],
+    meters: &SdkMeterProvider,
+    set_telemetry: impl Fn(bool),
+) {
+    let rate = |i: usize| results[i].1.as_ref().map(Measured::handled_per_sec);
     println!(
         "{:<42} {:>14} {:>10} {:>10} {:>10}",
         "", "handled msg/s", "vs base", "p50", "p99"
     );
-    for (name, m) in &results {
+    for (name, m) in results {
         let Some(m) = m else { continue };
         let vs_base = rate(0).map_or(f64::NAN, |base| m.handled_per_sec() / base);
         println!(
@@ -627,9 +637,9 @@ pub fn main() {
         );
         // The floor, off then on, on this thread (the runtime is idle now).
         let n = 20_000;
-        let off = telemetry_floor(n, &meters);
+        let off = telemetry_floor(n, meters);
         set_telemetry(true);
-        let on_cost = telemetry_floor(n, &meters);
+        let on_cost = telemetry_floor(n, meters);
         set_telemetry(false);
         let floor = on_cost.saturating_sub(off);
         // Per command the defaults row takes 2/rate of wall time on two workers; the floor's
@@ -643,5 +653,4 @@ pub fn main() {
             per_command * 1e6
         );
     }
-    let _ = tracer.shutdown();
 }

@@ -37,7 +37,7 @@ pub(crate) struct ClaimRef {
 
 struct HeldMessage {
     receipt: String,
-    broker_id: std::sync::Arc<str>,
+    broker_id: Arc<str>,
     received_at: Instant,
     capped: bool,
 }

@@ -223,11 +223,8 @@ impl Queue {
             }
             st.dedup_order.push_back((now, dedup));
             let seq = push(st, m, Some(group.clone()), Visibility::Visible, now);
-            // The group's key is allocated only when the group is new.
-            let g = match st.groups.get_mut(&*group) {
-                Some(g) => g,
-                None => st.groups.entry(group.clone()).or_default(),
-            };
+            // The key shares the message's group id: no allocation, new group or not.
+            let g = st.groups.entry(group.clone()).or_default();
             g.pending.push_back(seq);
             if g.in_flight == 0 && !g.queued {
                 g.queued = true;
