@@ -3,6 +3,9 @@
 //! SDK never looks further (no profile, no instance metadata).
 #![allow(dead_code)]
 
+use std::time::Duration;
+
+use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_dynamodb::Client;
 
@@ -36,9 +39,19 @@ pub fn endpoint(test: &str) -> Option<String> {
 }
 
 /// A client on `endpoint`.
+///
+/// Its connect timeout is 10 s, not the SDK's 3.1 s: moto's server listens with a backlog
+/// of 128, so the races that open hundreds of connections at once overflow it, and a
+/// dropped SYN is retransmitted after 1 s and again after 3 s. On a loaded 2-core CI
+/// machine the second retransmit landed just past 3.1 s and failed the claim with a
+/// connect timeout (the emulator's limit, not the store's); 10 s covers the third.
 pub fn client(endpoint: &str) -> Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build();
     let conf = aws_sdk_dynamodb::Config::builder()
         .behavior_version(BehaviorVersion::latest())
+        .timeout_config(timeouts)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "test"))
         .endpoint_url(endpoint)

@@ -2,7 +2,8 @@
 # moto server 5.2.5 (from PyPI, in a virtualenv under .cache/) on 127.0.0.1 only: the AWS
 # API peer for the DynamoDB idempotency store. (LocalStack serves SQS/SNS/KMS/STS for the
 # other AWS tests, but its DynamoDB downloads DynamoDB Local at run time, which needs the
-# internet; moto implements DynamoDB in-process.)
+# internet; moto implements DynamoDB in-process.) It runs through moto_server.py, which
+# serves one request at a time: moto's conditional writes are not atomic otherwise.
 #
 #   eval "$(tests/support/moto.sh start)"   # installs on first use, starts, prints exports
 #   tests/support/moto.sh install           # only installs (tests/run.sh, while it builds)
@@ -11,7 +12,8 @@
 #
 # stdout carries only the `export` lines; progress goes to stderr.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/../.."
 port=${SOURCEFLOW_MOTO_PORT:-5055}
 root=$PWD/.cache/moto-$port
 venv=$PWD/.cache/moto-venv
@@ -56,7 +58,7 @@ start() {
     say "starting moto server on 127.0.0.1:$port"
     (
         cd "$root"
-        nohup "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
+        nohup "$venv/bin/python" "$here/moto_server.py" 127.0.0.1 "$port" >"$log" 2>&1 &
         echo $! >"$pidfile"
     )
     for _ in $(seq 1 60); do
