@@ -40,11 +40,12 @@ pub fn endpoint(test: &str) -> Option<String> {
 
 /// A client on `endpoint`.
 ///
-/// Its connect timeout is 10 s, not the SDK's 3.1 s: moto's server listens with a backlog
-/// of 128, so the races that open hundreds of connections at once overflow it, and a
-/// dropped SYN is retransmitted after 1 s and again after 3 s. On a loaded 2-core CI
-/// machine the second retransmit landed just past 3.1 s and failed the claim with a
-/// connect timeout (the emulator's limit, not the store's); 10 s covers the third.
+/// Its connect timeout is 10 s, not the SDK's 3.1 s. The races open hundreds of connections
+/// at once to one Python process. Under werkzeug's backlog of 128 the dropped SYNs were
+/// retransmitted after 1 s and 3 s, and on a loaded 2-core CI machine a claim failed with a
+/// 3.1 s connect timeout (the emulator's limit, not the store's). `moto_server.py` now
+/// listens with a backlog of 1024; this timeout also covers a third retransmit (7 s) should
+/// a loaded machine still drop some.
 pub fn client(endpoint: &str) -> Client {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(10))

@@ -12,6 +12,7 @@
 usage: python moto_server.py HOST PORT
 """
 
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,8 @@ from moto.moto_server.werkzeug_app import (
 
 def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
+    # As moto_server sets it: moto builds some URLs from it.
+    os.environ.setdefault("MOTO_PORT", str(port))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = DomainDispatcherApplication(create_backend_app)
     lock = threading.Lock()
