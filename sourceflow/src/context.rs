@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::dispatch::{Dispatcher, Pending};
-use crate::envelope::{AttributeValue, Envelope, SendMeta};
+use crate::envelope::{AttributeValue, Incoming, SendMeta};
 use crate::error::{InvokeError, Result};
 use crate::message::{Command, Event, Message};
 
@@ -29,7 +29,7 @@ pub struct State<T>(pub T);
 /// They carry this message's correlation id, and its message id as their causation id.
 pub struct Context {
     dispatcher: Arc<Dispatcher>,
-    envelope: Envelope,
+    envelope: Incoming,
     receive_count: u32,
     queue: Arc<str>,
     outbox: Mutex<Vec<Pending>>,
@@ -49,8 +49,8 @@ pub struct Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("message_id", &self.envelope.id)
-            .field("wire_name", &self.envelope.wire_name)
+            .field("message_id", &self.envelope.id())
+            .field("wire_name", &self.envelope.wire_name())
             .field("correlation_id", &self.correlation_id())
             .field("receive_count", &self.receive_count)
             .field("queue", &self.queue)
@@ -61,7 +61,7 @@ impl std::fmt::Debug for Context {
 impl Context {
     pub(crate) fn new(
         dispatcher: Arc<Dispatcher>,
-        envelope: Envelope,
+        envelope: Incoming,
         receive_count: u32,
         queue: Arc<str>,
         trace: Option<(String, Option<String>)>,
@@ -132,25 +132,22 @@ impl Context {
 
     /// The envelope's message id: stable across redeliveries and retried sends.
     pub fn message_id(&self) -> &str {
-        &self.envelope.id
+        self.envelope.id()
     }
 
     /// The conversation this message belongs to.
     pub fn correlation_id(&self) -> &str {
-        self.envelope
-            .correlation_id
-            .as_deref()
-            .unwrap_or(&self.envelope.id)
+        self.envelope.correlation_id().unwrap_or(self.envelope.id())
     }
 
     /// The message whose handler sent this one, if any.
     pub fn causation_id(&self) -> Option<&str> {
-        self.envelope.causation_id.as_deref()
+        self.envelope.causation_id()
     }
 
     /// The entity id (FIFO group id), if the message type has one.
     pub fn entity_id(&self) -> Option<&str> {
-        self.envelope.entity_id.as_deref()
+        self.envelope.entity_id()
     }
 
     /// How many times this message has been received, this time included (1 on the first
@@ -161,7 +158,7 @@ impl Context {
 
     /// The wire name of the message.
     pub fn wire_name(&self) -> &str {
-        &self.envelope.wire_name
+        self.envelope.wire_name()
     }
 
     /// The queue it was received from.
@@ -259,7 +256,7 @@ impl Context {
         let position = self
             .produced
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = crate::envelope::derived_id(&self.envelope.id, position);
+        let id = crate::envelope::derived_id(self.envelope.id(), position);
         let (traceparent, tracestate) = match crate::telemetry::current_trace_context() {
             Some((tp, ts)) => (Some(tp), ts),
             None => match &self.trace {
@@ -273,7 +270,7 @@ impl Context {
                 msg,
                 SendMeta {
                     correlation_id: Some(self.correlation_id().to_string()),
-                    causation_id: Some(self.envelope.id.clone()),
+                    causation_id: Some(self.envelope.id().to_string()),
                     message_id: Some(id),
                     traceparent,
                     tracestate,
@@ -311,8 +308,8 @@ impl Context {
 
     #[doc(hidden)]
     pub fn __decode<M: Message>(&self) -> Result<M, InvokeError> {
-        crate::payload::decode(self.envelope.payload.get()).map_err(|reason| InvokeError::Decode {
-            wire_name: self.envelope.wire_name.clone(),
+        crate::payload::decode(self.envelope.payload()).map_err(|reason| InvokeError::Decode {
+            wire_name: self.envelope.wire_name().to_string(),
             reason,
         })
     }

@@ -29,6 +29,9 @@ pub use crate::attribute::{AttributeName, AttributeText, AttributeValue};
 use crate::error::{Error, Result};
 use crate::message::{check_group_id, Message};
 
+pub(crate) mod incoming;
+pub(crate) use incoming::Incoming;
+
 /// The envelope version this build writes and reads.
 pub const VERSION: u32 = 1;
 

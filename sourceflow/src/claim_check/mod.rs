@@ -40,8 +40,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+#[cfg(any(test, feature = "testing"))]
+pub(crate) use wire::restore;
 pub use wire::Pointer;
-pub(crate) use wire::{offload, restore, shrink, RestoreError};
+pub(crate) use wire::{offload, restore_incoming, shrink, RestoreError};
 
 /// Default expiration of stored payloads: longer than SQS's longest retention (14 days),
 /// so no message outlives its payload.

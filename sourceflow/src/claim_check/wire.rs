@@ -15,7 +15,9 @@ use serde_json::value::RawValue;
 
 use super::codec::{gunzip, gzip, sha256_hex};
 use super::{ObjectError, Target, ENCODING_GZIP, ENCODING_IDENTITY};
-use crate::envelope::{Envelope, OutgoingMessage};
+#[cfg(any(test, feature = "testing"))]
+use crate::envelope::Envelope;
+use crate::envelope::{Incoming, OutgoingMessage};
 use crate::error::EntryError;
 
 /// Where a stored payload is, and how to check and read it.
@@ -170,23 +172,50 @@ pub(crate) enum RestoreError {
 
 /// Puts the payload of a received envelope back: fetched and checked when it was stored,
 /// decompressed when it travels compressed. An envelope in neither form is left as it is.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) async fn restore(
     store: Option<&dyn super::ObjectStore>,
     env: &mut Envelope,
 ) -> Result<(), RestoreError> {
-    if let Some(pointer) = env.claim_check.take() {
+    let (pointer, encoding) = (env.claim_check.take(), env.payload_encoding.take());
+    if let Some(payload) = restored(store, pointer, encoding, &env.payload).await? {
+        env.payload = payload;
+    }
+    Ok(())
+}
+
+/// [`restore`] for the listener's [`Incoming`] envelope.
+pub(crate) async fn restore_incoming(
+    store: Option<&dyn super::ObjectStore>,
+    env: &mut Incoming,
+) -> Result<(), RestoreError> {
+    let (pointer, encoding) = (env.claim_check.take(), env.payload_encoding.take());
+    let payload = raw_json(env.payload().as_bytes().to_vec())?;
+    if let Some(payload) = restored(store, pointer, encoding, &payload).await? {
+        env.set_payload(payload);
+    }
+    Ok(())
+}
+
+/// The payload a stored or compressed envelope stands for (`None`: in neither form).
+async fn restored(
+    store: Option<&dyn super::ObjectStore>,
+    pointer: Option<Pointer>,
+    encoding: Option<String>,
+    payload: &RawValue,
+) -> Result<Option<Box<RawValue>>, RestoreError> {
+    if let Some(pointer) = pointer {
         let store = store.ok_or_else(|| RestoreError::NoStore(pointer.bucket.clone()))?;
         let bytes = fetch(store, &pointer).await?;
         let json = decoded(&bytes, &pointer.encoding)?;
-        env.payload = raw_json(json)?;
-        return Ok(());
+        return raw_json(json).map(Some);
     }
-    if let Some(encoding) = env.payload_encoding.take() {
-        let bytes = unbase64(&env.payload).map_err(RestoreError::Corrupt)?;
+    if let Some(encoding) = encoding {
+        let bytes = unbase64(payload).map_err(RestoreError::Corrupt)?;
         let json = decoded(&bytes, &encoding)?;
-        env.payload = raw_json(json)?;
+        return raw_json(json).map(Some);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The object a pointer names, checked against its size and digest.

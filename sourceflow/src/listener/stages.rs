@@ -20,7 +20,7 @@ use crate::claim_check::{self, RestoreError};
 use crate::context::Context;
 use crate::dispatch::{self, Pending, Undispatched};
 use crate::encryption::{self, DecryptError};
-use crate::envelope::{self, attr, Envelope};
+use crate::envelope::{self, attr, Incoming};
 use crate::error::{BoxError, InvokeError};
 use crate::idempotency::{self, Claim};
 use crate::middleware::{self, Failed, Invocation};
@@ -81,7 +81,7 @@ impl Listener {
     pub(crate) async fn pipeline(
         &self,
         msg: &ReceivedMessage,
-        decoded: Stage<Envelope>,
+        decoded: Stage<Incoming>,
         hold: &Hold,
         track: &mut Track,
     ) -> Stage<Disposition> {
@@ -104,20 +104,20 @@ impl Listener {
     /// Holds back a message received before its due time ([`crate::schedule`]): it is sent
     /// again to wait out the rest. (Nothing sends a FIFO queue a due time: there, order
     /// comes first and the attribute is ignored.)
-    fn due(&self, msg: &ReceivedMessage, env: &Envelope) -> Stage<()> {
+    fn due(&self, msg: &ReceivedMessage, env: &Incoming) -> Stage<()> {
         match crate::schedule::remaining(&msg.attributes) {
             Some(left) if !self.fifo => Err(Disposition::Redelay(Redelay {
                 left,
-                wire_name: env.wire_name.clone(),
-                message_id: env.id.clone(),
+                wire_name: env.wire_name().to_string(),
+                message_id: env.id().to_string(),
             })),
             _ => Ok(()),
         }
     }
 
     /// Finds this service's handlers for the message's type on this queue.
-    fn route(&self, env: &Envelope, track: &mut Track) -> Stage<&[&'static HandlerRoute]> {
-        let name = env.wire_name.as_str();
+    fn route(&self, env: &Incoming, track: &mut Track) -> Stage<&[&'static HandlerRoute]> {
+        let name = env.wire_name();
         let known = self.known.get(name).copied();
         if let Some(k) = known {
             track.wire = k;
@@ -144,12 +144,12 @@ impl Listener {
     /// Puts a stored or compressed payload back ([`crate::claim_check`]): a missing or
     /// corrupted one dead-letters the message, a store that cannot be reached is an
     /// infrastructure fault (retried, no attempt spent).
-    async fn fetch(&self, msg: &ReceivedMessage, mut env: Envelope) -> Stage<Envelope> {
+    async fn fetch(&self, msg: &ReceivedMessage, mut env: Incoming) -> Stage<Incoming> {
         if env.claim_check.is_none() && env.payload_encoding.is_none() {
             return Ok(env);
         }
         let store = self.dispatcher.transport().object_store();
-        match claim_check::restore(store.as_deref(), &mut env).await {
+        match claim_check::restore_incoming(store.as_deref(), &mut env).await {
             Ok(()) => Ok(env),
             Err(e @ RestoreError::Unavailable(_)) => {
                 Err(self.infrastructure(msg, format!("claim check: {e}")))
@@ -163,7 +163,7 @@ impl Listener {
 
     /// Opens an encrypted payload; a type that requires encryption is refused in clear.
     /// Nothing after this stage sees a ciphertext.
-    async fn decrypt(&self, msg: &ReceivedMessage, mut env: Envelope) -> Stage<Envelope> {
+    async fn decrypt(&self, msg: &ReceivedMessage, mut env: Incoming) -> Stage<Incoming> {
         match self.open(msg, &mut env).await {
             Ok(()) => Ok(env),
             Err(e) => Err(Disposition::dead_letter(
@@ -173,13 +173,13 @@ impl Listener {
         }
     }
 
-    async fn open(&self, msg: &ReceivedMessage, env: &mut Envelope) -> Result<(), DecryptError> {
+    async fn open(&self, msg: &ReceivedMessage, env: &mut Incoming) -> Result<(), DecryptError> {
         let settings = self.dispatcher.encryption();
         let Some(format) = envelope::attribute(&msg.attributes, encryption::ATTRIBUTE) else {
             let required =
-                self.encrypted.contains(env.wire_name.as_str()) || settings.is_some_and(|s| s.all);
+                self.encrypted.contains(env.wire_name()) || settings.is_some_and(|s| s.all);
             return match required {
-                true => Err(DecryptError::Plaintext(env.wire_name.clone())),
+                true => Err(DecryptError::Plaintext(env.wire_name().to_string())),
                 false => Ok(()),
             };
         };
@@ -190,22 +190,23 @@ impl Listener {
             )));
         }
         let settings = settings.ok_or(DecryptError::NoKeyProvider)?;
-        let sealed: encryption::Sealed = serde_json::from_str(env.payload.get())
+        let sealed: encryption::Sealed = serde_json::from_str(env.payload())
             .map_err(|e| DecryptError::Format(crate::payload::describe(&e, ".")))?;
         let destination = self
             .dispatcher
-            .destination_of(&env.wire_name)
-            .ok_or_else(|| DecryptError::Format(format!("unknown type `{}`", env.wire_name)))?;
-        let context = encryption::context(&env.wire_name, destination);
+            .destination_of(env.wire_name())
+            .ok_or_else(|| DecryptError::Format(format!("unknown type `{}`", env.wire_name())))?;
+        let context = encryption::context(env.wire_name(), destination);
         let plaintext = settings.encryptor.open(&sealed, &context).await?;
         let json = String::from_utf8(plaintext.to_vec())
             .map_err(|_| DecryptError::Format("plaintext is not UTF-8 JSON".into()))?;
-        env.payload = serde_json::value::RawValue::from_string(json).map_err(|e| {
+        let payload = serde_json::value::RawValue::from_string(json).map_err(|e| {
             DecryptError::Format(format!(
                 "plaintext is not JSON: {}",
                 crate::payload::describe(&e, ".")
             ))
         })?;
+        env.set_payload(payload);
         Ok(())
     }
 
@@ -216,7 +217,7 @@ impl Listener {
     async fn claim(
         &self,
         msg: &ReceivedMessage,
-        env: &Envelope,
+        env: &Incoming,
         hold: &Hold,
         track: &mut Track,
     ) -> Stage<()> {
@@ -225,7 +226,7 @@ impl Listener {
             return Ok(());
         };
         let key = self.key_of(idem, env)?;
-        let hash = idempotency::PayloadHash::of(env.payload.get());
+        let hash = idempotency::PayloadHash::of(env.payload());
         let mut waits = 0u32;
         loop {
             let claimed = idem
@@ -253,13 +254,13 @@ impl Listener {
 
     /// The idempotency key of the message (a business key that does not decode: the
     /// payload is bad).
-    pub(super) fn key_of(&self, idem: &idempotency::Settings, env: &Envelope) -> Stage<String> {
+    pub(super) fn key_of(&self, idem: &idempotency::Settings, env: &Incoming) -> Stage<String> {
         let service = self.dispatcher.service();
-        idem.key_for(service, &env.wire_name, &env.id, env.payload.get())
+        idem.key_for(service, env.wire_name(), env.id(), env.payload())
             .map_err(|reason| {
                 Disposition::dead_letter(
                     DeadLetterKind::Payload,
-                    format!("payload does not decode as `{}` (needed for its idempotency key): {reason}", env.wire_name),
+                    format!("payload does not decode as `{}` (needed for its idempotency key): {reason}", env.wire_name()),
                 )
             })
     }
@@ -282,7 +283,7 @@ impl Listener {
         &self,
         claim: Claim,
         key: String,
-        env: &Envelope,
+        env: &Incoming,
         hold: &Hold,
         track: &mut Track,
     ) -> Stage<()> {
@@ -303,14 +304,14 @@ impl Listener {
 
     /// What a claim that was not acquired means: a duplicate of a completed message, or
     /// a mismatch.
-    pub(super) async fn not_claimed(&self, claim: Claim, key: &str, env: &Envelope) -> Disposition {
+    pub(super) async fn not_claimed(&self, claim: Claim, key: &str, env: &Incoming) -> Disposition {
         match claim {
             Claim::Completed { undispatched } => self.duplicate(key, undispatched).await,
             Claim::Mismatch => Disposition::dead_letter(
                 DeadLetterKind::Mismatch,
                 format!(
                     "message id `{}` was already processed with a different payload (idempotency key `{key}`): refusing to treat it as a duplicate or to run it again",
-                    env.id
+                    env.id()
                 ),
             ),
             // `claim` loops until another answer; `Acquired` is handled by the caller.
@@ -365,7 +366,7 @@ impl Listener {
     async fn invoke(
         &self,
         msg: &ReceivedMessage,
-        env: Envelope,
+        env: Incoming,
         handlers: &[&'static HandlerRoute],
         track: &Track,
     ) -> Stage<Vec<Pending>> {
@@ -380,7 +381,7 @@ impl Listener {
     }
 
     /// The context the handlers of a message share.
-    pub(super) fn context(&self, msg: &ReceivedMessage, env: Envelope) -> Context {
+    pub(super) fn context(&self, msg: &ReceivedMessage, env: Incoming) -> Context {
         let trace = envelope::attribute(&msg.attributes, attr::TRACEPARENT).map(|tp| {
             let state = envelope::attribute(&msg.attributes, attr::TRACESTATE);
             (tp.to_string(), state.map(str::to_string))
@@ -636,8 +637,8 @@ impl Listener {
 }
 
 /// Decodes the envelope (undecodable: dead-letter, with the reason).
-pub(super) fn decode(msg: &ReceivedMessage) -> Stage<Envelope> {
-    envelope::decode(&msg.body, &msg.attributes).map_err(|e| {
+pub(super) fn decode(msg: &ReceivedMessage) -> Stage<Incoming> {
+    envelope::incoming::decode(&msg.body, &msg.attributes).map_err(|e| {
         Disposition::dead_letter(
             DeadLetterKind::Undecodable,
             format!("undecodable message: {e}"),

@@ -14,7 +14,7 @@ use super::disposition::{Ack, Disposition};
 use super::stages::{Stage, Track};
 use super::Listener;
 use crate::dispatch::{self, Pending};
-use crate::envelope::Envelope;
+use crate::envelope::Incoming;
 use crate::idempotency::sql::in_tx;
 use crate::idempotency::{self, Claim, Release};
 use crate::registry::HandlerRoute;
@@ -34,7 +34,7 @@ impl Listener {
         &self,
         pool: &SqlPool,
         msg: &ReceivedMessage,
-        env: Envelope,
+        env: Incoming,
         handlers: &[&'static HandlerRoute],
         track: &mut Track,
     ) -> Stage<Disposition> {
@@ -43,7 +43,7 @@ impl Listener {
             return Err(self.infrastructure(msg, "no idempotency store for a transaction".into()));
         };
         let key = self.key_of(&idem, &env)?;
-        let hash = idempotency::payload_hash(env.payload.get());
+        let hash = idempotency::payload_hash(env.payload());
         let (tx, token) = self
             .claim_in_tx(pool, &idem, msg, &env, &key, &hash, track)
             .await?;
@@ -91,7 +91,7 @@ impl Listener {
         pool: &SqlPool,
         idem: &idempotency::Settings,
         msg: &ReceivedMessage,
-        env: &Envelope,
+        env: &Incoming,
         key: &str,
         hash: &str,
         track: &mut Track,

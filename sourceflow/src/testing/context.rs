@@ -208,7 +208,7 @@ impl TestContext {
             claim_check: None,
         };
         let queue: Arc<str> = Arc::from(s.queue.as_str());
-        Context::new(dispatcher, envelope, s.receive_count, queue, None)
+        Context::new(dispatcher, envelope.into(), s.receive_count, queue, None)
             .with_attributes(s.attributes.clone().into())
             .with_headers(s.headers.iter().cloned().collect())
     }
