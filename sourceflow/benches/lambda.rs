@@ -254,7 +254,7 @@ async fn batches(sender: &sourceflow::Handle, t: &MemoryTransport) -> Vec<SqsEve
 fn record(m: &ReceivedMessage) -> SqsMessage {
     let mut r = SqsMessage::default();
     r.message_id = Some(m.broker_id.to_string());
-    r.receipt_handle = Some(m.receipt.clone());
+    r.receipt_handle = Some(m.receipt.to_string());
     r.body = Some(m.body.to_string());
     r.event_source_arn = Some("arn:aws:sqs:eu-west-1:000000000000:bench-payments".into());
     r.attributes.insert(

@@ -531,7 +531,7 @@ async fn peek(
         }
         seen.extend(batch);
     }
-    let receipts: Vec<String> = seen.iter().map(|m| m.receipt.clone()).collect();
+    let receipts: Vec<_> = seen.iter().map(|m| m.receipt.clone()).collect();
     if !receipts.is_empty() {
         transport
             .change_visibility(queue, receipts, Duration::ZERO)

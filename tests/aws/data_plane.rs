@@ -98,7 +98,7 @@ async fn a_delete_with_a_garbage_receipt_fails_only_that_entry() {
             &q,
             vec![
                 got[0].receipt.clone(),
-                "garbage".to_string(),
+                "garbage".into(),
                 got[1].receipt.clone(),
             ],
         )
@@ -127,7 +127,7 @@ async fn coalesced_deletes_share_one_call_and_a_garbage_receipt_fails_only_its_c
     // Three callers at once: their deletes are gathered into one DeleteMessageBatch.
     let (first, second, third) = tokio::join!(
         t.delete(&q, vec![got[0].receipt.clone()]),
-        t.delete(&q, vec!["garbage".to_string()]),
+        t.delete(&q, vec!["garbage".into()]),
         t.delete(&q, vec![got[1].receipt.clone()]),
     );
     assert_eq!(
@@ -341,7 +341,7 @@ async fn visibility_changes_report_per_entry_and_coalesce_with_their_own_timeout
         t.change_visibility(&q, vec![a.receipt.clone()], Duration::ZERO),
         t.change_visibility(
             &q,
-            vec!["garbage".to_string(), b.receipt.clone()],
+            vec!["garbage".into(), b.receipt.clone()],
             Duration::from_secs(300)
         ),
     );

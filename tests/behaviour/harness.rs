@@ -420,14 +420,18 @@ impl Transport for Faulty {
         }
         self.inner.receive(queue, request).await
     }
-    async fn delete(&self, queue: &str, receipts: Vec<String>) -> Result<(), BatchError> {
+    async fn delete(
+        &self,
+        queue: &str,
+        receipts: Vec<sourceflow::transport::Receipt>,
+    ) -> Result<(), BatchError> {
         self.check_batch("DeleteMessageBatch", queue, receipts.len())?;
         self.inner.delete(queue, receipts).await
     }
     async fn change_visibility(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<sourceflow::transport::Receipt>,
         timeout: Duration,
     ) -> Result<(), BatchError> {
         self.check_batch("ChangeMessageVisibilityBatch", queue, receipts.len())?;

@@ -45,7 +45,7 @@ async fn a_delete_reports_only_the_invalid_receipt() {
             &q,
             vec![
                 got[0].receipt.clone(),
-                "garbage".to_string(),
+                "garbage".into(),
                 got[1].receipt.clone(),
             ],
         )
@@ -72,7 +72,7 @@ async fn a_visibility_change_reports_only_the_invalid_receipt() {
     let c = failures(
         w.t.change_visibility(
             &q,
-            vec!["garbage".to_string(), m.receipt.clone()],
+            vec!["garbage".into(), m.receipt.clone()],
             Duration::ZERO,
         )
         .await,

@@ -36,10 +36,10 @@ async fn deleting_twice_is_accepted_and_the_message_is_gone() {
 async fn a_receipt_never_issued_is_invalid() {
     let w = World::new().await;
     let q = w.queue("garbage", Duration::from_secs(30)).await;
-    let d = failures(w.t.delete(&q, vec!["garbage".to_string()]).await);
+    let d = failures(w.t.delete(&q, vec!["garbage".into()]).await);
     assert!(matches!(d[..], [(0, EntryError::InvalidReceipt)]), "{d:?}");
     let c = failures(
-        w.t.change_visibility(&q, vec!["garbage".to_string()], Duration::ZERO)
+        w.t.change_visibility(&q, vec!["garbage".into()], Duration::ZERO)
             .await,
     );
     assert!(matches!(c[..], [(0, EntryError::InvalidReceipt)]), "{c:?}");

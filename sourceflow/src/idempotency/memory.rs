@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{new_token, Claim, IdempotencyStore, PayloadHash, Release, ABANDONED_AFTER};
+use super::{Claim, IdempotencyStore, PayloadHash, Release, ABANDONED_AFTER};
 use crate::error::Result;
 
 /// Default number of records kept.
@@ -20,9 +20,10 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 
 enum State {
     /// Claimed until `until` by the holder of `token`; released (claimable at once) when
-    /// `token` is `None`, `until` being then the time of the release.
+    /// `token` is `None`, `until` being then the time of the release. The token is kept
+    /// as its 16 bytes, not as its text (no copy of the text per claim).
     InProgress {
-        token: Option<String>,
+        token: Option<uuid::Uuid>,
         until: Instant,
     },
     Completed {
@@ -44,9 +45,15 @@ impl State {
     }
 }
 
+/// Whether `text` is the token `id` (its text as [`Claim::Acquired`] gave it).
+fn is_token(id: &uuid::Uuid, text: &str) -> bool {
+    uuid::Uuid::try_parse(text).is_ok_and(|t| t == *id)
+        && text.len() == uuid::fmt::Hyphenated::LENGTH
+}
+
 impl State {
     fn held_by(&self, token: &str) -> bool {
-        matches!(self, State::InProgress { token: Some(t), .. } if t == token)
+        matches!(self, State::InProgress { token: Some(t), .. } if is_token(t, token))
     }
 }
 
@@ -207,14 +214,15 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 ..
             }) => *attempts,
         };
-        let token = new_token();
+        let id = uuid::Uuid::new_v4();
+        let token = crate::envelope::uuid_text(id);
         entries.insert(
             key.to_string(),
             Entry {
                 hash: Hash::new(payload_hash),
                 attempts,
                 state: State::InProgress {
-                    token: Some(token.clone()),
+                    token: Some(id),
                     until: now + lease,
                 },
             },
@@ -231,7 +239,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
             Some(State::InProgress {
                 token: Some(t),
                 until,
-            }) if t == token => {
+            }) if is_token(t, token) => {
                 *until = Instant::now() + lease;
                 Ok(true)
             }

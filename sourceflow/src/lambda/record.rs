@@ -58,7 +58,7 @@ pub(crate) fn received(
             .get("MessageGroupId")
             .map(|g| Arc::from(g.as_str())),
         broker_id: id.into(),
-        receipt,
+        receipt: receipt.into(),
         body: Arc::from(record.body.as_deref().unwrap_or_default()),
         attributes: attributes.into(),
         received_at: at,
@@ -103,7 +103,7 @@ mod tests {
         bin.data_type = Some("Binary".into());
         r.message_attributes.insert("b".into(), bin);
         let m = received(0, &r, tokio::time::Instant::now()).expect("complete record");
-        assert_eq!((&*m.broker_id, m.receipt.as_str()), ("m-1", "rh"));
+        assert_eq!((&*m.broker_id, &*m.receipt), ("m-1", "rh"));
         assert_eq!((m.receive_count, m.group_id.as_deref()), (3, Some("g")));
         assert_eq!(
             &*m.attributes,

@@ -25,18 +25,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::Liveness;
 use crate::idempotency::IdempotencyStore;
-use crate::transport::{EntryError, ReceivedMessage, Transport, MAX_VISIBILITY};
+use crate::transport::{EntryError, Receipt, ReceivedMessage, Transport, MAX_VISIBILITY};
 
-/// A claim held by a unit: its key and token (shared by the unit, its settling and the
-/// heartbeat: a clone copies no string).
+/// A claim held by a unit: its key and token, in one allocation shared by the unit, its
+/// settling and the heartbeat (a clone copies no string; making one moves the strings).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ClaimRef {
-    pub key: Arc<str>,
-    pub token: Arc<str>,
+pub(crate) struct ClaimRef(Arc<ClaimIds>);
+
+/// What a [`ClaimRef`] shares.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ClaimIds {
+    pub key: String,
+    pub token: String,
+}
+
+impl ClaimRef {
+    pub(crate) fn new(key: String, token: String) -> Self {
+        ClaimRef(Arc::new(ClaimIds { key, token }))
+    }
+}
+
+impl std::ops::Deref for ClaimRef {
+    type Target = ClaimIds;
+    fn deref(&self) -> &ClaimIds {
+        &self.0
+    }
 }
 
 struct HeldMessage {
-    receipt: String,
+    receipt: Receipt,
     broker_id: Arc<str>,
     received_at: Instant,
     capped: bool,
@@ -74,7 +91,7 @@ pub(crate) struct Hold {
 
 /// What was still held when the listener drained.
 pub(crate) struct Leftover {
-    pub receipts: Vec<String>,
+    pub receipts: Vec<Receipt>,
     pub claims: Vec<ClaimRef>,
 }
 
@@ -206,7 +223,7 @@ impl Heartbeat {
         &self,
         transport: &dyn Transport,
         queue: &str,
-        extensions: HashMap<u64, Vec<String>>,
+        extensions: HashMap<u64, Vec<Receipt>>,
     ) {
         for (secs, receipts) in extensions {
             if let Err(e) = transport
@@ -251,7 +268,7 @@ impl Heartbeat {
 #[derive(Default)]
 struct Due {
     /// Receipts by the timeout (whole seconds) to set.
-    extensions: HashMap<u64, Vec<String>>,
+    extensions: HashMap<u64, Vec<Receipt>>,
     claims: Vec<(u64, ClaimRef)>,
 }
 
@@ -259,7 +276,7 @@ impl Hold {
     /// The message with this receipt is settled: no longer held.
     pub(crate) fn settled(&self, receipt: &str) {
         if let Some(u) = self.shared.held.lock().units.get_mut(&self.id) {
-            u.messages.retain(|m| m.receipt != receipt);
+            u.messages.retain(|m| &*m.receipt != receipt);
         }
     }
 
@@ -318,11 +335,11 @@ mod tests {
             .is_empty());
         hold.settled("a");
         let due = hb.due(start + Duration::from_secs(30));
-        assert_eq!(due.extensions.get(&30), Some(&vec!["b".to_string()]));
+        assert_eq!(due.extensions.get(&30), Some(&vec![Receipt::from("b")]));
         // Near the 12-hour limit only what is left of it is asked for.
         let late = start + MAX_VISIBILITY - Duration::from_secs(10);
         let due = hb.due(late);
-        assert_eq!(due.extensions.get(&10), Some(&vec!["b".to_string()]));
+        assert_eq!(due.extensions.get(&10), Some(&vec![Receipt::from("b")]));
         assert!(hb
             .due(start + MAX_VISIBILITY + Duration::from_secs(60))
             .extensions
@@ -343,15 +360,9 @@ mod tests {
         };
         let hb = Heartbeat::new(lease);
         let kept = hb.hold(&[msg("a", Instant::now())]);
-        kept.claimed(ClaimRef {
-            key: "mine".into(),
-            token: token.into(),
-        });
+        kept.claimed(ClaimRef::new("mine".into(), token.into()));
         let lost = hb.hold(&[msg("b", Instant::now())]);
-        lost.claimed(ClaimRef {
-            key: "mine".into(),
-            token: "someone else's".into(),
-        });
+        lost.claimed(ClaimRef::new("mine".into(), "someone else's".into()));
         let due = hb.due(Instant::now() + lease);
         assert_eq!(due.claims.len(), 2);
         hb.renew(&store, "q", due.claims).await;
@@ -370,14 +381,11 @@ mod tests {
     async fn take_all_hands_over_receipts_and_claims() {
         let hb = Heartbeat::new(Duration::from_secs(30));
         let hold = hb.hold(&[msg("a", Instant::now())]);
-        hold.claimed(ClaimRef {
-            key: "k".into(),
-            token: "t".into(),
-        });
+        hold.claimed(ClaimRef::new("k".into(), "t".into()));
         // The drain takes what is held before it aborts the units (whose holds then drop).
         let left = hb.take_all();
         drop(hold);
-        assert_eq!(left.receipts, vec!["a".to_string()]);
+        assert_eq!(left.receipts, vec![Receipt::from("a")]);
         assert_eq!(left.claims.len(), 1);
         assert_eq!(hb.held_messages(), 0);
     }

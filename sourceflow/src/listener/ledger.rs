@@ -67,7 +67,7 @@ mod tests {
     fn msg(id: &str, receive_count: u32) -> ReceivedMessage {
         ReceivedMessage {
             broker_id: id.into(),
-            receipt: String::new(),
+            receipt: "".into(),
             body: "".into(),
             attributes: Vec::new().into(),
             receive_count,

@@ -289,10 +289,7 @@ impl Listener {
     ) -> Stage<()> {
         match claim {
             Claim::Acquired { token, attempt } => {
-                let claim = ClaimRef {
-                    key: key.into(),
-                    token: token.into(),
-                };
+                let claim = ClaimRef::new(key, token);
                 hold.claimed(claim.clone());
                 track.claim = Some(claim);
                 track.attempt = attempt;

@@ -18,7 +18,7 @@ use crate::envelope::{self, AttributeValue, OutgoingMessage};
 use crate::error::{BatchError, Result};
 use crate::filter::FilterPolicy;
 use crate::message::MessageKind;
-use crate::transport::{QueueDepth, Receive, ReceivedMessage, Topology, Transport};
+use crate::transport::{QueueDepth, Receipt, Receive, ReceivedMessage, Topology, Transport};
 
 use super::messages::{DeadLetter, Recorded};
 
@@ -49,7 +49,7 @@ struct Book {
     /// Watched messages by (queue, message id).
     tracked: HashMap<(String, String), Tracked>,
     /// The message each receipt stands for.
-    receipts: HashMap<String, (String, String)>,
+    receipts: HashMap<Receipt, (String, String)>,
 }
 
 /// The transport a [`TestApp`](super::TestApp) runs on.
@@ -310,7 +310,7 @@ impl Recorder {
     /// Applies `f` to the watched message of each receipt that the call did.
     fn settled_receipts(
         &self,
-        receipts: &[String],
+        receipts: &[Receipt],
         result: &std::result::Result<(), BatchError>,
         f: impl Fn(&mut Book, (String, String)),
     ) {
@@ -388,7 +388,7 @@ impl Transport for Recorder {
     async fn delete(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
     ) -> std::result::Result<(), BatchError> {
         let _busy = self.begin();
         let result = self.inner.delete(queue, receipts.clone()).await;
@@ -401,7 +401,7 @@ impl Transport for Recorder {
     async fn change_visibility(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
         timeout: Duration,
     ) -> std::result::Result<(), BatchError> {
         let _busy = self.begin();

@@ -34,6 +34,10 @@ pub const FIFO_DEDUP_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// context, to a dead-letter queue) does not copy them.
 pub type Attributes = Arc<[(AttributeName, AttributeValue)]>;
 
+/// A receipt handle: shared, so that the listener's heartbeat and its delete or visibility
+/// change hold the same string the receive returned (a clone copies nothing).
+pub type Receipt = Arc<str>;
+
 /// A message as received from a queue.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
@@ -43,7 +47,7 @@ pub struct ReceivedMessage {
     /// The receipt handle. The latest receipt of a message deletes it until someone
     /// receives it again; an earlier receipt, or one of a deleted message, is accepted by
     /// `delete` and may do nothing (as on SQS).
-    pub receipt: String,
+    pub receipt: Receipt,
     /// The body (a JSON envelope, unless something else wrote to the queue), shared with the
     /// broker's copy where the broker is in process: a receive does not copy it.
     pub body: Arc<str>,
@@ -147,7 +151,7 @@ pub trait Transport: Send + Sync + 'static {
     async fn delete(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
     ) -> std::result::Result<(), BatchError>;
 
     /// Makes received messages invisible for `timeout` from now (zero: visible at once; at
@@ -157,7 +161,7 @@ pub trait Transport: Send + Sync + 'static {
     async fn change_visibility(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
         timeout: Duration,
     ) -> std::result::Result<(), BatchError>;
 

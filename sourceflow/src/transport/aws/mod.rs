@@ -49,7 +49,8 @@ use self::errors::{aws_error, sdk_error, Resource};
 use self::sns::PublishFlush;
 use self::sqs::{DeleteFlush, SendFlush, VisibilityFlush};
 use super::{
-    BatchError, EntryError, GroupHold, QueueDepth, Receive, ReceivedMessage, Topology, Transport,
+    BatchError, EntryError, GroupHold, QueueDepth, Receipt, Receive, ReceivedMessage, Topology,
+    Transport,
 };
 use crate::envelope::OutgoingMessage;
 use crate::error::{Error, Result};
@@ -458,7 +459,7 @@ impl AwsTransport {
     }
 
     /// Deletes through the queue's batcher; failures indexed as `receipts`.
-    async fn delete_entries(&self, queue: &str, receipts: Vec<String>) -> Failures {
+    async fn delete_entries(&self, queue: &str, receipts: Vec<Receipt>) -> Failures {
         if receipts.is_empty() {
             return Vec::new();
         }
@@ -641,7 +642,7 @@ impl Transport for AwsTransport {
     async fn delete(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
     ) -> std::result::Result<(), BatchError> {
         let total = receipts.len();
         let failed = self.delete_entries(queue, receipts).await;
@@ -651,7 +652,7 @@ impl Transport for AwsTransport {
     async fn change_visibility(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
         timeout: Duration,
     ) -> std::result::Result<(), BatchError> {
         const OPERATION: &str = "ChangeMessageVisibilityBatch";

@@ -22,6 +22,7 @@ use super::errors::{aws_error, sdk_error, Resource};
 use super::retry::{with_retries, Answer, EntryFailure, POLICY};
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::error::{EntryError, Result};
+use crate::transport::Receipt;
 use crate::transport::{
     QueueDepth, Receive, ReceivedMessage, MAX_BATCH_ENTRIES, MAX_DELAY, MAX_VISIBILITY,
     SQS_MAX_MESSAGE_BYTES,
@@ -229,11 +230,11 @@ pub(crate) struct DeleteFlush {
 
 #[async_trait]
 impl Flush for DeleteFlush {
-    type Entry = String;
+    type Entry = Receipt;
 
-    async fn flush(&self, receipts: Vec<String>) -> Failures {
-        let keys: Vec<&str> = receipts.iter().map(String::as_str).collect();
-        let sizes: Vec<usize> = receipts.iter().map(String::len).collect();
+    async fn flush(&self, receipts: Vec<Receipt>) -> Failures {
+        let keys: Vec<&str> = receipts.iter().map(|r| &**r).collect();
+        let sizes: Vec<usize> = receipts.iter().map(|r| r.len()).collect();
         let mut failures = Vec::new();
         for range in chunks(&sizes, Some(&keys), MAX_BATCH_ENTRIES, usize::MAX) {
             let offset = range.start;
@@ -244,7 +245,7 @@ impl Flush for DeleteFlush {
                     .map(|i| {
                         DeleteMessageBatchRequestEntry::builder()
                             .id(i.to_string())
-                            .receipt_handle(&chunk[*i])
+                            .receipt_handle(&*chunk[*i])
                             .build()
                     })
                     .collect();
@@ -286,10 +287,10 @@ pub(crate) struct VisibilityFlush {
 
 #[async_trait]
 impl Flush for VisibilityFlush {
-    type Entry = (String, i32);
+    type Entry = (Receipt, i32);
 
-    async fn flush(&self, changes: Vec<(String, i32)>) -> Failures {
-        let keys: Vec<&str> = changes.iter().map(|(r, _)| r.as_str()).collect();
+    async fn flush(&self, changes: Vec<(Receipt, i32)>) -> Failures {
+        let keys: Vec<&str> = changes.iter().map(|(r, _)| &**r).collect();
         let sizes: Vec<usize> = changes.iter().map(|(r, _)| r.len()).collect();
         let mut failures = Vec::new();
         for range in chunks(&sizes, Some(&keys), MAX_BATCH_ENTRIES, usize::MAX) {
@@ -302,7 +303,7 @@ impl Flush for VisibilityFlush {
                         let (receipt, timeout) = &chunk[*i];
                         ChangeMessageVisibilityBatchRequestEntry::builder()
                             .id(i.to_string())
-                            .receipt_handle(receipt)
+                            .receipt_handle(&**receipt)
                             .visibility_timeout(*timeout)
                             .build()
                     })
@@ -382,7 +383,7 @@ pub(crate) async fn receive(
             ReceivedMessage {
                 received_at,
                 broker_id: m.message_id().unwrap_or_default().into(),
-                receipt: m.receipt_handle().unwrap_or_default().to_string(),
+                receipt: m.receipt_handle().unwrap_or_default().into(),
                 body: std::sync::Arc::from(m.body().unwrap_or_default()),
                 attributes: attributes.into(),
                 receive_count: get(MessageSystemAttributeName::ApproximateReceiveCount)

@@ -40,8 +40,8 @@ use tokio::time::Instant;
 use self::queue::Queue;
 use self::topic::{Subscriber, Topic};
 use super::{
-    BatchError, EntryError, Receive, ReceivedMessage, Topology, Transport, MAX_BATCH_ENTRIES,
-    MAX_VISIBILITY,
+    BatchError, EntryError, Receipt, Receive, ReceivedMessage, Topology, Transport,
+    MAX_BATCH_ENTRIES, MAX_VISIBILITY,
 };
 use crate::envelope::OutgoingMessage;
 use crate::error::{Error, Result};
@@ -337,7 +337,7 @@ impl Transport for MemoryTransport {
     async fn delete(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
     ) -> std::result::Result<(), BatchError> {
         let total = receipts.len();
         let q = self.batch_queue("DeleteMessageBatch", queue, total)?;
@@ -348,7 +348,7 @@ impl Transport for MemoryTransport {
     async fn change_visibility(
         &self,
         queue: &str,
-        receipts: Vec<String>,
+        receipts: Vec<Receipt>,
         timeout: Duration,
     ) -> std::result::Result<(), BatchError> {
         let total = receipts.len();
@@ -766,12 +766,12 @@ mod tests {
         let (id, rest) = r.split_once(':').unwrap();
         let (seq, _) = rest.split_once(':').unwrap();
         let receipts = vec![
-            "garbage".to_string(),
-            String::new(),
-            format!("{seq}:1"),
-            format!("{id}:{seq}:0"),
-            format!("{id}:{seq}:7"),
-            format!("{id}:999:1"),
+            Receipt::from("garbage"),
+            Receipt::from(""),
+            format!("{seq}:1").into(),
+            format!("{id}:{seq}:0").into(),
+            format!("{id}:{seq}:7").into(),
+            format!("{id}:999:1").into(),
             other[0].receipt.clone(),
         ];
         let n = receipts.len();

@@ -20,8 +20,8 @@ use tokio::time::Instant;
 
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::transport::{
-    Attributes, EntryError, GroupHold, QueueDepth, ReceivedMessage, FIFO_DEDUP_WINDOW, MAX_DELAY,
-    MAX_VISIBILITY, SQS_MAX_MESSAGE_BYTES,
+    Attributes, EntryError, GroupHold, QueueDepth, Receipt, ReceivedMessage, FIFO_DEDUP_WINDOW,
+    MAX_DELAY, MAX_VISIBILITY, SQS_MAX_MESSAGE_BYTES,
 };
 
 /// Process-wide queue numbers, written into receipts: a receipt only works on the queue
@@ -419,7 +419,7 @@ impl Queue {
     /// one received it again). An earlier receipt, or one of a message already gone, is
     /// accepted and does nothing: SQS says "the request succeeds, but the message might not
     /// be deleted".
-    pub(super) fn delete(&self, receipts: &[String], now: Instant) -> Vec<(usize, EntryError)> {
+    pub(super) fn delete(&self, receipts: &[Receipt], now: Instant) -> Vec<(usize, EntryError)> {
         let mut failed = Vec::new();
         let mut released = false;
         let mut st = self.state.lock();
@@ -449,7 +449,7 @@ impl Queue {
     /// message invisible longer than that from its receive, is refused.
     pub(super) fn change_visibility(
         &self,
-        receipts: &[String],
+        receipts: &[Receipt],
         timeout: Duration,
         now: Instant,
     ) -> Vec<(usize, EntryError)> {
@@ -624,14 +624,22 @@ impl Queue {
     }
 
     /// The receipt of receive `generation` of message `seq`: `queue:seq:generation`
-    /// (written by hand: this is on every receive).
-    fn receipt(&self, seq: u64, generation: u32) -> String {
-        let mut r = String::with_capacity(self.receipt_prefix.len() + 32);
-        r.push_str(&self.receipt_prefix);
-        push_decimal(&mut r, seq);
-        r.push(':');
-        push_decimal(&mut r, u64::from(generation));
-        r
+    /// (written by hand on the stack, then shared: this is on every receive).
+    fn receipt(&self, seq: u64, generation: u32) -> Receipt {
+        // The prefix is at most 21 bytes (`u64` and `:`), each number at most 20.
+        let (seq, generation) = (decimal(seq), decimal(u64::from(generation)));
+        let mut buf = [0u8; 64];
+        let mut len = 0;
+        for part in [
+            self.receipt_prefix.as_bytes(),
+            seq.digits(),
+            b":",
+            generation.digits(),
+        ] {
+            buf[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        Receipt::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
     }
 
     fn received(&self, seq: u64, m: &Stored, now: Instant) -> ReceivedMessage {
@@ -772,7 +780,19 @@ fn parse_receipt(rest: &str) -> Option<(u64, u32)> {
 }
 
 /// Appends `n` in decimal.
-fn push_decimal(out: &mut String, mut n: u64) {
+/// A `u64` in decimal, written on the stack: its digits end the array.
+struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn digits(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+}
+
+fn decimal(mut n: u64) -> Decimal {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
@@ -783,9 +803,7 @@ fn push_decimal(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &d in &digits[start..] {
-        out.push(char::from(d));
-    }
+    Decimal { digits, start }
 }
 
 /// `attributes` with `reason` as the dead-letter reason (replacing an earlier one).
