@@ -65,6 +65,7 @@ impl Context {
         receive_count: u32,
         queue: Arc<str>,
         trace: Option<(String, Option<String>)>,
+        attributes: crate::transport::Attributes,
     ) -> Self {
         Context {
             dispatcher,
@@ -74,17 +75,11 @@ impl Context {
             outbox: Mutex::new(Vec::new()),
             produced: std::sync::atomic::AtomicU32::new(0),
             trace,
-            attributes: crate::transport::Attributes::from([]),
+            attributes,
             headers: std::sync::OnceLock::new(),
             #[cfg(any(feature = "postgres", feature = "sqlite"))]
             tx: Mutex::new(None),
         }
-    }
-
-    /// With the message attributes the message arrived with.
-    pub(crate) fn with_attributes(mut self, attributes: crate::transport::Attributes) -> Self {
-        self.attributes = attributes;
-        self
     }
 
     /// With these headers in place of those read from the attributes (a context built

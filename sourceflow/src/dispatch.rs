@@ -405,14 +405,20 @@ impl Dispatcher {
     }
 }
 
-/// Splits messages into runs of consecutive messages to the same destination.
-fn runs(pending: Vec<Pending>) -> Vec<Vec<Pending>> {
-    let mut runs: Vec<Vec<Pending>> = Vec::new();
+/// Splits messages into runs of consecutive messages to the same destination (one run,
+/// the common case of a handler's outbox, is the vector it was given: no allocation).
+fn runs(pending: Vec<Pending>) -> smallvec::SmallVec<[Vec<Pending>; 1]> {
+    let same = |a: &Pending, b: &Pending| a.kind == b.kind && a.destination == b.destination;
+    if pending.windows(2).all(|w| same(&w[0], &w[1])) {
+        return match pending.is_empty() {
+            true => smallvec::SmallVec::new(),
+            false => smallvec::smallvec![pending],
+        };
+    }
+    let mut runs = smallvec::SmallVec::<[Vec<Pending>; 1]>::new();
     for p in pending {
         match runs.last_mut() {
-            Some(run) if run[0].kind == p.kind && run[0].destination == p.destination => {
-                run.push(p)
-            }
+            Some(run) if same(&run[0], &p) => run.push(p),
             _ => runs.push(vec![p]),
         }
     }
@@ -573,4 +579,50 @@ pub(crate) fn decode_outbox(json: &str) -> Result<Vec<Pending>> {
             },
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(kind: MessageKind, destination: &str, id: &str) -> Pending {
+        Pending {
+            kind,
+            destination: destination.into(),
+            message: OutgoingMessage {
+                body: "{}".into(),
+                attributes: Vec::new().into(),
+                group_id: None,
+                dedup_id: None,
+                delay: None,
+                wire_name: "t.T".into(),
+                message_id: id.into(),
+            },
+        }
+    }
+
+    fn ids(runs: &[Vec<Pending>]) -> Vec<Vec<&str>> {
+        runs.iter()
+            .map(|r| r.iter().map(Pending::message_id).collect())
+            .collect()
+    }
+
+    #[test]
+    fn runs_keep_order_and_split_where_the_destination_or_kind_changes() {
+        use MessageKind::{Command, Event};
+        assert!(runs(Vec::new()).is_empty());
+        let one = runs(vec![pending(Event, "t", "a"), pending(Event, "t", "b")]);
+        assert_eq!(ids(&one), vec![vec!["a", "b"]]);
+        let mixed = runs(vec![
+            pending(Event, "t", "a"),
+            pending(Command, "t", "b"),
+            pending(Command, "t", "c"),
+            pending(Command, "q", "d"),
+            pending(Event, "t", "e"),
+        ]);
+        assert_eq!(
+            ids(&mixed),
+            vec![vec!["a"], vec!["b", "c"], vec!["d"], vec!["e"]]
+        );
+    }
 }

@@ -389,8 +389,8 @@ impl Listener {
             msg.receive_count,
             self.queue.clone(),
             trace,
+            std::sync::Arc::clone(&msg.attributes),
         )
-        .with_attributes(std::sync::Arc::clone(&msg.attributes))
     }
 
     /// Runs the handlers in turn; the first failure decides the disposition.

@@ -208,9 +208,16 @@ impl TestContext {
             claim_check: None,
         };
         let queue: Arc<str> = Arc::from(s.queue.as_str());
-        Context::new(dispatcher, envelope.into(), s.receive_count, queue, None)
-            .with_attributes(s.attributes.clone().into())
-            .with_headers(s.headers.iter().cloned().collect())
+        let attributes = s.attributes.clone().into();
+        Context::new(
+            dispatcher,
+            envelope.into(),
+            s.receive_count,
+            queue,
+            None,
+            attributes,
+        )
+        .with_headers(s.headers.iter().cloned().collect())
     }
 
     /// The commands of type `C` the handler sent, in order.
