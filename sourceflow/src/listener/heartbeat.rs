@@ -360,7 +360,7 @@ mod tests {
         };
         let hb = Heartbeat::new(lease);
         let kept = hb.hold(&[msg("a", Instant::now())]);
-        kept.claimed(ClaimRef::new("mine".into(), token.into()));
+        kept.claimed(ClaimRef::new("mine".into(), token));
         let lost = hb.hold(&[msg("b", Instant::now())]);
         lost.claimed(ClaimRef::new("mine".into(), "someone else's".into()));
         let due = hb.due(Instant::now() + lease);
