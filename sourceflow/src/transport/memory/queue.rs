@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::transport::{
     Attributes, EntryError, GroupHold, QueueDepth, Receipt, ReceivedMessage, FIFO_DEDUP_WINDOW,
-    MAX_DELAY, MAX_VISIBILITY, SQS_MAX_MESSAGE_BYTES,
+    MAX_BATCH_ENTRIES, MAX_DELAY, MAX_VISIBILITY, SQS_MAX_MESSAGE_BYTES,
 };
 
 /// Process-wide queue numbers, written into receipts: a receipt only works on the queue
@@ -36,6 +36,8 @@ const DEAD_LETTER_GROUP: &str = "dead-letter";
 pub(super) struct Queue {
     /// What this queue's receipts start with (its process-wide number and `:`).
     receipt_prefix: String,
+    /// The placeholder receipt of a message taken under the lock (see [`Taken`]).
+    no_receipt: Receipt,
     /// Full name.
     pub(super) name: String,
     /// FIFO queue.
@@ -100,8 +102,9 @@ struct QueueState {
     /// Visibility deadlines of in-flight messages: (deadline, seq, deadline version).
     deadlines: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     /// FIFO deduplication ids and when they were first seen.
-    dedup: HashSet<String>,
-    dedup_order: VecDeque<(Instant, String)>,
+    /// (Shared by the set and the order: one allocation per id, made outside the lock.)
+    dedup: HashSet<Arc<str>>,
+    dedup_order: VecDeque<(Instant, Arc<str>)>,
 }
 
 /// Whose receipt a receipt handle is, judged against the queue as it is now.
@@ -120,6 +123,7 @@ impl Queue {
     pub(super) fn new(name: &str, fifo: bool, dead_letter: Option<(Arc<Queue>, u32)>) -> Self {
         Queue {
             receipt_prefix: format!("{}:", NEXT_QUEUE_ID.fetch_add(1, Ordering::Relaxed)),
+            no_receipt: Receipt::from(""),
             name: name.to_string(),
             fifo,
             dead_letter: RwLock::new(dead_letter),
@@ -179,50 +183,52 @@ impl Queue {
     }
 
     /// Sends messages: each is stored, dropped as a FIFO duplicate, or refused (returned
-    /// with its index). One lock for the whole call.
+    /// with its index). One lock for the whole call; the checks, and the allocations the
+    /// stored form needs, are made before it (both workers of a service take this lock:
+    /// an allocation inside it makes the other one spin).
     pub(super) fn send(
         &self,
         messages: impl IntoIterator<Item = OutgoingMessage>,
         now: Instant,
     ) -> Vec<(usize, EntryError)> {
-        let mut messages = messages.into_iter().peekable();
         let mut failed = Vec::new();
-        if messages.peek().is_none() {
-            return failed;
-        }
-        let mut st = self.state.lock();
-        promote(self, &mut st, now);
+        let mut ready = smallvec::SmallVec::<[Ready; 1]>::new();
         let mut hold = GroupHold::default();
-        for (i, m) in messages.enumerate() {
+        for (i, m) in messages.into_iter().enumerate() {
             if let Some(held) = hold.check(&m) {
                 failed.push((i, held));
             } else if let Some(reason) = self.refusal(&m) {
                 hold.stop(&m);
                 failed.push((i, EntryError::Refused(reason)));
             } else {
-                self.store(&mut st, m, now);
+                ready.push(Ready::of(m, self.fifo));
             }
+        }
+        if ready.is_empty() {
+            return failed;
+        }
+        let mut st = self.state.lock();
+        promote(self, &mut st, now);
+        for r in ready {
+            self.store(&mut st, r, now);
         }
         drop(st);
         self.notify.notify_waiters();
         failed
     }
 
-    /// Stores a message that passed [`Queue::refusal`].
-    fn store(&self, st: &mut QueueState, mut m: OutgoingMessage, now: Instant) {
+    fn store(&self, st: &mut QueueState, mut r: Ready, now: Instant) {
         if self.fifo {
-            let Some(group) = m.group_id.take() else {
+            let (Some(group), Some(dedup)) = (r.group.clone(), r.dedup.take()) else {
                 return;
             };
-            let group: Arc<str> = group.into();
-            let dedup = m.dedup_id.take().unwrap_or_else(|| m.message_id.clone());
             if !st.dedup.insert(dedup.clone()) {
                 // Within the window a duplicate is accepted and dropped, as SQS does.
                 tracing::debug!(queue = %self.name, dedup_id = %dedup, "duplicate dropped by FIFO deduplication");
                 return;
             }
             st.dedup_order.push_back((now, dedup));
-            let seq = push(st, m, Some(group.clone()), Visibility::Visible, now);
+            let seq = push(st, r, Visibility::Visible, now);
             // The key shares the message's group id: no allocation, new group or not.
             let g = st.groups.entry(group.clone()).or_default();
             g.pending.push_back(seq);
@@ -233,13 +239,13 @@ impl Queue {
         } else {
             let default = self.default_delay_ms.load(Ordering::Relaxed);
             let queue_delay = (default > 0).then(|| std::time::Duration::from_millis(default));
-            match m.delay.filter(|d| !d.is_zero()).or(queue_delay) {
+            match r.delay.filter(|d| !d.is_zero()).or(queue_delay) {
                 Some(delay) => {
-                    let seq = push(st, m, None, Visibility::Delayed, now);
+                    let seq = push(st, r, Visibility::Delayed, now);
                     st.delayed.push(Reverse((now + delay, seq)));
                 }
                 None => {
-                    let seq = push(st, m, None, Visibility::Visible, now);
+                    let seq = push(st, r, Visibility::Visible, now);
                     st.ready.push_back(seq);
                 }
             }
@@ -257,10 +263,13 @@ impl Queue {
     ) -> (Vec<ReceivedMessage>, Option<Instant>) {
         let dead_letter = self.dead_letter.read().clone();
         let limit = dead_letter.as_ref().map(|(_, n)| *n);
+        let mut out = Taken {
+            messages: Vec::with_capacity(max),
+            ids: smallvec::SmallVec::new(),
+        };
+        let mut moved = Vec::new();
         let mut st = self.state.lock();
         promote(self, &mut st, now);
-        let mut out = Vec::with_capacity(max);
-        let mut moved = Vec::new();
         let deadline = now + visibility;
         if self.fifo {
             self.take_fifo(&mut st, max, deadline, limit, now, &mut out, &mut moved);
@@ -269,6 +278,7 @@ impl Queue {
         }
         let next_due = next_due(&st);
         drop(st);
+        let out = out.with_receipts(self);
         if !moved.is_empty() {
             // `moved` is only ever filled when there is a dead-letter queue.
             if let Some((dlq, _)) = dead_letter {
@@ -295,10 +305,10 @@ impl Queue {
         deadline: Instant,
         limit: Option<u32>,
         now: Instant,
-        out: &mut Vec<ReceivedMessage>,
+        out: &mut Taken,
         moved: &mut Vec<Stored>,
     ) {
-        while out.len() < max {
+        while out.messages.len() < max {
             let Some(seq) = st.ready.pop_front() else {
                 break;
             };
@@ -321,7 +331,7 @@ impl Queue {
                 continue;
             };
             begin_flight(m, now);
-            out.push(self.received(seq, m, now));
+            out.push(self, seq, m, now);
             let version = m.deadline_version;
             st.deadlines.push(Reverse((deadline, seq, version)));
         }
@@ -335,10 +345,10 @@ impl Queue {
         deadline: Instant,
         limit: Option<u32>,
         now: Instant,
-        out: &mut Vec<ReceivedMessage>,
+        out: &mut Taken,
         moved: &mut Vec<Stored>,
     ) {
-        while out.len() < max {
+        while out.messages.len() < max {
             let Some(group) = st.ready_groups.pop_front() else {
                 break;
             };
@@ -350,7 +360,11 @@ impl Queue {
                 if g.in_flight > 0 {
                     continue;
                 }
-                g.pending.iter().take(max - out.len()).copied().collect()
+                g.pending
+                    .iter()
+                    .take(max - out.messages.len())
+                    .copied()
+                    .collect()
             };
             for seq in seqs {
                 let over = limit.is_some_and(|limit| {
@@ -373,7 +387,7 @@ impl Queue {
                         continue;
                     };
                     begin_flight(m, now);
-                    out.push(self.received(seq, m, now));
+                    out.push(self, seq, m, now);
                     m.deadline_version
                 };
                 st.deadlines.push(Reverse((deadline, seq, version)));
@@ -642,16 +656,41 @@ impl Queue {
         Receipt::from(std::str::from_utf8(&buf[..len]).unwrap_or_default())
     }
 
-    fn received(&self, seq: u64, m: &Stored, now: Instant) -> ReceivedMessage {
+    /// A received message whose receipt is still to be written (see [`Taken`]).
+    fn received(&self, m: &Stored, now: Instant) -> ReceivedMessage {
         ReceivedMessage {
             received_at: now,
             broker_id: m.broker_id.clone(),
-            receipt: self.receipt(seq, m.generation),
+            receipt: self.no_receipt.clone(),
             body: m.body.clone(),
             attributes: m.attributes.clone(),
             receive_count: m.receive_count,
             group_id: m.group.clone(),
         }
+    }
+}
+
+/// What one receive took under the lock. Each receipt is an allocation, so it is written
+/// after the lock is released (both workers of a service take this lock: an allocation
+/// inside it makes the other one spin); until then a message holds a placeholder.
+struct Taken {
+    messages: Vec<ReceivedMessage>,
+    /// The sequence number and receive generation of each message, in order.
+    ids: smallvec::SmallVec<[(u64, u32); MAX_BATCH_ENTRIES]>,
+}
+
+impl Taken {
+    fn push(&mut self, q: &Queue, seq: u64, m: &Stored, now: Instant) {
+        self.messages.push(q.received(m, now));
+        self.ids.push((seq, m.generation));
+    }
+
+    fn with_receipts(self, q: &Queue) -> Vec<ReceivedMessage> {
+        let mut messages = self.messages;
+        for (m, (seq, generation)) in messages.iter_mut().zip(self.ids) {
+            m.receipt = q.receipt(seq, generation);
+        }
+        messages
     }
 }
 
@@ -688,7 +727,7 @@ fn promote(q: &Queue, st: &mut QueueState, now: Instant) {
             break;
         }
         if let Some((_, id)) = st.dedup_order.pop_front() {
-            st.dedup.remove(&id);
+            st.dedup.remove(&*id);
         }
     }
 }
@@ -737,13 +776,37 @@ fn settle_group(st: &mut QueueState, group: &Arc<str>) {
     }
 }
 
-fn push(
-    st: &mut QueueState,
-    m: OutgoingMessage,
+/// A message checked and made ready to store: what its stored form shares, allocated
+/// before the queue's lock is taken.
+struct Ready {
+    broker_id: Arc<str>,
+    body: Arc<str>,
+    attributes: Attributes,
+    delay: Option<std::time::Duration>,
+    /// FIFO: the group and the deduplication id (the message id when none is given).
     group: Option<Arc<str>>,
-    visibility: Visibility,
-    now: Instant,
-) -> u64 {
+    dedup: Option<Arc<str>>,
+}
+
+impl Ready {
+    fn of(m: OutgoingMessage, fifo: bool) -> Self {
+        let dedup = match (fifo, m.dedup_id) {
+            (true, Some(id)) => Some(Arc::from(id)),
+            (true, None) => Some(Arc::from(m.message_id.as_str())),
+            (false, _) => None,
+        };
+        Ready {
+            broker_id: m.message_id.into(),
+            body: m.body,
+            attributes: m.attributes,
+            delay: m.delay,
+            group: m.group_id.map(Arc::from),
+            dedup,
+        }
+    }
+}
+
+fn push(st: &mut QueueState, r: Ready, visibility: Visibility, now: Instant) -> u64 {
     let seq = st.next_seq;
     st.next_seq += 1;
     // The body and attributes are shared, exactly their length: kept as they came, and
@@ -751,10 +814,10 @@ fn push(
     st.messages.insert(
         seq,
         Stored {
-            broker_id: m.message_id.into(),
-            body: m.body,
-            attributes: m.attributes,
-            group,
+            broker_id: r.broker_id,
+            body: r.body,
+            attributes: r.attributes,
+            group: r.group,
             receive_count: 0,
             visibility,
             generation: 0,
