@@ -133,6 +133,14 @@
 //! allocator 19 %, `memmove` 6 %, the memory idempotency store's claim 3 %, the embedded
 //! queue's receive 4 %, serde_json ~4 %. The wake-ups of parked workers per hand-off, not
 //! the count of allocations, are what is left to take on.
+//!
+//! Where the `sched_yield` calls come from (`perf record -e syscalls:sys_enter_sched_yield
+//! --call-graph dwarf,8192`, the defaults row, at `d7f0b97`): all from `parking_lot`'s
+//! `lock_slow`, on the embedded queue's lock (send 28 %, publish 21 %, delete 25 %, receive
+//! 1 %) and the memory idempotency store's (claim 13 %, complete 12 %), where glibc's
+//! `malloc`/`free` ran inside the lock. `d72f1a2` moves those allocations out of both
+//! locks: `sched_yield` per defaults run 341,502 → 148,576 (`perf stat`), context switches
+//! 92,047 → 78,030, and the rows 5-7 % up in three alternated runs.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
