@@ -45,10 +45,11 @@ impl State {
     }
 }
 
-/// Whether `text` is the token `id` (its text as [`Claim::Acquired`] gave it).
+/// Whether `text` is the token `id`: exactly its text as [`Claim::Acquired`] gave it
+/// (written on the stack to compare).
 fn is_token(id: &uuid::Uuid, text: &str) -> bool {
-    uuid::Uuid::try_parse(text).is_ok_and(|t| t == *id)
-        && text.len() == uuid::fmt::Hyphenated::LENGTH
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut buf) == text
 }
 
 impl State {
@@ -339,6 +340,26 @@ mod tests {
 
     use super::*;
     use crate::idempotency::conformance::{self, Backdate};
+
+    /// The token is kept as bytes, but only its exact text holds the claim.
+    #[tokio::test]
+    async fn only_the_exact_token_text_holds_the_claim() {
+        let store = MemoryIdempotencyStore::new();
+        let lease = Duration::from_secs(30);
+        let Ok(Claim::Acquired { token, .. }) = store.claim("k", "h", lease).await else {
+            panic!("claim");
+        };
+        let other_forms = [
+            token.to_uppercase(),
+            token.replace('-', ""),
+            format!("{{{token}}}"),
+        ];
+        for other in &other_forms {
+            assert!(!store.renew("k", other, lease).await.unwrap(), "{other}");
+        }
+        assert!(store.renew("k", &token, lease).await.unwrap());
+        assert!(store.complete("k", &token, lease, None).await.unwrap());
+    }
 
     /// Old records for the conformance suite, without waiting for them to age.
     #[async_trait]
