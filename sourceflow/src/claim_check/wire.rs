@@ -135,7 +135,7 @@ pub(crate) async fn offload(
 fn stored_bytes(p: &Parts<'_>) -> Result<(Vec<u8>, &'static str), String> {
     match p.payload_encoding.as_deref() {
         None => Ok((p.payload.get().as_bytes().to_vec(), ENCODING_IDENTITY)),
-        Some(ENCODING_GZIP) => Ok((unbase64(p.payload)?, ENCODING_GZIP)),
+        Some(ENCODING_GZIP) => Ok((unbase64(p.payload.get())?, ENCODING_GZIP)),
         Some(other) => Err(format!("unknown payload encoding `{other}`")),
     }
 }
@@ -145,8 +145,9 @@ fn null() -> &'static RawValue {
     NULL.get_or_init(|| RawValue::from_string("null".into()).unwrap_or_default())
 }
 
-fn unbase64(payload: &RawValue) -> Result<Vec<u8>, String> {
-    let text: String = serde_json::from_str(payload.get())
+/// The bytes of a compressed payload: `payload` is its JSON text (a base64 string).
+fn unbase64(payload: &str) -> Result<Vec<u8>, String> {
+    let text: String = serde_json::from_str(payload)
         .map_err(|_| "a compressed payload must be a base64 string".to_string())?;
     base64::engine::general_purpose::STANDARD
         .decode(text)
@@ -178,7 +179,7 @@ pub(crate) async fn restore(
     env: &mut Envelope,
 ) -> Result<(), RestoreError> {
     let (pointer, encoding) = (env.claim_check.take(), env.payload_encoding.take());
-    if let Some(payload) = restored(store, pointer, encoding, &env.payload).await? {
+    if let Some(payload) = restored(store, pointer, encoding, env.payload.get()).await? {
         env.payload = payload;
     }
     Ok(())
@@ -190,19 +191,19 @@ pub(crate) async fn restore_incoming(
     env: &mut Incoming,
 ) -> Result<(), RestoreError> {
     let (pointer, encoding) = (env.claim_check.take(), env.payload_encoding.take());
-    let payload = raw_json(env.payload().as_bytes().to_vec())?;
-    if let Some(payload) = restored(store, pointer, encoding, &payload).await? {
+    if let Some(payload) = restored(store, pointer, encoding, env.payload()).await? {
         env.set_payload(payload);
     }
     Ok(())
 }
 
-/// The payload a stored or compressed envelope stands for (`None`: in neither form).
+/// The payload a stored or compressed envelope stands for (`None`: in neither form);
+/// `payload` is the envelope's payload as it travelled (JSON text).
 async fn restored(
     store: Option<&dyn super::ObjectStore>,
     pointer: Option<Pointer>,
     encoding: Option<String>,
-    payload: &RawValue,
+    payload: &str,
 ) -> Result<Option<Box<RawValue>>, RestoreError> {
     if let Some(pointer) = pointer {
         let store = store.ok_or_else(|| RestoreError::NoStore(pointer.bucket.clone()))?;

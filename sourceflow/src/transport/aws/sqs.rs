@@ -22,9 +22,8 @@ use super::errors::{aws_error, sdk_error, Resource};
 use super::retry::{with_retries, Answer, EntryFailure, POLICY};
 use crate::envelope::{attr, AttributeValue, OutgoingMessage};
 use crate::error::{EntryError, Result};
-use crate::transport::Receipt;
 use crate::transport::{
-    QueueDepth, Receive, ReceivedMessage, MAX_BATCH_ENTRIES, MAX_DELAY, MAX_VISIBILITY,
+    QueueDepth, Receipt, Receive, ReceivedMessage, MAX_BATCH_ENTRIES, MAX_DELAY, MAX_VISIBILITY,
     SQS_MAX_MESSAGE_BYTES,
 };
 

@@ -217,6 +217,7 @@ impl Queue {
         failed
     }
 
+    /// Stores a message that passed [`Queue::refusal`].
     fn store(&self, st: &mut QueueState, mut r: Ready, now: Instant) {
         if self.fifo {
             let (Some(group), Some(dedup)) = (r.group.clone(), r.dedup.take()) else {
@@ -842,7 +843,6 @@ fn parse_receipt(rest: &str) -> Option<(u64, u32)> {
     Some((seq.parse().ok()?, generation.parse().ok()?))
 }
 
-/// Appends `n` in decimal.
 /// A `u64` in decimal, written on the stack: its digits end the array.
 struct Decimal {
     digits: [u8; 20],
