@@ -26,7 +26,14 @@
 //!   meter provider. The ratio to `sourceflow` is the telemetry overhead;
 //! * `sourceflow, telemetry on, layer defaults`: the same through
 //!   `tracing_opentelemetry::layer()` with its defaults (context activation on every poll,
-//!   inactivity timings, thread and location attributes), for comparison.
+//!   inactivity timings, thread and location attributes), for comparison;
+//! * `sourceflow, telemetry on, direct spans`: the same spans made with the OpenTelemetry
+//!   API directly (`Builder::tracer_provider` with the same SDK tracer provider; no
+//!   `tracing` span), the same metrics.
+//!
+//! After the table come two floors: what the same six spans and 14 instrument calls per
+//! command cost on one thread without sourceflow, through `sourceflow::telemetry::layer`
+//! (`telemetry_floor`) and through the OpenTelemetry API directly (`otel_api_floor`).
 
 //!
 //! Where the time goes (profile of one whole run of this bench, all four rows, `perf record
@@ -291,9 +298,11 @@ enum Mode {
     Defaults,
     NoIdempotency,
     Telemetry,
+    /// Telemetry on, spans made with the OpenTelemetry API (`Builder::tracer_provider`).
+    TelemetryDirect,
 }
 
-async fn framework(mode: Mode, meters: &SdkMeterProvider) -> Measured {
+async fn framework(mode: Mode, meters: &SdkMeterProvider, tracers: &SdkTracerProvider) -> Measured {
     let sink = Sink::new();
     let mut b = sourceflow::builder()
         .service("bench")
@@ -305,6 +314,7 @@ async fn framework(mode: Mode, meters: &SdkMeterProvider) -> Measured {
         Mode::Defaults => b,
         Mode::NoIdempotency => b.without_idempotency(),
         Mode::Telemetry => b.meter_provider(meters),
+        Mode::TelemetryDirect => b.meter_provider(meters).tracer_provider(tracers),
     };
     let app = b.start().await.expect("start");
     let start = Instant::now();
@@ -407,8 +417,9 @@ impl SpanExporter for DropExporter {
 /// `sourceflow.handler` inside; the publish's `sourceflow.dispatch` inside the command's
 /// handler — and 14 instrument calls with precomputed attribute sets. This makes them with
 /// the same fields, each entered and left once, on one thread, `n` times, and returns the
-/// time per command (telemetry on; the caller subtracts the same loop with it off).
-fn telemetry_floor(n: u64, meters: &SdkMeterProvider) -> Duration {
+/// time per command. The caller subtracts the same loop with telemetry off (the layer's
+/// filter off, `metrics` false: no span is recorded and no instrument called).
+fn telemetry_floor(n: u64, meters: &SdkMeterProvider, metrics_on: bool) -> Duration {
     use opentelemetry::metrics::MeterProvider as _;
     use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
     use opentelemetry::KeyValue;
@@ -478,7 +489,7 @@ fn telemetry_floor(n: u64, meters: &SdkMeterProvider) -> Duration {
         )
     };
     let metrics = |k: usize| {
-        for i in 0..k {
+        for i in (0..k).filter(|_| metrics_on) {
             match i % 3 {
                 0 => count.add(1, &attrs),
                 1 => hist.record(0.000_1, &attrs[..2]),
@@ -507,6 +518,125 @@ fn telemetry_floor(n: u64, meters: &SdkMeterProvider) -> Duration {
         drop(cmd);
         let evt = process("bench-placed", "bench.OrderPlaced.v1", &tp);
         evt.in_scope(|| handler("order_placed").in_scope(|| metrics(5)));
+    }
+    start.elapsed() / n as u32
+}
+
+/// The same six spans and 14 instrument calls as [`telemetry_floor`], with the spans made
+/// through the OpenTelemetry API directly (`span_builder(..).start_with_context` on the
+/// same SDK tracer provider, each span's context carried in an `opentelemetry::Context`)
+/// instead of `tracing` and `tracing-opentelemetry`: what spans made outside `tracing`
+/// would cost at least. Returns the time per command, `n` commands, on one thread.
+fn otel_api_floor(n: u64, tracers: &SdkTracerProvider, meters: &SdkMeterProvider) -> Duration {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry::trace::{
+        SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState, Tracer as _,
+    };
+    use opentelemetry::{Context, KeyValue};
+    let tracer = tracers.tracer("floor");
+    let meter = meters.meter("floor");
+    let count = meter.u64_counter("floor.count").build();
+    let hist = meter.f64_histogram("floor.duration").build();
+    let gauge = meter.i64_up_down_counter("floor.in_flight").build();
+    let attrs = [
+        KeyValue::new("messaging.destination.name", "bench-orders.fifo"),
+        KeyValue::new("sourceflow.wire_name", "bench.PlaceOrder.v1"),
+        KeyValue::new("sourceflow.outcome", "success"),
+    ];
+    let metrics = |k: usize| {
+        for i in 0..k {
+            match i % 3 {
+                0 => count.add(1, &attrs),
+                1 => hist.record(0.000_1, &attrs[..2]),
+                _ => gauge.add(1, &attrs[..1]),
+            }
+        }
+    };
+    let id = "5f0c6a4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f";
+    let traceparent = |cx: &Context| {
+        let span = cx.span();
+        let sc = span.span_context();
+        format!("00-{}-{}-01", sc.trace_id(), sc.span_id())
+    };
+    let remote = |tp: &str| {
+        let mut parts = tp.split('-').skip(1);
+        let trace = parts
+            .next()
+            .and_then(|t| opentelemetry::trace::TraceId::from_hex(t).ok());
+        let parent = parts
+            .next()
+            .and_then(|s| opentelemetry::trace::SpanId::from_hex(s).ok());
+        match (trace, parent) {
+            (Some(t), Some(p)) => Context::new().with_remote_span_context(SpanContext::new(
+                t,
+                p,
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            )),
+            _ => Context::new(),
+        }
+    };
+    let process = |queue: &'static str, wire: &'static str, tp: &str| {
+        let parent = remote(tp);
+        let span = tracer
+            .span_builder("sourceflow.process")
+            .with_kind(SpanKind::Consumer)
+            .with_attributes([
+                KeyValue::new("messaging.system", "aws_sqs"),
+                KeyValue::new("messaging.destination.name", queue),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("messaging.message.id", id.to_string()),
+                KeyValue::new("messaging.message.conversation_id", id.to_string()),
+                KeyValue::new("sourceflow.wire_name", wire),
+                KeyValue::new("sourceflow.entity_id", "42".to_string()),
+                KeyValue::new("sourceflow.receive_count", 1i64),
+                KeyValue::new("sourceflow.service", "bench"),
+            ])
+            .start_with_context(&tracer, &parent);
+        parent.with_span(span)
+    };
+    let dispatch = |parent: &Context, dest: &'static str, op: &'static str| {
+        let span = tracer
+            .span_builder("sourceflow.dispatch")
+            .with_kind(SpanKind::Producer)
+            .with_attributes([
+                KeyValue::new("messaging.system", "aws_sqs"),
+                KeyValue::new("messaging.destination.name", dest),
+                KeyValue::new("messaging.operation.type", op),
+                KeyValue::new("messaging.batch.message_count", 1i64),
+                KeyValue::new("sourceflow.service", "bench"),
+            ])
+            .start_with_context(&tracer, parent);
+        parent.with_span(span)
+    };
+    let handler = |parent: &Context, name: &'static str| {
+        let span = tracer
+            .span_builder("sourceflow.handler")
+            .with_attributes([KeyValue::new("sourceflow.handler", name)])
+            .start_with_context(&tracer, parent);
+        parent.with_span(span)
+    };
+    let start = Instant::now();
+    for _ in 0..n {
+        let send = dispatch(&Context::new(), "bench-orders.fifo", "send");
+        let tp = traceparent(&send);
+        metrics(2);
+        send.span().end();
+        let cmd = process("bench-orders.fifo", "bench.PlaceOrder.v1", &tp);
+        let h = handler(&cmd, "place_order");
+        let publish = dispatch(&h, "bench-order-events", "publish");
+        let tp = traceparent(&publish);
+        metrics(2);
+        publish.span().end();
+        h.span().end();
+        metrics(5);
+        cmd.span().end();
+        let evt = process("bench-placed", "bench.OrderPlaced.v1", &tp);
+        let h = handler(&evt, "order_placed");
+        metrics(5);
+        h.span().end();
+        evt.span().end();
     }
     start.elapsed() / n as u32
 }
@@ -561,6 +691,7 @@ pub fn main() {
         ("sourceflow, no idempotency", Vec::new()),
         ("sourceflow, telemetry on", Vec::new()),
         ("sourceflow, telemetry on, layer defaults", Vec::new()),
+        ("sourceflow, telemetry on, direct spans", Vec::new()),
     ];
     // Words on the command line (cargo passes `--bench`, skipped) pick the rows to run, e.g.
     // `telemetry` to profile that row alone; none runs them all.
@@ -575,28 +706,39 @@ pub fn main() {
     rt.block_on(async {
         // Warm-up.
         baseline().await;
-        framework(Mode::Defaults, &meters).await;
+        framework(Mode::Defaults, &meters, &tracer).await;
         for _ in 0..ROUNDS {
             if run[0] {
                 rows[0].1.push(baseline().await);
             }
             if run[1] {
-                rows[1].1.push(framework(Mode::Defaults, &meters).await);
+                rows[1]
+                    .1
+                    .push(framework(Mode::Defaults, &meters, &tracer).await);
             }
             if run[2] {
                 rows[2]
                     .1
-                    .push(framework(Mode::NoIdempotency, &meters).await);
+                    .push(framework(Mode::NoIdempotency, &meters, &tracer).await);
             }
             if run[3] {
                 set_telemetry(true);
-                rows[3].1.push(framework(Mode::Telemetry, &meters).await);
+                rows[3]
+                    .1
+                    .push(framework(Mode::Telemetry, &meters, &tracer).await);
                 set_telemetry(false);
             }
             if run[4] {
                 set_telemetry_defaults(true);
-                rows[4].1.push(framework(Mode::Telemetry, &meters).await);
+                rows[4]
+                    .1
+                    .push(framework(Mode::Telemetry, &meters, &tracer).await);
                 set_telemetry_defaults(false);
+            }
+            if run[5] {
+                rows[5]
+                    .1
+                    .push(framework(Mode::TelemetryDirect, &meters, &tracer).await);
             }
         }
     });
@@ -617,7 +759,7 @@ pub fn main() {
             }
         }
     } else {
-        print_rates(&results, &meters, set_telemetry);
+        print_rates(&results, &tracer, &meters, set_telemetry);
     }
     let _ = tracer.shutdown();
 }
@@ -625,6 +767,7 @@ pub fn main() {
 /// The rates table, the telemetry overhead and its floor (the timing binaries).
 fn print_rates(
     results: &[(&str, Option<Measured>)],
+    tracers: &SdkTracerProvider,
     meters: &SdkMeterProvider,
     set_telemetry: impl Fn(bool),
 ) {
@@ -651,6 +794,12 @@ fn print_rates(
             (1.0 - on / defaults) * 100.0
         );
     }
+    if let (Some(defaults), Some(on)) = (rate(1), rate(5)) {
+        println!(
+            "telemetry overhead, spans made directly (Builder::tracer_provider): {:.1}% (vs sourceflow defaults)",
+            (1.0 - on / defaults) * 100.0
+        );
+    }
     if let (Some(defaults), Some(on)) = (rate(1), rate(3)) {
         println!(
             "telemetry overhead: {:.1}% (sourceflow, telemetry on vs defaults)",
@@ -658,20 +807,26 @@ fn print_rates(
         );
         // The floor, off then on, on this thread (the runtime is idle now).
         let n = 20_000;
-        let off = telemetry_floor(n, meters);
+        let off = telemetry_floor(n, meters, false);
         set_telemetry(true);
-        let on_cost = telemetry_floor(n, meters);
+        let on_cost = telemetry_floor(n, meters, true);
         set_telemetry(false);
-        let floor = on_cost.saturating_sub(off);
+        let api = otel_api_floor(n, tracers, meters);
         // Per command the defaults row takes 2/rate of wall time on two workers; the floor's
         // CPU, spread over both, adds half of it to the wall time at best.
         let per_command = 2.0 / defaults;
-        let added = floor.as_secs_f64() / 2.0;
-        println!(
-            "telemetry floor: {:.2} µs of CPU per command (6 spans, 14 instrument calls) through sourceflow::telemetry::layer and the SDKs alone = at least {:.1}% overhead on the defaults' {:.2} µs per command, spread over both workers",
-            floor.as_secs_f64() * 1e6,
-            added / (per_command + added) * 100.0,
-            per_command * 1e6
-        );
+        for (floor, through) in [
+            (on_cost, "sourceflow::telemetry::layer and the SDKs"),
+            (api, "the OpenTelemetry API directly and the SDKs"),
+        ] {
+            let floor = floor.saturating_sub(off);
+            let added = floor.as_secs_f64() / 2.0;
+            println!(
+                "telemetry floor: {:.2} µs of CPU per command (6 spans, 14 instrument calls) through {through} alone = at least {:.1}% overhead on the defaults' {:.2} µs per command, spread over both workers",
+                floor.as_secs_f64() * 1e6,
+                added / (per_command + added) * 100.0,
+                per_command * 1e6
+            );
+        }
     }
 }

@@ -368,33 +368,61 @@ impl Dispatcher {
         batch: Vec<OutgoingMessage>,
     ) -> std::result::Result<(), BatchError> {
         let batch = self.offload(kind, dest, batch).await?;
-        let span = tracing::info_span!(
-            "sourceflow.dispatch",
-            otel.kind = "producer",
-            messaging.system = telemetry::messaging_system(self.transport.name(), kind),
-            messaging.destination.name = &**dest,
-            messaging.operation.type = match kind {
-                MessageKind::Command => "send",
-                MessageKind::Event => "publish",
-            },
-            messaging.batch.message_count = batch.len(),
-            sourceflow.service = self.service(),
-            otel.status_code = tracing::field::Empty,
-        );
         let wire_names = telemetry::BatchWireNames::of(batch.iter().map(|m| &m.wire_name));
+        let system = telemetry::messaging_system(self.transport.name(), kind);
+        let operation = match kind {
+            MessageKind::Command => "send",
+            MessageKind::Event => "publish",
+        };
+        let count = batch.len();
         let started = std::time::Instant::now();
-        let result = async {
-            let result = match kind {
+        let work = async {
+            match kind {
                 MessageKind::Command => self.transport.send(dest, batch).await,
                 MessageKind::Event => self.transport.publish(dest, batch).await,
-            };
-            if result.is_err() {
-                tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
             }
-            result
-        }
-        .instrument(span)
-        .await;
+        };
+        let result = match self.metrics.spans() {
+            None => {
+                let span = tracing::info_span!(
+                    "sourceflow.dispatch",
+                    otel.kind = "producer",
+                    messaging.system = system,
+                    messaging.destination.name = &**dest,
+                    messaging.operation.type = operation,
+                    messaging.batch.message_count = count,
+                    sourceflow.service = self.service(),
+                    otel.status_code = tracing::field::Empty,
+                );
+                async {
+                    let result = work.await;
+                    if result.is_err() {
+                        tracing::Span::current()
+                            .record("otel.status_code", telemetry::STATUS_ERROR);
+                    }
+                    result
+                }
+                .instrument(span)
+                .await
+            }
+            Some(spans) => {
+                use opentelemetry::KeyValue;
+                let destination = opentelemetry::StringValue::from(dest.clone());
+                let attributes = [
+                    KeyValue::new("messaging.system", system),
+                    KeyValue::new("messaging.destination.name", destination),
+                    KeyValue::new("messaging.operation.type", operation),
+                    KeyValue::new("messaging.batch.message_count", count as i64),
+                    spans.service(),
+                ];
+                let parent = opentelemetry::Context::current();
+                let kind = opentelemetry::trace::SpanKind::Producer;
+                let cx = spans.start("sourceflow.dispatch", kind, attributes, &parent);
+                let result = work.await;
+                telemetry::end(&cx, result.is_err());
+                result
+            }
+        };
         let failed: Vec<usize> = match &result {
             Ok(()) => Vec::new(),
             Err(e) => e.failed_indices().collect(),

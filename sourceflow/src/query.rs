@@ -124,20 +124,37 @@ pub(crate) async fn ask<Q: crate::Query>(
     let Some(route) = dispatcher.query_route(TypeId::of::<Q>()) else {
         return Err(Error::NoQueryHandler(Q::NAME));
     };
-    let span = tracing::info_span!(
-        "sourceflow.query",
-        sourceflow.query = Q::NAME,
-        sourceflow.handler = route.name,
-        otel.status_code = tracing::field::Empty,
-    );
+    // Made with the OpenTelemetry API when the service gave a tracer provider, else as a
+    // `tracing` span (see `crate::telemetry`).
+    let direct = dispatcher.metrics().spans().map(|spans| {
+        let attributes = [
+            opentelemetry::KeyValue::new("sourceflow.query", Q::NAME),
+            opentelemetry::KeyValue::new("sourceflow.handler", route.name),
+        ];
+        let kind = opentelemetry::trace::SpanKind::Internal;
+        let parent = opentelemetry::Context::current();
+        spans.start("sourceflow.query", kind, attributes, &parent)
+    });
+    let span = match direct {
+        Some(_) => tracing::Span::none(),
+        None => tracing::info_span!(
+            "sourceflow.query",
+            sourceflow.query = Q::NAME,
+            sourceflow.handler = route.name,
+            otel.status_code = tracing::field::Empty,
+        ),
+    };
     let scope = QueryScope {
         dispatcher: dispatcher.clone(),
     };
     let started = Instant::now();
-    let run = AssertUnwindSafe((route.invoke)(scope, Box::new(query)))
+    let work = AssertUnwindSafe((route.invoke)(scope, Box::new(query)))
         .catch_unwind()
-        .instrument(span.clone())
-        .await;
+        .instrument(span.clone());
+    let run = match &direct {
+        Some(cx) => crate::telemetry::within(cx, work).await,
+        None => work.await,
+    };
     let answer = match run {
         Ok(Ok(answer)) => answer.downcast::<Q::Response>().map(|a| *a).map_err(|_| {
             Error::Other(
@@ -158,6 +175,9 @@ pub(crate) async fn ask<Q: crate::Query>(
     };
     if answer.is_err() {
         span.record("otel.status_code", crate::telemetry::STATUS_ERROR);
+    }
+    if let Some(cx) = &direct {
+        crate::telemetry::end(cx, answer.is_err());
     }
     dispatcher
         .metrics()

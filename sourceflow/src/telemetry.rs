@@ -1,6 +1,8 @@
 //! Traces, metrics and trace-context propagation.
 //!
-//! **Spans** (`tracing`), named and filled after the OpenTelemetry messaging conventions:
+//! **Spans** (`tracing` spans, or OpenTelemetry spans made directly when the service gives
+//! [`Builder::tracer_provider`](crate::Builder::tracer_provider)), named and filled after
+//! the OpenTelemetry messaging conventions:
 //!
 //! | span | when | fields |
 //! |---|---|---|
@@ -52,6 +54,15 @@
 //! do not need (source location, thread id and name, target); in the throughput
 //! benchmark they made the telemetry row's overhead about twice as large (see the
 //! README's Benchmarks).
+//!
+//! **Making the spans directly**: with
+//! [`Builder::tracer_provider`](crate::Builder::tracer_provider), sourceflow makes the
+//! spans of the table with the OpenTelemetry API through that provider's tracer, and no
+//! `tracing` spans of its own. The spans, their parents and statuses are the same; each
+//! span's context is attached (as the current `opentelemetry::Context`) while its work
+//! runs, so what a handler sends continues the trace and the spans it makes are its
+//! children. In the throughput benchmark this costs less than half of the telemetry
+//! overhead of the layer (the README's Benchmarks).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -65,8 +76,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::message::MessageKind;
 
-/// The instruments of one runtime.
+/// The instruments of one runtime, and its [`Spans`] when the service made sourceflow's
+/// spans with the OpenTelemetry API directly.
 pub(crate) struct Metrics {
+    spans: Option<Spans>,
     command_dispatched: Counter<u64>,
     command_dispatch_duration: Histogram<f64>,
     command_dispatch_error: Counter<u64>,
@@ -89,6 +102,7 @@ impl Metrics {
     pub(crate) fn new(meter: &Meter) -> Self {
         let secs = "s";
         Metrics {
+            spans: None,
             command_dispatched: meter
                 .u64_counter("sourceflow.command.dispatched")
                 .with_description("Commands sent")
@@ -158,6 +172,18 @@ impl Metrics {
                 .with_description("Time to answer a query")
                 .build(),
         }
+    }
+
+    /// These instruments, with sourceflow's spans made through `spans`.
+    pub(crate) fn with_spans(self, spans: Option<Spans>) -> Self {
+        Metrics { spans, ..self }
+    }
+
+    /// The tracer sourceflow's spans are made with directly, if the service gave one
+    /// ([`Builder::tracer_provider`](crate::Builder::tracer_provider)); `None`: they are
+    /// `tracing` spans.
+    pub(crate) fn spans(&self) -> Option<&Spans> {
+        self.spans.as_ref()
     }
 
     /// Records one query answered (`ok`) or failed.
@@ -353,6 +379,16 @@ impl QueueAttributes {
         destination
     }
 
+    /// The `sourceflow.wire_name` attribute of a span: shared with the metric sets when
+    /// the name is linked into the binary, else a copy of it (spans, unlike metrics, may
+    /// carry any name).
+    pub(crate) fn wire_value(&self, wire: &str) -> KeyValue {
+        match self.wires.get(wire) {
+            Some(set) => set.pair[1].clone(),
+            None => KeyValue::new("sourceflow.wire_name", wire.to_string()),
+        }
+    }
+
     /// The sets of a wire name (`unknown` when it is not linked into the binary).
     pub(crate) fn wire(&self, wire: &str) -> &WireAttributes {
         self.wires.get(wire).unwrap_or(&self.unknown)
@@ -415,16 +451,96 @@ where
 }
 
 /// The W3C `traceparent` and `tracestate` of the current span, if it belongs to an
-/// OpenTelemetry trace.
+/// OpenTelemetry trace: the current `tracing` span's, when an OpenTelemetry layer records
+/// it, else the current OpenTelemetry context's (a span sourceflow made directly, see
+/// [`Spans`], or one the service attached).
 pub(crate) fn current_trace_context() -> Option<(String, Option<String>)> {
-    let cx = tracing::Span::current().context();
+    let from_tracing = tracing::Span::current().context();
+    let valid = |cx: &opentelemetry::Context| cx.span().span_context().is_valid();
+    let cx = match valid(&from_tracing) {
+        true => from_tracing,
+        false => Some(opentelemetry::Context::current()).filter(valid)?,
+    };
     let span = cx.span();
     let sc = span.span_context();
-    if !sc.is_valid() {
-        return None;
-    }
     let state = sc.trace_state().header();
     Some((traceparent(sc), (!state.is_empty()).then_some(state)))
+}
+
+/// sourceflow's spans made with the OpenTelemetry API directly, through the tracer of
+/// [`Builder::tracer_provider`](crate::Builder::tracer_provider): the names, kinds and
+/// attributes of the module table, without `tracing` and `tracing-opentelemetry` in
+/// between (the throughput benchmark measures each way's floor). A span's context is
+/// attached while its work runs, so that what runs inside — a handler's sends, spans the
+/// service makes with either API — is its child.
+pub(crate) struct Spans {
+    tracer: opentelemetry::global::BoxedTracer,
+    service: KeyValue,
+}
+
+impl Spans {
+    /// The spans of `service`, made with `tracer`.
+    pub(crate) fn new(tracer: opentelemetry::global::BoxedTracer, service: &str) -> Self {
+        let service = opentelemetry::StringValue::from(Arc::<str>::from(service));
+        Spans {
+            tracer,
+            service: KeyValue::new("sourceflow.service", service),
+        }
+    }
+
+    /// The `sourceflow.service` attribute (its value shared, not copied).
+    pub(crate) fn service(&self) -> KeyValue {
+        self.service.clone()
+    }
+
+    /// Starts span `name` of `kind` with `attributes` as a child of `parent`; the context
+    /// returned holds it (end it with [`end`]).
+    pub(crate) fn start(
+        &self,
+        name: &'static str,
+        kind: opentelemetry::trace::SpanKind,
+        attributes: impl IntoIterator<Item = KeyValue>,
+        parent: &opentelemetry::Context,
+    ) -> opentelemetry::Context {
+        use opentelemetry::trace::Tracer as _;
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, parent);
+        parent.with_span(span)
+    }
+}
+
+/// Ends the span of `cx`, with the status `ERROR` when its operation `failed`.
+pub(crate) fn end(cx: &opentelemetry::Context, failed: bool) {
+    let span = cx.span();
+    if failed {
+        span.set_status(opentelemetry::trace::Status::error(""));
+    }
+    span.end();
+}
+
+/// Runs `work` with `cx` attached as the current OpenTelemetry context.
+pub(crate) async fn within<F: std::future::Future>(
+    cx: &opentelemetry::Context,
+    work: F,
+) -> F::Output {
+    use opentelemetry::trace::FutureExt as _;
+    work.with_context(cx.clone()).await
+}
+
+/// The parent of a received message's span: the remote span context of its
+/// `traceparent`, else a new trace.
+pub(crate) fn remote_parent(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> opentelemetry::Context {
+    match traceparent.and_then(|tp| parse_traceparent(tp, tracestate)) {
+        Some(sc) => opentelemetry::Context::new().with_remote_span_context(sc),
+        None => opentelemetry::Context::new(),
+    }
 }
 
 /// The W3C `traceparent` of a span context (`00-<trace id>-<span id>-<flags>`), written

@@ -189,6 +189,217 @@ async fn one_trace_crosses_two_services_through_a_queue_and_a_topic() {
     back.shutdown().await.expect("shutdown");
 }
 
+// ---- the same trace, spans made with the OpenTelemetry API directly -------------------
+
+/// A tracer provider of the test's own, exporting into memory: for services that make
+/// their spans directly (`Builder::tracer_provider`).
+fn direct_tracing() -> (
+    opentelemetry_sdk::trace::SdkTracerProvider,
+    opentelemetry_sdk::trace::InMemorySpanExporter,
+) {
+    let spans = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(spans.clone())
+        .build();
+    (provider, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_tracer_provider_the_spans_are_made_directly_and_form_the_same_trace() {
+    use opentelemetry::trace::{FutureExt as _, Tracer as _, TracerProvider as _};
+    let h = Harness::new().await;
+    // The suite's `tracing-opentelemetry` layer is installed too: it must see none of
+    // these services' spans (they would be exported twice).
+    let captured = telemetry();
+    let (provider, exported) = direct_tracing();
+    let notified = Notified::default();
+    let front = h
+        .service("front", front::MODULE)
+        .tracer_provider(&provider)
+        .start()
+        .await
+        .expect("front");
+    let back = h
+        .service("back", back::MODULE)
+        .tracer_provider(&provider)
+        .state(notified.clone())
+        .start()
+        .await
+        .expect("back");
+
+    // The caller's request span, made with the OpenTelemetry API and attached.
+    let root = provider.tracer("test").start("http.request");
+    let root_cx = opentelemetry::Context::current_with_span(root);
+    let trace_id = root_cx.span().span_context().trace_id();
+    let root_id = root_cx.span().span_context().span_id();
+    front
+        .send(TakeOrder { order_id: 7 })
+        .with_context(root_cx.clone())
+        .await
+        .expect("send");
+    eventually("the event reached the other service", || async {
+        notified.0.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let in_trace = || {
+        exported
+            .get_finished_spans()
+            .expect("spans")
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id)
+            .collect::<Vec<_>>()
+    };
+    eventually("both services' process spans finished", || async {
+        in_trace()
+            .iter()
+            .filter(|s| s.name == "sourceflow.process")
+            .count()
+            == 2
+    })
+    .await;
+    let spans = in_trace();
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+    let one = |name: &str, service: &str| {
+        let found: Vec<_> = spans
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && (name == "sourceflow.handler"
+                        || attr_str(&s.attributes, "sourceflow.service").as_deref()
+                            == Some(service))
+            })
+            .collect();
+        found
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("no {name} of {service} in {names:?}"))
+    };
+    let send = spans
+        .iter()
+        .find(|s| {
+            s.name == "sourceflow.dispatch"
+                && attr_str(&s.attributes, "messaging.operation.type").as_deref() == Some("send")
+        })
+        .unwrap_or_else(|| panic!("no send span in {names:?}"));
+    assert_eq!(
+        send.parent_span_id, root_id,
+        "the send is the request's child"
+    );
+    assert_eq!(send.span_kind, opentelemetry::trace::SpanKind::Producer);
+    let a = one("sourceflow.process", "front");
+    let b = one("sourceflow.process", "back");
+    assert_eq!(a.span_kind, opentelemetry::trace::SpanKind::Consumer);
+    assert!(a.parent_span_is_remote && b.parent_span_is_remote);
+    assert_eq!(
+        a.parent_span_id, root_id,
+        "continued from the command's traceparent"
+    );
+    for (key, value) in [
+        ("sourceflow.wire_name", "tests.TakeOrder.v1".to_string()),
+        ("messaging.destination.name", front.queue_of::<TakeOrder>()),
+        ("messaging.operation.type", "process".to_string()),
+        ("sourceflow.entity_id", "7".to_string()),
+        ("sourceflow.receive_count", "1".to_string()),
+    ] {
+        assert_eq!(attr_str(&a.attributes, key), Some(value), "{key}");
+    }
+    assert_eq!(
+        attr_str(&a.attributes, "messaging.message.conversation_id"),
+        attr_str(&b.attributes, "messaging.message.conversation_id"),
+        "one conversation"
+    );
+    // The handler runs inside the process span, and what it raises carries its context.
+    let handler = spans
+        .iter()
+        .find(|s| s.name == "sourceflow.handler" && s.parent_span_id == a.span_context.span_id())
+        .unwrap_or_else(|| panic!("no handler span under front's process span: {names:?}"));
+    assert_eq!(
+        attr_str(&handler.attributes, "sourceflow.handler").as_deref(),
+        Some("take_order")
+    );
+    assert_eq!(
+        b.parent_span_id,
+        handler.span_context.span_id(),
+        "the event continues the trace from the handler that raised it"
+    );
+    let publish = spans
+        .iter()
+        .find(|s| {
+            s.name == "sourceflow.dispatch"
+                && attr_str(&s.attributes, "messaging.operation.type").as_deref() == Some("publish")
+        })
+        .unwrap_or_else(|| panic!("no publish span in {names:?}"));
+    assert_eq!(
+        publish.parent_span_id,
+        a.span_context.span_id(),
+        "the outbox is flushed inside the process span"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.status == opentelemetry::trace::Status::Unset),
+        "nothing failed"
+    );
+    let doubled: Vec<String> = captured
+        .spans
+        .get_finished_spans()
+        .expect("spans")
+        .into_iter()
+        .filter(|s| s.span_context.trace_id() == trace_id)
+        .map(|s| s.name.to_string())
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "exported through tracing too: {doubled:?}"
+    );
+    front.shutdown().await.expect("shutdown");
+    back.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_tracer_provider_a_failed_attempt_has_error_spans_and_the_retry_does_not() {
+    use opentelemetry::trace::{FutureExt as _, Status, Tracer as _, TracerProvider as _};
+    let h = Harness::new().await;
+    let (provider, exported) = direct_tracing();
+    let service = h
+        .service("flaky", flaky::MODULE)
+        .tracer_provider(&provider)
+        .max_receive_count(3)
+        .start()
+        .await
+        .expect("start");
+    let root = provider.tracer("test").start("test.flaky");
+    let root_cx = opentelemetry::Context::current_with_span(root);
+    let trace_id = root_cx.span().span_context().trace_id();
+    service
+        .send(Flaky { id: 1 })
+        .with_context(root_cx.clone())
+        .await
+        .expect("send");
+    let named = |name: &str| {
+        exported
+            .get_finished_spans()
+            .expect("spans")
+            .into_iter()
+            .filter(|s| s.span_context.trace_id() == trace_id && s.name == name)
+            .collect::<Vec<_>>()
+    };
+    eventually("both attempts' process spans finished", || async {
+        named("sourceflow.process").len() == 2
+    })
+    .await;
+    for name in ["sourceflow.process", "sourceflow.handler"] {
+        let spans = named(name);
+        assert_eq!(spans.len(), 2, "{name}: one per attempt");
+        let errors = spans
+            .iter()
+            .filter(|s| matches!(s.status, Status::Error { .. }))
+            .count();
+        assert_eq!(errors, 1, "{name}: the failed attempt only");
+    }
+    service.shutdown().await.expect("shutdown");
+}
+
 // ---- failures are marked on the spans --------------------------------------------------
 
 #[command(queue = "otel-flaky", name = "tests.Flaky.v1")]

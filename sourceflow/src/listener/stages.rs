@@ -412,17 +412,33 @@ impl Listener {
         let metrics = self.dispatcher.metrics();
         let in_flight = self.attrs.destination();
         metrics.in_flight.add(1, in_flight);
-        let run = async {
-            let run = AssertUnwindSafe(middleware::call(self.middleware.as_deref(), h, ctx))
-                .catch_unwind()
-                .await;
-            if !matches!(run, Ok(Ok(()))) {
-                tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
+        let work =
+            AssertUnwindSafe(middleware::call(self.middleware.as_deref(), h, ctx)).catch_unwind();
+        let run = match metrics.spans() {
+            None => {
+                async {
+                    let run = work.await;
+                    if !matches!(run, Ok(Ok(()))) {
+                        tracing::Span::current()
+                            .record("otel.status_code", telemetry::STATUS_ERROR);
+                    }
+                    run
+                }
+                .instrument(handler_span(h, ctx))
+                .await
             }
-            run
-        }
-        .instrument(handler_span(h, ctx))
-        .await;
+            Some(spans) => {
+                let cx = spans.start(
+                    "sourceflow.handler",
+                    opentelemetry::trace::SpanKind::Internal,
+                    handler_attributes(h, ctx),
+                    &opentelemetry::Context::current(),
+                );
+                let run = telemetry::within(&cx, work).await;
+                telemetry::end(&cx, !matches!(run, Ok(Ok(()))));
+                run
+            }
+        };
         metrics.in_flight.add(-1, in_flight);
         match run {
             Ok(Ok(())) => Ok(()),
@@ -659,6 +675,17 @@ fn handler_span(h: &HandlerRoute, ctx: &Context) -> tracing::Span {
             otel.status_code = tracing::field::Empty,
         ),
     }
+}
+
+/// The attributes of a directly made `sourceflow.handler` span: the fields of
+/// [`handler_span`].
+fn handler_attributes(h: &HandlerRoute, ctx: &Context) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    let mut attributes = vec![KeyValue::new("sourceflow.handler", h.name)];
+    if let Some(shown) = ctx.safe_headers() {
+        attributes.push(KeyValue::new("sourceflow.headers", shown));
+    }
+    attributes
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

@@ -72,7 +72,61 @@ impl Listener {
         let started = std::time::Instant::now();
         let decoded = super::stages::decode(msg);
         let env = decoded.as_ref().ok();
-        let span = tracing::info_span!(
+        let failed =
+            |d: &Disposition| matches!(d, Disposition::Retry(_) | Disposition::DeadLetter(_));
+        let trace = envelope::attribute(&msg.attributes, attr::TRACEPARENT);
+        let state = envelope::attribute(&msg.attributes, attr::TRACESTATE);
+        // Made with the OpenTelemetry API when the service gave a tracer provider, else as
+        // a `tracing` span (see `crate::telemetry`).
+        let span = match self.dispatcher.metrics().spans() {
+            Some(spans) => Err(spans.start(
+                "sourceflow.process",
+                opentelemetry::trace::SpanKind::Consumer,
+                self.process_attributes(msg, env, spans),
+                &telemetry::remote_parent(trace, state),
+            )),
+            None => {
+                let span = self.process_span(msg, env);
+                if let (false, Some(tp)) = (span.is_disabled(), trace) {
+                    telemetry::continue_trace(&span, tp, state);
+                }
+                Ok(span)
+            }
+        };
+        let traced = span.is_ok();
+        let work = async move {
+            let mut track = Track::new(in_place);
+            let d = match self.pipeline(msg, decoded, hold, &mut track).await {
+                Ok(d) | Err(d) => d,
+            };
+            let elapsed = started.elapsed();
+            if traced && failed(&d) {
+                tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
+            }
+            let apply = match (&d, later_in_hand) {
+                (Disposition::Retry(_), true) => Apply::InPlace,
+                _ => Apply::Broker,
+            };
+            let settled = self.settle(msg, &d, &track, elapsed, apply).await;
+            (d, settled)
+        };
+        match span {
+            Ok(span) => work.instrument(span).await,
+            Err(cx) => {
+                let (d, settled) = telemetry::within(&cx, work).await;
+                telemetry::end(&cx, failed(&d));
+                (d, settled)
+            }
+        }
+    }
+
+    /// The `sourceflow.process` span of a message, born with every field.
+    fn process_span(
+        &self,
+        msg: &ReceivedMessage,
+        env: Option<&crate::envelope::Incoming>,
+    ) -> tracing::Span {
+        tracing::info_span!(
             "sourceflow.process",
             otel.kind = "consumer",
             messaging.system = telemetry::messaging_system(self.transport().name(), MessageKind::Command),
@@ -85,31 +139,44 @@ impl Listener {
             sourceflow.receive_count = msg.receive_count,
             sourceflow.service = self.dispatcher.service(),
             otel.status_code = tracing::field::Empty,
-        );
-        if !span.is_disabled() {
-            if let Some(tp) = envelope::attribute(&msg.attributes, attr::TRACEPARENT) {
-                let state = envelope::attribute(&msg.attributes, attr::TRACESTATE);
-                telemetry::continue_trace(&span, tp, state);
+        )
+    }
+
+    /// The attributes of a directly made `sourceflow.process` span: the fields of
+    /// [`process_span`](Self::process_span), an undecodable message's own left out.
+    fn process_attributes(
+        &self,
+        msg: &ReceivedMessage,
+        env: Option<&crate::envelope::Incoming>,
+        spans: &telemetry::Spans,
+    ) -> Vec<opentelemetry::KeyValue> {
+        use opentelemetry::KeyValue;
+        let system = telemetry::messaging_system(self.transport().name(), MessageKind::Command);
+        let mut attributes = Vec::with_capacity(9);
+        attributes.extend([
+            KeyValue::new("messaging.system", system),
+            self.attrs.destination_value().clone(),
+            KeyValue::new("messaging.operation.type", "process"),
+        ]);
+        if let Some(e) = env {
+            let conversation = e.correlation_id().unwrap_or(e.id());
+            attributes.extend([
+                KeyValue::new("messaging.message.id", e.id().to_string()),
+                KeyValue::new(
+                    "messaging.message.conversation_id",
+                    conversation.to_string(),
+                ),
+                self.attrs.wire_value(e.wire_name()),
+            ]);
+            if let Some(entity) = e.entity_id() {
+                attributes.push(KeyValue::new("sourceflow.entity_id", entity.to_string()));
             }
         }
-        async move {
-            let mut track = Track::new(in_place);
-            let d = match self.pipeline(msg, decoded, hold, &mut track).await {
-                Ok(d) | Err(d) => d,
-            };
-            let elapsed = started.elapsed();
-            if matches!(d, Disposition::Retry(_) | Disposition::DeadLetter(_)) {
-                tracing::Span::current().record("otel.status_code", telemetry::STATUS_ERROR);
-            }
-            let apply = match (&d, later_in_hand) {
-                (Disposition::Retry(_), true) => Apply::InPlace,
-                _ => Apply::Broker,
-            };
-            let settled = self.settle(msg, &d, &track, elapsed, apply).await;
-            (d, settled)
-        }
-        .instrument(span)
-        .await
+        attributes.extend([
+            KeyValue::new("sourceflow.receive_count", i64::from(msg.receive_count)),
+            spans.service(),
+        ]);
+        attributes
     }
 }
 

@@ -13,7 +13,7 @@ use crate::idempotency::{self, IdempotencyStore, MemoryIdempotencyStore};
 use crate::naming::{sanitize_service, Naming};
 use crate::registry::{self, HandlerRoute};
 use crate::retry::RetryPolicy;
-use crate::telemetry::Metrics;
+use crate::telemetry::{self, Metrics};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::Transport;
 
@@ -98,6 +98,10 @@ impl Builder {
 
     async fn resolve_with(mut self, connect: bool) -> Result<Resolved> {
         let service = resolve_service(self.service.take())?;
+        let spans = self
+            .tracer
+            .take()
+            .map(|tracer| telemetry::Spans::new(tracer, &service));
         let transport = match connect {
             true => resolve_transport(self.transport.take()).await?,
             false => Arc::new(MemoryTransport::new()),
@@ -178,7 +182,7 @@ impl Builder {
             handlers,
             queries,
             idempotency,
-            metrics: Arc::new(Metrics::new(&meter)),
+            metrics: Arc::new(Metrics::new(&meter).with_spans(spans)),
             depth_sample: seconds(
                 self.depth_sample,
                 "SOURCEFLOW_DEPTH_SAMPLE_SECS",
