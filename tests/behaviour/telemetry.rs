@@ -400,6 +400,79 @@ async fn with_a_tracer_provider_a_failed_attempt_has_error_spans_and_the_retry_d
     service.shutdown().await.expect("shutdown");
 }
 
+#[command(queue = "otel-nest", name = "tests.Nest.v1")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Nest {
+    pub id: u32,
+}
+
+/// The service's own OpenTelemetry tracer, for a handler that makes spans with the API.
+#[derive(Clone)]
+pub struct UserTracer(pub Arc<opentelemetry_sdk::trace::SdkTracer>);
+
+mod nest {
+    use super::*;
+    pub const MODULE: &str = module_path!();
+
+    #[handler]
+    async fn nest(_cmd: Nest, State(t): State<UserTracer>) -> sourceflow::Result<()> {
+        use opentelemetry::trace::{Span as _, Tracer as _};
+        tracing::info_span!("user.tracing").in_scope(|| {});
+        t.0.start("user.otel").end();
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_tracer_provider_a_handlers_own_spans_are_children_of_its_handler_span() {
+    use opentelemetry::trace::TracerProvider as _;
+    let h = Harness::new().await;
+    let captured = telemetry();
+    let (provider, exported) = direct_tracing();
+    let service = h
+        .service("nest", nest::MODULE)
+        .tracer_provider(&provider)
+        .state(UserTracer(Arc::new(provider.tracer("user"))))
+        .start()
+        .await
+        .expect("start");
+    service.send(Nest { id: 1 }).await.expect("send");
+    let finished = |name: &'static str| {
+        let exported = exported.clone();
+        move || {
+            exported
+                .get_finished_spans()
+                .expect("spans")
+                .into_iter()
+                .find(|s| s.name == name)
+        }
+    };
+    eventually("the handler's spans finished", || async {
+        finished("sourceflow.process")().is_some()
+    })
+    .await;
+    let handler = finished("sourceflow.handler")().expect("handler span");
+    let otel = finished("user.otel")().expect("the handler's OpenTelemetry span");
+    assert_eq!(otel.parent_span_id, handler.span_context.span_id());
+    assert_eq!(
+        otel.span_context.trace_id(),
+        handler.span_context.trace_id()
+    );
+    // The suite's `tracing-opentelemetry` layer (context activation off) exports the
+    // handler's `tracing` span: its parent is the handler span sourceflow made directly.
+    let traced = captured
+        .spans
+        .get_finished_spans()
+        .expect("spans")
+        .into_iter()
+        .find(|s| {
+            s.name == "user.tracing" && s.span_context.trace_id() == handler.span_context.trace_id()
+        })
+        .expect("the handler's tracing span, in the handler span's trace");
+    assert_eq!(traced.parent_span_id, handler.span_context.span_id());
+    service.shutdown().await.expect("shutdown");
+}
+
 // ---- failures are marked on the spans --------------------------------------------------
 
 #[command(queue = "otel-flaky", name = "tests.Flaky.v1")]
