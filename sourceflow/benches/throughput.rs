@@ -158,6 +158,19 @@
 //! `malloc`/`free` ran inside the lock. `d72f1a2` moves those allocations out of both
 //! locks: `sched_yield` per defaults run 341,502 → 148,576 (`perf stat`), context switches
 //! 92,047 → 78,030, and the rows 5-7 % up in three alternated runs.
+//!
+//! Where `memmove` comes from (8.5 % of the defaults row's samples at `ba9cb78`, `perf
+//! record -F 199 --call-graph dwarf,16384 -- "(defaults)"`, 2026-12-03): the listener's
+//! pipeline 1.3 %, the memory idempotency store's map growing (`HashMap::insert`, 1 %: the
+//! store starts empty every round; a full store does not rehash), and tokio moving each
+//! unit's future into its task (`spawn`, `Cell::new`, `set_stage`: 2.2 %). That future is
+//! 6,416 bytes (`size_of_val`, measured with a print not committed): a unit's whole state
+//! machine, stages and settling included. Boxing it inside the task (one 6 KB allocation
+//! instead of the copies) took `memmove` to 5.6 % and raised `_int_malloc` from 3.2 % to
+//! 4.1 %; in eight alternated `perf stat -e task-clock` runs against the build before, the
+//! CPU per run was 7.7-11.8 s against 8.1-11.5 s, no difference this noise can show, so it
+//! is not committed. Shrinking the future (fewer states held across awaits) is the lever
+//! left there.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
