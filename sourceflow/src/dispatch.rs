@@ -377,11 +377,11 @@ impl Dispatcher {
         };
         let count = batch.len();
         let started = std::time::Instant::now();
-        let work = async {
-            match kind {
-                MessageKind::Command => self.transport.send(dest, batch).await,
-                MessageKind::Event => self.transport.publish(dest, batch).await,
-            }
+        // Made in each branch as a temporary (a future moved from a local into another is
+        // stored twice in this function's state machine).
+        let work = move || match kind {
+            MessageKind::Command => self.transport.send(dest, batch),
+            MessageKind::Event => self.transport.publish(dest, batch),
         };
         let result = match self.metrics.spans() {
             None => {
@@ -396,7 +396,7 @@ impl Dispatcher {
                     otel.status_code = tracing::field::Empty,
                 );
                 async {
-                    let result = work.await;
+                    let result = work().await;
                     if result.is_err() {
                         tracing::Span::current()
                             .record("otel.status_code", telemetry::STATUS_ERROR);
@@ -419,7 +419,7 @@ impl Dispatcher {
                 let parent = opentelemetry::Context::current();
                 let kind = opentelemetry::trace::SpanKind::Producer;
                 let cx = spans.start("sourceflow.dispatch", kind, attributes, &parent);
-                let result = work.await;
+                let result = work().await;
                 telemetry::end(&cx, result.is_err());
                 result
             }

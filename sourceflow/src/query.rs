@@ -148,12 +148,17 @@ pub(crate) async fn ask<Q: crate::Query>(
         dispatcher: dispatcher.clone(),
     };
     let started = Instant::now();
-    let work = AssertUnwindSafe((route.invoke)(scope, Box::new(query)))
-        .catch_unwind()
-        .instrument(span.clone());
+    // Made in each branch as a temporary (a future moved from a local into another is
+    // stored twice in this function's state machine).
+    let instrumented = span.clone();
+    let work = move || {
+        AssertUnwindSafe((route.invoke)(scope, Box::new(query)))
+            .catch_unwind()
+            .instrument(instrumented)
+    };
     let run = match &direct {
-        Some(cx) => crate::telemetry::within(cx, work).await,
-        None => work.await,
+        Some(cx) => crate::telemetry::within(cx, work()).await,
+        None => work().await,
     };
     let answer = match run {
         Ok(Ok(answer)) => answer.downcast::<Q::Response>().map(|a| *a).map_err(|_| {

@@ -522,13 +522,14 @@ pub(crate) fn end(cx: &opentelemetry::Context, failed: bool) {
     span.end();
 }
 
-/// Runs `work` with `cx` attached as the current OpenTelemetry context.
-pub(crate) async fn within<F: std::future::Future>(
+/// `work`, run with `cx` attached as the current OpenTelemetry context. (Not an `async
+/// fn`: one would store `work` twice, as its argument and as the future it awaits.)
+pub(crate) fn within<F: std::future::Future>(
     cx: &opentelemetry::Context,
     work: F,
-) -> F::Output {
+) -> opentelemetry::trace::WithContext<F> {
     use opentelemetry::trace::FutureExt as _;
-    work.with_context(cx.clone()).await
+    work.with_context(cx.clone())
 }
 
 /// The parent of a received message's span: the remote span context of its

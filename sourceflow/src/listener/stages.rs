@@ -412,12 +412,15 @@ impl Listener {
         let metrics = self.dispatcher.metrics();
         let in_flight = self.attrs.destination();
         metrics.in_flight.add(1, in_flight);
-        let work =
-            AssertUnwindSafe(middleware::call(self.middleware.as_deref(), h, ctx)).catch_unwind();
+        // Made in each branch as a temporary (a future moved from a local into another is
+        // stored twice in this function's state machine).
+        let work = || {
+            AssertUnwindSafe(middleware::call(self.middleware.as_deref(), h, ctx)).catch_unwind()
+        };
         let run = match metrics.spans() {
             None => {
                 async {
-                    let run = work.await;
+                    let run = work().await;
                     if !matches!(run, Ok(Ok(()))) {
                         tracing::Span::current()
                             .record("otel.status_code", telemetry::STATUS_ERROR);
@@ -434,7 +437,7 @@ impl Listener {
                     handler_attributes(h, ctx),
                     &opentelemetry::Context::current(),
                 );
-                let run = telemetry::within(&cx, work).await;
+                let run = telemetry::within(&cx, work()).await;
                 telemetry::end(&cx, !matches!(run, Ok(Ok(()))));
                 run
             }

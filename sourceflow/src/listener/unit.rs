@@ -94,7 +94,10 @@ impl Listener {
             }
         };
         let traced = span.is_ok();
-        let work = async move {
+        // A closure, so that each branch below awaits the future it makes as a temporary:
+        // a future held in a local and then moved into another would be stored twice in
+        // this function's state machine (every unit's task carries it).
+        let work = move || async move {
             let mut track = Track::new(in_place);
             let d = match self.pipeline(msg, decoded, hold, &mut track).await {
                 Ok(d) | Err(d) => d,
@@ -111,9 +114,9 @@ impl Listener {
             (d, settled)
         };
         match span {
-            Ok(span) => work.instrument(span).await,
+            Ok(span) => work().instrument(span).await,
             Err(cx) => {
-                let (d, settled) = telemetry::within(&cx, work).await;
+                let (d, settled) = telemetry::within(&cx, work()).await;
                 telemetry::end(&cx, failed(&d));
                 (d, settled)
             }
