@@ -97,14 +97,14 @@
 //!   telemetry made the instrument calls too). The ≤ 10 % target needs fewer spans or
 //!   spans made outside `tracing-opentelemetry`.
 //! * spans made outside it (`Builder::tracer_provider`, the `direct spans` row), at
-//!   `00e39c5`: overhead 36 % (mimalloc 42 %) against 63 % (57 %) through the layer in the
-//!   same run; floors 8.2 µs of CPU per command through the API against 22.0 µs through the
-//!   layer (both with the 14 instrument calls). `perf record -e cpu-clock -F 499 -g` of
-//!   `--bench direct` (6,459 samples): sourceflow's span functions under 2 % (process
+//!   `5d617d6`: overhead 34 % (mimalloc 33 %) against 62 % (50 %) through the layer in the
+//!   same run; floors 9.2 µs of CPU per command through the API against 20.3 µs through the
+//!   layer (both with the 14 instrument calls). At `00e39c5` (36 %, 42 %), `perf record -e
+//!   cpu-clock -F 499 -g` of `--bench direct` (6,459 samples): sourceflow's span functions under 2 % (process
 //!   attributes 0.8 %, the trace context read per outgoing message 0.5 %, attribute clones
 //!   0.4 %); glibc's allocator 17 %, `memmove` 7 %, the kernel 19 % (wake-ups, task
 //!   switches); the SDK's `on_end` 1.5 % and `build_recording_span` 0.8 %. The API floor
-//!   alone is a 20 % overhead: the target is out of reach while every span is exported.
+//!   alone is a 20-24 % overhead: the target is out of reach while every span is exported.
 //!
 //! The defaults row alone (`-- "(defaults)"`), `perf record -e cpu-clock -F 299
 //! --call-graph dwarf,16384`, 2026-12-02, quiet machine, 3,765 samples at `bdbd03a`: 44 % of
