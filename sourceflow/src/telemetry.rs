@@ -533,12 +533,9 @@ pub(crate) fn within<F: std::future::Future>(
 }
 
 /// The parent of a received message's span: the remote span context of its
-/// `traceparent`, else a new trace.
-pub(crate) fn remote_parent(
-    traceparent: Option<&str>,
-    tracestate: Option<&str>,
-) -> opentelemetry::Context {
-    match traceparent.and_then(|tp| parse_traceparent(tp, tracestate)) {
+/// `traceparent` (and `tracestate`), else a new trace.
+pub(crate) fn remote_parent(trace: Option<(&str, Option<&str>)>) -> opentelemetry::Context {
+    match trace.and_then(|(tp, state)| parse_traceparent(tp, state)) {
         Some(sc) => opentelemetry::Context::new().with_remote_span_context(sc),
         None => opentelemetry::Context::new(),
     }

@@ -74,26 +74,32 @@ impl Listener {
         let env = decoded.as_ref().ok();
         let failed =
             |d: &Disposition| matches!(d, Disposition::Retry(_) | Disposition::DeadLetter(_));
-        let trace = envelope::attribute(&msg.attributes, attr::TRACEPARENT);
-        let state = envelope::attribute(&msg.attributes, attr::TRACESTATE);
+        // Read only when a span continues the trace: the sender's `traceparent`, and its
+        // `tracestate` when it has one.
+        let trace = || {
+            envelope::attribute(&msg.attributes, attr::TRACEPARENT)
+                .map(|tp| (tp, envelope::attribute(&msg.attributes, attr::TRACESTATE)))
+        };
         // Made with the OpenTelemetry API when the service gave a tracer provider, else as
         // a `tracing` span (see `crate::telemetry`).
         let span = match self.dispatcher.metrics().spans() {
-            Some(spans) => Err(spans.start(
+            Some(spans) => ProcessSpan::Direct(spans.start(
                 "sourceflow.process",
                 opentelemetry::trace::SpanKind::Consumer,
                 self.process_attributes(msg, env, spans),
-                &telemetry::remote_parent(trace, state),
+                &telemetry::remote_parent(trace()),
             )),
             None => {
                 let span = self.process_span(msg, env);
-                if let (false, Some(tp)) = (span.is_disabled(), trace) {
-                    telemetry::continue_trace(&span, tp, state);
+                if !span.is_disabled() {
+                    if let Some((tp, state)) = trace() {
+                        telemetry::continue_trace(&span, tp, state);
+                    }
                 }
-                Ok(span)
+                ProcessSpan::Traced(span)
             }
         };
-        let traced = span.is_ok();
+        let traced = matches!(span, ProcessSpan::Traced(_));
         // A closure, so that each branch below awaits the future it makes as a temporary:
         // a future held in a local and then moved into another would be stored twice in
         // this function's state machine (every unit's task carries it).
@@ -114,8 +120,8 @@ impl Listener {
             (d, settled)
         };
         match span {
-            Ok(span) => work().instrument(span).await,
-            Err(cx) => {
+            ProcessSpan::Traced(span) => work().instrument(span).await,
+            ProcessSpan::Direct(cx) => {
                 let (d, settled) = telemetry::within(&cx, work()).await;
                 telemetry::end(&cx, failed(&d));
                 (d, settled)
@@ -234,6 +240,14 @@ impl Listener {
             Disposition::Return => RecordOutcome::Failed { after: now },
         }
     }
+}
+
+/// The `sourceflow.process` span of a message, made one way or the other.
+enum ProcessSpan {
+    /// A `tracing` span (no tracer provider given).
+    Traced(tracing::Span),
+    /// An OpenTelemetry span made directly, held by its context.
+    Direct(opentelemetry::Context),
 }
 
 /// The messages of a unit of work: most units are one message, kept inline.
