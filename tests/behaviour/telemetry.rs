@@ -68,6 +68,19 @@ fn attr_str(attrs: &[KeyValue], key: &str) -> Option<String> {
         .map(|kv| kv.value.to_string())
 }
 
+/// The spans of trace `trace_id` that `exporter` has received so far.
+fn spans_of_trace(
+    exporter: &opentelemetry_sdk::trace::InMemorySpanExporter,
+    trace_id: opentelemetry::trace::TraceId,
+) -> Vec<opentelemetry_sdk::trace::SpanData> {
+    exporter
+        .get_finished_spans()
+        .expect("spans")
+        .into_iter()
+        .filter(|s| s.span_context.trace_id() == trace_id)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_crosses_two_services_through_a_queue_and_a_topic() {
     let h = Harness::new().await;
@@ -104,15 +117,7 @@ async fn one_trace_crosses_two_services_through_a_queue_and_a_topic() {
         notified.0.load(Ordering::SeqCst) == 1
     })
     .await;
-    let in_trace = || {
-        captured
-            .spans
-            .get_finished_spans()
-            .expect("spans")
-            .into_iter()
-            .filter(|s| s.span_context.trace_id() == trace_id)
-            .collect::<Vec<_>>()
-    };
+    let in_trace = || spans_of_trace(&captured.spans, trace_id);
     eventually("both services' process spans finished", || async {
         in_trace()
             .iter()
@@ -241,14 +246,7 @@ async fn with_a_tracer_provider_the_spans_are_made_directly_and_form_the_same_tr
         notified.0.load(Ordering::SeqCst) == 1
     })
     .await;
-    let in_trace = || {
-        exported
-            .get_finished_spans()
-            .expect("spans")
-            .into_iter()
-            .filter(|s| s.span_context.trace_id() == trace_id)
-            .collect::<Vec<_>>()
-    };
+    let in_trace = || spans_of_trace(&exported, trace_id);
     eventually("both services' process spans finished", || async {
         in_trace()
             .iter()
@@ -259,20 +257,14 @@ async fn with_a_tracer_provider_the_spans_are_made_directly_and_form_the_same_tr
     .await;
     let spans = in_trace();
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
-    let one = |name: &str, service: &str| {
-        let found: Vec<_> = spans
+    let process = |service: &str| {
+        spans
             .iter()
-            .filter(|s| {
-                s.name == name
-                    && (name == "sourceflow.handler"
-                        || attr_str(&s.attributes, "sourceflow.service").as_deref()
-                            == Some(service))
+            .find(|s| {
+                s.name == "sourceflow.process"
+                    && attr_str(&s.attributes, "sourceflow.service").as_deref() == Some(service)
             })
-            .collect();
-        found
-            .first()
-            .copied()
-            .unwrap_or_else(|| panic!("no {name} of {service} in {names:?}"))
+            .unwrap_or_else(|| panic!("no process span of {service} in {names:?}"))
     };
     let send = spans
         .iter()
@@ -286,8 +278,8 @@ async fn with_a_tracer_provider_the_spans_are_made_directly_and_form_the_same_tr
         "the send is the request's child"
     );
     assert_eq!(send.span_kind, opentelemetry::trace::SpanKind::Producer);
-    let a = one("sourceflow.process", "front");
-    let b = one("sourceflow.process", "back");
+    let a = process("front");
+    let b = process("back");
     assert_eq!(a.span_kind, opentelemetry::trace::SpanKind::Consumer);
     assert!(a.parent_span_is_remote && b.parent_span_is_remote);
     assert_eq!(
@@ -340,12 +332,8 @@ async fn with_a_tracer_provider_the_spans_are_made_directly_and_form_the_same_tr
             .all(|s| s.status == opentelemetry::trace::Status::Unset),
         "nothing failed"
     );
-    let doubled: Vec<String> = captured
-        .spans
-        .get_finished_spans()
-        .expect("spans")
+    let doubled: Vec<String> = spans_of_trace(&captured.spans, trace_id)
         .into_iter()
-        .filter(|s| s.span_context.trace_id() == trace_id)
         .map(|s| s.name.to_string())
         .collect();
     assert!(
@@ -377,12 +365,9 @@ async fn with_a_tracer_provider_a_failed_attempt_has_error_spans_and_the_retry_d
         .await
         .expect("send");
     let named = |name: &str| {
-        exported
-            .get_finished_spans()
-            .expect("spans")
-            .into_iter()
-            .filter(|s| s.span_context.trace_id() == trace_id && s.name == name)
-            .collect::<Vec<_>>()
+        let mut spans = spans_of_trace(&exported, trace_id);
+        spans.retain(|s| s.name == name);
+        spans
     };
     eventually("both attempts' process spans finished", || async {
         named("sourceflow.process").len() == 2
@@ -460,14 +445,9 @@ async fn with_a_tracer_provider_a_handlers_own_spans_are_children_of_its_handler
     );
     // The suite's `tracing-opentelemetry` layer (context activation off) exports the
     // handler's `tracing` span: its parent is the handler span sourceflow made directly.
-    let traced = captured
-        .spans
-        .get_finished_spans()
-        .expect("spans")
+    let traced = spans_of_trace(&captured.spans, handler.span_context.trace_id())
         .into_iter()
-        .find(|s| {
-            s.name == "user.tracing" && s.span_context.trace_id() == handler.span_context.trace_id()
-        })
+        .find(|s| s.name == "user.tracing")
         .expect("the handler's tracing span, in the handler span's trace");
     assert_eq!(traced.parent_span_id, handler.span_context.span_id());
     service.shutdown().await.expect("shutdown");
@@ -513,13 +493,9 @@ async fn a_failed_attempt_has_error_spans_and_the_retry_does_not() {
         .expect("send");
     drop(root);
     let named = |name: &str| {
-        captured
-            .spans
-            .get_finished_spans()
-            .expect("spans")
-            .into_iter()
-            .filter(|s| s.span_context.trace_id() == trace_id && s.name == name)
-            .collect::<Vec<_>>()
+        let mut spans = spans_of_trace(&captured.spans, trace_id);
+        spans.retain(|s| s.name == name);
+        spans
     };
     eventually("both attempts' process spans finished", || async {
         named("sourceflow.process").len() == 2
