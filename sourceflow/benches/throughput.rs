@@ -433,6 +433,59 @@ impl SpanExporter for DropExporter {
     }
 }
 
+/// The 14 instrument calls per command of both floors: a counter, a histogram and an
+/// up-down counter with precomputed attribute sets, as sourceflow's metrics are.
+struct FloorInstruments {
+    count: opentelemetry::metrics::Counter<u64>,
+    hist: opentelemetry::metrics::Histogram<f64>,
+    gauge: opentelemetry::metrics::UpDownCounter<i64>,
+    attrs: [opentelemetry::KeyValue; 3],
+}
+
+impl FloorInstruments {
+    fn new(meters: &SdkMeterProvider) -> Self {
+        use opentelemetry::metrics::MeterProvider as _;
+        use opentelemetry::KeyValue;
+        let meter = meters.meter("floor");
+        FloorInstruments {
+            count: meter.u64_counter("floor.count").build(),
+            hist: meter.f64_histogram("floor.duration").build(),
+            gauge: meter.i64_up_down_counter("floor.in_flight").build(),
+            attrs: [
+                KeyValue::new("messaging.destination.name", "bench-orders.fifo"),
+                KeyValue::new("sourceflow.wire_name", "bench.PlaceOrder.v1"),
+                KeyValue::new("sourceflow.outcome", "success"),
+            ],
+        }
+    }
+
+    /// `k` instrument calls, the three kinds in turn.
+    fn record(&self, k: usize) {
+        for i in 0..k {
+            match i % 3 {
+                0 => self.count.add(1, &self.attrs),
+                1 => self.hist.record(0.000_1, &self.attrs[..2]),
+                _ => self.gauge.add(1, &self.attrs[..1]),
+            }
+        }
+    }
+}
+
+/// The remote span context of a `traceparent` the floors wrote (`00-<trace>-<span>-01`).
+fn remote_span_context(traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    let mut parts = traceparent.split('-').skip(1);
+    let trace = TraceId::from_hex(parts.next()?).ok()?;
+    let span = SpanId::from_hex(parts.next()?).ok()?;
+    Some(SpanContext::new(
+        trace,
+        span,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ))
+}
+
 /// The telemetry floor: what the same spans and metrics cost through the same subscriber
 /// and SDKs with no sourceflow around them. Per command, sourceflow makes six spans — the
 /// send's `sourceflow.dispatch`; for the command and for its event a
@@ -443,19 +496,9 @@ impl SpanExporter for DropExporter {
 /// time per command. The caller subtracts the same loop with telemetry off (the layer's
 /// filter off, `metrics` false: no span is recorded and no instrument called).
 fn telemetry_floor(n: u64, meters: &SdkMeterProvider, metrics_on: bool) -> Duration {
-    use opentelemetry::metrics::MeterProvider as _;
-    use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
-    use opentelemetry::KeyValue;
+    use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let meter = meters.meter("floor");
-    let count = meter.u64_counter("floor.count").build();
-    let hist = meter.f64_histogram("floor.duration").build();
-    let gauge = meter.i64_up_down_counter("floor.in_flight").build();
-    let attrs = [
-        KeyValue::new("messaging.destination.name", "bench-orders.fifo"),
-        KeyValue::new("sourceflow.wire_name", "bench.PlaceOrder.v1"),
-        KeyValue::new("sourceflow.outcome", "success"),
-    ];
+    let instruments = FloorInstruments::new(meters);
     let id = "5f0c6a4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f";
     let traceparent = |span: &tracing::Span| {
         let cx = span.context();
@@ -478,15 +521,7 @@ fn telemetry_floor(n: u64, meters: &SdkMeterProvider, metrics_on: bool) -> Durat
             otel.status_code = tracing::field::Empty,
         );
         if !span.is_disabled() {
-            let mut parts = parent.split('-').skip(1);
-            let trace = parts
-                .next()
-                .and_then(|t| opentelemetry::trace::TraceId::from_hex(t).ok());
-            let parent_id = parts
-                .next()
-                .and_then(|s| opentelemetry::trace::SpanId::from_hex(s).ok());
-            if let (Some(t), Some(p)) = (trace, parent_id) {
-                let sc = SpanContext::new(t, p, TraceFlags::SAMPLED, true, TraceState::default());
+            if let Some(sc) = remote_span_context(parent) {
                 let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
             }
         }
@@ -512,12 +547,8 @@ fn telemetry_floor(n: u64, meters: &SdkMeterProvider, metrics_on: bool) -> Durat
         )
     };
     let metrics = |k: usize| {
-        for i in (0..k).filter(|_| metrics_on) {
-            match i % 3 {
-                0 => count.add(1, &attrs),
-                1 => hist.record(0.000_1, &attrs[..2]),
-                _ => gauge.add(1, &attrs[..1]),
-            }
+        if metrics_on {
+            instruments.record(k);
         }
     };
     let start = Instant::now();
@@ -551,54 +582,20 @@ fn telemetry_floor(n: u64, meters: &SdkMeterProvider, metrics_on: bool) -> Durat
 /// instead of `tracing` and `tracing-opentelemetry`: what spans made outside `tracing`
 /// would cost at least. Returns the time per command, `n` commands, on one thread.
 fn otel_api_floor(n: u64, tracers: &SdkTracerProvider, meters: &SdkMeterProvider) -> Duration {
-    use opentelemetry::metrics::MeterProvider as _;
-    use opentelemetry::trace::{
-        SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState, Tracer as _,
-    };
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer as _};
     use opentelemetry::{Context, KeyValue};
     let tracer = tracers.tracer("floor");
-    let meter = meters.meter("floor");
-    let count = meter.u64_counter("floor.count").build();
-    let hist = meter.f64_histogram("floor.duration").build();
-    let gauge = meter.i64_up_down_counter("floor.in_flight").build();
-    let attrs = [
-        KeyValue::new("messaging.destination.name", "bench-orders.fifo"),
-        KeyValue::new("sourceflow.wire_name", "bench.PlaceOrder.v1"),
-        KeyValue::new("sourceflow.outcome", "success"),
-    ];
-    let metrics = |k: usize| {
-        for i in 0..k {
-            match i % 3 {
-                0 => count.add(1, &attrs),
-                1 => hist.record(0.000_1, &attrs[..2]),
-                _ => gauge.add(1, &attrs[..1]),
-            }
-        }
-    };
+    let instruments = FloorInstruments::new(meters);
+    let metrics = |k: usize| instruments.record(k);
     let id = "5f0c6a4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f";
     let traceparent = |cx: &Context| {
         let span = cx.span();
         let sc = span.span_context();
         format!("00-{}-{}-01", sc.trace_id(), sc.span_id())
     };
-    let remote = |tp: &str| {
-        let mut parts = tp.split('-').skip(1);
-        let trace = parts
-            .next()
-            .and_then(|t| opentelemetry::trace::TraceId::from_hex(t).ok());
-        let parent = parts
-            .next()
-            .and_then(|s| opentelemetry::trace::SpanId::from_hex(s).ok());
-        match (trace, parent) {
-            (Some(t), Some(p)) => Context::new().with_remote_span_context(SpanContext::new(
-                t,
-                p,
-                TraceFlags::SAMPLED,
-                true,
-                TraceState::default(),
-            )),
-            _ => Context::new(),
-        }
+    let remote = |tp: &str| match remote_span_context(tp) {
+        Some(sc) => Context::new().with_remote_span_context(sc),
+        None => Context::new(),
     };
     let process = |queue: &'static str, wire: &'static str, tp: &str| {
         let parent = remote(tp);
