@@ -5,7 +5,8 @@
 //! yet waits for a slot, kept invisible by the heartbeat: at most one batch per poller),
 //! and under load are paced ([`pacer`]) so that each receive returns a fuller batch. Each
 //! receive becomes units of work ([`unit`]): a single message, or on a FIFO queue the
-//! messages of one group, in order (groups run in parallel). Every message then goes
+//! messages of one group, in order (groups run in parallel), each handed with its slot to
+//! one of the listener's `concurrency` long-lived workers. Every message then goes
 //! through the [`stages`]:
 //!
 //! ```text
@@ -59,7 +60,6 @@ use crate::transport::{Transport, MAX_BATCH_ENTRIES};
 
 use heartbeat::Heartbeat;
 use ledger::Ledger;
-use poll::Units;
 #[cfg(feature = "lambda")]
 pub(crate) use unit::{group_in_order, RecordOutcome, Unit};
 
@@ -209,8 +209,8 @@ impl Listener {
         self.dispatcher.transport()
     }
 
-    /// Runs `ceil(concurrency / 10)` pollers sharing one concurrency limit until the
-    /// service stops, then drains (see the module docs).
+    /// Runs `concurrency` workers and `ceil(concurrency / 10)` pollers sharing one
+    /// concurrency limit until the service stops, then drains (see the module docs).
     pub(crate) async fn run(self: Arc<Self>) -> DrainReport {
         let beat_done = CancellationToken::new();
         let beat = self.heartbeat.clone().run(
@@ -225,18 +225,19 @@ impl Listener {
         let beat = crate::testing::LEASE_EXTENSION.scope((), beat);
         let beat = tokio::spawn(beat);
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        let units = Units {
-            tracker: TaskTracker::new(),
-            abandon: CancellationToken::new(),
-        };
+        let abandon = CancellationToken::new();
+        let (units, workers) = self.clone().start_workers(&abandon);
         let pollers = TaskTracker::new();
         for _ in 0..self.concurrency.div_ceil(MAX_BATCH_ENTRIES).max(1) {
             pollers.spawn(self.clone().poll(slots.clone(), units.clone()));
         }
+        // The pollers hold the only senders: once they are done, the workers are too.
+        drop(units);
         pollers.close();
         self.stop.cancelled().await;
-        let abandoned = self.finish_units(&units).await;
+        let abandoned = self.finish_units(&slots, &abandon, &workers).await;
         pollers.wait().await;
+        workers.wait().await;
         beat_done.cancel();
         let _ = beat.await;
         DrainReport {
@@ -246,13 +247,20 @@ impl Listener {
         }
     }
 
-    /// Lets running units finish within the shutdown timeout; at the deadline takes what
-    /// they hold, abandons them and hands it back. Returns how many were abandoned.
-    async fn finish_units(&self, units: &Units) -> usize {
-        // A unit a poller spawns after this point finds the stop at once and gives its
-        // messages back; it is not abandoned (that only happens after the deadline).
-        units.tracker.close();
-        if tokio::time::timeout(self.shutdown_timeout, units.tracker.wait())
+    /// Lets running units finish within the shutdown timeout (every slot back: a unit holds
+    /// one from before it is handed to a worker until it is done); at the deadline takes
+    /// what they hold, abandons them and hands it back. Returns how many were abandoned.
+    async fn finish_units(
+        &self,
+        slots: &Semaphore,
+        abandon: &CancellationToken,
+        workers: &TaskTracker,
+    ) -> usize {
+        // Every slot, once: a poller that stopped gave its own back, and one that receives
+        // again finds the stop first (a unit it hands over now finds it too and gives its
+        // messages back; it is not abandoned, that only happens after the deadline).
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        if tokio::time::timeout(self.shutdown_timeout, slots.acquire_many(all))
             .await
             .is_ok()
         {
@@ -260,8 +268,9 @@ impl Listener {
         }
         let left = self.heartbeat.take_all();
         tracing::warn!(queue = %self.queue, unfinished = left.receipts.len(), "shutdown deadline passed; abandoning unfinished handlers and handing their messages back");
-        units.abandon.cancel();
-        units.tracker.wait().await;
+        abandon.cancel();
+        // Each worker drops its unit and stops.
+        workers.wait().await;
         let n = left.receipts.len();
         if n > 0 {
             if let Err(e) = self

@@ -2,7 +2,6 @@
 //! in order. Each message goes through the [stages](super::stages), then is
 //! [settled](super::settle).
 
-use std::sync::Arc;
 #[cfg(feature = "lambda")]
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ impl Listener {
     /// Handles a unit until it is done or the service stops; what has not started by then
     /// goes back to the queue, in order.
     /// `hold` is the unit's registration with the heartbeat, made when it was received.
-    pub(crate) async fn run_unit(self: Arc<Self>, unit: Unit, hold: Hold) {
+    pub(crate) async fn run_unit(&self, unit: Unit, hold: Hold) {
         let mut i = 0;
         let mut in_place = 0u32;
         while i < unit.len() {
