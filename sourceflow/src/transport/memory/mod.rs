@@ -313,26 +313,16 @@ impl Transport for MemoryTransport {
         }
         // A long poll belongs to the broker: it runs to the end of its wait even if this
         // future is dropped, and what it takes then stays in flight, unseen by anyone, for
-        // the visibility timeout (SQS does exactly that to abandoned polls).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let until = now + wait;
-        tokio::spawn(async move {
-            let out = q.long_poll(max, visibility, until).await;
-            if let Err(out) = tx.send(out) {
-                if !out.is_empty() {
-                    tracing::debug!(
-                        queue = %q.name,
-                        count = out.len(),
-                        "an abandoned receive took messages; they stay in flight for their visibility timeout"
-                    );
-                }
-            }
-        });
-        rx.await.map_err(|_| Error::Transport {
-            transport: "memory",
-            operation: "ReceiveMessage".to_string(),
-            source: "the long poll ended without an answer (runtime shutting down)".into(),
-        })
+        // the visibility timeout (SQS does exactly that to abandoned polls). It runs here,
+        // in the caller's task; only a dropped one goes on in a task of its own (a task per
+        // waiting receive was an allocation of its whole state for every one).
+        let mut poll = LongPoll {
+            queue: Some(q),
+            max,
+            visibility,
+            until: now + wait,
+        };
+        Ok(poll.run().await)
     }
 
     async fn delete(
@@ -501,6 +491,49 @@ fn batch_result(
         total,
         failed,
     })
+}
+
+/// A long poll in progress on the embedded broker: if the receive that runs it is dropped
+/// before it answers, it goes on to the end of its wait in a task of its own.
+struct LongPoll {
+    /// `None` once it has answered.
+    queue: Option<Arc<Queue>>,
+    max: usize,
+    visibility: std::time::Duration,
+    until: Instant,
+}
+
+impl LongPoll {
+    async fn run(&mut self) -> Vec<ReceivedMessage> {
+        let Some(q) = self.queue.clone() else {
+            return Vec::new();
+        };
+        let out = q.long_poll(self.max, self.visibility, self.until).await;
+        self.queue = None;
+        out
+    }
+}
+
+impl Drop for LongPoll {
+    fn drop(&mut self) {
+        let Some(q) = self.queue.take() else {
+            return;
+        };
+        let (max, visibility, until) = (self.max, self.visibility, self.until);
+        // Outside a runtime (it is shutting down) nothing can take messages any more.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let out = q.long_poll(max, visibility, until).await;
+                if !out.is_empty() {
+                    tracing::debug!(
+                        queue = %q.name,
+                        count = out.len(),
+                        "an abandoned receive took messages; they stay in flight for their visibility timeout"
+                    );
+                }
+            });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -265,7 +265,7 @@ impl Queue {
         let dead_letter = self.dead_letter.read().clone();
         let limit = dead_letter.as_ref().map(|(_, n)| *n);
         let mut out = Taken {
-            messages: Vec::with_capacity(max),
+            messages: smallvec::SmallVec::new(),
             ids: smallvec::SmallVec::new(),
         };
         let mut moved = Vec::new();
@@ -673,9 +673,12 @@ impl Queue {
 
 /// What one receive took under the lock. Each receipt is an allocation, so it is written
 /// after the lock is released (both workers of a service take this lock: an allocation
-/// inside it makes the other one spin); until then a message holds a placeholder.
+/// inside it makes the other one spin); until then a message holds a placeholder. The
+/// messages are gathered on the stack and handed out in a vector of their number: a
+/// vector with room for a whole batch (10 × 104 bytes) is an allocation glibc serves from
+/// its large bins, after consolidating its heap under the arena lock.
 struct Taken {
-    messages: Vec<ReceivedMessage>,
+    messages: smallvec::SmallVec<[ReceivedMessage; MAX_BATCH_ENTRIES]>,
     /// The sequence number and receive generation of each message, in order.
     ids: smallvec::SmallVec<[(u64, u32); MAX_BATCH_ENTRIES]>,
 }
@@ -687,9 +690,10 @@ impl Taken {
     }
 
     fn with_receipts(self, q: &Queue) -> Vec<ReceivedMessage> {
-        let mut messages = self.messages;
-        for (m, (seq, generation)) in messages.iter_mut().zip(self.ids) {
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (mut m, (seq, generation)) in self.messages.into_iter().zip(self.ids) {
             m.receipt = q.receipt(seq, generation);
+            messages.push(m);
         }
         messages
     }
