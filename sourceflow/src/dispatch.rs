@@ -164,17 +164,23 @@ impl Dispatcher {
         declared || self.encryption.as_ref().is_some_and(|e| e.all)
     }
 
+    /// Whether messages of `M` are sealed (encrypted, which awaits the key provider) when
+    /// encoded; the others are encoded without awaiting anything.
+    pub(crate) fn seals<M: Message>(&self) -> bool {
+        #[cfg(feature = "testing")]
+        if self.plain {
+            return false;
+        }
+        self.must_encrypt(M::ENCRYPT)
+    }
+
     /// Serializes `msg` into its envelope, encrypting the payload when its type requires it.
     pub(crate) async fn encode<M: Message>(
         &self,
         msg: &M,
         meta: envelope::SendMeta,
     ) -> Result<OutgoingMessage> {
-        #[cfg(feature = "testing")]
-        if self.plain {
-            return envelope::encode(msg, meta);
-        }
-        if !self.must_encrypt(M::ENCRYPT) {
+        if !self.seals::<M>() {
             return envelope::encode(msg, meta);
         }
         let Some(enc) = &self.encryption else {
@@ -209,6 +215,21 @@ impl Dispatcher {
     ) -> Result<OutgoingMessage> {
         let user = meta.attributes.len();
         let mut out = self.encode(msg, meta).await?;
+        crate::headers::attach(&mut out, headers, user)?;
+        Ok(out)
+    }
+
+    /// [`encode_with_headers`](Self::encode_with_headers) of a message that is not sealed
+    /// (see [`seals`](Self::seals)), without a future.
+    pub(crate) fn encode_plain_with_headers<M: Message>(
+        &self,
+        msg: &M,
+        meta: envelope::SendMeta,
+        headers: &crate::headers::Headers,
+    ) -> Result<OutgoingMessage> {
+        debug_assert!(!self.seals::<M>());
+        let user = meta.attributes.len();
+        let mut out = envelope::encode(msg, meta)?;
         crate::headers::attach(&mut out, headers, user)?;
         Ok(out)
     }
