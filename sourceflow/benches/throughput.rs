@@ -171,6 +171,29 @@
 //! CPU per run was 7.7-11.8 s against 8.1-11.5 s, no difference this noise can show, so it
 //! is not committed. Shrinking the future (fewer states held across awaits) is the lever
 //! left there.
+//!
+//! Where the worker threads sleep, and why (2026-12-03, quiet machine, the defaults row at
+//! `322f15d`): a run used 1.47 of the 2 CPUs. `perf record -a -e sched:sched_switch -g`,
+//! each switch-out matched with the switch back in: 1.2 s off the CPU on glibc's arena
+//! lock (`__lll_lock_wait_private`, mean 71 µs), 0.5 s parked for want of work. With
+//! `--call-graph dwarf`, 64 % of the workers' sleeps were in the `free` of a handled
+//! message's parts (`drop_in_place<ReceivedMessage>` at the end of a unit), waiting for the
+//! other thread, which held the lock in `malloc_consolidate`: glibc serves an allocation
+//! over 1 KiB from its large bins only after consolidating every small chunk freed since
+//! (`perf probe -x libc.so.6 malloc_consolidate`: 514,927 calls per run). By caller
+//! (`perf record -e probe_libc:malloc_consolidate --call-graph dwarf`): tokio's task cell
+//! (a task per unit, its 3.5 KB state machine; and a task per receive that had to wait),
+//! each handler's boxed future (1,776 bytes, the `raise` it awaits 1,616 of them: the
+//! sealing path's state), and the embedded receive's vector with room for ten messages
+//! (1,040 bytes). Removing one such allocation moves the consolidation to the next one
+//! (the workers alone: 505,172 calls); after `7c36bb5` (long-lived workers), `b383011`
+//! (long poll in the caller's task, receive vectors of their size) and `b23b26f` (a
+//! message that is not sealed is encoded without a future), 63,460 calls per run, CPU per
+//! run of the defaults and no-idempotency rows 13.6-15.4 s before and 11.8-13.8 s after
+//! in four alternated `perf stat -e task-clock` runs, the defaults row 97-120k msg/s
+//! before and 126-171k after. (The workers left out, the others gave 267,925 calls and
+//! 14.2-15.1 s.) Running a batch's units in one task (`join_all`, not committed) instead
+//! gave no difference: its vector of ten unit futures was a large-bin allocation too.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
