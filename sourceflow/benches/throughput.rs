@@ -194,6 +194,10 @@
 //! before and 126-171k after. (The workers left out, the others gave 267,925 calls and
 //! 14.2-15.1 s.) Running a batch's units in one task (`join_all`, not committed) instead
 //! gave no difference: its vector of ten unit futures was a large-bin allocation too.
+//! Of the 63,192 calls left (by caller, at `b23b26f`), 81 % follow the vector a full
+//! receive returns (ten `ReceivedMessage`s of 104 bytes: 1,040, just over the line; the
+//! `Transport::receive` signature makes it a `Vec`), 10 % the listener's vector of units
+//! per batch (`group_in_order`), 3 % its vector of held units: the next lever.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
