@@ -316,11 +316,12 @@ impl Transport for MemoryTransport {
         // the visibility timeout (SQS does exactly that to abandoned polls). It runs here,
         // in the caller's task; only a dropped one goes on in a task of its own (a task per
         // waiting receive was an allocation of its whole state for every one).
-        let mut poll = LongPoll {
-            queue: Some(q),
+        let poll = LongPoll {
+            queue: q,
             max,
             visibility,
             until: now + wait,
+            answered: false,
         };
         Ok(poll.run().await)
     }
@@ -496,30 +497,31 @@ fn batch_result(
 /// A long poll in progress on the embedded broker: if the receive that runs it is dropped
 /// before it answers, it goes on to the end of its wait in a task of its own.
 struct LongPoll {
-    /// `None` once it has answered.
-    queue: Option<Arc<Queue>>,
+    queue: Arc<Queue>,
     max: usize,
     visibility: std::time::Duration,
     until: Instant,
+    answered: bool,
 }
 
 impl LongPoll {
-    async fn run(&mut self) -> Vec<ReceivedMessage> {
-        let Some(q) = self.queue.clone() else {
-            return Vec::new();
-        };
-        let out = q.long_poll(self.max, self.visibility, self.until).await;
-        self.queue = None;
+    async fn run(mut self) -> Vec<ReceivedMessage> {
+        let out = self
+            .queue
+            .long_poll(self.max, self.visibility, self.until)
+            .await;
+        self.answered = true;
         out
     }
 }
 
 impl Drop for LongPoll {
     fn drop(&mut self) {
-        let Some(q) = self.queue.take() else {
+        if self.answered {
             return;
-        };
-        let (max, visibility, until) = (self.max, self.visibility, self.until);
+        }
+        let (q, max, visibility, until) =
+            (self.queue.clone(), self.max, self.visibility, self.until);
         // Outside a runtime (it is shutting down) nothing can take messages any more.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
