@@ -120,19 +120,57 @@ async fn metadata_and_correlation_flow_through_handlers() {
     app.shutdown().await.expect("shutdown");
 }
 
-/// A handler's future holds the future of every `send` and `raise` it awaits, and is
-/// allocated for each message it handles; glibc's allocator serves an allocation over
-/// 1 KiB from its large bins, after consolidating its heap under the arena lock, which
-/// the other worker threads then wait on (see the throughput bench). A message that is not
-/// sealed is encoded without awaiting anything, so these futures stay well under that.
+/// A handler's future is allocated for each message it handles, and holds the future of
+/// every `send` and `raise` it awaits. glibc's allocator serves an allocation over 1 KiB
+/// from its large bins, after consolidating its heap under the arena lock, which the other
+/// worker threads then wait on (see the throughput bench). A message that is not sealed is
+/// encoded without awaiting anything, so the boxed future of the throughput bench's
+/// command handler (the same here: it raises one event), as its route runs it, stays under
+/// that line (1,776 bytes when the encoding's state was part of it).
 #[test]
-fn the_futures_of_send_and_raise_stay_under_a_kibibyte() {
-    let ctx = sourceflow::testing::TestContext::new();
-    let raise = ctx.raise(OrderPlaced { order_id: 1 });
-    let send = ctx.send(PlaceOrder { order_id: 1 });
-    let (raise, send) = (std::mem::size_of_val(&raise), std::mem::size_of_val(&send));
-    assert!(
-        raise < 1024 && send < 1024,
-        "raise: {raise} bytes, send: {send} bytes"
-    );
+fn a_handlers_future_that_raises_stays_under_a_kibibyte() {
+    let route = sourceflow::__private::inventory::iter::<sourceflow::__private::HandlerRoute>
+        .into_iter()
+        .find(|r| r.module_path == sized::PATH)
+        .expect("the route of `sized::place_order`");
+    let ctx = sourceflow::testing::TestContext::for_message::<sized::PlaceOrder>();
+    let handler = std::mem::size_of_val(&*(route.invoke)(&ctx));
+    assert!(handler < 1024, "the handler's future: {handler} bytes");
+}
+
+/// The throughput bench's command handler, in a module no service of these tests runs.
+mod sized {
+    use serde::{Deserialize, Serialize};
+    use sourceflow::{command, event, handler, Context};
+
+    pub const PATH: &str = module_path!();
+
+    #[command(queue = "ctx-sized-orders.fifo", name = "tests.SizedPlaceOrder.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct PlaceOrder {
+        #[entity_id]
+        pub customer: u64,
+        pub order: u64,
+        pub sent_nanos: u64,
+        pub note: String,
+    }
+
+    #[event(topic = "ctx-sized-order-events", name = "tests.SizedOrderPlaced.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct OrderPlaced {
+        #[entity_id]
+        pub customer: u64,
+        pub order: u64,
+        pub sent_nanos: u64,
+    }
+
+    #[handler]
+    async fn place_order(cmd: PlaceOrder, ctx: &Context) -> sourceflow::Result<()> {
+        ctx.raise(OrderPlaced {
+            customer: cmd.customer,
+            order: cmd.order,
+            sent_nanos: cmd.sent_nanos,
+        })
+        .await
+    }
 }
