@@ -302,13 +302,19 @@ async fn dynamodb_items_carry_the_ttl_attribute() {
     assert_eq!(number(&done, TTL_ATTRIBUTE), (expires_at + 999) / 1000);
     assert!((number(&done, TTL_ATTRIBUTE) - now_secs() - 86_400).abs() <= 5);
     assert!(!done.contains_key("token"), "the token is gone");
-    assert!(!done.contains_key("lease_until"), "the lease is gone");
+    assert_eq!(
+        number(&done, "lease_until"),
+        lease_until,
+        "the claim's lease stays on while its worker sends the outbox"
+    );
     assert_eq!(
         done.get("outbox"),
         Some(&AttributeValue::S("[\"out\"]".into()))
     );
     store.set_outbox("k", None).await.expect("dispatched");
-    assert!(!item(&client, &table, "k").await.contains_key("outbox"));
+    let sent = item(&client, &table, "k").await;
+    assert!(!sent.contains_key("outbox"));
+    assert!(!sent.contains_key("lease_until"), "the dispatch ended");
 
     // An outbox larger than an item can hold is refused with the reason, and the claim
     // stays in progress for the retry.

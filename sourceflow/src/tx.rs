@@ -36,7 +36,9 @@
 //! commit leaves no trace: the database rolls the transaction back, and the redelivery runs
 //! the handlers on a clean slate. After the commit, the completed record makes every
 //! redelivery a duplicate, which dispatches what the first delivery may not have sent (with
-//! the same message ids, so receivers deduplicate) and is acknowledged. A handler that
+//! the same message ids, so receivers deduplicate) and is acknowledged; one that arrives
+//! while the first delivery is still dispatching waits for it (the claim's lease covers the
+//! dispatch) instead of sending the messages a second time. A handler that
 //! returns `Err` or panics rolls back everything it wrote; the failed attempt is then
 //! recorded outside the transaction, so that the retry budget is spent as with any handler.
 //!

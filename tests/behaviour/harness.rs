@@ -271,8 +271,9 @@ fn check_loopback() {
 /// A transport around another with switches, standing in for a broker that is away
 /// (`down`: every call fails), a loop that is stuck (`hang_receive`: receives never
 /// return), a publish that fails (`fail_publishes`: the next N publishes fail on the
-/// broker's side) or that the broker refuses (`refuse_publishes`: the next N); it counts
-/// the `send` calls it passes on (`sends`, `sent_entries`).
+/// broker's side), that the broker refuses (`refuse_publishes`: the next N) or whose answer
+/// is late (`late_publish_ms`: every publish goes out, then answers that much later); it
+/// counts the `send` calls it passes on (`sends`, `sent_entries`).
 #[derive(Clone)]
 pub struct Faulty {
     pub inner: Arc<dyn Transport>,
@@ -280,6 +281,7 @@ pub struct Faulty {
     pub hang_receive: Arc<std::sync::atomic::AtomicBool>,
     pub fail_publishes: Arc<AtomicU32>,
     pub refuse_publishes: Arc<AtomicU32>,
+    pub late_publish_ms: Arc<std::sync::atomic::AtomicU64>,
     /// The object store (claim check) cannot be reached while set.
     pub objects_down: Arc<std::sync::atomic::AtomicBool>,
     /// `send` calls made, and the entries they carried.
@@ -338,6 +340,7 @@ impl Faulty {
             hang_receive: Arc::default(),
             fail_publishes: Arc::default(),
             refuse_publishes: Arc::default(),
+            late_publish_ms: Arc::default(),
             objects_down: Arc::default(),
             sends: Arc::default(),
             sent_entries: Arc::default(),
@@ -407,7 +410,12 @@ impl Transport for Faulty {
                 error,
             ));
         }
-        self.inner.publish(topic, messages).await
+        let published = self.inner.publish(topic, messages).await;
+        let late = self.late_publish_ms.load(Ordering::SeqCst);
+        if late > 0 {
+            tokio::time::sleep(Duration::from_millis(late)).await;
+        }
+        published
     }
     async fn receive(
         &self,

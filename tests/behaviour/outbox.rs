@@ -121,10 +121,14 @@ async fn a_failed_dispatch_is_retried_without_running_the_handler_again() {
         .await
         .expect("start");
     app.send(flaky::Ship { parcel: 1 }).await.expect("send");
-    eventually("the event arrives after the failed publish", || async {
+    // Promptly: nobody is sending what the failed publish left, so the retry must not wait
+    // for a dispatch lease (the claim's, as long as the visibility timeout: 30 s).
+    let arrived = eventually("the event arrives after the failed publish", || async {
         counts.events.load(Ordering::SeqCst) >= 1
-    })
-    .await;
+    });
+    tokio::time::timeout(Duration::from_secs(15), arrived)
+        .await
+        .expect("the retry sent the event without waiting for a lease");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         counts.attempts.load(Ordering::SeqCst),
@@ -195,4 +199,118 @@ async fn a_refused_dispatch_dead_letters_the_message_with_the_reason() {
         "the handler ran once"
     );
     app.shutdown().await.expect("shutdown");
+}
+
+mod mid_dispatch {
+    use super::*;
+
+    pub const MODULE: &str = module_path!();
+
+    #[command(queue = "outbox-mid-commands", name = "tests.Book.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Book {
+        pub seat: u32,
+    }
+
+    #[event(topic = "outbox-mid-events", name = "tests.Booked.v1")]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Booked {
+        pub seat: u32,
+    }
+
+    #[handler]
+    async fn book(cmd: Book, ctx: &Context, State(c): State<Counts>) -> sourceflow::Result<()> {
+        c.attempts.fetch_add(1, Ordering::SeqCst);
+        ctx.raise(Booked { seat: cmd.seat }).await
+    }
+
+    pub mod consumer {
+        use super::*;
+
+        pub const MODULE: &str = module_path!();
+
+        #[handler]
+        async fn booked(_evt: Booked, State(c): State<Counts>) -> sourceflow::Result<()> {
+            c.events.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A duplicate that arrives while the first delivery's event is out but its publish has
+    /// not answered yet (so the store still holds the outbox) waits for that dispatch to
+    /// end, then is acknowledged as a duplicate: the event goes out once. The consumer runs
+    /// without idempotency, so a second copy would be counted.
+    pub async fn a_duplicate_waits_for_the_dispatch_in_flight(
+        h: &Harness,
+        app: sourceflow::Builder,
+    ) {
+        let seen = Counts::default();
+        let consumer = h
+            .service("outbox-mid-consumer", consumer::MODULE)
+            .without_idempotency()
+            .state(seen.clone())
+            .start()
+            .await
+            .expect("consumer");
+        let counts = Counts::default();
+        let late = crate::harness::Faulty::new(h.transport.clone());
+        late.late_publish_ms.store(1_500, Ordering::SeqCst);
+        let app = app
+            .transport(late.clone())
+            .state(counts.clone())
+            .start()
+            .await
+            .expect("start");
+        let id = format!("{}-seat-1", h.prefix);
+        let send = || {
+            app.send_with(
+                Book { seat: 1 },
+                sourceflow::SendOptions::new().message_id(id.clone()),
+            )
+        };
+        send().await.expect("send");
+        eventually("the event is out", || async {
+            seen.events.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        send().await.expect("the duplicate");
+        eventually("the duplicate is recognised", || async {
+            app.idempotency_stats().expect("stats").duplicates >= 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            counts.attempts.load(Ordering::SeqCst),
+            1,
+            "the handler ran once"
+        );
+        assert_eq!(
+            seen.events.load(Ordering::SeqCst),
+            1,
+            "the duplicate sent the event again while the first dispatch was in flight"
+        );
+        late.late_publish_ms.store(0, Ordering::SeqCst);
+        app.shutdown().await.expect("shutdown");
+        consumer.shutdown().await.expect("shutdown");
+    }
+}
+
+/// On the default (in-memory) store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_mid_dispatch_waits_for_it_in_memory() {
+    let h = Harness::new().await;
+    let app = h.service("outbox-mid", mid_dispatch::MODULE);
+    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(&h, app).await;
+}
+
+/// On a durable store, which holds the outbox from the completion until the dispatch ends.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_mid_dispatch_waits_for_it_on_sqlite() {
+    let h = Harness::new().await;
+    let store = crate::harness::fresh_sqlite("mid-dispatch").await;
+    let app = h
+        .service("outbox-mid", mid_dispatch::MODULE)
+        .idempotency(store);
+    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(&h, app).await;
 }

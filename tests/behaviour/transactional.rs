@@ -154,16 +154,23 @@ macro_rules! transactional_suite {
                     seen.of("ok") >= 1 && seen.of("twice") >= 1
                 })
                 .await;
-                // Duplicates of committed messages: the handler does not run again.
-                for id in ["ok", "twice"] {
+                // Duplicates of committed messages (same id, same payload; even one arriving
+                // while the first delivery's event is still going out): the handler does not
+                // run again and the event is not sent again.
+                for (id, fail_times) in [("ok", 0), ("twice", 2)] {
                     let cmd = Record {
                         test: test.clone(),
                         id: id.into(),
-                        fail_times: 0,
+                        fail_times,
                     };
                     app.send_with(cmd, opts(id)).await.expect("resend");
                 }
                 tokio::time::sleep(Duration::from_secs(3)).await;
+                assert_eq!(
+                    app.idempotency_stats().expect("stats").duplicates,
+                    2,
+                    "both resends were recognised as duplicates"
+                );
                 assert_eq!(
                     runs.of("ok"),
                     1,

@@ -10,8 +10,8 @@ use sourceflow::idempotency::{
 
 pub const LEASE: Duration = Duration::from_secs(30);
 
-/// Completes `done` (with an undispatched outbox) and leaves `busy` in progress; returns the
-/// in-progress token.
+/// Completes `done` (with an outbox a failed dispatch left: its dispatch lease ended) and
+/// leaves `busy` in progress; returns the in-progress token.
 pub async fn completed_and_in_progress(store: &dyn IdempotencyStore) -> String {
     let Claim::Acquired { token, .. } = store.claim("done", "h", LEASE).await.expect("claim")
     else {
@@ -21,6 +21,10 @@ pub async fn completed_and_in_progress(store: &dyn IdempotencyStore) -> String {
         .complete("done", &token, DEFAULT_TTL, Some("[\"out\"]"))
         .await
         .expect("complete"));
+    store
+        .set_outbox("done", Some("[\"out\"]"))
+        .await
+        .expect("the dispatch failed");
     let Claim::Acquired { token, .. } = store.claim("busy", "h", LEASE).await.expect("claim")
     else {
         panic!("claim busy");

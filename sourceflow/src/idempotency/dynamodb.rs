@@ -625,7 +625,6 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             .condition_expression("#token = :token AND #state = :in_progress")
             .expression_attribute_names("#token", "token")
             .expression_attribute_names("#state", "state")
-            .expression_attribute_names("#lease_until", "lease_until")
             .expression_attribute_names("#expires_at", "expires_at")
             .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
             .expression_attribute_names("#outbox", "outbox")
@@ -635,16 +634,19 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             .expression_attribute_values(":expires_at", n(expires_at))
             .expression_attribute_values(":ttl", n(ttl_secs(expires_at)));
         update = match outbox {
+            // The claim's lease stays on as the dispatch lease that `set_outbox` ends.
             Some(o) => update
                 .update_expression(
                     "SET #state = :completed, #expires_at = :expires_at, #ttl = :ttl, \
-                     #outbox = :outbox REMOVE #token, #lease_until",
+                     #outbox = :outbox REMOVE #token",
                 )
                 .expression_attribute_values(":outbox", s(o)),
-            None => update.update_expression(
-                "SET #state = :completed, #expires_at = :expires_at, #ttl = :ttl \
-                 REMOVE #token, #lease_until, #outbox",
-            ),
+            None => update
+                .update_expression(
+                    "SET #state = :completed, #expires_at = :expires_at, #ttl = :ttl \
+                     REMOVE #token, #lease_until, #outbox",
+                )
+                .expression_attribute_names("#lease_until", "lease_until"),
         };
         let sent = update.send().await;
         Self::conditional("complete", sent)
@@ -659,12 +661,14 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             .condition_expression("#state = :completed AND attribute_exists(#outbox)")
             .expression_attribute_names("#state", "state")
             .expression_attribute_names("#outbox", "outbox")
+            .expression_attribute_names("#lease_until", "lease_until")
             .expression_attribute_values(":completed", s(COMPLETED));
+        // Either way the dispatch ended: its lease goes.
         let update = match outbox {
             Some(o) => update
-                .update_expression("SET #outbox = :outbox")
+                .update_expression("SET #outbox = :outbox REMOVE #lease_until")
                 .expression_attribute_values(":outbox", s(o)),
-            None => update.update_expression("REMOVE #outbox"),
+            None => update.update_expression("REMOVE #outbox, #lease_until"),
         };
         let sent = update.send().await;
         Self::conditional("set_outbox", sent).map(drop)

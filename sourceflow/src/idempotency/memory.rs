@@ -28,8 +28,16 @@ enum State {
     },
     Completed {
         until: Instant,
-        outbox: Option<String>,
+        /// Boxed: rare in this store (its listener stores only what a dispatch left).
+        outbox: Option<Box<Stored>>,
     },
+}
+
+/// A completed record's outbox: the messages still to go, and until when the worker that
+/// completed the claim may still be sending them (see [`IdempotencyStore::complete`]).
+struct Stored {
+    json: String,
+    sending_until: Option<Instant>,
 }
 
 impl State {
@@ -192,9 +200,18 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 state: State::Completed { outbox, .. },
                 ..
             }) => {
-                return Ok(Claim::Completed {
-                    undispatched: outbox.clone(),
-                })
+                return Ok(match outbox.as_deref() {
+                    // Its worker is still sending them: wait rather than send them twice.
+                    Some(Stored {
+                        sending_until: Some(until),
+                        ..
+                    }) if *until > now => Claim::InProgress {
+                        lease_left: *until - now,
+                    },
+                    o => Claim::Completed {
+                        undispatched: o.map(|o| o.json.clone()),
+                    },
+                });
             }
             Some(Entry {
                 state:
@@ -260,20 +277,37 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     ) -> Result<bool> {
         let mut entries = self.entries.lock();
         match entries.get_mut(key) {
-            Some(e) if e.state.held_by(token) => {
+            Some(e) => {
+                let State::InProgress {
+                    token: Some(t),
+                    until: lease,
+                } = &e.state
+                else {
+                    return Ok(false);
+                };
+                if !is_token(t, token) {
+                    return Ok(false);
+                }
+                // The claim's lease stays on as the dispatch lease `set_outbox` ends.
+                let outbox = outbox.map(|json| {
+                    Box::new(Stored {
+                        json: json.to_string(),
+                        sending_until: Some(*lease),
+                    })
+                });
                 e.state = State::Completed {
                     until: Instant::now() + ttl,
-                    outbox: outbox.map(str::to_string),
+                    outbox,
                 };
                 Ok(true)
             }
-            _ => Ok(false),
+            None => Ok(false),
         }
     }
 
     async fn set_outbox(&self, key: &str, remaining: Option<&str>) -> Result<()> {
         // Only an outbox still there is replaced: once a worker cleared it, a slower one
-        // that dispatched part of it does not bring it back.
+        // that dispatched part of it does not bring it back. Either way the dispatch ended.
         if let Some(Entry {
             state:
                 State::Completed {
@@ -283,7 +317,12 @@ impl IdempotencyStore for MemoryIdempotencyStore {
             ..
         }) = self.entries.lock().get_mut(key)
         {
-            *outbox = remaining.map(str::to_string);
+            *outbox = remaining.map(|json| {
+                Box::new(Stored {
+                    json: json.to_string(),
+                    sending_until: None,
+                })
+            });
         }
         Ok(())
     }

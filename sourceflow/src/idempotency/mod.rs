@@ -126,6 +126,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Marks the claim completed, to expire after `ttl`, storing the undispatched outbox
     /// (`None` when the handler produced nothing). False if the claim was lost.
+    ///
+    /// A stored outbox is the completing worker's to send: the claim's lease stays on as
+    /// its dispatch lease, and until [`set_outbox`](Self::set_outbox) records the end of
+    /// the dispatch (or the lease runs out: the worker died), another claim of the key
+    /// answers [`Claim::InProgress`] — a duplicate arriving mid-dispatch waits instead of
+    /// sending the messages a second time — and then [`Claim::Completed`] with what is left.
     async fn complete(
         &self,
         key: &str,
@@ -135,8 +141,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> Result<bool>;
 
     /// Replaces the undispatched outbox of a completed key: `None` once everything went out,
-    /// or the messages still to go after a partial dispatch. A key without an outbox (none
-    /// stored, or cleared by another worker's dispatch) or not completed is left alone.
+    /// or the messages still to go after a partial dispatch; either way it ends the dispatch
+    /// lease. A key without an outbox (none stored, or cleared by another worker's dispatch)
+    /// or not completed is left alone.
     async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()>;
 
     /// Gives up a claim so that a later delivery can claim it again at once; `why` says
@@ -448,17 +455,21 @@ pub mod conformance {
             !store.renew(&a, &token, LEASE).await.expect("renew"),
             "a completed claim is not renewed"
         );
+        // Its worker is sending the outbox under the claim's lease: a duplicate waits.
+        in_progress(store, &a, "a completion still dispatching its outbox").await;
         assert_eq!(
-            store.claim(&a, "h", LEASE).await.expect("claim"),
-            completed(Some("[1]"))
+            store.claim(&a, "other-hash", LEASE).await.expect("claim"),
+            Claim::Mismatch,
+            "a mismatch is one, dispatching or not"
         );
-        // The outbox: what a partial dispatch left, then nothing; a slower worker that
-        // dispatched part of it does not bring back an outbox cleared meanwhile.
+        // The outbox: what a partial dispatch left (the dispatch ended: no more waiting),
+        // then nothing; a slower worker that dispatched part of it does not bring back an
+        // outbox cleared meanwhile.
         store.set_outbox(&a, Some("[2]")).await.expect("outbox");
         assert_eq!(
             store.claim(&a, "h", LEASE).await.expect("claim"),
             completed(Some("[2]")),
-            "set_outbox(Some) replaces the outbox"
+            "set_outbox(Some) replaces the outbox and ends the dispatch lease"
         );
         store.set_outbox(&a, None).await.expect("outbox");
         assert_eq!(
@@ -562,7 +573,19 @@ pub mod conformance {
             .complete(&e, &token, Duration::from_millis(10), None)
             .await
             .expect("complete"));
+        let f = k("f"); // completes with an outbox, then its worker dies sending it
+        let token = attempt(store, &f, SHORT, 1, "new").await;
+        assert!(store
+            .complete(&f, &token, DEFAULT_TTL, Some("[1]"))
+            .await
+            .expect("complete"));
         tokio::time::sleep(Duration::from_millis(1100)).await;
+
+        assert_eq!(
+            store.claim(&f, "h", LEASE).await.expect("claim"),
+            completed(Some("[1]")),
+            "a dispatch lease that ran out: the duplicate sends what is left"
+        );
 
         let new = attempt(store, &c, LEASE, 2, "the dead worker's attempt counts").await;
         assert_ne!(dead, new);

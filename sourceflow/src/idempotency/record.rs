@@ -94,8 +94,13 @@ fn classify(existing: Option<Existing>, payload_hash: &str) -> Verdict {
         return Verdict::Answer(Claim::Mismatch);
     }
     if completed {
-        return Verdict::Answer(Claim::Completed {
-            undispatched: e.outbox,
+        return Verdict::Answer(match dispatching(&e) {
+            // Its worker is still sending what it stored: wait for it rather than send
+            // the messages a second time.
+            Some(lease_left) => Claim::InProgress { lease_left },
+            None => Claim::Completed {
+                undispatched: e.outbox,
+            },
         });
     }
     let Some(token) = e.token else {
@@ -114,6 +119,14 @@ fn classify(existing: Option<Existing>, payload_hash: &str) -> Verdict {
             attempts: e.attempts,
         }),
     }
+}
+
+/// The time left on a completed record's dispatch lease: the completing worker stored an
+/// outbox and has not yet recorded the end of its dispatch (see
+/// [`IdempotencyStore::complete`](super::IdempotencyStore::complete)).
+fn dispatching(e: &Existing) -> Option<Duration> {
+    let until = e.lease_until.filter(|_| e.outbox.is_some())?;
+    (until > e.now).then(|| Duration::from_millis(u64::try_from(until - e.now).unwrap_or(0)))
 }
 
 /// The answer when every attempt raced with a change of the record: another worker is busy
@@ -291,6 +304,41 @@ mod tests {
             answer(Claim::Completed {
                 undispatched: Some("[]".into())
             })
+        );
+        // Completed with its outbox still going out under a live lease: wait for it.
+        assert_eq!(
+            classify(
+                Some(record(COMPLETED, "h", false, Some(1_250), Some(2_000))),
+                "h"
+            ),
+            answer(Claim::InProgress {
+                lease_left: Duration::from_millis(250)
+            }),
+            "a completion still dispatching its outbox"
+        );
+        assert_eq!(
+            classify(
+                Some(record(COMPLETED, "h", false, Some(1_000), Some(2_000))),
+                "h"
+            ),
+            answer(Claim::Completed {
+                undispatched: Some("[]".into())
+            }),
+            "a dispatch lease that ran out: the duplicate sends what is left"
+        );
+        let mut sent = record(COMPLETED, "h", false, Some(1_250), Some(2_000));
+        sent.outbox = None;
+        assert_eq!(
+            classify(Some(sent), "h"),
+            answer(Claim::Completed { undispatched: None }),
+            "nothing left to dispatch: no lease to wait for"
+        );
+        assert_eq!(
+            classify(
+                Some(record(COMPLETED, "x", false, Some(1_250), Some(2_000))),
+                "h"
+            ),
+            answer(Claim::Mismatch)
         );
         assert_eq!(
             classify(Some(record(COMPLETED, "x", false, None, Some(2_000))), "h"),

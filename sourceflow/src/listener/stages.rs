@@ -353,7 +353,8 @@ impl Listener {
                 Disposition::Ack(done)
             }
             Err(u) => {
-                self.store_outbox(key, Some(&u.remaining)).await;
+                let left = dispatch::encode_outbox(&u.remaining);
+                self.store_outbox(key, Some(&left)).await;
                 self.undispatched(u)
             }
         }
@@ -547,22 +548,9 @@ impl Listener {
         };
         let ttl = idem.ttl_for(track.wire);
         if !idem.store.durable() {
-            let result = self.dispatcher.flush(outbox).await;
-            let left = result
-                .as_ref()
-                .err()
-                .map(|u| dispatch::encode_outbox(&u.remaining));
-            return match self
-                .complete(&claim, ttl, left.as_deref(), hold, track)
-                .await
-            {
-                Ok(true) => result.map_or_else(
-                    |u| self.undispatched(u),
-                    |()| Disposition::Ack(Ack::Success),
-                ),
-                Ok(false) => Disposition::Ack(Ack::TakenOver),
-                Err(d) => d,
-            };
+            return self
+                .dispatch_then_complete(outbox, &claim, ttl, hold, track)
+                .await;
         }
         let stored = (!outbox.is_empty()).then(|| dispatch::encode_outbox(&outbox));
         match self
@@ -577,6 +565,39 @@ impl Listener {
             return Disposition::Ack(Ack::Success);
         }
         self.dispatch_stored(&claim.key, outbox, Ack::Success).await
+    }
+
+    /// For a store that dies with the process: dispatches, then completes the claim with
+    /// what did not go out, if anything, for the retry to send (at once: no lease on it).
+    async fn dispatch_then_complete(
+        &self,
+        outbox: Vec<Pending>,
+        claim: &ClaimRef,
+        ttl: Duration,
+        hold: &Hold,
+        track: &mut Track,
+    ) -> Disposition {
+        let result = self.dispatcher.flush(outbox).await;
+        let left = result
+            .as_ref()
+            .err()
+            .map(|u| dispatch::encode_outbox(&u.remaining));
+        match self
+            .complete(claim, ttl, left.as_deref(), hold, track)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Disposition::Ack(Ack::TakenOver),
+            Err(d) => return d,
+        }
+        match result {
+            Ok(()) => Disposition::Ack(Ack::Success),
+            Err(u) => {
+                // Nobody is sending it now: end the dispatch lease `complete` left on it.
+                self.store_outbox(&claim.key, left.as_deref()).await;
+                self.undispatched(u)
+            }
+        }
     }
 
     /// Completes the claim, retrying a failing store in place: the handlers' work is done
@@ -615,13 +636,13 @@ impl Listener {
         }
     }
 
-    /// Replaces the stored outbox of a completed claim (`None`: all sent).
-    async fn store_outbox(&self, key: &str, remaining: Option<&[Pending]>) {
+    /// Replaces the stored outbox of a completed claim (`None`: all sent; JSON as stored),
+    /// ending its dispatch lease.
+    async fn store_outbox(&self, key: &str, remaining: Option<&str>) {
         let Some(idem) = &self.idempotency else {
             return;
         };
-        let json = remaining.map(dispatch::encode_outbox);
-        if let Err(e) = idem.store.set_outbox(key, json.as_deref()).await {
+        if let Err(e) = idem.store.set_outbox(key, remaining).await {
             tracing::warn!(key, error = %e, "could not record what is left of the outbox; a duplicate may send it again (same ids)");
         }
     }

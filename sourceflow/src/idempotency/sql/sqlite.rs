@@ -169,7 +169,8 @@ async fn existing_row<'e>(e: impl SqliteExecutor<'e>, key: &str) -> Result<Optio
         .map_err(store_error(STORE, "claim"))
 }
 
-/// Completes a claim (on the pool, or inside a transaction: [`crate::tx`]).
+/// Completes a claim (on the pool, or inside a transaction: [`crate::tx`]); with an outbox,
+/// the claim's lease stays on as the dispatch lease that `set_outbox` ends.
 pub(crate) async fn complete_row<'e>(
     e: impl SqliteExecutor<'e>,
     key: &str,
@@ -179,7 +180,8 @@ pub(crate) async fn complete_row<'e>(
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE sourceflow_idempotency
-         SET state = 'completed', token = NULL, lease_until = NULL,
+         SET state = 'completed', token = NULL,
+             lease_until = CASE WHEN ?4 IS NULL THEN NULL ELSE lease_until END,
              expires_at = ?3, outbox = ?4
          WHERE key = ?1 AND token = ?2 AND state = 'in_progress'",
     )
@@ -341,7 +343,7 @@ impl IdempotencyStore for SqliteIdempotencyStore {
 
     async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()> {
         sqlx::query(
-            "UPDATE sourceflow_idempotency SET outbox = ?2
+            "UPDATE sourceflow_idempotency SET outbox = ?2, lease_until = NULL
              WHERE key = ?1 AND state = 'completed' AND outbox IS NOT NULL",
         )
         .bind(key)
