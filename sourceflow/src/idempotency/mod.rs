@@ -95,7 +95,8 @@ pub enum Claim {
         /// them. Receives that never reached the handlers do not count.
         attempt: u32,
     },
-    /// Another worker is processing the message under a live lease.
+    /// Another worker is processing the message under a live lease, or completed it and
+    /// is still dispatching what it stored (see [`IdempotencyStore::complete`]).
     InProgress {
         /// Time left on that lease.
         lease_left: Duration,
