@@ -6,6 +6,9 @@
 /// After the handlers' work was committed and dispatched, before the message is deleted.
 pub(crate) const BEFORE_DELETE: &str = "sourceflow::before-delete";
 
+/// After a message not due yet was sent again (delayed), before this copy is deleted.
+pub(crate) const AFTER_REDELAY_SEND: &str = "sourceflow::after-redelay-send";
+
 /// In a transactional handler's transaction, after the handlers' writes and the inbox
 /// record's completion, before the commit.
 #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]

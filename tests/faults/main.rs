@@ -1,6 +1,7 @@
 //! Fault tests, from outside: the idempotency store stopped and restarted while messages
 //! flow, the broker paused (SIGSTOP) and resumed, a worker process SIGKILLed after its
-//! effect and before its delete.
+//! effect and before its delete, or between the send and the delete of a message held
+//! back (not due yet).
 //!
 //! They stop PostgreSQL and pause the emulator on purpose, so `tests/run.sh` gives this
 //! binary a second emulator and a second PostgreSQL of its own (beside the AWS suite on
@@ -383,7 +384,9 @@ mod crash {
             .handlers(|h| h.module_path == MODULE)
             // Short, so that the killed worker's message comes back quickly.
             .visibility_timeout(Duration::from_secs(2))
-            .receive_wait(Duration::from_secs(1));
+            .receive_wait(Duration::from_secs(1))
+            // A message delayed longer than this waits in hops of it (sent again each time).
+            .native_delay_cap(REDELAY_HOP);
         let b = match db {
             None => b.without_idempotency(),
             Some(url) => b.idempotency(
@@ -424,26 +427,31 @@ mod downstream {
     }
 }
 
-/// Runs only as the child process of the crash tests: a worker that pauses after its
-/// effect was committed and dispatched, before the delete, until it is killed.
+/// The longest native delay of the crash tests' services: a longer delay is waited out
+/// in hops, the message sent again delayed by at most this each time.
+const REDELAY_HOP: Duration = Duration::from_secs(1);
+
+/// Runs only as the child process of the crash tests: a worker that pauses at the fail
+/// point `FAULTS_FAIL_POINT` (by default after its effect was committed and dispatched,
+/// before the delete) until it is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the worker process of the crash-after-the-effect tests"]
+#[ignore = "the worker process of the crash tests"]
 async fn crash_worker_process() {
     let Ok(prefix) = std::env::var("FAULTS_PREFIX") else {
         return;
     };
     let db = std::env::var("FAULTS_DB").ok();
-    fail::cfg("sourceflow::before-delete", "return(120000)").expect("fail point");
+    let point =
+        std::env::var("FAULTS_FAIL_POINT").unwrap_or_else(|_| "sourceflow::before-delete".into());
+    fail::cfg(point, "return(120000)").expect("fail point");
     let _worker = crash::worker(&prefix, db.as_deref()).await;
     tokio::time::sleep(Duration::from_secs(150)).await;
 }
 
-/// Kills a worker process after its effect (the event it raised went out) and before it
-/// deleted the message, then lets a replacement take the message: returns the deliveries
-/// the downstream service saw, and the replacement.
-async fn kill_after_the_effect(p: &str, db: Option<&str>) -> (Vec<String>, sourceflow::Handle) {
-    let deliveries = downstream::Deliveries::default();
-    let observer = sourceflow::builder()
+/// The downstream service that records every delivery of the event (no idempotency: a
+/// duplicate is counted), also the sender of the commands (delayed in hops like the workers).
+async fn observer(p: &str, deliveries: &downstream::Deliveries) -> sourceflow::Handle {
+    sourceflow::builder()
         .service("faults-observer")
         .prefix(p)
         .transport(aws().await)
@@ -452,10 +460,15 @@ async fn kill_after_the_effect(p: &str, db: Option<&str>) -> (Vec<String>, sourc
         // Every delivery counts: nothing may hide a duplicate.
         .without_idempotency()
         .receive_wait(Duration::from_secs(1))
+        .native_delay_cap(REDELAY_HOP)
         .start()
         .await
-        .expect("observer");
-    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .expect("observer")
+}
+
+/// Starts the worker process that pauses at `point` (see [`crash_worker_process`]).
+fn crash_worker_child(p: &str, db: Option<&str>, point: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().expect("exe"))
         .args([
             "--ignored",
             "--exact",
@@ -463,11 +476,21 @@ async fn kill_after_the_effect(p: &str, db: Option<&str>) -> (Vec<String>, sourc
             "--nocapture",
         ])
         .env("FAULTS_PREFIX", p)
+        .env("FAULTS_FAIL_POINT", point)
         .envs(db.map(|d| ("FAULTS_DB", d)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("worker process");
+        .expect("worker process")
+}
+
+/// Kills a worker process after its effect (the event it raised went out) and before it
+/// deleted the message, then lets a replacement take the message: returns the deliveries
+/// the downstream service saw, and the replacement.
+async fn kill_after_the_effect(p: &str, db: Option<&str>) -> (Vec<String>, sourceflow::Handle) {
+    let deliveries = downstream::Deliveries::default();
+    let observer = observer(p, &deliveries).await;
+    let mut child = crash_worker_child(p, db, "sourceflow::before-delete");
     observer
         .send(crash::Ship { parcel: 1 })
         .await
@@ -487,6 +510,52 @@ async fn kill_after_the_effect(p: &str, db: Option<&str>) -> (Vec<String>, sourc
     let _ = child.wait();
     let replacement = crash::worker(p, db).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
+    observer.shutdown().await.expect("shutdown");
+    (deliveries.all(), replacement)
+}
+
+/// Kills a worker process between the two steps of holding back a message not due yet:
+/// it sent the delayed copy and has not deleted the copy it received, so two copies of one
+/// message id are on the queue. A replacement takes both through their remaining hops to
+/// the due time; returns the deliveries downstream once the queue is empty, and the
+/// replacement.
+async fn kill_between_redelay_send_and_delete(
+    p: &str,
+    db: Option<&str>,
+) -> (Vec<String>, sourceflow::Handle) {
+    let deliveries = downstream::Deliveries::default();
+    let observer = observer(p, &deliveries).await;
+    let mut child = crash_worker_child(p, db, "sourceflow::after-redelay-send");
+    let later = SendOptions::new().delay(Duration::from_secs(8));
+    observer
+        .send_with(crash::Ship { parcel: 2 }, later)
+        .await
+        .expect("send");
+    let queue = observer.queue_of::<crash::Ship>();
+    let t = observer.transport();
+    let depth_now = || async {
+        let d = t.queue_depth(&queue).await.ok().flatten();
+        d.map_or(0, |d| d.total())
+    };
+    eventually("the worker sent the delayed copy and paused", || async {
+        depth_now().await == 2
+    })
+    .await;
+    // SIGKILL: the copy it received is neither deleted nor handed back.
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(deliveries.all().is_empty(), "not due yet: nothing ran");
+    let replacement = crash::worker(p, db).await;
+    eventually("the message ran at its due time", || async {
+        !deliveries.all().is_empty()
+    })
+    .await;
+    eventually("both copies are settled", || async {
+        depth_now().await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(depth(&*t, &Naming::dead_letter(&queue)).await, 0);
     observer.shutdown().await.expect("shutdown");
     (deliveries.all(), replacement)
 }
@@ -547,6 +616,46 @@ async fn a_worker_killed_after_its_effect_does_not_repeat_it_with_idempotency() 
     })
     .await;
     assert_eq!(depth(&*t, &Naming::dead_letter(&queue)).await, 0);
+    replacement.shutdown().await.expect("shutdown");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Without idempotency both copies of a message killed mid-redelay run the handler: the
+/// effect is visible twice (same event id). The control for the next test: the kill did
+/// leave two copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_redelay_leaves_two_copies_without_idempotency() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let (deliveries, replacement) = kill_between_redelay_send_and_delete(&p, None).await;
+    assert_eq!(deliveries.len(), 2, "two copies, two runs: {deliveries:?}");
+    assert_eq!(deliveries[0], deliveries[1], "one message id");
+    replacement.shutdown().await.expect("shutdown");
+}
+
+/// With the claims in SQLite the second copy left by a worker killed mid-redelay is
+/// acknowledged as a duplicate: the handler's effect is visible once, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_redelay_runs_the_message_once_with_idempotency() {
+    if !enabled() {
+        return;
+    }
+    let p = prefix();
+    let path = std::env::temp_dir().join(format!("sourceflow-faults-{p}.db"));
+    let db = format!("sqlite://{}?mode=rwc", path.display());
+    let (deliveries, replacement) = kill_between_redelay_send_and_delete(&p, Some(&db)).await;
+    assert_eq!(
+        deliveries.len(),
+        1,
+        "the effect happened once: {deliveries:?}"
+    );
+    let stats = replacement.idempotency_stats().expect("stats");
+    assert_eq!(
+        stats.duplicates, 1,
+        "the second copy was recognised: {stats:?}"
+    );
     replacement.shutdown().await.expect("shutdown");
     let _ = std::fs::remove_file(&path);
 }

@@ -155,6 +155,7 @@ impl Listener {
         );
         match self.transport().send(&self.queue, vec![copy]).await {
             Ok(()) => {
+                crate::failpoints::pause(crate::failpoints::AFTER_REDELAY_SEND).await;
                 self.delete(msg).await;
                 true
             }
