@@ -224,6 +224,34 @@ mod mid_dispatch {
         ctx.raise(Booked { seat: cmd.seat }).await
     }
 
+    /// The same in a transaction that outlasts the visibility timeout (the heartbeat keeps
+    /// the message; nothing renews a claim made inside a transaction).
+    #[cfg(feature = "sqlite")]
+    pub mod slow_tx {
+        use super::*;
+        use sourceflow::Tx;
+
+        pub const MODULE: &str = module_path!();
+
+        #[command(queue = "outbox-mid-tx-commands", name = "tests.BookInTx.v1")]
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        pub struct BookInTx {
+            pub seat: u32,
+        }
+
+        #[handler]
+        async fn book_in_tx(
+            cmd: BookInTx,
+            _tx: &mut Tx<sqlx::Sqlite>,
+            ctx: &Context,
+            State(c): State<Counts>,
+        ) -> sourceflow::Result<()> {
+            c.attempts.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            ctx.raise(Booked { seat: cmd.seat }).await
+        }
+    }
+
     pub mod consumer {
         use super::*;
 
@@ -240,9 +268,10 @@ mod mid_dispatch {
     /// not answered yet (so the store still holds the outbox) waits for that dispatch to
     /// end, then is acknowledged as a duplicate: the event goes out once. The consumer runs
     /// without idempotency, so a second copy would be counted.
-    pub async fn a_duplicate_waits_for_the_dispatch_in_flight(
+    pub async fn a_duplicate_waits_for_the_dispatch_in_flight<C: sourceflow::Command + Clone>(
         h: &Harness,
         app: sourceflow::Builder,
+        cmd: C,
     ) {
         let seen = Counts::default();
         let consumer = h
@@ -264,7 +293,7 @@ mod mid_dispatch {
         let id = format!("{}-seat-1", h.prefix);
         let send = || {
             app.send_with(
-                Book { seat: 1 },
+                cmd.clone(),
                 sourceflow::SendOptions::new().message_id(id.clone()),
             )
         };
@@ -300,7 +329,12 @@ mod mid_dispatch {
 async fn a_duplicate_mid_dispatch_waits_for_it_in_memory() {
     let h = Harness::new().await;
     let app = h.service("outbox-mid", mid_dispatch::MODULE);
-    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(&h, app).await;
+    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(
+        &h,
+        app,
+        mid_dispatch::Book { seat: 1 },
+    )
+    .await;
 }
 
 /// On a durable store, which holds the outbox from the completion until the dispatch ends.
@@ -312,5 +346,25 @@ async fn a_duplicate_mid_dispatch_waits_for_it_on_sqlite() {
     let app = h
         .service("outbox-mid", mid_dispatch::MODULE)
         .idempotency(store);
-    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(&h, app).await;
+    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(
+        &h,
+        app,
+        mid_dispatch::Book { seat: 1 },
+    )
+    .await;
+}
+
+/// In a transaction longer than the visibility timeout: the dispatch lease starts at the
+/// commit, not at the claim made inside the transaction (whose lease has run out by then).
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_mid_dispatch_waits_for_it_after_a_long_transaction() {
+    let h = Harness::new().await;
+    let store = crate::harness::fresh_sqlite("mid-dispatch-tx").await;
+    let app = h
+        .service("outbox-mid-tx", mid_dispatch::slow_tx::MODULE)
+        .idempotency(store)
+        .visibility_timeout(Duration::from_secs(2));
+    let cmd = mid_dispatch::slow_tx::BookInTx { seat: 2 };
+    mid_dispatch::a_duplicate_waits_for_the_dispatch_in_flight(&h, app, cmd).await;
 }

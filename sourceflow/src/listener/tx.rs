@@ -66,7 +66,16 @@ impl Listener {
         let outbox = ctx.take_outbox();
         let stored = (!outbox.is_empty()).then(|| dispatch::encode_outbox(&outbox));
         let ttl = idem.ttl_for(track.wire);
-        match in_tx::complete(&mut tx, &key, &token, ttl, stored.as_deref()).await {
+        match in_tx::complete(
+            &mut tx,
+            &key,
+            &token,
+            ttl,
+            stored.as_deref(),
+            self.visibility_timeout,
+        )
+        .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 rollback(tx, &key).await;

@@ -115,22 +115,25 @@ pub(crate) mod in_tx {
         }
     }
 
-    /// Marks the claim completed inside `tx`, with the messages still to dispatch.
+    /// Marks the claim completed inside `tx`, with the messages still to dispatch under a
+    /// dispatch lease of `lease` from now (nothing renewed the claim's lease in the
+    /// transaction: it may have run out).
     pub(crate) async fn complete(
         tx: &mut TxSlot,
         key: &str,
         token: &str,
         ttl: Duration,
         outbox: Option<&str>,
+        lease: Duration,
     ) -> Result<bool> {
         match tx {
             #[cfg(feature = "postgres")]
             TxSlot::Postgres(t) => {
-                super::postgres::complete_row(&mut **t, key, token, ttl, outbox).await
+                super::postgres::complete_row(&mut **t, key, token, ttl, outbox, Some(lease)).await
             }
             #[cfg(feature = "sqlite")]
             TxSlot::Sqlite(t) => {
-                super::sqlite::complete_row(&mut **t, key, token, ttl, outbox).await
+                super::sqlite::complete_row(&mut **t, key, token, ttl, outbox, Some(lease)).await
             }
         }
     }

@@ -126,19 +126,23 @@ async fn existing_row<'e>(e: impl PgExecutor<'e>, key: &str) -> Result<Option<Ex
         .map_err(store_error(STORE, "claim"))
 }
 
-/// Completes a claim (on the pool, or inside a transaction: [`crate::tx`]); with an outbox,
-/// the claim's lease stays on as the dispatch lease that `set_outbox` ends.
+/// Completes a claim (on the pool, or inside a transaction: [`crate::tx`]). With an outbox,
+/// a dispatch lease that `set_outbox` ends: `dispatch_lease` from now, or else the claim's
+/// own lease (renewed by the heartbeat while the handlers ran).
 pub(crate) async fn complete_row<'e>(
     e: impl PgExecutor<'e>,
     key: &str,
     token: &str,
     ttl: Duration,
     outbox: Option<&str>,
+    dispatch_lease: Option<Duration>,
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE sourceflow_idempotency
          SET state = 'completed', token = NULL,
-             lease_until = CASE WHEN $4::text IS NULL THEN NULL ELSE lease_until END,
+             lease_until = CASE WHEN $4::text IS NULL THEN NULL
+                 ELSE coalesce((extract(epoch FROM clock_timestamp()) * 1000)::bigint + $5::bigint,
+                               lease_until) END,
              expires_at = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $3,
              outbox = $4
          WHERE key = $1 AND token = $2 AND state = 'in_progress'",
@@ -147,6 +151,7 @@ pub(crate) async fn complete_row<'e>(
     .bind(token)
     .bind(millis(ttl))
     .bind(outbox)
+    .bind(dispatch_lease.map(millis))
     .execute(e)
     .await
     .map_err(store_error(STORE, "complete"))?;
@@ -280,7 +285,7 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         ttl: Duration,
         outbox: Option<&str>,
     ) -> Result<bool> {
-        complete_row(&self.pool, key, token, ttl, outbox).await
+        complete_row(&self.pool, key, token, ttl, outbox, None).await
     }
 
     async fn set_outbox(&self, key: &str, outbox: Option<&str>) -> Result<()> {
