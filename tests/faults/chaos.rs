@@ -318,8 +318,7 @@ async fn sigkilled_sqlite_consumers_apply_every_effect_exactly_once() {
     if !enabled() {
         return;
     }
-    let path = std::env::temp_dir().join(format!("sourceflow-chaos-{}.db", fastrand::u64(..)));
-    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let (path, url) = sqlite_file(&format!("sourceflow-chaos-{}", fastrand::u64(..)));
     let store = sourceflow::idempotency::SqliteIdempotencyStore::connect(&url)
         .await
         .expect("sqlite");

@@ -119,6 +119,14 @@ async fn depth(t: &dyn Transport, queue: &str) -> usize {
         .total()
 }
 
+/// A SQLite database file `{name}.db` under the temporary directory, created on first
+/// connect: its path (to remove it after) and its URL.
+fn sqlite_file(name: &str) -> (std::path::PathBuf, String) {
+    let path = std::env::temp_dir().join(format!("{name}.db"));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    (path, url)
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let status = std::process::Command::new(cmd)
         .args(args)
@@ -596,8 +604,7 @@ async fn a_worker_killed_after_its_effect_does_not_repeat_it_with_idempotency() 
         return;
     }
     let p = prefix();
-    let path = std::env::temp_dir().join(format!("sourceflow-faults-{p}.db"));
-    let db = format!("sqlite://{}?mode=rwc", path.display());
+    let (path, db) = sqlite_file(&format!("sourceflow-faults-{p}"));
     let (deliveries, replacement) = kill_after_the_effect(&p, Some(&db)).await;
     assert_eq!(
         deliveries.len(),
@@ -643,8 +650,7 @@ async fn a_worker_killed_mid_redelay_runs_the_message_once_with_idempotency() {
         return;
     }
     let p = prefix();
-    let path = std::env::temp_dir().join(format!("sourceflow-faults-{p}.db"));
-    let db = format!("sqlite://{}?mode=rwc", path.display());
+    let (path, db) = sqlite_file(&format!("sourceflow-faults-{p}"));
     let (deliveries, replacement) = kill_between_redelay_send_and_delete(&p, Some(&db)).await;
     assert_eq!(
         deliveries.len(),

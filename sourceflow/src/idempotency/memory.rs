@@ -61,8 +61,19 @@ fn is_token(id: &uuid::Uuid, text: &str) -> bool {
 }
 
 impl State {
+    /// The end of the lease, when the holder of `token` holds this claim.
+    fn lease_held_by(&self, token: &str) -> Option<Instant> {
+        match self {
+            State::InProgress {
+                token: Some(t),
+                until,
+            } if is_token(t, token) => Some(*until),
+            _ => None,
+        }
+    }
+
     fn held_by(&self, token: &str) -> bool {
-        matches!(self, State::InProgress { token: Some(t), .. } if is_token(t, token))
+        self.lease_held_by(token).is_some()
     }
 }
 
@@ -276,33 +287,24 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         outbox: Option<&str>,
     ) -> Result<bool> {
         let mut entries = self.entries.lock();
-        match entries.get_mut(key) {
-            Some(e) => {
-                let State::InProgress {
-                    token: Some(t),
-                    until: lease,
-                } = &e.state
-                else {
-                    return Ok(false);
-                };
-                if !is_token(t, token) {
-                    return Ok(false);
-                }
-                // The claim's lease stays on as the dispatch lease `set_outbox` ends.
-                let outbox = outbox.map(|json| {
-                    Box::new(Stored {
-                        json: json.to_string(),
-                        sending_until: Some(*lease),
-                    })
-                });
-                e.state = State::Completed {
-                    until: Instant::now() + ttl,
-                    outbox,
-                };
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        let Some((e, lease)) = entries
+            .get_mut(key)
+            .and_then(|e| e.state.lease_held_by(token).map(|lease| (e, lease)))
+        else {
+            return Ok(false);
+        };
+        // The claim's lease stays on as the dispatch lease `set_outbox` ends.
+        let outbox = outbox.map(|json| {
+            Box::new(Stored {
+                json: json.to_string(),
+                sending_until: Some(lease),
+            })
+        });
+        e.state = State::Completed {
+            until: Instant::now() + ttl,
+            outbox,
+        };
+        Ok(true)
     }
 
     async fn set_outbox(&self, key: &str, remaining: Option<&str>) -> Result<()> {
