@@ -140,6 +140,56 @@ impl MemoryIdempotencyStore {
         }
     }
 
+    /// What a claim of a key that has record `e` gets: the handler attempts recorded so far
+    /// when the claim is taken (`Ok`), else the answer (`Err`).
+    fn reclaim(e: &Entry, payload_hash: &str, now: Instant) -> std::result::Result<u32, Claim> {
+        match e {
+            // Expired: the key starts again, whatever payload it had.
+            Entry {
+                state: State::Completed { until, .. },
+                ..
+            } if *until <= now => Ok(0),
+            e if !e.hash.is(payload_hash) => Err(Claim::Mismatch),
+            Entry {
+                state: State::Completed { outbox, .. },
+                ..
+            } => Err(match outbox.as_deref() {
+                // Its worker is still sending them: wait rather than send them twice.
+                Some(Stored {
+                    sending_until: Some(until),
+                    ..
+                }) if *until > now => Claim::InProgress {
+                    lease_left: *until - now,
+                },
+                o => Claim::Completed {
+                    undispatched: o.map(|o| o.json.clone()),
+                },
+            }),
+            Entry {
+                state:
+                    State::InProgress {
+                        token: Some(_),
+                        until,
+                    },
+                ..
+            } if *until > now => Err(Claim::InProgress {
+                lease_left: *until - now,
+            }),
+            // Its worker reached the handlers and died holding the claim: that counts.
+            Entry {
+                state: State::InProgress { token: Some(_), .. },
+                attempts,
+                ..
+            } => Ok(attempts.saturating_add(1)),
+            // Released: the release settled the count.
+            Entry {
+                state: State::InProgress { token: None, .. },
+                attempts,
+                ..
+            } => Ok(*attempts),
+        }
+    }
+
     fn make_room(entries: &mut HashMap<String, Entry>, capacity: usize, now: Instant) {
         if entries.len() < capacity {
             return;
@@ -189,76 +239,40 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, payload_hash: &str, lease: Duration) -> Result<Claim> {
+        use std::collections::hash_map::Entry as Slot;
         let now = Instant::now();
         // Made before the lock, which both workers take (an allocation inside it makes the
         // other one spin); wasted only when the claim is not acquired.
         let id = uuid::Uuid::new_v4();
         let token = crate::envelope::uuid_text(id);
         let owned_key = key.to_string();
+        let claimed = |attempts| Entry {
+            hash: Hash::new(payload_hash),
+            attempts,
+            state: State::InProgress {
+                token: Some(id),
+                until: now + lease,
+            },
+        };
         let mut entries = self.entries.lock();
-        let attempts = match entries.get(key) {
-            None => {
-                Self::make_room(&mut entries, self.capacity, now);
+        if entries.len() >= self.capacity && !entries.contains_key(key) {
+            Self::make_room(&mut entries, self.capacity, now);
+        }
+        // One lookup: the key is hashed and found once, whatever the claim finds.
+        let attempts = match entries.entry(owned_key) {
+            Slot::Vacant(slot) => {
+                slot.insert(claimed(0));
                 0
             }
-            // Expired: the key starts again, whatever payload it had.
-            Some(Entry {
-                state: State::Completed { until, .. },
-                ..
-            }) if *until <= now => 0,
-            Some(e) if !e.hash.is(payload_hash) => return Ok(Claim::Mismatch),
-            Some(Entry {
-                state: State::Completed { outbox, .. },
-                ..
-            }) => {
-                return Ok(match outbox.as_deref() {
-                    // Its worker is still sending them: wait rather than send them twice.
-                    Some(Stored {
-                        sending_until: Some(until),
-                        ..
-                    }) if *until > now => Claim::InProgress {
-                        lease_left: *until - now,
-                    },
-                    o => Claim::Completed {
-                        undispatched: o.map(|o| o.json.clone()),
-                    },
-                });
+            Slot::Occupied(mut slot) => {
+                let attempts = match Self::reclaim(slot.get(), payload_hash, now) {
+                    Ok(attempts) => attempts,
+                    Err(claim) => return Ok(claim),
+                };
+                slot.insert(claimed(attempts));
+                attempts
             }
-            Some(Entry {
-                state:
-                    State::InProgress {
-                        token: Some(_),
-                        until,
-                    },
-                attempts,
-                ..
-            }) => {
-                if *until > now {
-                    return Ok(Claim::InProgress {
-                        lease_left: *until - now,
-                    });
-                }
-                // Its worker reached the handlers and died holding the claim: that counts.
-                attempts.saturating_add(1)
-            }
-            // Released: the release settled the count.
-            Some(Entry {
-                state: State::InProgress { token: None, .. },
-                attempts,
-                ..
-            }) => *attempts,
         };
-        entries.insert(
-            owned_key,
-            Entry {
-                hash: Hash::new(payload_hash),
-                attempts,
-                state: State::InProgress {
-                    token: Some(id),
-                    until: now + lease,
-                },
-            },
-        );
         Ok(Claim::Acquired {
             token,
             attempt: attempts.saturating_add(1),
