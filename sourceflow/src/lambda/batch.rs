@@ -43,7 +43,11 @@ pub(super) async fn handle(
     }
     let units = by_listener.into_iter().flat_map(|(l, msgs)| {
         let units = match l.is_fifo() {
-            true => group_in_order(msgs),
+            true => {
+                let (mut msgs, mut units) = (msgs, Vec::new());
+                group_in_order(&mut msgs, &mut units);
+                units
+            }
             false => msgs.into_iter().map(|m| smallvec::smallvec![m]).collect(),
         };
         units.into_iter().map(move |u| (l.clone(), u))

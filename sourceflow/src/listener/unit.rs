@@ -252,14 +252,87 @@ enum ProcessSpan {
 /// The messages of a unit of work: most units are one message, kept inline.
 pub(crate) type Unit = smallvec::SmallVec<[ReceivedMessage; 1]>;
 
-/// Splits a FIFO batch into per-group runs, keeping the order within each group.
-pub(crate) fn group_in_order(messages: Vec<ReceivedMessage>) -> Vec<Unit> {
-    let mut order: Vec<Unit> = Vec::new();
-    for m in messages {
-        match order.iter_mut().find(|u| u[0].group_id == m.group_id) {
+/// Splits a FIFO batch into per-group runs, keeping the order within each group, and
+/// appends them to `into`, leaving `messages` empty. A run of several messages is
+/// allocated once at its length (a backlogged group gives runs of ten, which growing by
+/// doubling reallocated four times).
+pub(crate) fn group_in_order(messages: &mut Vec<ReceivedMessage>, into: &mut Vec<Unit>) {
+    let first = into.len();
+    // At the first message of each group, the length of its run; 0 elsewhere.
+    let runs: smallvec::SmallVec<[usize; crate::transport::MAX_BATCH_ENTRIES]> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let same = |e: &ReceivedMessage| e.group_id == m.group_id;
+            match messages[..i].iter().any(same) {
+                true => 0,
+                false => messages[i..].iter().filter(|e| same(e)).count(),
+            }
+        })
+        .collect();
+    for (m, run) in messages.drain(..).zip(runs) {
+        match into[first..]
+            .iter_mut()
+            .find(|u| u[0].group_id == m.group_id)
+        {
             Some(u) => u.push(m),
-            None => order.push(smallvec::smallvec![m]),
+            None => {
+                let mut unit = Unit::with_capacity(run);
+                unit.push(m);
+                into.push(unit);
+            }
         }
     }
-    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: &str, group: &str) -> ReceivedMessage {
+        ReceivedMessage {
+            broker_id: id.into(),
+            receipt: id.into(),
+            body: "{}".into(),
+            attributes: Vec::new().into(),
+            receive_count: 1,
+            group_id: Some(group.into()),
+            received_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Runs per group in their order, each allocated at its length, appended after what
+    /// `into` held; the batch left empty with its room.
+    #[test]
+    fn groups_keep_their_order_and_runs_are_sized_once() {
+        let mut batch: Vec<_> = [
+            ("a1", "a"),
+            ("b1", "b"),
+            ("a2", "a"),
+            ("c1", "c"),
+            ("a3", "a"),
+        ]
+        .into_iter()
+        .map(|(id, g)| msg(id, g))
+        .collect();
+        let room = batch.capacity();
+        let mut units = vec![smallvec::smallvec![msg("a0", "a")]];
+        group_in_order(&mut batch, &mut units);
+        let ids: Vec<Vec<&str>> = units
+            .iter()
+            .map(|u| u.iter().map(|m| &*m.broker_id).collect())
+            .collect();
+        assert_eq!(
+            ids,
+            [vec!["a0"], vec!["a1", "a2", "a3"], vec!["b1"], vec!["c1"]]
+        );
+        assert_eq!(
+            units[1].capacity(),
+            3,
+            "the run of `a` allocated at its length"
+        );
+        assert!(!units[2].spilled(), "a run of one stays inline");
+        assert!(batch.is_empty());
+        assert_eq!(batch.capacity(), room);
+    }
 }

@@ -130,6 +130,20 @@ pub trait Transport: Send + Sync + 'static {
     /// receive that is in flight rather than dropping it.
     async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>>;
 
+    /// [`receive`](Self::receive), appending what it got to `into`: the listener's pollers
+    /// receive into a vector each keeps, so that a receive allocates none. The default
+    /// calls `receive`; the embedded broker writes into `into` directly. On an error
+    /// nothing was appended. Dropped while it waits, it is abandoned like `receive`.
+    async fn receive_into(
+        &self,
+        queue: &str,
+        request: Receive,
+        into: &mut Vec<ReceivedMessage>,
+    ) -> Result<()> {
+        into.extend(self.receive(queue, request).await?);
+        Ok(())
+    }
+
     /// The longest pause a listener's pollers take under load before a receive, so that
     /// it returns a fuller batch (the builder's `receive_linger` overrides it). Zero, the
     /// default, for a broker whose receives cost nothing.

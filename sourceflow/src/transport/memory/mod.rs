@@ -300,6 +300,17 @@ impl Transport for MemoryTransport {
     }
 
     async fn receive(&self, queue: &str, request: Receive) -> Result<Vec<ReceivedMessage>> {
+        let mut out = Vec::new();
+        self.receive_into(queue, request, &mut out).await?;
+        Ok(out)
+    }
+
+    async fn receive_into(
+        &self,
+        queue: &str,
+        request: Receive,
+        into: &mut Vec<ReceivedMessage>,
+    ) -> Result<()> {
         let q = self.queue(queue)?;
         // What the AWS transport sends: SQS takes 1 to 10 messages, waits at most 20 s, and
         // keeps a message invisible at most 12 hours.
@@ -307,9 +318,10 @@ impl Transport for MemoryTransport {
         let visibility = request.visibility.min(MAX_VISIBILITY);
         let wait = request.wait.min(MAX_WAIT);
         let now = Instant::now();
-        let (out, _) = q.receive_now(max, visibility, now);
-        if !out.is_empty() || wait.is_zero() {
-            return Ok(out);
+        let had = into.len();
+        q.receive_now(max, visibility, now, into);
+        if into.len() > had || wait.is_zero() {
+            return Ok(());
         }
         // A long poll belongs to the broker: it runs to the end of its wait even if this
         // future is dropped, and what it takes then stays in flight, unseen by anyone, for
@@ -323,7 +335,8 @@ impl Transport for MemoryTransport {
             until: now + wait,
             answered: false,
         };
-        Ok(poll.run().await)
+        poll.run(into).await;
+        Ok(())
     }
 
     async fn delete(
@@ -505,13 +518,11 @@ struct LongPoll {
 }
 
 impl LongPoll {
-    async fn run(mut self) -> Vec<ReceivedMessage> {
-        let out = self
-            .queue
-            .long_poll(self.max, self.visibility, self.until)
+    async fn run(mut self, into: &mut Vec<ReceivedMessage>) {
+        self.queue
+            .long_poll(self.max, self.visibility, self.until, into)
             .await;
         self.answered = true;
-        out
     }
 }
 
@@ -525,7 +536,8 @@ impl Drop for LongPoll {
         // Outside a runtime (it is shutting down) nothing can take messages any more.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let out = q.long_poll(max, visibility, until).await;
+                let mut out = Vec::new();
+                q.long_poll(max, visibility, until, &mut out).await;
                 if !out.is_empty() {
                     tracing::debug!(
                         queue = %q.name,

@@ -253,19 +253,25 @@ impl Queue {
         }
     }
 
-    /// Takes up to `max` deliverable messages, invisible for `visibility` from `now`;
-    /// messages over the receive limit go to the dead-letter queue instead. Also returns
-    /// when the next delayed or in-flight message becomes visible, for a waiting receive.
+    /// Takes up to `max` deliverable messages, invisible for `visibility` from `now`, and
+    /// appends them to `into`; messages over the receive limit go to the dead-letter queue
+    /// instead. Returns when the next delayed or in-flight message becomes visible, for a
+    /// waiting receive.
     pub(super) fn receive_now(
         &self,
         max: usize,
         visibility: Duration,
         now: Instant,
-    ) -> (Vec<ReceivedMessage>, Option<Instant>) {
+        into: &mut Vec<ReceivedMessage>,
+    ) -> Option<Instant> {
         let dead_letter = self.dead_letter.read().clone();
         let limit = dead_letter.as_ref().map(|(_, n)| *n);
+        // Room made before the lock: no allocation inside it (see [`Taken`]).
+        into.reserve(max);
+        let first = into.len();
         let mut out = Taken {
-            messages: smallvec::SmallVec::new(),
+            messages: into,
+            first,
             ids: smallvec::SmallVec::new(),
         };
         let mut moved = Vec::new();
@@ -279,7 +285,7 @@ impl Queue {
         }
         let next_due = next_due(&st);
         drop(st);
-        let out = out.with_receipts(self);
+        out.write_receipts(self);
         if !moved.is_empty() {
             // `moved` is only ever filled when there is a dead-letter queue.
             if let Some((dlq, _)) = dead_letter {
@@ -295,7 +301,7 @@ impl Queue {
                 }
             }
         }
-        (out, next_due)
+        next_due
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -306,10 +312,10 @@ impl Queue {
         deadline: Instant,
         limit: Option<u32>,
         now: Instant,
-        out: &mut Taken,
+        out: &mut Taken<'_>,
         moved: &mut Vec<Stored>,
     ) {
-        while out.messages.len() < max {
+        while out.len() < max {
             let Some(seq) = st.ready.pop_front() else {
                 break;
             };
@@ -346,10 +352,10 @@ impl Queue {
         deadline: Instant,
         limit: Option<u32>,
         now: Instant,
-        out: &mut Taken,
+        out: &mut Taken<'_>,
         moved: &mut Vec<Stored>,
     ) {
-        while out.messages.len() < max {
+        while out.len() < max {
             let Some(group) = st.ready_groups.pop_front() else {
                 break;
             };
@@ -361,11 +367,7 @@ impl Queue {
                 if g.in_flight > 0 {
                     continue;
                 }
-                g.pending
-                    .iter()
-                    .take(max - out.messages.len())
-                    .copied()
-                    .collect()
+                g.pending.iter().take(max - out.len()).copied().collect()
             };
             for seq in seqs {
                 let over = limit.is_some_and(|limit| {
@@ -400,25 +402,28 @@ impl Queue {
         }
     }
 
-    /// Receives, waiting until `until` for a first message. This is the broker's side of a
-    /// long poll: it runs to its end whether or not anyone still waits for its answer.
+    /// Receives into `into`, waiting until `until` for a first message. This is the
+    /// broker's side of a long poll: it runs to its end whether or not anyone still waits
+    /// for its answer.
     pub(super) async fn long_poll(
         &self,
         max: usize,
         visibility: Duration,
         until: Instant,
-    ) -> Vec<ReceivedMessage> {
+        into: &mut Vec<ReceivedMessage>,
+    ) {
         let epoch = self.polls_ended.load(Ordering::SeqCst);
+        let had = into.len();
         loop {
             // Registered before looking, so a send between the look and the wait wakes us.
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let (out, next_due) = self.receive_now(max, visibility, now);
+            let next_due = self.receive_now(max, visibility, now, into);
             let ended = self.polls_ended.load(Ordering::SeqCst) != epoch;
-            if !out.is_empty() || now >= until || ended {
-                return out;
+            if into.len() > had || now >= until || ended {
+                return;
             }
             let wake = next_due.map_or(until, |due| due.min(until));
             tokio::select! {
@@ -674,28 +679,33 @@ impl Queue {
 /// What one receive took under the lock. Each receipt is an allocation, so it is written
 /// after the lock is released (both workers of a service take this lock: an allocation
 /// inside it makes the other one spin); until then a message holds a placeholder. The
-/// messages are gathered on the stack and handed out in a vector of their number: a
-/// vector with room for a whole batch (10 × 104 bytes) is an allocation glibc serves from
-/// its large bins, after consolidating its heap under the arena lock.
-struct Taken {
-    messages: smallvec::SmallVec<[ReceivedMessage; MAX_BATCH_ENTRIES]>,
+/// messages go straight into the caller's vector, which has room for them before the lock
+/// is taken: the listener keeps one such vector per poller, because a fresh one with room
+/// for a whole batch (10 × 104 bytes) is an allocation glibc serves from its large bins,
+/// after consolidating its heap under the arena lock.
+struct Taken<'a> {
+    messages: &'a mut Vec<ReceivedMessage>,
+    /// Where this receive's messages start in `messages`.
+    first: usize,
     /// The sequence number and receive generation of each message, in order.
     ids: smallvec::SmallVec<[(u64, u32); MAX_BATCH_ENTRIES]>,
 }
 
-impl Taken {
+impl Taken<'_> {
     fn push(&mut self, q: &Queue, seq: u64, m: &Stored, now: Instant) {
         self.messages.push(q.received(m, now));
         self.ids.push((seq, m.generation));
     }
 
-    fn with_receipts(self, q: &Queue) -> Vec<ReceivedMessage> {
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for (mut m, (seq, generation)) in self.messages.into_iter().zip(self.ids) {
+    /// How many this receive took.
+    fn len(&self) -> usize {
+        self.messages.len() - self.first
+    }
+
+    fn write_receipts(self, q: &Queue) {
+        for (m, (seq, generation)) in self.messages[self.first..].iter_mut().zip(self.ids) {
             m.receipt = q.receipt(seq, generation);
-            messages.push(m);
         }
-        messages
     }
 }
 
@@ -919,7 +929,8 @@ mod tests {
             );
             stored.attributes.clone()
         };
-        let (got, _) = q.receive_now(1, Duration::from_secs(30), Instant::now());
+        let mut got = Vec::new();
+        q.receive_now(1, Duration::from_secs(30), Instant::now(), &mut got);
         let [got] = got.as_slice() else {
             panic!("one message, got {}", got.len())
         };
