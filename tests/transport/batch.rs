@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use sourceflow::transport::{EntryError, SQS_MAX_MESSAGE_BYTES};
 
-use crate::world::{bodies, failures, msg, sized, World, PATIENCE};
+use crate::world::{bodies, failures, msg, rx, sized, World, PATIENCE};
 
 #[tokio::test]
 async fn a_send_reports_only_the_refused_entry() {
@@ -116,4 +116,41 @@ async fn an_unknown_destination_fails_every_entry() {
         ),
         "{p:?}"
     );
+}
+
+/// `receive_into` appends after what the caller's vector holds (the listener's pollers keep
+/// one vector each and receive into it), at most `max` per call, and a long poll that finds
+/// nothing leaves the vector as it was.
+#[tokio::test]
+async fn a_receive_into_appends_to_the_callers_vector() {
+    let w = World::new().await;
+    let q = w.queue("receive-into", Duration::from_secs(30)).await;
+    w.t.send(&q, vec![msg("a"), msg("b"), msg("c")])
+        .await
+        .expect("send");
+    let request = rx(2, Duration::from_secs(1), Duration::from_secs(30));
+    let mut got = Vec::with_capacity(10);
+    let deadline = Instant::now() + PATIENCE;
+    while got.len() < 3 && Instant::now() < deadline {
+        let held: Vec<String> = bodies(&got).iter().map(|b| b.to_string()).collect();
+        w.t.receive_into(&q, request, &mut got)
+            .await
+            .expect("receive");
+        assert!(got.len() >= held.len(), "the vector lost what it held");
+        assert!(got.len() - held.len() <= 2, "at most `max` per receive");
+        assert_eq!(
+            bodies(&got[..held.len()]),
+            held.iter().map(String::as_str).collect::<Vec<_>>(),
+            "what the vector held stays in front"
+        );
+    }
+    let mut b = bodies(&got);
+    b.sort();
+    assert_eq!(b, ["a", "b", "c"]);
+    let had = got.len();
+    w.t.receive_into(&q, request, &mut got)
+        .await
+        .expect("a receive of an empty queue");
+    assert_eq!(got.len(), had, "an empty long poll appends nothing");
+    w.delete(&q, &got).await;
 }
