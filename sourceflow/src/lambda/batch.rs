@@ -41,10 +41,10 @@ pub(super) async fn handle(
             None => by_listener.push((listener.clone(), vec![msg])),
         }
     }
-    let units = by_listener.into_iter().flat_map(|(l, msgs)| {
+    let units = by_listener.into_iter().flat_map(|(l, mut msgs)| {
         let units = match l.is_fifo() {
             true => {
-                let (mut msgs, mut units) = (msgs, Vec::new());
+                let mut units = Vec::new();
                 group_in_order(&mut msgs, &mut units);
                 units
             }
