@@ -132,8 +132,9 @@ pub trait Transport: Send + Sync + 'static {
 
     /// [`receive`](Self::receive), appending what it got to `into`: the listener's pollers
     /// receive into a vector each keeps, so that a receive allocates none. The default
-    /// calls `receive`; the embedded broker writes into `into` directly. On an error
-    /// nothing was appended. Dropped while it waits, it is abandoned like `receive`.
+    /// calls `receive`; the embedded broker writes into `into` directly. An implementation
+    /// that fails appends nothing (what `into` held before stays as it was). Dropped while
+    /// it waits, it is abandoned like `receive`.
     async fn receive_into(
         &self,
         queue: &str,
